@@ -1,0 +1,1 @@
+"""RadStream's shared runtime: Kafka loop, schemas, security, storage, metrics and the CLI."""

@@ -1,0 +1,56 @@
+"""Settings, built once in a service's ``main`` from ``RADSTREAM_*`` variables and passed in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TOPIC_NAMES = ("instances", "series", "volumes", "findings", "alerts", "deadletter", "audit")
+
+
+class KafkaSettings(BaseModel):
+    """How a client reaches the broker and who it is there (``RADSTREAM_KAFKA__*``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    bootstrap_servers: str = Field("127.0.0.1:19093", description="SASL_SSL listener host:port")
+    security_protocol: str = Field("SASL_SSL", description="SASL_SSL (production) or PLAINTEXT")
+    sasl_mechanism: str = Field("SCRAM-SHA-512", description="SASL mechanism")
+    username: str = Field("", description="Kafka principal name of this service or party")
+    password: SecretStr = Field(SecretStr(""), description="SCRAM password of the principal")
+    ca_file: Path | None = Field(None, description="PEM CA bundle that signed the broker cert")
+    max_message_bytes: int = Field(8 * 1024 * 1024, description="largest record sent or fetched")
+
+
+class Settings(BaseSettings):
+    """Everything a RadStream process needs; secrets are ``SecretStr`` and never logged."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RADSTREAM_", env_nested_delimiter="__", frozen=True, extra="forbid"
+    )
+
+    home: Path = Field(Path(".radstream"), description="state, data, logs and secrets folder")
+    topic_prefix: str = Field("radstream.", description="prefix of every topic, group, txn id")
+    keyring_file: Path | None = Field(None, description="keyring JSON; default <home>/secrets")
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    metrics_host: str = Field("127.0.0.1", description="address of /metrics, /healthz, /readyz")
+    metrics_port: int = Field(0, description="port of the HTTP endpoint; 0 picks a free one")
+    batch_max_records: int = Field(64, description="records handled per transaction at most")
+    batch_max_bytes: int = Field(16 * 1024 * 1024, description="input bytes per transaction")
+    retry_attempts: int = Field(5, description="attempts for a retriable error before DLQ")
+    retry_backoff_s: float = Field(0.2, description="first retry delay; doubles per attempt")
+    retry_backoff_max_s: float = Field(5.0, description="largest retry delay")
+    max_poll_interval_s: float = Field(600.0, description="longest handler time per batch")
+    session_timeout_s: float = Field(10.0, description="group session timeout")
+    shutdown_timeout_s: float = Field(8.0, description="bound on a graceful stop")
+    handler_threads: int = Field(2, description="threads for synchronous (CPU) handlers")
+
+    def topic(self, name: str) -> str:
+        """Full topic name for a logical topic (``series`` → ``radstream.series``)."""
+        return f"{self.topic_prefix}{name}"
+
+    @property
+    def keyring_path(self) -> Path:
+        return self.keyring_file or self.home / "secrets" / "keyring.json"

@@ -1,0 +1,1 @@
+"""Security at the boundaries: envelope encryption, keyring, keyed hashes, Kafka client auth."""

@@ -1,0 +1,332 @@
+"""A real single-node Apache Kafka broker (KRaft) run as a local process.
+
+Everything lives under one home folder::
+
+    <home>/kafka/        server.properties, data, broker.log, broker.pid
+    <home>/secrets/      0700: credentials.json (SCRAM passwords, 0600), keyring.json,
+                         tls/ (development CA and broker keystore), admin.properties
+
+Listeners: SASL_SSL (SCRAM-SHA-512) on 127.0.0.1 for every client; the KRaft controller
+listener is PLAINTEXT on 127.0.0.1 only (its ANONYMOUS principal must be a super user).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from shared.config import KafkaSettings
+from shared.stack import principals
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy" / "kafka"
+DEFAULT_CACHE = REPO / ".cache" / "kafka"
+
+
+class BrokerError(RuntimeError):
+    """The broker could not be installed, configured or started."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _write_secret(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chmod(path, 0o600)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child counts as dead
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+@dataclass
+class LocalBroker:
+    home: Path
+    port: int = 19093
+    controller_port: int = 19094
+    heap: str = "512m"
+    cache: Path = DEFAULT_CACHE
+
+    # ---- paths -------------------------------------------------------------------------
+    @property
+    def kafka_dir(self) -> Path:
+        return self.home / "kafka"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.home / "secrets"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.secrets_dir / "tls"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.tls_dir / "ca.pem"
+
+    @property
+    def log_file(self) -> Path:
+        return self.kafka_dir / "broker.log"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.kafka_dir / "broker.pid"
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def classpath(self) -> str:
+        return str(self.cache / "lib" / "*")
+
+    # ---- install and secrets --------------------------------------------------------------
+    def fetch(self) -> None:
+        env = {**os.environ, "KAFKA_CACHE": str(self.cache)}
+        res = subprocess.run([str(DEPLOY / "fetch.sh")], env=env, check=False)
+        if res.returncode != 0:
+            raise BrokerError("fetching Apache Kafka from Maven Central failed")
+
+    def credentials(self) -> dict[str, str]:
+        """SCRAM passwords by principal; generated once, stored 0600."""
+        path = self.secrets_dir / "credentials.json"
+        if path.exists():
+            creds: dict[str, str] = json.loads(path.read_text())
+        else:
+            creds = {}
+        missing = [p for p in principals.PRINCIPALS if p not in creds]
+        if missing:
+            creds.update({p: secrets.token_urlsafe(24) for p in missing})
+            _write_secret(path, json.dumps(creds, indent=2))
+        return creds
+
+    def _store_password(self) -> str:
+        path = self.tls_dir / "store.password"
+        if not path.exists():
+            _write_secret(path, secrets.token_urlsafe(24))
+        return path.read_text().strip()
+
+    def ensure_secrets(self) -> None:
+        self.secrets_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.secrets_dir, 0o700)
+        self.credentials()
+        res = subprocess.run(
+            [str(DEPLOY / "certs.sh"), str(self.tls_dir), self._store_password()], check=False
+        )
+        if res.returncode != 0:
+            raise BrokerError("generating the development CA and broker certificate failed")
+
+    def settings_for(self, principal: str) -> KafkaSettings:
+        """Client settings for one principal of this broker."""
+        return KafkaSettings(
+            bootstrap_servers=self.bootstrap_servers,
+            username=principal,
+            password=SecretStr(self.credentials()[principal]),
+            ca_file=self.ca_file,
+        )
+
+    def env_for(self, principal: str) -> dict[str, str]:
+        """``RADSTREAM_KAFKA__*`` variables for a service process running as ``principal``."""
+        return {
+            "RADSTREAM_KAFKA__BOOTSTRAP_SERVERS": self.bootstrap_servers,
+            "RADSTREAM_KAFKA__USERNAME": principal,
+            "RADSTREAM_KAFKA__PASSWORD": self.credentials()[principal],
+            "RADSTREAM_KAFKA__CA_FILE": str(self.ca_file),
+        }
+
+    # ---- configuration --------------------------------------------------------------------
+    def _server_properties(self) -> str:
+        admin_pw = self.credentials()[principals.ADMIN]
+        jaas = (
+            "org.apache.kafka.common.security.scram.ScramLoginModule required "
+            f'username="{principals.ADMIN}" password="{admin_pw}";'
+        )
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
+            "listeners": f"SASL_SSL://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+            "advertised.listeners": f"SASL_SSL://127.0.0.1:{self.port}",
+            "listener.security.protocol.map": "SASL_SSL:SASL_SSL,CONTROLLER:PLAINTEXT",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "SASL_SSL",
+            "sasl.enabled.mechanisms": "SCRAM-SHA-512",
+            "sasl.mechanism.inter.broker.protocol": "SCRAM-SHA-512",
+            "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config": jaas,
+            "ssl.keystore.type": "PKCS12",
+            "ssl.keystore.location": str(self.tls_dir / "broker.p12"),
+            "ssl.keystore.password": self._store_password(),
+            "ssl.truststore.type": "PEM",
+            "ssl.truststore.location": str(self.ca_file),
+            "ssl.client.auth": "none",
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "super.users": f"User:{principals.ADMIN};User:ANONYMOUS",
+            "allow.everyone.if.no.acl.found": "false",
+            "auto.create.topics.enable": "false",
+            "log.dirs": str(self.kafka_dir / "data"),
+            "num.partitions": "3",
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "5",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.num.partitions": "5",
+            "group.initial.rebalance.delay.ms": "0",
+            "message.max.bytes": "16777216",
+            "replica.fetch.max.bytes": "16777216",
+            "log.retention.check.interval.ms": "60000",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+        }
+        return "".join(f"{k}={v}\n" for k, v in props.items())
+
+    def _admin_properties(self) -> Path:
+        path = self.secrets_dir / "admin.properties"
+        admin_pw = self.credentials()[principals.ADMIN]
+        text = (
+            f"bootstrap.servers={self.bootstrap_servers}\n"
+            "security.protocol=SASL_SSL\n"
+            "sasl.mechanism=SCRAM-SHA-512\n"
+            "sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required "
+            f'username="{principals.ADMIN}" password="{admin_pw}";\n'
+            "ssl.truststore.type=PEM\n"
+            f"ssl.truststore.location={self.ca_file}\n"
+        )
+        _write_secret(path, text)
+        return path
+
+    def _java(self, *args: str, log: Path | None = None) -> list[str]:
+        cfg = DEPLOY / "log4j2.yaml"
+        return [
+            "java",
+            f"-Xmx{self.heap}",
+            "-Xms128m",
+            "-XX:+UseG1GC",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={cfg}",
+            "-cp",
+            self.classpath,
+            *args,
+        ]
+
+    def format_storage(self) -> None:
+        props = self.kafka_dir / "server.properties"
+        self.kafka_dir.mkdir(parents=True, exist_ok=True)
+        _write_secret(props, self._server_properties())
+        if (self.kafka_dir / "data" / "meta.properties").exists():
+            return
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        scram = []
+        for name, pw in self.credentials().items():
+            scram += ["--add-scram", f"SCRAM-SHA-512=[name={name},password={pw}]"]
+        cmd = self._java(
+            "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props), *scram
+        )
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            # never echo the command: it carries passwords
+            raise BrokerError(f"formatting KRaft storage failed: {res.stderr[-2000:]}")
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def pid(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return pid if _pid_alive(pid) else None
+
+    def is_running(self) -> bool:
+        return self.pid() is not None
+
+    def start(self, timeout: float = 120.0) -> None:
+        """Install, configure and start the broker; no-op when it already runs."""
+        if self.is_running():
+            self.wait_ready(timeout)
+            return
+        self.fetch()
+        self.ensure_secrets()
+        self.format_storage()
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_file, "ab") as log:
+            offset = log.tell()
+            proc = subprocess.Popen(
+                self._java("kafka.Kafka", str(self.kafka_dir / "server.properties")),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        self.pid_file.write_text(str(proc.pid))
+        self._ready_from = offset
+        self.wait_ready(timeout)
+
+    _ready_from: int = 0
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid = self.pid()
+            if pid is None:
+                raise BrokerError(f"broker exited during start-up; see {self.log_file}")
+            with open(self.log_file, "rb") as fh:
+                fh.seek(self._ready_from)
+                if b"Kafka Server started" in fh.read() or self._port_open():
+                    if self._port_open():
+                        return
+            time.sleep(0.2)
+        raise BrokerError(f"broker not ready after {timeout:.0f}s; see {self.log_file}")
+
+    def _port_open(self) -> bool:
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def bootstrap(self, prefix: str = "radstream.", partitions: int = 3) -> None:
+        """Create every topic and ACL of the access matrix under ``prefix`` (idempotent)."""
+        spec_file = self.kafka_dir / f"bootstrap-{prefix.strip('.') or 'default'}.tsv"
+        spec_file.write_text(principals.spec(prefix, partitions))
+        cmd = self._java(
+            str(DEPLOY / "Bootstrap.java"), str(self._admin_properties()), str(spec_file)
+        )
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            raise BrokerError(f"creating topics and ACLs failed: {res.stderr[-3000:]}")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        pid = self.pid()
+        if pid is None:
+            return
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and _pid_alive(pid):
+            time.sleep(0.2)
+        if _pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+        self.pid_file.unlink(missing_ok=True)
