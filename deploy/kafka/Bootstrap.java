@@ -1,10 +1,12 @@
 // Creates RadStream's topics and ACLs in one JVM start (Kafka's own CLI tools would need one
 // start per principal and resource). Run with the Java source launcher:
-//   java -cp '<kafka lib>/*' deploy/kafka/Bootstrap.java ADMIN_CLIENT_PROPERTIES SPEC_FILE
+//   java -cp '<kafka lib>/*' deploy/kafka/Bootstrap.java ADMIN_CLIENT_PROPERTIES SPEC_FILE PREFIX
 // SPEC_FILE lines (tab separated, '#' comments):
 //   topic <name> <partitions> [<config=value>,...]
 //   acl <principal> <TOPIC|GROUP|TRANSACTIONAL_ID|CLUSTER> <LITERAL|PREFIXED> <name> <OPERATION>
 // Idempotent: existing topics are kept (their configs are updated), existing ACLs are no-ops.
+// Reconciling: an ALLOW ACL of a principal named in the spec, on a resource under PREFIX, that
+// the spec does not list any more is deleted, so the broker's grants equal the spec exactly.
 import java.io.FileInputStream;
 import java.nio.file.Files;
 import java.nio.file.Path;
@@ -63,6 +65,21 @@ public class Bootstrap {
       }
       if (!updates.isEmpty()) admin.incrementalAlterConfigs(updates).all().get();
       if (!acls.isEmpty()) admin.createAcls(acls).all().get();
+      String prefix = args.length > 2 ? args[2] : "";
+      Set<String> principals = new HashSet<>();
+      for (AclBinding b : acls) principals.add(b.entry().principal());
+      Set<AclBinding> wanted = new HashSet<>(acls);
+      List<AclBindingFilter> stale = new ArrayList<>();
+      for (String principal : principals) {
+        AclBindingFilter mine = new AclBindingFilter(ResourcePatternFilter.ANY,
+            new AccessControlEntryFilter(principal, null, AclOperation.ANY, AclPermissionType.ANY));
+        for (AclBinding b : admin.describeAcls(mine).values().get()) {
+          if (!prefix.isEmpty() && !b.pattern().name().startsWith(prefix)) continue;
+          if (!wanted.contains(b)) stale.add(b.toFilter());
+        }
+      }
+      if (!stale.isEmpty()) admin.deleteAcls(stale).all().get();
+      System.out.println("bootstrap: removed " + stale.size() + " stale acls");
     }
     System.out.println("bootstrap: " + topics.size() + " topics, " + acls.size() + " acls");
   }

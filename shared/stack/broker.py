@@ -313,7 +313,7 @@ class LocalBroker:
         spec_file = self.kafka_dir / f"bootstrap-{prefix.strip('.') or 'default'}.tsv"
         spec_file.write_text(principals.spec(prefix, partitions))
         cmd = self._java(
-            str(DEPLOY / "Bootstrap.java"), str(self._admin_properties()), str(spec_file)
+            str(DEPLOY / "Bootstrap.java"), str(self._admin_properties()), str(spec_file), prefix
         )
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if res.returncode != 0:

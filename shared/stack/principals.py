@@ -89,6 +89,7 @@ def acl_lines(prefix: str, role: Role) -> list[str]:
 
     for topic in role.read:
         add("TOPIC", "LITERAL", prefix + topic, "READ", "DESCRIBE")
+    for topic in role.write:
         add("TOPIC", "LITERAL", prefix + topic, "WRITE", "DESCRIBE")
     for group in role.groups:
         add("GROUP", "PREFIXED", prefix + group, "READ", "DESCRIBE")

@@ -1,0 +1,88 @@
+"""Metrics every stage exports. Names follow Prometheus conventions; label values are bounded
+(stage names, outcomes, documented reason codes, partition numbers)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
+
+# Dead-letter reasons are a closed set so that a label can never carry free text.
+KNOWN_REASONS = frozenset(
+    {
+        "empty",
+        "missing_header",
+        "integrity",
+        "unknown_key",
+        "schema",
+        "retries_exhausted",
+        "handler_error",
+        "poison",
+    }
+)
+
+
+class StageMetrics:
+    def __init__(self, registry: CollectorRegistry, stage: str) -> None:
+        self.stage = stage
+        self.messages = Counter(
+            "radstream_messages",
+            "Input records handled, by outcome (ok, deadletter)",
+            ["stage", "outcome"],
+            registry=registry,
+        )
+        self.outputs = Counter(
+            "radstream_output_records",
+            "Records produced to output topics",
+            ["stage"],
+            registry=registry,
+        )
+        self.retries = Counter(
+            "radstream_retries", "Handler retries after a retriable error", ["stage"], registry=registry
+        )
+        self.deadletters = Counter(
+            "radstream_deadletters",
+            "Records sent to the dead-letter topic, by reason code",
+            ["stage", "reason"],
+            registry=registry,
+        )
+        self.handler_seconds = Histogram(
+            "radstream_handler_seconds",
+            "Time spent in the stage handler per record",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.transaction_seconds = Histogram(
+            "radstream_transaction_seconds",
+            "Time from transaction begin to commit",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.transactions = Counter(
+            "radstream_transactions",
+            "Kafka transactions by outcome (committed, aborted, fenced)",
+            ["stage", "outcome"],
+            registry=registry,
+        )
+        self.lag = Gauge(
+            "radstream_consumer_lag_messages",
+            "Records behind the end of the input partition (last fetch)",
+            ["stage", "partition"],
+            registry=registry,
+        )
+        self.input_bytes = Counter(
+            "radstream_input_bytes", "Bytes of input records consumed", ["stage"], registry=registry
+        )
+        self.assigned = Gauge(
+            "radstream_assigned_partitions",
+            "Input partitions this instance owns",
+            ["stage"],
+            registry=registry,
+        )
+
+    def dead_letter(self, reason: str) -> None:
+        label = reason if reason in KNOWN_REASONS else "other"
+        self.deadletters.labels(self.stage, label).inc()
+        self.messages.labels(self.stage, "deadletter").inc()

@@ -1,0 +1,1 @@
+"""The consume → handle → produce → commit loop every RadStream stage runs on."""

@@ -1,0 +1,75 @@
+"""Wire format of every RadStream record.
+
+* key: keyed hash (HMAC) of the series identity, never a UID in clear;
+* value: AES-256-GCM envelope (see :mod:`shared.security.envelope`) around the record's JSON;
+* headers: ``rs-schema`` and ``rs-version`` (no PHI), for routing and observability;
+* associated data: topic, key, schema and version, so a ciphertext replayed on another topic,
+  under another key or as another schema fails authentication.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from shared.runtime.errors import PoisonError
+from shared.security.envelope import EnvelopeError, Keyring
+
+T = TypeVar("T")
+
+Headers = list[tuple[str, bytes]]
+
+
+def aad(topic: str, key: bytes | None, schema: bytes, version: bytes) -> bytes:
+    return b"\x00".join((topic.encode(), key or b"", schema, version))
+
+
+def header(headers: Any, name: str) -> bytes:
+    for k, v in headers or ():
+        if k == name:
+            return bytes(v)
+    return b""
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """A validation error as text that names fields and problems but never echoes input."""
+    parts = []
+    for err in exc.errors(include_input=False, include_url=False)[:10]:
+        loc = ".".join(str(p) for p in err["loc"]) or "<record>"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+class Codec:
+    def __init__(self, keyring: Keyring) -> None:
+        self.keyring = keyring
+
+    def encode(self, topic: str, key: bytes | None, record: BaseModel) -> tuple[bytes, Headers]:
+        schema = str(getattr(record, "SCHEMA", type(record).__name__)).encode()
+        version = str(getattr(record, "schema_version", 1)).encode()
+        value = self.keyring.seal(record.model_dump_json().encode(), aad(topic, key, schema, version))
+        return value, [("rs-schema", schema), ("rs-version", version)]
+
+    def decode(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Any,
+        adapter: TypeAdapter[T],
+    ) -> T:
+        """Open and validate one record; every failure is a :class:`PoisonError` with a reason."""
+        if not value:
+            raise PoisonError("empty", "record has no value")
+        schema, version = header(headers, "rs-schema"), header(headers, "rs-version")
+        if not schema or not version:
+            raise PoisonError("missing_header", "record lacks rs-schema / rs-version headers")
+        try:
+            plaintext = self.keyring.open(value, aad(topic, key, schema, version))
+        except EnvelopeError as exc:
+            raise PoisonError(exc.reason, str(exc)) from None
+        try:
+            return adapter.validate_json(plaintext)
+        except ValidationError as exc:
+            raise PoisonError("schema", describe_validation_error(exc)) from None

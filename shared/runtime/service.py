@@ -1,0 +1,53 @@
+"""Process entry point shared by every service: settings, keyring, logging, signals, exit code."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+from shared.config import Settings
+from shared.runtime.stage import StageRunner, StageSpec
+from shared.security.envelope import Keyring
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(
+            {
+                "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)),
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "msg": record.getMessage(),
+            }
+        )
+
+
+def configure_logging(level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+
+
+async def _serve(runner: StageRunner[Any]) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, runner.stop)
+    await runner.run()
+
+
+def run_stage(spec: StageSpec[Any], settings: Settings | None = None) -> int:
+    """Run one stage until SIGTERM/SIGINT; returns the process exit code."""
+    configure_logging()
+    settings = settings or Settings()
+    keyring = Keyring.from_file(settings.keyring_path)
+    runner = StageRunner(spec, settings, keyring)
+    asyncio.run(_serve(runner))
+    return 0

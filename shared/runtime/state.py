@@ -1,0 +1,79 @@
+"""Keyed state for stateful stages, one store per input partition.
+
+Writes made while handling a batch are pending until the batch's Kafka transaction commits:
+they are sent to the compacted changelog topic in that same transaction and only then applied
+to the in-memory store. A failed or aborted transaction discards them, so the store always
+equals the committed changelog, and a restart (or a new owner of the partition) restores
+exactly the state that goes with the committed input offsets.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+_DELETED = object()
+
+
+class PartitionState:
+    def __init__(self) -> None:
+        self._store: dict[bytes, bytes] = {}
+        self._pending: dict[bytes, object] = {}
+
+    # ---- handler API --------------------------------------------------------------------
+    def get(self, key: bytes) -> Any | None:
+        value = self._pending.get(key, None)
+        if value is _DELETED:
+            return None
+        if value is not None:
+            return json.loads(value)  # type: ignore[arg-type]
+        raw = self._store.get(key)
+        return None if raw is None else json.loads(raw)
+
+    def put(self, key: bytes, value: Any) -> None:
+        self._pending[key] = json.dumps(value, separators=(",", ":")).encode()
+
+    def delete(self, key: bytes) -> None:
+        self._pending[key] = _DELETED
+
+    def keys(self) -> Iterator[bytes]:
+        seen = set()
+        for key, value in self._pending.items():
+            seen.add(key)
+            if value is not _DELETED:
+                yield key
+        for key in list(self._store):
+            if key not in seen:
+                yield key
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.keys())
+
+    # ---- runtime API --------------------------------------------------------------------
+    def savepoint(self) -> dict[bytes, object]:
+        return dict(self._pending)
+
+    def rollback(self, savepoint: dict[bytes, object]) -> None:
+        self._pending = savepoint
+
+    def pending(self) -> list[tuple[bytes, bytes | None]]:
+        """Changes of the open transaction: (key, value) or (key, None) for a delete."""
+        return [(k, None if v is _DELETED else v) for k, v in self._pending.items()]  # type: ignore[misc]
+
+    def commit(self) -> None:
+        for key, value in self._pending.items():
+            if value is _DELETED:
+                self._store.pop(key, None)
+            else:
+                self._store[key] = value  # type: ignore[assignment]
+        self._pending = {}
+
+    def abort(self) -> None:
+        self._pending = {}
+
+    def restore(self, key: bytes, value: bytes | None) -> None:
+        if value is None:
+            self._store.pop(key, None)
+        else:
+            self._store[key] = value

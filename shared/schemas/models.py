@@ -1,0 +1,154 @@
+"""Topic schemas. Every record names its schema and version; unknown fields and wrong types are
+rejected (``extra="forbid"``, strict types). Identifiers that are PHI (UIDs) only ever travel
+inside the encrypted envelope, never in keys or headers.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+ReasonCode = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{1,47}$")]
+Uid = Annotated[str, StringConstraints(pattern=r"^[0-9]+(\.[0-9]+)*$", max_length=64)]
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Record(BaseModel):
+    """Base of every topic model."""
+
+    model_config = ConfigDict(
+        extra="forbid", strict=True, frozen=True, ser_json_bytes="base64", val_json_bytes="base64"
+    )
+    SCHEMA: ClassVar[str] = "radstream.record"
+    schema_version: Literal[1] = Field(1, description="version of this schema")
+
+
+class BlobRef(BaseModel):
+    """Claim check: a reference to an encrypted, content-addressed object in the blob store."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    digest: Sha256 = Field(description="SHA-256 of the plaintext, hex")
+    size: int = Field(ge=0, description="plaintext size in bytes")
+    key_id: str = Field(max_length=64, description="id of the key-encryption key used")
+
+
+class InstanceData(Record):
+    """``instances``: one DICOM instance exactly as the scanner sent it (judged by ingest)."""
+
+    SCHEMA: ClassVar[str] = "radstream.instance"
+    kind: Literal["instance"] = "instance"
+    source: str = Field(max_length=64, description="sending scanner, gateway or SDK name")
+    sent_at: datetime = Field(default_factory=utcnow, description="publish time (UTC)")
+    data: bytes = Field(description="the DICOM Part 10 file bytes")
+
+
+class EndOfSeries(Record):
+    """``instances``: the sender says a series is complete with ``expected_count`` instances."""
+
+    SCHEMA: ClassVar[str] = "radstream.end_of_series"
+    kind: Literal["end_of_series"] = "end_of_series"
+    source: str = Field(max_length=64, description="sending scanner, gateway or SDK name")
+    sent_at: datetime = Field(default_factory=utcnow, description="publish time (UTC)")
+    series_instance_uid: Uid = Field(description="series the marker closes")
+    expected_count: int = Field(ge=0, le=100_000, description="instances sent in this series")
+
+
+class SeriesReady(Record):
+    """``series``: ingest assembled a complete series revision."""
+
+    SCHEMA: ClassVar[str] = "radstream.series_ready"
+    study_instance_uid: Uid
+    series_instance_uid: Uid
+    revision: int = Field(ge=1, description="1 for the first completion, +1 per late change")
+    modality: str = Field(max_length=16)
+    instances: list[BlobRef] = Field(description="accepted instances, ordered by position")
+    instance_count: int = Field(ge=0)
+    completed_by: Literal["marker", "timeout"] = Field(description="what closed the series")
+    last_published_at: datetime = Field(description="publish time of the last instance")
+    ready_at: datetime = Field(default_factory=utcnow)
+
+
+class VolumePrepared(Record):
+    """``volumes``: a calibrated, preprocessed volume in the blob store."""
+
+    SCHEMA: ClassVar[str] = "radstream.volume_prepared"
+    study_instance_uid: Uid
+    series_instance_uid: Uid
+    revision: int = Field(ge=1)
+    modality: str = Field(max_length=16)
+    volume: BlobRef
+    shape: tuple[int, int, int]
+    spacing_mm: tuple[float, float, float]
+    origin_mm: tuple[float, float, float]
+    direction: tuple[float, float, float, float, float, float, float, float, float]
+    backend: Literal["cpu", "gpu"]
+    last_published_at: datetime
+
+
+class SegmentationDone(Record):
+    """``findings``: masks and measured findings for one series revision."""
+
+    SCHEMA: ClassVar[str] = "radstream.segmentation_done"
+    study_instance_uid: Uid
+    series_instance_uid: Uid
+    revision: int = Field(ge=1)
+    modality: str = Field(max_length=16)
+    findings: list[dict[str, float | str]] = Field(default_factory=list)
+    seg: BlobRef | None = None
+    last_published_at: datetime
+
+
+class Alert(Record):
+    """``alerts``: one alert per matching finding per series revision."""
+
+    SCHEMA: ClassVar[str] = "radstream.alert"
+    alert_id: str = Field(max_length=64, description="deterministic id, idempotency key")
+    severity: Literal["critical", "high", "medium", "low"]
+    finding: str = Field(max_length=64)
+    study_instance_uid: Uid
+    series_instance_uid: Uid
+    revision: int = Field(ge=1)
+    measurements: dict[str, float] = Field(default_factory=dict)
+    latency_seconds: float = Field(ge=0)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class DeadLetter(Record):
+    """``deadletter``: an input a stage could not handle. Never carries PHI."""
+
+    SCHEMA: ClassVar[str] = "radstream.dead_letter"
+    stage: str = Field(max_length=32, description="stage that rejected the input")
+    reason: ReasonCode = Field(description="documented reason code, e.g. integrity, schema")
+    message: str = Field(max_length=2000, description="what was wrong, without PHI")
+    source_topic: str = Field(max_length=249)
+    source_partition: int = Field(ge=0)
+    source_offset: int = Field(ge=0)
+    attempts: int = Field(ge=1, description="handler attempts made before giving up")
+    failed_at: datetime = Field(default_factory=utcnow)
+
+
+class AuditEvent(Record):
+    """``audit``: who accessed what, when, with what outcome."""
+
+    SCHEMA: ClassVar[str] = "radstream.audit"
+    actor: str = Field(max_length=64, description="principal")
+    action: str = Field(max_length=64)
+    resource: str = Field(max_length=256, description="keyed hash or topic, never a UID")
+    outcome: Literal["success", "denied", "error"]
+    at: datetime = Field(default_factory=utcnow)
+
+
+class Probe(Record):
+    """A synthetic record for canaries, the pass-through stage and benchmarks."""
+
+    SCHEMA: ClassVar[str] = "radstream.probe"
+    id: str = Field(max_length=64)
+    seq: int = Field(ge=0)
+    payload: bytes = Field(b"", description="opaque bytes, any size up to the message cap")
+    poison: bool = Field(False, description="a handler that honours it rejects the record")
