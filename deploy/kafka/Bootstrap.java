@@ -80,6 +80,26 @@ public class Bootstrap {
       }
       if (!stale.isEmpty()) admin.deleteAcls(stale).all().get();
       System.out.println("bootstrap: removed " + stale.size() + " stale acls");
+      // Wait until the broker serves what the controller committed: the metadata log is
+      // applied asynchronously, and a client racing it would be refused.
+      long deadline = System.currentTimeMillis() + 30000;
+      List<String> names = new ArrayList<>();
+      for (NewTopic t : topics) names.add(t.name());
+      while (true) {
+        boolean ok = true;
+        try {
+          admin.describeTopics(names).allTopicNames().get();
+        } catch (ExecutionException ex) {
+          ok = false;
+        }
+        if (ok) {
+          Set<AclBinding> seen = new HashSet<>(admin.describeAcls(AclBindingFilter.ANY).values().get());
+          ok = seen.containsAll(wanted);
+        }
+        if (ok) break;
+        if (System.currentTimeMillis() > deadline) throw new IllegalStateException("topics/ACLs not visible after 30 s");
+        Thread.sleep(50);
+      }
     }
     System.out.println("bootstrap: " + topics.size() + " topics, " + acls.size() + " acls");
   }

@@ -172,10 +172,11 @@ class StageRunner(Generic[In]):
                 max_partition_fetch_bytes=kafka.max_message_bytes,
                 **common,
             )
-            await self._restorer.start()
-        self._consumer.subscribe([self._input], listener=_Listener(self))
-        await self._consumer.start()
         try:
+            if self._restorer is not None:
+                await self._restorer.start()
+            self._consumer.subscribe([self._input], listener=_Listener(self))
+            await self._consumer.start()
             await self._loop()
         finally:
             await self._shutdown()
@@ -204,9 +205,9 @@ class StageRunner(Generic[In]):
         assert self._consumer is not None
         consumer = self._consumer
         while not self._stop.is_set():
-            batches = await consumer.getmany(
-                timeout_ms=200, max_records=self.settings.batch_max_records
-            )
+            # No max_records here: aiokafka then drains one partition's buffer before the
+            # next, which starves partitions. Transactions are sized in _process instead.
+            batches = await consumer.getmany(timeout_ms=200)
             if batches:
                 await asyncio.gather(*(self._process(tp, recs) for tp, recs in batches.items()))
             if self.spec.tick is not None:
@@ -313,7 +314,7 @@ class StageRunner(Generic[In]):
             for rec in records:
                 chunk.append(rec)
                 size += len(rec.value or b"")
-                if size >= self.settings.batch_max_bytes:
+                if size >= self.settings.batch_max_bytes or len(chunk) >= self.settings.batch_max_records:
                     if not await self._transaction(part, chunk):
                         return
                     chunk, size = [], 0

@@ -1,0 +1,53 @@
+"""Session fixtures: one real Kafka broker for the whole run; every test gets its own prefix
+(its own copy of every topic, group, transactional id and ACL)."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shared.security.envelope import Keyring, init_keyring_file
+from shared.stack.broker import LocalBroker, free_port
+from tests.helpers import Env
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    del config
+    skip = pytest.mark.skip(reason="no CUDA device visible to CuPy")
+    if not _gpu_available():
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+def _gpu_available() -> bool:
+    try:
+        import cupy  # type: ignore[import-not-found]
+
+        return bool(cupy.cuda.is_available())
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
+    home = tmp_path_factory.mktemp("kafka-home")
+    b = LocalBroker(home=home, port=free_port(), controller_port=free_port(), heap="768m")
+    b.start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+@pytest.fixture
+def env(broker: LocalBroker, tmp_path: Path) -> Env:
+    prefix = f"t{secrets.token_hex(4)}."
+    broker.bootstrap(prefix)
+    keyring_path = tmp_path / "secrets" / "keyring.json"
+    init_keyring_file(keyring_path)
+    return Env(broker, prefix, keyring_path, Keyring.from_file(keyring_path), tmp_path)
+

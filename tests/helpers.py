@@ -1,0 +1,241 @@
+"""Test helpers: wait on conditions (never sleep to synchronise), produce and read records,
+run a stage as a real subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from pydantic import BaseModel, TypeAdapter
+
+from shared.runtime.codec import Codec
+from shared.security.envelope import Keyring
+from shared.security.kafka import client_kwargs
+from shared.stack.broker import LocalBroker, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+async def wait_until(cond: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await cond():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def wait_until_sync(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@dataclass
+class Env:
+    """One isolated copy of the stack's topics and ACLs (own prefix) plus a keyring."""
+
+    broker: LocalBroker
+    prefix: str
+    keyring_path: Path
+    keyring: Keyring
+    home: Path
+    partitions: int = 3
+
+    def topic(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    @property
+    def codec(self) -> Codec:
+        return Codec(self.keyring)
+
+    def kafka(self, principal: str = "admin") -> dict[str, Any]:
+        return client_kwargs(self.broker.settings_for(principal))
+
+    def settings(self, principal: str, **overrides: Any) -> Any:
+        from shared.config import Settings
+
+        return Settings(
+            home=self.home,
+            topic_prefix=self.prefix,
+            keyring_file=self.keyring_path,
+            kafka=self.broker.settings_for(principal),
+            **overrides,
+        )
+
+    def service_env(self, principal: str, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RADSTREAM_")}
+        env.update(self.broker.env_for(principal))
+        env.update(
+            {
+                "RADSTREAM_HOME": str(self.home),
+                "RADSTREAM_TOPIC_PREFIX": self.prefix,
+                "RADSTREAM_KEYRING_FILE": str(self.keyring_path),
+                "RADSTREAM_METRICS_PORT": str(free_port()),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update(extra)
+        return env
+
+    async def produce(
+        self,
+        topic: str,
+        items: Iterable[tuple[bytes | None, BaseModel]],
+        principal: str = "admin",
+    ) -> None:
+        producer = AIOKafkaProducer(
+            enable_idempotence=True, max_request_size=16 * 1024 * 1024, **self.kafka(principal)
+        )
+        await producer.start()
+        try:
+            codec = self.codec
+            full = self.topic(topic)
+            futures = []
+            for key, record in items:
+                value, headers = codec.encode(full, key, record)
+                futures.append(await producer.send(full, value, key=key, headers=headers))
+            await asyncio.gather(*futures)
+        finally:
+            await producer.stop()
+
+    async def produce_raw(
+        self, topic: str, items: Iterable[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]]
+    ) -> None:
+        producer = AIOKafkaProducer(enable_idempotence=True, **self.kafka("admin"))
+        await producer.start()
+        try:
+            for key, value, headers in items:
+                await producer.send_and_wait(self.topic(topic), value, key=key, headers=headers)
+        finally:
+            await producer.stop()
+
+
+@dataclass
+class Reader:
+    """A read_committed reader of one topic (all partitions, from the beginning)."""
+
+    env: Env
+    topic: str
+    model: Any
+    principal: str = "admin"
+    records: list[Any] = field(default_factory=list)
+    raw: list[Any] = field(default_factory=list)
+    _consumer: AIOKafkaConsumer | None = None
+
+    async def __aenter__(self) -> Reader:
+        full = self.env.topic(self.topic)
+        self._consumer = AIOKafkaConsumer(
+            isolation_level="read_committed",
+            enable_auto_commit=False,
+            max_partition_fetch_bytes=16 * 1024 * 1024,
+            **self.env.kafka(self.principal),
+        )
+        await self._consumer.start()
+        tps = [TopicPartition(full, p) for p in range(self.env.partitions)]
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_beginning(*tps)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._consumer is not None
+        await self._consumer.stop()
+
+    async def poll(self) -> int:
+        assert self._consumer is not None
+        adapter = TypeAdapter(self.model)
+        batches = await self._consumer.getmany(timeout_ms=200)
+        n = 0
+        for recs in batches.values():
+            for rec in recs:
+                self.raw.append(rec)
+                self.records.append(
+                    self.env.codec.decode(rec.topic, rec.key, rec.value, rec.headers, adapter)
+                )
+                n += 1
+        return n
+
+    async def wait_for(self, count: int, timeout: float = 60.0) -> list[Any]:
+        async def enough() -> bool:
+            await self.poll()
+            return len(self.records) >= count
+
+        await wait_until(enough, timeout, f"{count} records on {self.topic} (have {len(self.records)})")
+        return self.records
+
+    async def drain(self, quiet: float = 1.0) -> list[Any]:
+        """Read until nothing new arrives for ``quiet`` seconds (used after the writer stopped)."""
+        last = time.monotonic()
+        while time.monotonic() - last < quiet:
+            if await self.poll():
+                last = time.monotonic()
+        return self.records
+
+
+async def group_caught_up(env: Env, group: str, topic: str) -> bool:
+    """True when the group's committed offsets equal the end of every input partition."""
+    consumer = AIOKafkaConsumer(
+        group_id=env.topic(group),
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        **env.kafka(),
+    )
+    await consumer.start()
+    try:
+        full = env.topic(topic)
+        tps = [TopicPartition(full, p) for p in range(env.partitions)]
+        ends = await consumer.end_offsets(tps)
+        for tp in tps:
+            committed = await consumer.committed(tp)
+            if (committed or 0) < ends[tp]:
+                return False
+        return True
+    finally:
+        await consumer.stop()
+
+
+class StageProcess:
+    """A stage run as its own OS process, as in production."""
+
+    def __init__(self, env: dict[str, str], module: str, log: Path) -> None:
+        self.env = env
+        self.module = module
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> StageProcess:
+        fh = open(self.log, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", self.module], env=self.env, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO
+        )
+        fh.close()
+        return self
+
+    @property
+    def port(self) -> int:
+        return int(self.env["RADSTREAM_METRICS_PORT"])
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self, timeout: float = 10.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
