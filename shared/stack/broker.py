@@ -247,7 +247,7 @@ class LocalBroker:
         for name, pw in self.credentials().items():
             scram += ["--add-scram", f"SCRAM-SHA-512=[name={name},password={pw}]"]
         cmd = self._java(
-            "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props), *scram
+            "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}", "-c", str(props), *scram
         )
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if res.returncode != 0:

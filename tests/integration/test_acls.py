@@ -1,0 +1,170 @@
+"""Least privilege at the broker: every principal's forbidden operations fail, allowed ones work.
+
+Each test bootstraps its own copy of the whole access matrix (own prefix) on the real broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Awaitable
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import (
+    GroupAuthorizationFailedError,
+    KafkaConnectionError,
+    KafkaError,
+    SaslAuthenticationFailed,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+)
+from aiokafka.helpers import create_ssl_context
+
+from shared.schemas import Probe
+from tests.helpers import Env
+
+pytestmark = pytest.mark.integration
+
+
+async def produce(env: Env, principal: str, topic: str, **kw: Any) -> None:
+    producer = AIOKafkaProducer(request_timeout_ms=10000, **env.kafka(principal), **kw)
+    try:
+        await producer.start()
+        if kw.get("transactional_id"):
+            async with producer.transaction():
+                await producer.send_and_wait(env.topic(topic), b"x", key=b"k")
+        else:
+            await producer.send_and_wait(env.topic(topic), b"x", key=b"k")
+    finally:
+        await producer.stop()
+
+
+async def consume(env: Env, principal: str, topic: str, group: str | None = None) -> int:
+    """Reads ``topic`` (in ``group`` if given) for a few seconds; returns the records read and
+    raises what the broker says (fetch and join errors surface on the next ``getmany``)."""
+    consumer = AIOKafkaConsumer(
+        env.topic(topic),
+        group_id=env.topic(group) if group else None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        request_timeout_ms=10000,
+        **env.kafka(principal),
+    )
+    read = 0
+    try:
+        await consumer.start()  # raises at once without DESCRIBE on the topic
+        for _ in range(15):
+            batches = await consumer.getmany(timeout_ms=300)
+            read += sum(len(v) for v in batches.values())
+            if read:
+                break
+        if group:
+            assert consumer.assignment(), "joined no group"
+    finally:
+        await consumer.stop()
+    return read
+
+
+async def seed(env: Env, topic: str) -> None:
+    await produce(env, "admin", topic)
+
+
+async def denied(action: Awaitable[Any], *errors: type[BaseException]) -> BaseException:
+    with pytest.raises(errors) as info:
+        await asyncio.wait_for(action, 45)
+    return info.value
+
+
+async def test_stage_writes_only_its_outputs(env: Env) -> None:
+    await produce(env, "preprocess", "deadletter")  # allowed
+    await denied(produce(env, "preprocess", "findings"), TopicAuthorizationFailedError)
+    await denied(produce(env, "preprocess", "instances"), TopicAuthorizationFailedError)
+    await denied(produce(env, "segmentation", "alerts"), TopicAuthorizationFailedError)
+
+
+async def test_stage_uses_only_its_group_and_transactional_ids(env: Env) -> None:
+    await produce(env, "preprocess", "volumes", transactional_id=env.topic("preprocess.0"))
+    await seed(env, "series")
+    assert await consume(env, "preprocess", "series", group="preprocess") == 1
+    await denied(
+        produce(env, "ingest", "series", transactional_id=env.topic("preprocess.0")),
+        TransactionalIdAuthorizationFailed,
+    )
+    await denied(consume(env, "ingest", "instances", group="preprocess"), GroupAuthorizationFailedError)
+    await denied(consume(env, "preprocess", "instances"), TopicAuthorizationFailedError)
+
+
+async def test_scanner_can_publish_instances_and_read_nothing(env: Env) -> None:
+    await env.produce("instances", [(b"k", Probe(id="scan", seq=0))], principal="scanner")
+    for topic in ("instances", "series", "alerts", "deadletter"):
+        await denied(consume(env, "scanner", topic), TopicAuthorizationFailedError)
+    await denied(produce(env, "scanner", "series"), TopicAuthorizationFailedError)
+
+
+async def test_alert_consumer_reads_alerts_only(env: Env) -> None:
+    await seed(env, "alerts")
+    assert await consume(env, "alert-consumer", "alerts", group="alert-consumer") == 1
+    for topic in ("instances", "series", "volumes", "findings"):
+        await denied(consume(env, "alert-consumer", topic), TopicAuthorizationFailedError)
+    await denied(produce(env, "alert-consumer", "alerts"), TopicAuthorizationFailedError)
+    await denied(consume(env, "alert-consumer", "alerts", group="alert"), GroupAuthorizationFailedError)
+
+
+async def test_operator_reads_but_does_not_write(env: Env) -> None:
+    await seed(env, "deadletter")
+    assert await consume(env, "operator", "deadletter", group="operator") == 1
+    assert await consume(env, "operator", "deadletter") == 1
+    await denied(produce(env, "operator", "instances"), TopicAuthorizationFailedError)
+
+
+async def test_unauthenticated_and_plaintext_clients_are_refused(env: Env) -> None:
+    settings = env.broker.settings_for("operator")
+    base = {"bootstrap_servers": settings.bootstrap_servers, "request_timeout_ms": 5000}
+    ctx = create_ssl_context(cafile=str(settings.ca_file))
+
+    async def connect(**kw: Any) -> None:
+        consumer = AIOKafkaConsumer(**base, **kw)
+        try:
+            await consumer.start()
+            await consumer.topics()
+        finally:
+            await consumer.stop()
+
+    # TLS but no credentials
+    await denied(connect(security_protocol="SSL", ssl_context=ctx), KafkaError)
+    # credentials but no TLS
+    await denied(
+        connect(
+            security_protocol="SASL_PLAINTEXT",
+            sasl_mechanism="SCRAM-SHA-512",
+            sasl_plain_username="operator",
+            sasl_plain_password=settings.password.get_secret_value(),
+        ),
+        KafkaError,
+    )
+    # wrong password
+    await denied(
+        connect(
+            security_protocol="SASL_SSL",
+            ssl_context=ctx,
+            sasl_mechanism="SCRAM-SHA-512",
+            sasl_plain_username="operator",
+            sasl_plain_password="not-the-password",
+        ),
+        SaslAuthenticationFailed,
+        KafkaConnectionError,
+    )
+    # a broker certificate not signed by a CA we trust
+    untrusted = ssl.create_default_context()
+    await denied(
+        connect(
+            security_protocol="SASL_SSL",
+            ssl_context=untrusted,
+            sasl_mechanism="SCRAM-SHA-512",
+            sasl_plain_username="operator",
+            sasl_plain_password=settings.password.get_secret_value(),
+        ),
+        KafkaError,
+    )
