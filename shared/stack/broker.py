@@ -52,7 +52,41 @@ def _write_secret(path: Path, text: str) -> None:
     os.chmod(path, 0o600)
 
 
+def spawn_detached(argv: list[str], log_file: Path, env: dict[str, str] | None = None) -> tuple[int, int]:
+    """Start a long-running process in its own session, output appended to ``log_file``.
+
+    Returns (pid, log offset at start). Uses posix_spawn rather than Popen: the process is
+    meant to outlive the Popen object (``radstream stack up`` exits, the broker stays)."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    try:
+        offset = os.lseek(fd, 0, os.SEEK_END)
+        pid = os.posix_spawnp(
+            argv[0],
+            argv,
+            env if env is not None else dict(os.environ),
+            file_actions=[
+                (os.POSIX_SPAWN_DUP2, devnull, 0),
+                (os.POSIX_SPAWN_DUP2, fd, 1),
+                (os.POSIX_SPAWN_DUP2, fd, 2),
+            ],
+            setsid=True,
+        )
+    finally:
+        os.close(fd)
+        os.close(devnull)
+    return pid, offset
+
+
 def _pid_alive(pid: int) -> bool:
+    try:
+        # reap it if it is our own child that exited
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    except ChildProcessError:
+        pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -274,16 +308,10 @@ class LocalBroker:
         self.ensure_secrets()
         self.format_storage()
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_file, "ab") as log:
-            offset = log.tell()
-            proc = subprocess.Popen(
-                self._java("kafka.Kafka", str(self.kafka_dir / "server.properties")),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        self.pid_file.write_text(str(proc.pid))
+        pid, offset = spawn_detached(
+            self._java("kafka.Kafka", str(self.kafka_dir / "server.properties")), self.log_file
+        )
+        self.pid_file.write_text(str(pid))
         self._ready_from = offset
         self.wait_ready(timeout)
 
