@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     metrics_host: str = Field("127.0.0.1", description="address of /metrics, /healthz, /readyz")
     metrics_port: int = Field(0, description="port of the HTTP endpoint; 0 picks a free one")
-    batch_max_records: int = Field(64, description="records handled per transaction at most")
+    batch_max_records: int = Field(500, description="records handled per transaction at most")
     batch_max_bytes: int = Field(16 * 1024 * 1024, description="input bytes per transaction")
     retry_attempts: int = Field(5, description="attempts for a retriable error before DLQ")
     retry_backoff_s: float = Field(0.2, description="first retry delay; doubles per attempt")

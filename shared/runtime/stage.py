@@ -20,6 +20,7 @@ import inspect
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -129,6 +130,8 @@ class StageRunner(Generic[In]):
         self._changelog = settings.topic(f"{spec.name}.state")
         self._partitions: dict[TopicPartition, _Partition] = {}
         self._stop = asyncio.Event()
+        self._stopping = threading.Event()  # seen by handler threads (retry waits)
+        self._evloop: asyncio.AbstractEventLoop | None = None
         self._ready = False
         self._executor = ThreadPoolExecutor(settings.handler_threads, f"{spec.name}-handler")
         self._is_async = inspect.iscoroutinefunction(spec.handler)
@@ -140,13 +143,18 @@ class StageRunner(Generic[In]):
 
     # ---- lifecycle ------------------------------------------------------------------------
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()
+        if self._evloop is not None:
+            self._evloop.call_soon_threadsafe(self._stop.set)
+        else:
+            self._stop.set()
 
     @property
     def ready(self) -> bool:
         return self._ready
 
     async def run(self) -> None:
+        self._evloop = asyncio.get_running_loop()
         kafka = self.settings.kafka
         common = client_kwargs(kafka)
         await self.http.start()
@@ -177,7 +185,7 @@ class StageRunner(Generic[In]):
                 await self._restorer.start()
             self._consumer.subscribe([self._input], listener=_Listener(self))
             await self._consumer.start()
-            await self._loop()
+            await self._main_loop()
         finally:
             await self._shutdown()
 
@@ -201,7 +209,7 @@ class StageRunner(Generic[In]):
         self._executor.shutdown(wait=False, cancel_futures=True)
         log.info("stage %s: stopped", self.spec.name)
 
-    async def _loop(self) -> None:
+    async def _main_loop(self) -> None:
         assert self._consumer is not None
         consumer = self._consumer
         while not self._stop.is_set():
@@ -327,9 +335,11 @@ class StageRunner(Generic[In]):
         outgoing: list[Outgoing] = []
         outcomes: list[str | None] = []  # None: ok, else dead-letter reason
         try:
-            for rec in records:
-                self.metrics.input_bytes.labels(self.spec.name).inc(len(rec.value or b""))
-                outs, reason = await self._handle(part, rec)
+            # decode, handle and encode off the event loop: heartbeats and other partitions'
+            # transactions go on while a slow record is handled
+            loop = asyncio.get_running_loop()
+            results = await loop.run_in_executor(self._executor, self._handle_chunk, part, records)
+            for outs, reason in results:
                 outgoing.extend(outs)
                 outcomes.append(reason)
             outgoing.extend(self._state_changes(part))
@@ -415,7 +425,15 @@ class StageRunner(Generic[In]):
             out.append((self._changelog, key, sealed, [], part.tp.partition))
         return out
 
-    async def _handle(self, part: _Partition, rec: Any) -> tuple[list[Outgoing], str | None]:
+    def _handle_chunk(self, part: _Partition, records: list[Any]) -> list[tuple[list[Outgoing], str | None]]:
+        """Runs in a handler thread. Raises _Stopping if shutdown interrupts a retry wait."""
+        out = []
+        for rec in records:
+            self.metrics.input_bytes.labels(self.spec.name).inc(len(rec.value or b""))
+            out.append(self._handle(part, rec))
+        return out
+
+    def _handle(self, part: _Partition, rec: Any) -> tuple[list[Outgoing], str | None]:
         ctx = Context(
             topic=rec.topic,
             partition=rec.partition,
@@ -436,7 +454,7 @@ class StageRunner(Generic[In]):
             savepoint = part.state.savepoint()
             t0 = time.perf_counter()
             try:
-                result = await self._call(record, ctx)
+                result = self._call(record, ctx)
                 self.metrics.handler_seconds.labels(self.spec.name).observe(time.perf_counter() - t0)
                 return self._outputs(result, rec.key), None
             except RetriableError as exc:
@@ -445,11 +463,8 @@ class StageRunner(Generic[In]):
                     msg = f"gave up after {attempt} attempts: {exc}"
                     return [self._dead_letter(rec, "retries_exhausted", msg, attempt)], "retries_exhausted"
                 self.metrics.retries.labels(self.spec.name).inc()
-                try:
-                    await asyncio.wait_for(self._stop.wait(), delay)
-                    raise _Stopping()
-                except TimeoutError:
-                    pass
+                if self._stopping.wait(delay):
+                    raise _Stopping() from None
                 delay = min(delay * 2, self.settings.retry_backoff_max_s)
             except PoisonError as exc:
                 part.state.rollback(savepoint)
@@ -461,11 +476,12 @@ class StageRunner(Generic[In]):
                 msg = f"unexpected {type(exc).__name__} in handler at {where}"
                 return [self._dead_letter(rec, "handler_error", msg, attempt)], "handler_error"
 
-    async def _call(self, record: In, ctx: Context) -> HandlerResult:
+    def _call(self, record: In, ctx: Context) -> HandlerResult:
         if self._is_async:
-            return await self.spec.handler(record, ctx)  # type: ignore[misc,no-any-return]
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.spec.handler, record, ctx)  # type: ignore[return-value]
+            assert self._evloop is not None
+            coro = self.spec.handler(record, ctx)
+            return asyncio.run_coroutine_threadsafe(coro, self._evloop).result()  # type: ignore[arg-type]
+        return self.spec.handler(record, ctx)  # type: ignore[return-value]
 
     def _outputs(self, result: HandlerResult, in_key: bytes | None) -> list[Outgoing]:
         if result is None:

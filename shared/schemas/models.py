@@ -26,6 +26,7 @@ class Record(BaseModel):
         extra="forbid", strict=True, frozen=True, ser_json_bytes="base64", val_json_bytes="base64"
     )
     SCHEMA: ClassVar[str] = "radstream.record"
+    ATTACHMENT: ClassVar[str | None] = None  # bulk bytes field carried outside the JSON
     schema_version: Literal[1] = Field(1, description="version of this schema")
 
 
@@ -42,10 +43,11 @@ class InstanceData(Record):
     """``instances``: one DICOM instance exactly as the scanner sent it (judged by ingest)."""
 
     SCHEMA: ClassVar[str] = "radstream.instance"
+    ATTACHMENT: ClassVar[str] = "data"
     kind: Literal["instance"] = "instance"
     source: str = Field(max_length=64, description="sending scanner, gateway or SDK name")
     sent_at: datetime = Field(default_factory=utcnow, description="publish time (UTC)")
-    data: bytes = Field(description="the DICOM Part 10 file bytes")
+    data: bytes = Field(b"", description="the DICOM Part 10 file bytes (sent raw, not in JSON)")
 
 
 class EndOfSeries(Record):
@@ -148,6 +150,7 @@ class Probe(Record):
     """A synthetic record for canaries, the pass-through stage and benchmarks."""
 
     SCHEMA: ClassVar[str] = "radstream.probe"
+    ATTACHMENT: ClassVar[str] = "payload"
     id: str = Field(max_length=64)
     seq: int = Field(ge=0)
     payload: bytes = Field(b"", description="opaque bytes, any size up to the message cap")

@@ -1,0 +1,47 @@
+# RadStream entry points. Every target sets itself up first (virtualenv, Python packages,
+# Apache Kafka from Maven Central, Debian packages where used); nothing is installed by hand.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
+PYTHON ?= python3
+
+.PHONY: setup demo test test-unit test-integration bench lint down status
+
+setup: $(STAMP) kafka
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "python3 is required"; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+kafka:
+	@deploy/kafka/fetch.sh
+
+demo: setup
+	$(VENV)/bin/radstream stack up
+	$(VENV)/bin/radstream stack status
+	@echo
+	@echo "The local stack is running (state in .radstream/). Stop it with: make down"
+
+down: setup
+	$(VENV)/bin/radstream stack down
+
+status: setup
+	$(VENV)/bin/radstream stack status
+
+test: setup
+	$(VENV)/bin/pytest
+
+test-unit: setup
+	$(VENV)/bin/pytest tests/unit
+
+bench: setup
+	$(PY) benchmarks/transport.py
+
+lint: setup
+	$(VENV)/bin/ruff check shared services tests benchmarks
+	$(VENV)/bin/mypy

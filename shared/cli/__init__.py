@@ -1,0 +1,1 @@
+"""The ``radstream`` command line."""

@@ -1,0 +1,82 @@
+"""Read a topic as an outside party (operator, alert consumer): all partitions, committed
+records only, decrypted and validated. Used by the CLI's feeds (dead letters, alerts)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from pydantic import TypeAdapter
+
+from shared.config import KafkaSettings
+from shared.runtime.codec import Codec
+from shared.runtime.errors import PoisonError
+from shared.security.envelope import Keyring
+from shared.security.kafka import client_kwargs
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Item(Generic[T]):
+    record: T | None
+    error: str | None
+    partition: int
+    offset: int
+    timestamp_ms: int
+
+
+async def read_topic(
+    kafka: KafkaSettings,
+    topic: str,
+    model: Any,
+    keyring: Keyring,
+    *,
+    follow: bool = False,
+    timeout_s: float | None = None,
+    from_beginning: bool = True,
+) -> AsyncIterator[Item[Any]]:
+    """Yield records of ``topic``. Without ``follow``, stops at the end seen at start; with it,
+    keeps waiting for new records until ``timeout_s`` (forever if None)."""
+    adapter: TypeAdapter[Any] = TypeAdapter(model)
+    codec = Codec(keyring)
+    consumer = AIOKafkaConsumer(
+        isolation_level="read_committed",
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=kafka.max_message_bytes,
+        **client_kwargs(kafka),
+    )
+    await consumer.start()
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            await consumer._client._wait_on_metadata(topic)
+            parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        if from_beginning:
+            await consumer.seek_to_beginning(*tps)
+        else:
+            await consumer.seek_to_end(*tps)
+        ends = await consumer.end_offsets(tps)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            if not follow:
+                positions = {tp: await consumer.position(tp) for tp in tps}
+                if all(positions[tp] >= ends[tp] for tp in tps):
+                    return
+            batches = await consumer.getmany(timeout_ms=200)
+            for recs in batches.values():
+                for rec in recs:
+                    try:
+                        value = codec.decode(rec.topic, rec.key, rec.value, rec.headers, adapter)
+                        yield Item(value, None, rec.partition, rec.offset, rec.timestamp)
+                    except PoisonError as exc:
+                        yield Item(None, exc.reason, rec.partition, rec.offset, rec.timestamp)
+    finally:
+        await consumer.stop()

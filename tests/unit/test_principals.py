@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+from shared.stack.principals import ROLES, STAGES, acl_lines, spec
+
+
+def grants(principal: str, prefix: str = "radstream.") -> set[tuple[str, str, str, str]]:
+    out = set()
+    for line in acl_lines(prefix, ROLES[principal]):
+        _, _, rtype, pattern, name, op = line.split("\t")
+        out.add((rtype, pattern, name, op))
+    return out
+
+
+def test_scanner_can_only_write_instances() -> None:
+    g = grants("scanner")
+    assert {op for (_, _, _, op) in g} <= {"WRITE", "DESCRIBE"}
+    assert {name for (_, _, name, op) in g if op == "WRITE"} == {"radstream.instances"}
+
+
+def test_alert_consumer_reads_only_alerts() -> None:
+    g = grants("alert-consumer")
+    reads = {name for (rtype, _, name, op) in g if rtype == "TOPIC" and op == "READ"}
+    assert reads == {"radstream.alerts"}
+    assert not any(op == "WRITE" for (*_, op) in g)
+
+
+def test_each_stage_writes_only_its_outputs_and_owns_its_ids() -> None:
+    for stage, (src, outs) in STAGES.items():
+        g = grants(stage)
+        writes = {name for (rtype, _, name, op) in g if rtype == "TOPIC" and op == "WRITE"}
+        assert writes == {f"radstream.{t}" for t in (*outs, "deadletter", "audit", f"{stage}.state")}
+        reads = {name for (rtype, _, name, op) in g if rtype == "TOPIC" and op == "READ"}
+        assert reads == {f"radstream.{src}", f"radstream.{stage}.state"}
+        assert ("TRANSACTIONAL_ID", "PREFIXED", f"radstream.{stage}.", "WRITE") in g
+        assert ("GROUP", "PREFIXED", f"radstream.{stage}", "READ") in g
+
+
+def test_no_wildcards_in_the_matrix() -> None:
+    text = spec("radstream.", 3)
+    assert "\t*\t" not in text and "User:*" not in text
+    assert "cleanup.policy=compact" in text  # state changelogs are compacted
