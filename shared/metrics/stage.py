@@ -75,6 +75,12 @@ class StageMetrics:
         self.input_bytes = Counter(
             "radstream_input_bytes", "Bytes of input records consumed", ["stage"], registry=registry
         )
+        self.rebalances = Counter(
+            "radstream_rebalance_events",
+            "Partition assignment changes seen by this instance (assigned, revoked)",
+            ["stage", "event"],
+            registry=registry,
+        )
         self.assigned = Gauge(
             "radstream_assigned_partitions",
             "Input partitions this instance owns",

@@ -266,9 +266,12 @@ class StageRunner(Generic[In]):
             log.info("stage %s: assigned partition %d at offset %d", self.spec.name, tp.partition, next_offset)
         self._consumer.resume(*fresh)
         self.metrics.assigned.labels(self.spec.name).set(len(self._partitions))
+        self.metrics.rebalances.labels(self.spec.name, "assigned").inc()
         self._ready = True
 
     async def _revoked(self, revoked: set[TopicPartition]) -> None:
+        if revoked:
+            self.metrics.rebalances.labels(self.spec.name, "revoked").inc()
         for tp in revoked:
             part = self._partitions.get(tp)
             if part is None:

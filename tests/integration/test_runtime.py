@@ -140,3 +140,28 @@ async def test_metrics_and_readiness(env: Env, stage: StageRunner[Probe]) -> Non
     assert 'radstream_transactions_total{outcome="committed",stage="preprocess"}' in text
     assert 'radstream_consumer_lag_messages{partition="0",stage="preprocess"}' in text
     assert 'radstream_assigned_partitions{stage="preprocess"} 3.0' in text
+
+
+async def test_slow_record_keeps_heartbeats_and_causes_no_rebalance(env: Env) -> None:
+    # a record that takes 2x the session timeout (broker minimum: 6 s) to handle: the handler runs off the event
+    # loop, heartbeats go on, the group never rebalances and the other partitions keep flowing
+    settings = env.settings("preprocess", metrics_port=free_port(), session_timeout_s=6.0)
+    slow_spec = make_spec("preprocess", delay_s=13.0)
+    runner: StageRunner[Probe] = StageRunner(slow_spec, settings, env.keyring)
+    task = asyncio.create_task(runner.run())
+    try:
+        await wait_until(lambda: _ready(runner), 60, "stage ready")
+        await env.produce("series", [(b"slow-series", Probe(id="slow", seq=0))])
+        async with Reader(env, "volumes", Probe) as out:
+            await out.wait_for(1, timeout=60)
+        revoked = runner.registry.get_sample_value(
+            "radstream_rebalance_events_total", {"stage": "preprocess", "event": "revoked"}
+        )
+        assigned = runner.registry.get_sample_value(
+            "radstream_rebalance_events_total", {"stage": "preprocess", "event": "assigned"}
+        )
+        assert revoked is None or revoked == 0
+        assert assigned == 1
+    finally:
+        runner.stop()
+        await asyncio.wait_for(task, 30)
