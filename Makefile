@@ -34,6 +34,8 @@ status: setup
 	$(VENV)/bin/radstream stack status
 
 test: setup
+	$(VENV)/bin/ruff check shared services tests benchmarks
+	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest
 
 test-unit: setup

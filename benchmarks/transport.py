@@ -17,24 +17,29 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from benchmarks.common import emit, parse_args, temporary_broker  # noqa: E402
-from shared.config import Settings  # noqa: E402
-from shared.runtime.codec import Codec  # noqa: E402
-from shared.runtime.passthrough import make_spec  # noqa: E402
-from shared.runtime.stage import StageRunner  # noqa: E402
-from shared.schemas import Probe  # noqa: E402
-from shared.security.envelope import Keyring  # noqa: E402
-from shared.security.kafka import client_kwargs  # noqa: E402
-from shared.stack.broker import LocalBroker, free_port  # noqa: E402
+from benchmarks.common import emit, parse_args, temporary_broker
+from shared.config import Settings
+from shared.runtime.codec import Codec
+from shared.runtime.passthrough import make_spec
+from shared.runtime.stage import StageRunner
+from shared.schemas import Probe
+from shared.security.envelope import Keyring
+from shared.security.kafka import client_kwargs
+from shared.stack.broker import LocalBroker, free_port
 
 MAX = 16 * 1024 * 1024
 
 
-async def fill(broker: LocalBroker, topic: str, values: list[tuple[bytes, bytes, list[tuple[str, bytes]]]]) -> None:
+async def fill(
+    broker: LocalBroker, topic: str, values: list[tuple[bytes, bytes, list[tuple[str, bytes]]]]
+) -> None:
     producer = AIOKafkaProducer(
-        acks="all", max_request_size=MAX, linger_ms=5, max_batch_size=1 << 20,
+        acks="all",
+        max_request_size=MAX,
+        linger_ms=5,
+        max_batch_size=1 << 20,
         **client_kwargs(broker.settings_for("admin")),
     )
     await producer.start()
@@ -48,10 +53,16 @@ async def fill(broker: LocalBroker, topic: str, values: list[tuple[bytes, bytes,
 async def raw_copy(broker: LocalBroker, src: str, dst: str, n: int) -> float:
     kw = client_kwargs(broker.settings_for("admin"))
     consumer = AIOKafkaConsumer(
-        src, group_id=f"{src}.raw", auto_offset_reset="earliest",
-        max_partition_fetch_bytes=MAX, fetch_max_bytes=64 * 1024 * 1024, **kw,
+        src,
+        group_id=f"{src}.raw",
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=MAX,
+        fetch_max_bytes=64 * 1024 * 1024,
+        **kw,
     )
-    producer = AIOKafkaProducer(acks="all", max_request_size=MAX, linger_ms=2, max_batch_size=1 << 20, **kw)
+    producer = AIOKafkaProducer(
+        acks="all", max_request_size=MAX, linger_ms=2, max_batch_size=1 << 20, **kw
+    )
     await consumer.start()
     await producer.start()
     copied, t0 = 0, None
@@ -63,7 +74,9 @@ async def raw_copy(broker: LocalBroker, src: str, dst: str, n: int) -> float:
             futures = []
             for recs in batches.values():
                 for rec in recs:
-                    futures.append(await producer.send(dst, rec.value, key=rec.key, headers=rec.headers))
+                    futures.append(
+                        await producer.send(dst, rec.value, key=rec.key, headers=rec.headers)
+                    )
             await asyncio.gather(*futures)
             copied += len(futures)
         assert t0 is not None
@@ -73,20 +86,31 @@ async def raw_copy(broker: LocalBroker, src: str, dst: str, n: int) -> float:
         await producer.stop()
 
 
-async def runtime_copy(broker: LocalBroker, prefix: str, keyring: Keyring, n: int, home: Path) -> float:
+async def runtime_copy(
+    broker: LocalBroker, prefix: str, keyring: Keyring, n: int, home: Path
+) -> float:
     settings = Settings(
-        home=home, topic_prefix=prefix, kafka=broker.settings_for("preprocess"), metrics_port=free_port()
+        home=home,
+        topic_prefix=prefix,
+        kafka=broker.settings_for("preprocess"),
+        metrics_port=free_port(),
     )
     runner: StageRunner[Probe] = StageRunner(make_spec("preprocess"), settings, keyring)
     task = asyncio.create_task(runner.run())
 
     def done() -> float:
-        return runner.registry.get_sample_value(
-            "radstream_messages_total", {"stage": "preprocess", "outcome": "ok"}
-        ) or 0.0
+        return (
+            runner.registry.get_sample_value(
+                "radstream_messages_total", {"stage": "preprocess", "outcome": "ok"}
+            )
+            or 0.0
+        )
 
     def consumed() -> float:
-        return runner.registry.get_sample_value("radstream_input_bytes_total", {"stage": "preprocess"}) or 0.0
+        return (
+            runner.registry.get_sample_value("radstream_input_bytes_total", {"stage": "preprocess"})
+            or 0.0
+        )
 
     while consumed() == 0:
         if task.done():
@@ -103,7 +127,9 @@ async def runtime_copy(broker: LocalBroker, prefix: str, keyring: Keyring, n: in
     return elapsed
 
 
-async def measure(broker: LocalBroker, keyring: Keyring, size: int, n: int, home: Path) -> dict[str, float]:
+async def measure(
+    broker: LocalBroker, keyring: Keyring, size: int, n: int, home: Path
+) -> dict[str, float]:
     tag = f"b{size}"
     raw_prefix, rt_prefix = f"{tag}raw.", f"{tag}rt."
     broker.bootstrap(raw_prefix)

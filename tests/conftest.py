@@ -50,4 +50,3 @@ def env(broker: LocalBroker, tmp_path: Path) -> Env:
     keyring_path = tmp_path / "secrets" / "keyring.json"
     init_keyring_file(keyring_path)
     return Env(broker, prefix, keyring_path, Keyring.from_file(keyring_path), tmp_path)
-

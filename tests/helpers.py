@@ -112,7 +112,9 @@ class Env:
             await producer.stop()
 
     async def produce_raw(
-        self, topic: str, items: Iterable[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]]
+        self,
+        topic: str,
+        items: Iterable[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]],
     ) -> None:
         producer = AIOKafkaProducer(enable_idempotence=True, **self.kafka("admin"))
         await producer.start()
@@ -172,7 +174,9 @@ class Reader:
             await self.poll()
             return len(self.records) >= count
 
-        await wait_until(enough, timeout, f"{count} records on {self.topic} (have {len(self.records)})")
+        await wait_until(
+            enough, timeout, f"{count} records on {self.topic} (have {len(self.records)})"
+        )
         return self.records
 
     async def drain(self, quiet: float = 1.0) -> list[Any]:
@@ -216,9 +220,13 @@ class StageProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> StageProcess:
-        fh = open(self.log, "ab")  # noqa: SIM115 - handed to the child
+        fh = open(self.log, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", self.module], env=self.env, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO
+            [sys.executable, "-m", self.module],
+            env=self.env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
         )
         fh.close()
         return self

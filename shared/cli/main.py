@@ -33,6 +33,7 @@ def _quiet_clients() -> None:
     # aiokafka logs transient coordinator lookups at ERROR; the CLI reports outcomes itself.
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
+
 err = Console(stderr=True)
 
 HomeOpt = Annotated[Path, typer.Option("--home", envvar="RADSTREAM_HOME", help="stack folder")]
@@ -45,7 +46,9 @@ def _settings_for(home: Path, principal: str) -> tuple[Settings, KafkaSettings, 
     if not kafka.username:
         stack = LocalStack(home)
         if not (stack.home / "secrets" / "credentials.json").exists():
-            err.print(f"[red]no credentials: set RADSTREAM_KAFKA__* or run 'radstream stack up' ({home})")
+            err.print(
+                f"[red]no credentials: set RADSTREAM_KAFKA__* or run 'radstream stack up' ({home})"
+            )
             raise typer.Exit(2)
         kafka = stack.broker.settings_for(principal)
     keyring_path = settings.keyring_path
@@ -63,7 +66,9 @@ def stack_up(home: HomeOpt = DEFAULT_HOME) -> None:
         actions = stack.up()
     for line in actions:
         console.print(f"  [green]✓[/] {line}")
-    console.print(f"stack home: {stack.home}  ·  broker: {stack.broker.bootstrap_servers} (SASL_SSL)")
+    console.print(
+        f"stack home: {stack.home}  ·  broker: {stack.broker.bootstrap_servers} (SASL_SSL)"
+    )
 
 
 @stack_app.command("down")
@@ -88,7 +93,13 @@ def stack_status(
     console.print(f"broker {broker['bootstrap']}: {mark}")
     table = Table("service", "pid", "healthy", "ready", "metrics")
     for svc in status["services"]:
-        table.add_row(svc["name"], str(svc["pid"] or "-"), _yn(svc["healthy"]), _yn(svc["ready"]), svc["metrics"])
+        table.add_row(
+            svc["name"],
+            str(svc["pid"] or "-"),
+            _yn(svc["healthy"]),
+            _yn(svc["ready"]),
+            svc["metrics"],
+        )
     if status["services"]:
         console.print(table)
     else:
@@ -141,18 +152,28 @@ def deadletters(
     async def run() -> int:
         count = 0
         table = None if as_json or follow else Table("time", "stage", "reason", "source", "message")
-        async for item in read_topic(kafka, topic, DeadLetter, keyring, follow=follow, timeout_s=timeout):
+        async for item in read_topic(
+            kafka, topic, DeadLetter, keyring, follow=follow, timeout_s=timeout
+        ):
             count += 1
             letter = item.record
             if letter is None:
                 row = {"error": item.error, "partition": item.partition, "offset": item.offset}
-                print(json.dumps(row)) if as_json else err.print(f"[red]unreadable dead letter: {row}")
+                print(json.dumps(row)) if as_json else err.print(
+                    f"[red]unreadable dead letter: {row}"
+                )
                 continue
             if as_json:
                 print(letter.model_dump_json(exclude={"schema_version"}), flush=True)
             else:
                 source = f"{letter.source_topic}[{letter.source_partition}]@{letter.source_offset}"
-                cols = (letter.failed_at.isoformat(timespec="seconds"), letter.stage, letter.reason, source, letter.message)
+                cols = (
+                    letter.failed_at.isoformat(timespec="seconds"),
+                    letter.stage,
+                    letter.reason,
+                    source,
+                    letter.message,
+                )
                 table.add_row(*cols) if table is not None else console.print("  ".join(cols))
         if table is not None:
             console.print(table if count else "no dead letters")

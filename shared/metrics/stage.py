@@ -38,7 +38,10 @@ class StageMetrics:
             registry=registry,
         )
         self.retries = Counter(
-            "radstream_retries", "Handler retries after a retriable error", ["stage"], registry=registry
+            "radstream_retries",
+            "Handler retries after a retriable error",
+            ["stage"],
+            registry=registry,
         )
         self.deadletters = Counter(
             "radstream_deadletters",

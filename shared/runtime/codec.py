@@ -80,7 +80,8 @@ def pack(record: BaseModel) -> bytes:
     if field is None:
         return b"J" + record.model_dump_json().encode()
     body = record.model_dump_json(exclude={field}).encode()
-    return b"A" + struct.pack(">I", len(body)) + body + getattr(record, field)
+    attachment: bytes = getattr(record, field)
+    return b"A" + struct.pack(">I", len(body)) + body + attachment
 
 
 def unpack(plaintext: bytes, adapter: TypeAdapter[T]) -> T:
@@ -96,7 +97,7 @@ def unpack(plaintext: bytes, adapter: TypeAdapter[T]) -> T:
             field = getattr(record, "ATTACHMENT", None)
             if not isinstance(record, BaseModel) or field is None:
                 raise PoisonError("schema", "attachment sent for a schema that has none")
-            return record.model_copy(update={field: plaintext[5 + n :]})  # type: ignore[return-value]
+            return record.model_copy(update={field: plaintext[5 + n :]})
     except ValidationError as exc:
         raise PoisonError("schema", describe_validation_error(exc)) from None
     raise PoisonError("schema", "unknown record encoding")

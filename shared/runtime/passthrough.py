@@ -30,7 +30,9 @@ def make_spec(stage: str = "preprocess", delay_s: float = 0.0) -> StageSpec[Prob
             time.sleep(delay_s)  # stands for CPU-bound work: runs in the handler thread pool
         return probe
 
-    return StageSpec(name=stage, input_topic=src, input_type=Probe, output_topic=outs[0], handler=copy)
+    return StageSpec(
+        name=stage, input_topic=src, input_type=Probe, output_topic=outs[0], handler=copy
+    )
 
 
 def main() -> int:

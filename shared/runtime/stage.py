@@ -158,7 +158,12 @@ class StageRunner(Generic[In]):
         kafka = self.settings.kafka
         common = client_kwargs(kafka)
         await self.http.start()
-        log.info("stage %s: metrics on http://%s:%d", self.spec.name, self.settings.metrics_host, self.http.port)
+        log.info(
+            "stage %s: metrics on http://%s:%d",
+            self.spec.name,
+            self.settings.metrics_host,
+            self.http.port,
+        )
         self._consumer = AIOKafkaConsumer(
             group_id=self._group,
             client_id=f"{self.spec.name}-{socket.gethostname()}-{os.getpid()}",
@@ -204,7 +209,10 @@ class StageRunner(Generic[In]):
         try:
             await asyncio.wait_for(close(), self.settings.shutdown_timeout_s)
         except TimeoutError:
-            log.warning("stage %s: shutdown timed out; open transactions are aborted by the broker", self.spec.name)
+            log.warning(
+                "stage %s: shutdown timed out; open transactions are aborted by the broker",
+                self.spec.name,
+            )
         await self.http.stop()
         self._executor.shutdown(wait=False, cancel_futures=True)
         log.info("stage %s: stopped", self.spec.name)
@@ -263,7 +271,12 @@ class StageRunner(Generic[In]):
             if self.spec.stateful:
                 await self._restore(tp.partition, state)
             self._partitions[tp] = _Partition(tp, producer, state, next_offset)
-            log.info("stage %s: assigned partition %d at offset %d", self.spec.name, tp.partition, next_offset)
+            log.info(
+                "stage %s: assigned partition %d at offset %d",
+                self.spec.name,
+                tp.partition,
+                next_offset,
+            )
         self._consumer.resume(*fresh)
         self.metrics.assigned.labels(self.spec.name).set(len(self._partitions))
         self.metrics.rebalances.labels(self.spec.name, "assigned").inc()
@@ -280,7 +293,9 @@ class StageRunner(Generic[In]):
                 part.closed = True
                 await part.producer.stop()
             self._partitions.pop(tp, None)
-            self.metrics.lag.remove(self.spec.name, str(tp.partition)) if self._has_lag(tp) else None
+            self.metrics.lag.remove(self.spec.name, str(tp.partition)) if self._has_lag(
+                tp
+            ) else None
             log.info("stage %s: revoked partition %d", self.spec.name, tp.partition)
         self.metrics.assigned.labels(self.spec.name).set(len(self._partitions))
 
@@ -306,7 +321,9 @@ class StageRunner(Generic[In]):
                     value = self.keyring.open(rec.value, self._state_aad(rec.key))
                 state.restore(rec.key, value)
                 count += 1
-        log.info("stage %s: restored %d state records of partition %d", self.spec.name, count, partition)
+        log.info(
+            "stage %s: restored %d state records of partition %d", self.spec.name, count, partition
+        )
 
     def _state_aad(self, key: bytes) -> bytes:
         return b"\x00".join((self._changelog.encode(), key, b"radstream.state", b"1"))
@@ -325,7 +342,10 @@ class StageRunner(Generic[In]):
             for rec in records:
                 chunk.append(rec)
                 size += len(rec.value or b"")
-                if size >= self.settings.batch_max_bytes or len(chunk) >= self.settings.batch_max_records:
+                if (
+                    size >= self.settings.batch_max_bytes
+                    or len(chunk) >= self.settings.batch_max_records
+                ):
                     if not await self._transaction(part, chunk):
                         return
                     chunk, size = [], 0
@@ -354,14 +374,23 @@ class StageRunner(Generic[In]):
             await self._fenced(part)
             return False
         except KafkaError as exc:
-            log.warning("stage %s: transaction on partition %d failed (%s); redoing batch", self.spec.name, part.tp.partition, type(exc).__name__)
+            log.warning(
+                "stage %s: transaction on partition %d failed (%s); redoing batch",
+                self.spec.name,
+                part.tp.partition,
+                type(exc).__name__,
+            )
             await self._abort(part, "aborted")
             return False
         part.state.commit()
         part.next_offset = records[-1].offset + 1
-        self.metrics.transaction_seconds.labels(self.spec.name).observe(time.perf_counter() - started)
+        self.metrics.transaction_seconds.labels(self.spec.name).observe(
+            time.perf_counter() - started
+        )
         self.metrics.transactions.labels(self.spec.name, "committed").inc()
-        self.metrics.outputs.labels(self.spec.name).inc(sum(1 for o in outgoing if o[0] != self._changelog))
+        self.metrics.outputs.labels(self.spec.name).inc(
+            sum(1 for o in outgoing if o[0] != self._changelog)
+        )
         for reason in outcomes:
             if reason is None:
                 self.metrics.messages.labels(self.spec.name, "ok").inc()
@@ -369,12 +398,16 @@ class StageRunner(Generic[In]):
                 self.metrics.dead_letter(reason)
         return True
 
-    async def _commit(self, part: _Partition, outgoing: list[Outgoing], offsets: dict[TopicPartition, int]) -> None:
+    async def _commit(
+        self, part: _Partition, outgoing: list[Outgoing], offsets: dict[TopicPartition, int]
+    ) -> None:
         producer = part.producer
         await producer.begin_transaction()
         try:
             futures = [
-                await producer.send(topic, value=value, key=key, headers=headers, partition=partition)
+                await producer.send(
+                    topic, value=value, key=key, headers=headers, partition=partition
+                )
                 for topic, key, value, headers, partition in outgoing
             ]
             if futures:
@@ -388,10 +421,17 @@ class StageRunner(Generic[In]):
         part.state.abort()
         self.metrics.transactions.labels(self.spec.name, outcome).inc()
         try:
-            if part.producer._txn_manager is not None and part.producer._txn_manager.is_in_transaction():
+            if (
+                part.producer._txn_manager is not None
+                and part.producer._txn_manager.is_in_transaction()
+            ):
                 await part.producer.abort_transaction()
         except KafkaError as exc:
-            log.warning("stage %s: abort failed (%s); recreating producer", self.spec.name, type(exc).__name__)
+            log.warning(
+                "stage %s: abort failed (%s); recreating producer",
+                self.spec.name,
+                type(exc).__name__,
+            )
             await self._reopen(part)
         assert self._consumer is not None
         if not part.closed:
@@ -413,7 +453,11 @@ class StageRunner(Generic[In]):
 
     async def _fenced(self, part: _Partition) -> None:
         """Another instance owns this partition now: drop our work and stop consuming it."""
-        log.warning("stage %s: producer for partition %d fenced; pausing it", self.spec.name, part.tp.partition)
+        log.warning(
+            "stage %s: producer for partition %d fenced; pausing it",
+            self.spec.name,
+            part.tp.partition,
+        )
         part.state.abort()
         part.closed = True
         self.metrics.transactions.labels(self.spec.name, "fenced").inc()
@@ -428,7 +472,9 @@ class StageRunner(Generic[In]):
             out.append((self._changelog, key, sealed, [], part.tp.partition))
         return out
 
-    def _handle_chunk(self, part: _Partition, records: list[Any]) -> list[tuple[list[Outgoing], str | None]]:
+    def _handle_chunk(
+        self, part: _Partition, records: list[Any]
+    ) -> list[tuple[list[Outgoing], str | None]]:
         """Runs in a handler thread. Raises _Stopping if shutdown interrupts a retry wait."""
         out = []
         for rec in records:
@@ -458,13 +504,17 @@ class StageRunner(Generic[In]):
             t0 = time.perf_counter()
             try:
                 result = self._call(record, ctx)
-                self.metrics.handler_seconds.labels(self.spec.name).observe(time.perf_counter() - t0)
+                self.metrics.handler_seconds.labels(self.spec.name).observe(
+                    time.perf_counter() - t0
+                )
                 return self._outputs(result, rec.key), None
             except RetriableError as exc:
                 part.state.rollback(savepoint)
                 if attempt >= self.settings.retry_attempts:
                     msg = f"gave up after {attempt} attempts: {exc}"
-                    return [self._dead_letter(rec, "retries_exhausted", msg, attempt)], "retries_exhausted"
+                    return [
+                        self._dead_letter(rec, "retries_exhausted", msg, attempt)
+                    ], "retries_exhausted"
                 self.metrics.retries.labels(self.spec.name).inc()
                 if self._stopping.wait(delay):
                     raise _Stopping() from None
@@ -475,7 +525,13 @@ class StageRunner(Generic[In]):
             except Exception as exc:  # noqa: BLE001 - a handler bug must not kill the stage
                 part.state.rollback(savepoint)
                 where = _where(exc)
-                log.error("stage %s: handler raised %s at %s (offset %d)", self.spec.name, type(exc).__name__, where, rec.offset)
+                log.error(
+                    "stage %s: handler raised %s at %s (offset %d)",
+                    self.spec.name,
+                    type(exc).__name__,
+                    where,
+                    rec.offset,
+                )
                 msg = f"unexpected {type(exc).__name__} in handler at {where}"
                 return [self._dead_letter(rec, "handler_error", msg, attempt)], "handler_error"
 
@@ -498,14 +554,23 @@ class StageRunner(Generic[In]):
                 record = item.record
             else:
                 if self.spec.output_topic is None:
-                    raise PoisonError("handler_error", "handler returned a record but the stage has no output topic")
+                    raise PoisonError(
+                        "handler_error",
+                        "handler returned a record but the stage has no output topic",
+                    )
                 topic, key, record = self.settings.topic(self.spec.output_topic), in_key, item
             value, headers = self.codec.encode(topic, key, record)
             out.append((topic, key, value, headers, None))
         return out
 
     def _dead_letter(self, rec: Any, reason: str, message: str, attempts: int) -> Outgoing:
-        log.warning("stage %s: dead letter %s (partition %d offset %d)", self.spec.name, reason, rec.partition, rec.offset)
+        log.warning(
+            "stage %s: dead letter %s (partition %d offset %d)",
+            self.spec.name,
+            reason,
+            rec.partition,
+            rec.offset,
+        )
         letter = DeadLetter(
             stage=self.spec.name,
             reason=reason,
@@ -530,7 +595,15 @@ class StageRunner(Generic[In]):
             async with part.lock:
                 if part.closed:
                     continue
-                ctx = Context(self._input, part.tp.partition, part.next_offset, None, 0, part.state, self.keyring)
+                ctx = Context(
+                    self._input,
+                    part.tp.partition,
+                    part.next_offset,
+                    None,
+                    0,
+                    part.state,
+                    self.keyring,
+                )
                 result = self.spec.tick(ctx, time.time())
                 outgoing = self._outputs(result, None) + self._state_changes(part)
                 if not outgoing:

@@ -52,7 +52,9 @@ def _write_secret(path: Path, text: str) -> None:
     os.chmod(path, 0o600)
 
 
-def spawn_detached(argv: list[str], log_file: Path, env: dict[str, str] | None = None) -> tuple[int, int]:
+def spawn_detached(
+    argv: list[str], log_file: Path, env: dict[str, str] | None = None
+) -> tuple[int, int]:
     """Start a long-running process in its own session, output appended to ``log_file``.
 
     Returns (pid, log offset at start). Uses posix_spawn rather than Popen: the process is
@@ -281,7 +283,12 @@ class LocalBroker:
         for name, pw in self.credentials().items():
             scram += ["--add-scram", f"SCRAM-SHA-512=[name={name},password={pw}]"]
         cmd = self._java(
-            "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}", "-c", str(props), *scram
+            "kafka.tools.StorageTool",
+            "format",
+            f"--cluster-id={cluster_id}",
+            "-c",
+            str(props),
+            *scram,
         )
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if res.returncode != 0:

@@ -116,7 +116,9 @@ class LocalStack:
                     "PYTHONUNBUFFERED": "1",
                 }
             )
-            pid, _ = spawn_detached([sys.executable, "-m", svc.module], self.log_file(svc.name), env)
+            pid, _ = spawn_detached(
+                [sys.executable, "-m", svc.module], self.log_file(svc.name), env
+            )
             self._pid_file(svc).parent.mkdir(parents=True, exist_ok=True)
             self._pid_file(svc).write_text(str(pid))
             actions.append(f"{svc.name} started (pid {pid})")
@@ -170,7 +172,7 @@ class LocalStack:
 
 def _http_ok(port: int, path: str) -> bool:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1) as r:  # noqa: S310
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1) as r:
             return bool(r.status == 200)
     except OSError:
         return False

@@ -75,7 +75,9 @@ def topics(partitions: int) -> list[tuple[str, int, str]]:
     out = [(name, partitions, cfg) for name, cfg in TOPIC_CONFIG.items()]
     for stage in STAGES:
         # Changelog of the stage's keyed state: compacted, co-partitioned with its input.
-        out.append((f"{stage}.state", partitions, "cleanup.policy=compact,max.message.bytes=16777216"))
+        out.append(
+            (f"{stage}.state", partitions, "cleanup.policy=compact,max.message.bytes=16777216")
+        )
     return out
 
 

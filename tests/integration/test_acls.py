@@ -92,7 +92,9 @@ async def test_stage_uses_only_its_group_and_transactional_ids(env: Env) -> None
         produce(env, "ingest", "series", transactional_id=env.topic("preprocess.0")),
         TransactionalIdAuthorizationFailed,
     )
-    await denied(consume(env, "ingest", "instances", group="preprocess"), GroupAuthorizationFailedError)
+    await denied(
+        consume(env, "ingest", "instances", group="preprocess"), GroupAuthorizationFailedError
+    )
     await denied(consume(env, "preprocess", "instances"), TopicAuthorizationFailedError)
 
 
@@ -109,7 +111,9 @@ async def test_alert_consumer_reads_alerts_only(env: Env) -> None:
     for topic in ("instances", "series", "volumes", "findings"):
         await denied(consume(env, "alert-consumer", topic), TopicAuthorizationFailedError)
     await denied(produce(env, "alert-consumer", "alerts"), TopicAuthorizationFailedError)
-    await denied(consume(env, "alert-consumer", "alerts", group="alert"), GroupAuthorizationFailedError)
+    await denied(
+        consume(env, "alert-consumer", "alerts", group="alert"), GroupAuthorizationFailedError
+    )
 
 
 async def test_operator_reads_but_does_not_write(env: Env) -> None:

@@ -19,14 +19,22 @@ pytestmark = pytest.mark.integration
 CLI = str(REPO / ".venv" / "bin" / "radstream")
 
 
-def run_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([CLI, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False)
+def run_cli(
+    args: list[str], env: dict[str, str], timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [CLI, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 async def test_deadletters_json_lists_reason_and_source(env: Env, tmp_path: Path) -> None:
-    stage = StageProcess(env.service_env("preprocess"), "shared.runtime.passthrough", tmp_path / "s.log").start()
+    stage = StageProcess(
+        env.service_env("preprocess"), "shared.runtime.passthrough", tmp_path / "s.log"
+    ).start()
     try:
-        await env.produce("series", [(b"k", Probe(id=str(i), seq=i, poison=i == 1)) for i in range(3)])
+        await env.produce(
+            "series", [(b"k", Probe(id=str(i), seq=i, poison=i == 1)) for i in range(3)]
+        )
         async with Reader(env, "deadletter", DeadLetter) as dlq:
             await dlq.wait_for(1)
     finally:

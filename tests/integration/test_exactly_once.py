@@ -18,12 +18,16 @@ MODULE = "shared.runtime.passthrough"
 
 
 def inputs(n: int) -> list[tuple[bytes, Probe]]:
-    return [(f"series-{i % 40}".encode(), Probe(id=f"m{i}", seq=i, payload=b"x" * 64)) for i in range(n)]
+    return [
+        (f"series-{i % 40}".encode(), Probe(id=f"m{i}", seq=i, payload=b"x" * 64)) for i in range(n)
+    ]
 
 
 def stage(env: Env, tmp: Path, name: str, delay: str) -> StageProcess:
     return StageProcess(
-        env.service_env("preprocess", RADSTREAM_PASSTHROUGH_DELAY_S=delay, RADSTREAM_SESSION_TIMEOUT_S="6"),
+        env.service_env(
+            "preprocess", RADSTREAM_PASSTHROUGH_DELAY_S=delay, RADSTREAM_SESSION_TIMEOUT_S="6"
+        ),
         MODULE,
         tmp / f"{name}.log",
     )
@@ -68,7 +72,7 @@ async def test_sigkill_and_rebalance_lose_and_duplicate_nothing(env: Env, tmp_pa
         if set(seqs) != set(range(n)):
             async with Reader(env, "series", Probe) as src:
                 await src.wait_for(n)
-                where = {p.seq: (r.partition, r.offset) for r, p in zip(src.raw, src.records)}
+                where = {p.seq: (r.partition, r.offset) for r, p in zip(src.raw, src.records, strict=True)}
             missing = sorted(set(range(n)) - set(seqs))
             # diagnostic for a failure: which input partitions/offsets went missing
             print("missing (partition, offset):", [where[m] for m in missing][:50])
@@ -109,7 +113,7 @@ def test_stage_process_serves_readyz(env: Env, tmp_path: Path) -> None:
 
     def ready() -> bool:
         try:
-            with urllib.request.urlopen(url, timeout=1) as r:  # noqa: S310 - loopback
+            with urllib.request.urlopen(url, timeout=1) as r:
                 return bool(r.status == 200)
         except OSError:
             return False

@@ -37,7 +37,9 @@ def key(i: int) -> bytes:
     return f"series-{i % 3}".encode()
 
 
-async def test_poison_goes_to_dead_letter_and_stage_moves_on(env: Env, stage: StageRunner[Probe]) -> None:
+async def test_poison_goes_to_dead_letter_and_stage_moves_on(
+    env: Env, stage: StageRunner[Probe]
+) -> None:
     probes = [Probe(id=f"p{i}", seq=i, poison=(i == 3)) for i in range(8)]
     await env.produce("series", [(b"same-series", p) for p in probes])
     async with Reader(env, "volumes", Probe) as out, Reader(env, "deadletter", DeadLetter) as dlq:
@@ -53,7 +55,9 @@ async def test_poison_goes_to_dead_letter_and_stage_moves_on(env: Env, stage: St
         assert dlq.raw[0].key == b"same-series"
 
 
-async def test_tampered_and_foreign_envelopes_are_rejected(env: Env, stage: StageRunner[Probe]) -> None:
+async def test_tampered_and_foreign_envelopes_are_rejected(
+    env: Env, stage: StageRunner[Probe]
+) -> None:
     codec = env.codec
     topic = env.topic("series")
     good_v, good_h = codec.encode(topic, b"k", Probe(id="good", seq=0))
@@ -115,7 +119,9 @@ async def test_rotated_out_key_still_decrypts(env: Env, stage: StageRunner[Probe
 
 
 async def test_metrics_and_readiness(env: Env, stage: StageRunner[Probe]) -> None:
-    await env.produce("series", [(key(i), Probe(id=str(i), seq=i, poison=i == 0)) for i in range(5)])
+    await env.produce(
+        "series", [(key(i), Probe(id=str(i), seq=i, poison=i == 0)) for i in range(5)]
+    )
     async with Reader(env, "volumes", Probe) as out:
         await out.wait_for(4)
     base = f"http://127.0.0.1:{stage.http.port}"

@@ -32,7 +32,9 @@ def test_union_topic_models() -> None:
         assert codec.decode("radstream.instances", b"k", value, headers, adapter) == record
 
 
-def _sealed_json(codec: Codec, body: bytes, schema: bytes = b"radstream.probe") -> tuple[bytes, list[tuple[str, bytes]]]:
+def _sealed_json(
+    codec: Codec, body: bytes, schema: bytes = b"radstream.probe"
+) -> tuple[bytes, list[tuple[str, bytes]]]:
     from shared.runtime.codec import aad
 
     return codec.keyring.seal(b"J" + body, aad(TOPIC, b"k", schema, b"1")), [
@@ -61,4 +63,12 @@ def test_invalid_records_are_poison_without_echoing_input(body: bytes) -> None:
 
 def test_dead_letter_reason_codes_are_bounded() -> None:
     with pytest.raises(ValueError):
-        DeadLetter(stage="x", reason="Free text!", message="m", source_topic="t", source_partition=0, source_offset=0, attempts=1)
+        DeadLetter(
+            stage="x",
+            reason="Free text!",
+            message="m",
+            source_topic="t",
+            source_partition=0,
+            source_offset=0,
+            attempts=1,
+        )

@@ -28,7 +28,9 @@ def test_each_stage_writes_only_its_outputs_and_owns_its_ids() -> None:
     for stage, (src, outs) in STAGES.items():
         g = grants(stage)
         writes = {name for (rtype, _, name, op) in g if rtype == "TOPIC" and op == "WRITE"}
-        assert writes == {f"radstream.{t}" for t in (*outs, "deadletter", "audit", f"{stage}.state")}
+        assert writes == {
+            f"radstream.{t}" for t in (*outs, "deadletter", "audit", f"{stage}.state")
+        }
         reads = {name for (rtype, _, name, op) in g if rtype == "TOPIC" and op == "READ"}
         assert reads == {f"radstream.{src}", f"radstream.{stage}.state"}
         assert ("TRANSACTIONAL_ID", "PREFIXED", f"radstream.{stage}.", "WRITE") in g
