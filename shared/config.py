@@ -24,6 +24,34 @@ class KafkaSettings(BaseModel):
     max_message_bytes: int = Field(8 * 1024 * 1024, description="largest record sent or fetched")
 
 
+class IngestSettings(BaseModel):
+    """``RADSTREAM_INGEST__*``: series assembly and instance validation."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    inactivity_timeout_s: float = Field(30.0, description="complete a series with no marker")
+    late_quiet_s: float = Field(5.0, description="quiet time before a late revision is sent")
+    retention_s: float = Field(86400.0, description="forget a completed series after this")
+    max_instance_bytes: int = Field(64 * 1024 * 1024, description="largest instance accepted")
+    max_sequence_depth: int = Field(12, description="deepest sequence nesting accepted")
+
+
+class GatewaySettings(BaseModel):
+    """``RADSTREAM_GATEWAY__*``: the DICOM C-STORE gateway."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ae_title: str = Field("RADSTREAM", max_length=16, description="our AE title")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(11112, description="DICOM port")
+    allowed_ae_titles: str = Field("", description="comma-separated calling AE titles allowed")
+    allowed_addresses: str = Field("", description="comma-separated peer IPs allowed (empty: any)")
+    tls_cert: Path | None = Field(None, description="PEM certificate: require DICOM TLS")
+    tls_key: Path | None = Field(None, description="PEM private key for tls_cert")
+    source: str = Field("gateway", max_length=64, description="source name put on instances")
+    ack_timeout_s: float = Field(30.0, description="longest wait for Kafka before failing")
+
+
 class Settings(BaseSettings):
     """Everything a RadStream process needs; secrets are ``SecretStr`` and never logged."""
 
@@ -35,6 +63,9 @@ class Settings(BaseSettings):
     topic_prefix: str = Field("radstream.", description="prefix of every topic, group, txn id")
     keyring_file: Path | None = Field(None, description="keyring JSON; default <home>/secrets")
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    blob_dir: Path | None = Field(None, description="local blob store; default <home>/blobs")
     metrics_host: str = Field("127.0.0.1", description="address of /metrics, /healthz, /readyz")
     metrics_port: int = Field(0, description="port of the HTTP endpoint; 0 picks a free one")
     batch_max_records: int = Field(500, description="records handled per transaction at most")
@@ -50,6 +81,10 @@ class Settings(BaseSettings):
     def topic(self, name: str) -> str:
         """Full topic name for a logical topic (``series`` → ``radstream.series``)."""
         return f"{self.topic_prefix}{name}"
+
+    @property
+    def blob_path(self) -> Path:
+        return self.blob_dir or self.home / "blobs"
 
     @property
     def keyring_path(self) -> Path:

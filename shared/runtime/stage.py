@@ -51,12 +51,13 @@ In = TypeVar("In")
 class Emit:
     """An output to a topic other than the stage's default, or under another key.
 
-    ``key`` is the identity to hash (e.g. a SeriesInstanceUID); ``None`` keeps the input key.
+    ``key`` is the identity to hash (e.g. a SeriesInstanceUID), or ``bytes`` already hashed
+    (e.g. a state key); ``None`` keeps the input key.
     """
 
     topic: str
     record: BaseModel
-    key: str | None = None
+    key: str | bytes | None = None
 
 
 HandlerResult = BaseModel | Emit | Sequence[BaseModel | Emit] | None
@@ -550,7 +551,12 @@ class StageRunner(Generic[In]):
         for item in items:
             if isinstance(item, Emit):
                 topic = self.settings.topic(item.topic)
-                key = in_key if item.key is None else self.keyring.keyed_hash(item.key)
+                if item.key is None:
+                    key = in_key
+                elif isinstance(item.key, bytes):
+                    key = item.key
+                else:
+                    key = self.keyring.keyed_hash(item.key)
                 record = item.record
             else:
                 if self.spec.output_topic is None:

@@ -61,6 +61,16 @@ class EndOfSeries(Record):
     expected_count: int = Field(ge=0, le=100_000, description="instances sent in this series")
 
 
+class InstanceRef(BaseModel):
+    """One accepted instance of a series: where its bytes are and where it sits."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    blob: BlobRef
+    sop_instance_uid: Uid
+    instance_number: int | None = None
+    position: tuple[float, float, float] | None = Field(None, description="ImagePositionPatient")
+
+
 class SeriesReady(Record):
     """``series``: ingest assembled a complete series revision."""
 
@@ -69,9 +79,18 @@ class SeriesReady(Record):
     series_instance_uid: Uid
     revision: int = Field(ge=1, description="1 for the first completion, +1 per late change")
     modality: str = Field(max_length=16)
-    instances: list[BlobRef] = Field(description="accepted instances, ordered by position")
+    body_part: str | None = Field(None, max_length=16, description="BodyPartExamined")
+    instances: list[InstanceRef] = Field(description="accepted instances, ordered by position")
     instance_count: int = Field(ge=0)
-    completed_by: Literal["marker", "timeout"] = Field(description="what closed the series")
+    expected_count: int | None = Field(None, description="count the end-of-series marker gave")
+    completed_by: Literal["marker", "timeout", "late"] = Field(description="what closed it")
+    rows: int = Field(0, ge=0)
+    columns: int = Field(0, ge=0)
+    pixel_spacing_mm: tuple[float, float] | None = None
+    slice_thickness_mm: float | None = None
+    orientation: tuple[float, float, float, float, float, float] | None = None
+    acquired_at: str | None = Field(None, max_length=32, description="DICOM date+time of acquisition")
+    first_received_at: datetime = Field(description="when ingest accepted the first instance")
     last_published_at: datetime = Field(description="publish time of the last instance")
     ready_at: datetime = Field(default_factory=utcnow)
 

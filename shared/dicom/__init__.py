@@ -1,0 +1,1 @@
+"""DICOM at the boundary: safe reading, phantoms, SEG/SR writing."""

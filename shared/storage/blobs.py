@@ -1,0 +1,134 @@
+"""Encrypted, content-addressed blob store.
+
+An object is addressed by the SHA-256 of its plaintext; on disk its name is a keyed hash of
+that digest (so a file name never confirms content), its bytes an AES-256-GCM envelope whose
+associated data is the digest. Writes are atomic (temp file, fsync, rename, fsync of the
+folder) and idempotent: writing the same content twice stores it once. Reads verify both the
+envelope and the digest.
+
+The backend is a small interface (put/get/exists/delete of opaque names), a local directory by
+default; an object-storage backend implements the same four calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from shared.schemas import BlobRef
+from shared.security.envelope import EnvelopeError, Keyring
+
+
+class BlobError(Exception):
+    """A blob is missing, or failed its integrity check."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+class BlobBackend(ABC):
+    @abstractmethod
+    def put(self, name: str, data: bytes) -> bool:
+        """Store ``data`` under ``name`` atomically; False if it already existed."""
+
+    @abstractmethod
+    def get(self, name: str) -> bytes: ...
+
+    @abstractmethod
+    def exists(self, name: str) -> bool: ...
+
+    @abstractmethod
+    def delete(self, name: str) -> None: ...
+
+
+class LocalDirBackend(BlobBackend):
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def _path(self, name: str) -> Path:
+        if not name.isalnum():
+            raise ValueError("blob names are alphanumeric")
+        return self.root / name[:2] / name
+
+    def put(self, name: str, data: bytes) -> bool:
+        path = self._path(name)
+        if path.exists():
+            return False
+        path.parent.mkdir(exist_ok=True, mode=0o700)
+        tmp = path.parent / f".{name}.{secrets.token_hex(4)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        return True
+
+    def get(self, name: str) -> bytes:
+        try:
+            return self._path(name).read_bytes()
+        except FileNotFoundError:
+            raise BlobError("blob_missing", "no such blob") from None
+
+    def exists(self, name: str) -> bool:
+        return self._path(name).exists()
+
+    def delete(self, name: str) -> None:
+        self._path(name).unlink(missing_ok=True)
+
+    def usage(self) -> tuple[int, int]:
+        """(objects, bytes) stored."""
+        count = size = 0
+        for path in self.root.glob("??/*"):
+            if not path.name.startswith("."):
+                count += 1
+                size += path.stat().st_size
+        return count, size
+
+
+class BlobStore:
+    def __init__(self, backend: BlobBackend, keyring: Keyring) -> None:
+        self.backend = backend
+        self.keyring = keyring
+
+    def _name(self, digest: str) -> str:
+        return self.keyring.keyed_hash("blob:" + digest).decode()
+
+    def put(self, data: bytes) -> BlobRef:
+        digest = hashlib.sha256(data).hexdigest()
+        name = self._name(digest)
+        if self.backend.exists(name):
+            kid = self._stored_key_id(name)
+        else:
+            sealed = self.keyring.seal(data, digest.encode())
+            self.backend.put(name, sealed)
+            kid = self.keyring.active_key_id
+        return BlobRef(digest=digest, size=len(data), key_id=kid)
+
+    def _stored_key_id(self, name: str) -> str:
+        head = self.backend.get(name)[:64]
+        return head[5 : 5 + head[4]].decode("ascii", "replace") if len(head) > 5 else ""
+
+    def get(self, ref: BlobRef) -> bytes:
+        sealed = self.backend.get(self._name(ref.digest))
+        try:
+            data = self.keyring.open(sealed, ref.digest.encode())
+        except EnvelopeError as exc:
+            raise BlobError("blob_integrity", str(exc)) from None
+        if hashlib.sha256(data).hexdigest() != ref.digest or len(data) != ref.size:
+            raise BlobError("blob_integrity", "content does not match its digest")
+        return data
