@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from shared.config import Settings
@@ -43,11 +44,13 @@ async def _serve(runner: StageRunner[Any]) -> None:
     await runner.run()
 
 
-def run_stage(spec: StageSpec[Any], settings: Settings | None = None) -> int:
+def run_stage(
+    spec: StageSpec[Any] | Callable[[Keyring], StageSpec[Any]], settings: Settings | None = None
+) -> int:
     """Run one stage until SIGTERM/SIGINT; returns the process exit code."""
     configure_logging()
     settings = settings or Settings()
     keyring = Keyring.from_file(settings.keyring_path)
-    runner = StageRunner(spec, settings, keyring)
+    runner = StageRunner(spec if isinstance(spec, StageSpec) else spec(keyring), settings, keyring)
     asyncio.run(_serve(runner))
     return 0

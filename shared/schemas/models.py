@@ -71,6 +71,10 @@ class InstanceRef(BaseModel):
     position: tuple[float, float, float] | None = Field(None, description="ImagePositionPatient")
 
 
+InstancesRecord = Annotated[InstanceData | EndOfSeries, Field(discriminator="kind")]
+"""What the ``instances`` topic carries."""
+
+
 class SeriesReady(Record):
     """``series``: ingest assembled a complete series revision."""
 
