@@ -203,4 +203,11 @@ def order_instances(refs: list[InstanceRef], orientation: list[float] | None) ->
             return (p[0] * normal[0] + p[1] * normal[1] + p[2] * normal[2], ref.sop_instance_uid)
 
         return sorted(refs, key=along)
-    return sorted(refs, key=lambda ref: (ref.instance_number is None, ref.instance_number or 0, ref.sop_instance_uid))
+    return sorted(
+        refs,
+        key=lambda ref: (
+            ref.instance_number is None,
+            ref.instance_number or 0,
+            ref.sop_instance_uid,
+        ),
+    )

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import sys
 
+from services.ingest.core import IngestCore
 from shared.config import Settings
 from shared.runtime.service import run_stage
 from shared.runtime.stage import StageSpec
 from shared.schemas import EndOfSeries, InstanceData, InstancesRecord
 from shared.security.envelope import Keyring
 from shared.storage import BlobStore, LocalDirBackend
-from services.ingest.core import IngestCore
 
 
 def build(settings: Settings, keyring: Keyring) -> StageSpec[InstanceData | EndOfSeries]:

@@ -190,7 +190,13 @@ def publish(
 ) -> None:
     """Publish DICOM files as a scanner: one instance per message, then an end-of-series
     marker per series. Files are sent as they are; ingest judges them."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     from shared.ingress.publisher import Publisher, PublishError
 
@@ -211,15 +217,24 @@ def publish(
     async def run() -> tuple[int, int, int]:
         failed = 0
         per_series: dict[str, int] = {}
-        async with Publisher(kafka, keyring, source=source, topic=settings.topic("instances")) as pub:
+        async with Publisher(
+            kafka, keyring, source=source, topic=settings.topic("instances")
+        ) as pub:
             with Progress(
-                TextColumn("publishing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                TextColumn("publishing"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
                 console=err,
             ) as progress:
                 task = progress.add_task("publish", total=len(files))
                 groups: dict[str | None, list[Path]] = {}
                 for f in files:
-                    uid = pub.key_for(f.read_bytes()[: 1 << 20] if f.stat().st_size > (64 << 20) else f.read_bytes())[0]
+                    uid = pub.key_for(
+                        f.read_bytes()[: 1 << 20]
+                        if f.stat().st_size > (64 << 20)
+                        else f.read_bytes()
+                    )[0]
                     groups.setdefault(uid, []).append(f)
                 for uid, group in groups.items():
                     sent = 0
@@ -241,7 +256,10 @@ def publish(
         return len(files) - failed, len(per_series), failed
 
     ok, series, failed = asyncio.run(run())
-    console.print(f"published {ok} instance(s) in {series} series" + (f", [red]{failed} failed" if failed else ""))
+    console.print(
+        f"published {ok} instance(s) in {series} series"
+        + (f", [red]{failed} failed" if failed else "")
+    )
     if failed:
         raise typer.Exit(1)
 
@@ -253,8 +271,12 @@ def phantom_cmd(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     size: Annotated[int, typer.Option("--size", help="rows = columns, 128 to 512")] = 256,
     slices: Annotated[int, typer.Option("--slices")] = 64,
-    nodules: Annotated[str, typer.Option("--nodules", help="chest: diameters in mm, e.g. 6,10")] = "8,12",
-    bleed_ml: Annotated[float, typer.Option("--bleed-ml", help="head: haemorrhage volume, 0 for none")] = 5.0,
+    nodules: Annotated[
+        str, typer.Option("--nodules", help="chest: diameters in mm, e.g. 6,10")
+    ] = "8,12",
+    bleed_ml: Annotated[
+        float, typer.Option("--bleed-ml", help="head: haemorrhage volume, 0 for none")
+    ] = 5.0,
 ) -> None:
     """Write a synthetic study with known ground truth (DICOM series + truth.npz)."""
     from shared.dicom import phantom

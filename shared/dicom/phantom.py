@@ -17,9 +17,20 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-HU = {"air": -1000, "lung": -850, "fat": -100, "soft": 40, "blood": 65, "brain": 35, "csf": 5, "bone": 1000, "nodule": 30, "vessel": 45}
+HU = {
+    "air": -1000,
+    "lung": -850,
+    "fat": -100,
+    "soft": 40,
+    "blood": 65,
+    "brain": 35,
+    "csf": 5,
+    "bone": 1000,
+    "nodule": 30,
+    "vessel": 45,
+}
 DIGITAL_XRAY = "1.2.840.10008.5.1.4.1.1.1.1"
 
 
@@ -37,13 +48,20 @@ class Phantom:
     bleed_ml: float = 0.0
 
 
+def _save_truth(out: Path, truth: dict[str, np.ndarray], spacing: np.ndarray) -> None:
+    arrays: dict[str, np.ndarray] = {**truth, "spacing": spacing}
+    np.savez_compressed(out / "truth.npz", **arrays)  # type: ignore[arg-type]
+
+
 def _uid(seed: int, what: str) -> str:
     return str(generate_uid(entropy_srcs=[f"radstream-phantom-{seed}-{what}"]))
 
 
-def _base(kind: str, seed: int, study_uid: str, series_uid: str, modality: str, sop_class: str) -> FileDataset:
+def _base(
+    kind: str, seed: int, study_uid: str, series_uid: str, modality: str, sop_class: str
+) -> FileDataset:
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPClassUID = UID(sop_class)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset("", {}, file_meta=meta, preamble=b"\0" * 128)
     when = dt.datetime(2026, 1, 1, 8, 0, 0) + dt.timedelta(minutes=seed % 600)
@@ -75,8 +93,16 @@ def _base(kind: str, seed: int, study_uid: str, series_uid: str, modality: str, 
 
 
 def _write_ct_series(
-    kind: str, out: Path, seed: int, slices: Iterator[np.ndarray], n: int, size: int,
-    spacing_xy: float, thickness: float, body_part: str, window: tuple[int, int],
+    kind: str,
+    out: Path,
+    seed: int,
+    slices: Iterator[np.ndarray],
+    n: int,
+    size: int,
+    spacing_xy: float,
+    thickness: float,
+    body_part: str,
+    window: tuple[int, int],
 ) -> tuple[str, str, list[Path]]:
     out.mkdir(parents=True, exist_ok=True)
     study_uid, series_uid = _uid(seed, f"{kind}-study"), _uid(seed, f"{kind}-series")
@@ -85,7 +111,7 @@ def _write_ct_series(
     for i, hu in enumerate(slices):
         ds = _base(kind, seed, study_uid, series_uid, "CT", CTImageStorage)
         sop = _uid(seed, f"{kind}-sop-{i}")
-        ds.file_meta.MediaStorageSOPInstanceUID = sop
+        ds.file_meta.MediaStorageSOPInstanceUID = UID(sop)
         ds.SOPInstanceUID = sop
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.BodyPartExamined = body_part
@@ -93,7 +119,11 @@ def _write_ct_series(
         ds.SliceThickness = thickness
         ds.SpacingBetweenSlices = thickness
         ds.InstanceNumber = i + 1
-        ds.ImagePositionPatient = [-(size - 1) * spacing_xy / 2, -(size - 1) * spacing_xy / 2, z0 + i * thickness]
+        ds.ImagePositionPatient = [
+            -(size - 1) * spacing_xy / 2,
+            -(size - 1) * spacing_xy / 2,
+            z0 + i * thickness,
+        ]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.SliceLocation = z0 + i * thickness
         ds.PixelSpacing = [spacing_xy, spacing_xy]
@@ -111,8 +141,15 @@ def _write_ct_series(
 
 
 def chest_ct(
-    out: Path, *, seed: int = 0, size: int = 256, slices: int = 64, spacing_xy: float | None = None,
-    thickness: float = 2.5, nodules_mm: tuple[float, ...] = (8.0, 12.0), noise: float = 15.0,
+    out: Path,
+    *,
+    seed: int = 0,
+    size: int = 256,
+    slices: int = 64,
+    spacing_xy: float | None = None,
+    thickness: float = 2.5,
+    nodules_mm: tuple[float, ...] = (8.0, 12.0),
+    noise: float = 15.0,
 ) -> Phantom:
     """Chest CT: body, fat, left/right lungs, vessels, spine, spherical nodules in the lungs."""
     rng = np.random.default_rng(seed)
@@ -125,7 +162,10 @@ def chest_ct(
     # geometry in mm
     body_a, body_b = 160.0, 115.0
     lung_a, lung_b, lung_off = 55.0, 80.0, 70.0
-    truth = {k: np.zeros((slices, size, size), bool) for k in ("body", "lung_left", "lung_right", "nodules")}
+    truth = {
+        k: np.zeros((slices, size, size), bool)
+        for k in ("body", "lung_left", "lung_right", "nodules")
+    }
     nodules = []
     for i, d in enumerate(nodules_mm):
         side = 1 if i % 2 == 0 else -1
@@ -135,10 +175,20 @@ def chest_ct(
             oy = rng.uniform(-(lung_b - r - 8), lung_b - r - 8)
             ox = rng.uniform(-(lung_a - r - 8), lung_a - r - 8)
             oz = rng.uniform(-(half_z * 0.6 - r), half_z * 0.6 - r) if half_z * 0.6 > r else 0.0
-            if (ox / (lung_a - r - 4)) ** 2 + (oy / (lung_b - r - 4)) ** 2 + (oz / half_z) ** 2 < 0.8:
+            if (ox / (lung_a - r - 4)) ** 2 + (oy / (lung_b - r - 4)) ** 2 + (
+                oz / half_z
+            ) ** 2 < 0.8:
                 break
         nodules.append((cx * sxy + side * lung_off + ox, cy * sxy + oy, zmid + oz, r))
-    vessels = [(cx * sxy + s * (lung_off + rng.uniform(-20, 20)), cy * sxy + rng.uniform(-40, 40), rng.uniform(2.0, 3.5)) for s in (1, -1) for _ in range(3)]
+    vessels = [
+        (
+            cx * sxy + s * (lung_off + rng.uniform(-20, 20)),
+            cy * sxy + rng.uniform(-40, 40),
+            rng.uniform(2.0, 3.5),
+        )
+        for s in (1, -1)
+        for _ in range(3)
+    ]
 
     def gen() -> Iterator[np.ndarray]:
         for k in range(slices):
@@ -154,7 +204,11 @@ def chest_ct(
             for name, side in (("lung_right", -1), ("lung_left", 1)):
                 # patient's left is image right (+x) in the standard axial view
                 a, b = lung_a * np.sqrt(taper), lung_b * np.sqrt(taper)
-                m = ((xm - side * lung_off) / max(a, 1e-3)) ** 2 + (ym / max(b, 1e-3)) ** 2 <= 1 if taper > 0 else np.zeros_like(body)
+                m = (
+                    ((xm - side * lung_off) / max(a, 1e-3)) ** 2 + (ym / max(b, 1e-3)) ** 2 <= 1
+                    if taper > 0
+                    else np.zeros_like(body)
+                )
                 img[m] = HU["lung"]
                 lungs[name] = m
             spine = ((xm) / 18) ** 2 + ((ym - 85) / 18) ** 2 <= 1
@@ -175,14 +229,23 @@ def chest_ct(
             truth["nodules"][k] = nod
             yield img + rng.normal(0, noise, img.shape).astype(np.float32)
 
-    study, series, files = _write_ct_series("chest", out, seed, gen(), slices, size, sxy, thickness, "CHEST", (-600, 1500))
-    np.savez_compressed(out / "truth.npz", **truth, spacing=np.array([thickness, sxy, sxy]))
+    study, series, files = _write_ct_series(
+        "chest", out, seed, gen(), slices, size, sxy, thickness, "CHEST", (-600, 1500)
+    )
+    _save_truth(out, truth, np.array([thickness, sxy, sxy]))
     return Phantom(out, series, study, files, truth, (thickness, sxy, sxy), list(nodules_mm))
 
 
 def head_ct(
-    out: Path, *, seed: int = 0, size: int = 256, slices: int = 48, spacing_xy: float | None = None,
-    thickness: float = 3.0, bleed_ml: float = 5.0, noise: float = 4.0,
+    out: Path,
+    *,
+    seed: int = 0,
+    size: int = 256,
+    slices: int = 48,
+    spacing_xy: float | None = None,
+    thickness: float = 3.0,
+    bleed_ml: float = 5.0,
+    noise: float = 4.0,
 ) -> Phantom:
     """Head CT: skull, brain, ventricles and (if ``bleed_ml`` > 0) an acute haemorrhage."""
     rng = np.random.default_rng(seed)
@@ -224,15 +287,19 @@ def head_ct(
             truth["haemorrhage"][k] = bleed
             yield img + rng.normal(0, noise, img.shape).astype(np.float32)
 
-    study, series, files = _write_ct_series("head", out, seed, gen(), slices, size, sxy, thickness, "HEAD", (40, 80))
+    study, series, files = _write_ct_series(
+        "head", out, seed, gen(), slices, size, sxy, thickness, "HEAD", (40, 80)
+    )
     vox_ml = thickness * sxy * sxy / 1000.0
-    np.savez_compressed(out / "truth.npz", **truth, spacing=np.array([thickness, sxy, sxy]))
+    _save_truth(out, truth, np.array([thickness, sxy, sxy]))
     ph = Phantom(out, series, study, files, truth, (thickness, sxy, sxy))
     ph.bleed_ml = float(truth["haemorrhage"].sum() * vox_ml)
     return ph
 
 
-def radiograph(out: Path, *, seed: int = 0, size: int = 512, spacing: float = 0.3, noise: float = 20.0) -> Phantom:
+def radiograph(
+    out: Path, *, seed: int = 0, size: int = 512, spacing: float = 0.3, noise: float = 20.0
+) -> Phantom:
     """A chest radiograph (DX): bright ribs and mediastinum, dark lungs, 12-bit values."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
@@ -251,7 +318,7 @@ def radiograph(out: Path, *, seed: int = 0, size: int = 512, spacing: float = 0.
     study_uid, series_uid = _uid(seed, "dx-study"), _uid(seed, "dx-series")
     ds = _base("radiograph", seed, study_uid, series_uid, "DX", DIGITAL_XRAY)
     sop = _uid(seed, "dx-sop")
-    ds.file_meta.MediaStorageSOPInstanceUID = sop
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop)
     ds.SOPInstanceUID = sop
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
     ds.BodyPartExamined = "CHEST"
@@ -266,5 +333,5 @@ def radiograph(out: Path, *, seed: int = 0, size: int = 512, spacing: float = 0.
     path = out / "DX00001.dcm"
     ds.save_as(path, enforce_file_format=True)
     truth = {"lungs": lungs[None]}
-    np.savez_compressed(out / "truth.npz", **truth, spacing=np.array([1.0, spacing, spacing]))
+    _save_truth(out, truth, np.array([1.0, spacing, spacing]))
     return Phantom(out, series_uid, study_uid, [path], truth, (1.0, spacing, spacing))

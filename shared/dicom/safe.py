@@ -53,7 +53,13 @@ NATIVE = frozenset(
     {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"}
 )
 REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality")
-REQUIRED_IMAGE = ("Rows", "Columns", "BitsAllocated", "PixelRepresentation", "PhotometricInterpretation")
+REQUIRED_IMAGE = (
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "PixelRepresentation",
+    "PhotometricInterpretation",
+)
 
 
 class InvalidInstance(Exception):
@@ -102,7 +108,11 @@ def _depth(ds: Dataset, limit: int) -> int:
         deepest = max(deepest, depth)
         if deepest > limit:
             return deepest
-        for elem in current:
+        for tag in list(current.keys()):
+            raw = current.get_item(tag, keep_deferred=True)
+            if raw is None or raw.VR not in ("SQ", None, "UN") or tag == PIXEL_DATA:
+                continue
+            elem = current[tag]  # converts this element only; pixel data stays deferred
             if elem.VR == "SQ" and isinstance(elem.value, Sequence):
                 stack.extend((item, depth + 1) for item in elem.value)
     return deepest
@@ -114,7 +124,9 @@ def _get(ds: Dataset, name: str) -> Any:
             warnings.simplefilter("ignore")
             return ds.get(name)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for bad values
-        raise InvalidInstance("malformed", f"{name} has a malformed value ({type(exc).__name__})") from None
+        raise InvalidInstance(
+            "malformed", f"{name} has a malformed value ({type(exc).__name__})"
+        ) from None
 
 
 def _int(ds: Dataset, name: str, default: int | None = None) -> int | None:
@@ -132,7 +144,12 @@ def _floats(ds: Dataset, name: str, n: int) -> tuple[float, ...] | None:
     if value is None or value == "":
         return None
     try:
-        seq = [float(v) for v in (value if isinstance(value, list | tuple | pydicom.multival.MultiValue) else [value])]
+        seq = [
+            float(v)
+            for v in (
+                value if isinstance(value, list | tuple | pydicom.multival.MultiValue) else [value]
+            )
+        ]
     except (TypeError, ValueError):
         raise InvalidInstance("malformed", f"{name} is not numeric") from None
     if len(seq) != n:
@@ -142,38 +159,56 @@ def _floats(ds: Dataset, name: str, n: int) -> tuple[float, ...] | None:
 
 def inspect_instance(data: bytes, limits: Limits = Limits()) -> InstanceInfo:
     """Validate ``data`` as a DICOM Part 10 instance; raise :class:`InvalidInstance` if not."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns on odd values; they are judged here
+        return _inspect(data, limits)
+
+
+def _inspect(data: bytes, limits: Limits) -> InstanceInfo:
     if not data:
         raise InvalidInstance("empty", "the message carries no bytes")
     if len(data) > limits.max_bytes:
-        raise InvalidInstance("too_large", f"{len(data)} bytes exceed the {limits.max_bytes} byte cap")
+        raise InvalidInstance(
+            "too_large", f"{len(data)} bytes exceed the {limits.max_bytes} byte cap"
+        )
     if len(data) < 132 or data[128:132] != b"DICM":
         raise InvalidInstance("not_dicom", "no DICOM Part 10 preamble (DICM at offset 128)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns on odd values; we judge them below
-            ds = pydicom.dcmread(io.BytesIO(data), defer_size=4096)
+            ds = pydicom.dcmread(io.BytesIO(data), defer_size=256)
     except RecursionError:
         raise InvalidInstance("sequence_too_deep", "sequences nested too deep to parse") from None
     except (InvalidDicomError, EOFError) as exc:
-        raise InvalidInstance("malformed", f"cannot parse the header ({type(exc).__name__})") from None
+        raise InvalidInstance(
+            "malformed", f"cannot parse the header ({type(exc).__name__})"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - any parser failure on untrusted bytes is a rejection
-        raise InvalidInstance("malformed", f"cannot parse the header ({type(exc).__name__})") from None
+        raise InvalidInstance(
+            "malformed", f"cannot parse the header ({type(exc).__name__})"
+        ) from None
 
     try:
         depth = _depth(ds, limits.max_sequence_depth)
     except RecursionError:
         raise InvalidInstance("sequence_too_deep", "sequences nested too deep") from None
     except Exception as exc:  # noqa: BLE001
-        raise InvalidInstance("malformed", f"cannot walk the dataset ({type(exc).__name__})") from None
+        raise InvalidInstance(
+            "malformed", f"cannot walk the dataset ({type(exc).__name__})"
+        ) from None
     if depth > limits.max_sequence_depth:
-        raise InvalidInstance("sequence_too_deep", f"sequence nesting exceeds {limits.max_sequence_depth}")
+        raise InvalidInstance(
+            "sequence_too_deep", f"sequence nesting exceeds {limits.max_sequence_depth}"
+        )
 
     meta = ds.file_meta
     tsuid = str(meta.get("TransferSyntaxUID", "") or "")
     if not tsuid:
         raise InvalidInstance("missing_attribute", "file meta lacks TransferSyntaxUID")
     if tsuid not in SUPPORTED_TRANSFER_SYNTAXES:
-        raise InvalidInstance("unsupported_transfer_syntax", f"transfer syntax {tsuid} is not supported")
+        raise InvalidInstance(
+            "unsupported_transfer_syntax", f"transfer syntax {tsuid} is not supported"
+        )
 
     values: dict[str, str] = {}
     for name in REQUIRED:
@@ -195,13 +230,21 @@ def inspect_instance(data: bytes, limits: Limits = Limits()) -> InstanceInfo:
     if is_image:
         for name in REQUIRED_IMAGE:
             if _get(ds, name) in (None, ""):
-                raise InvalidInstance("missing_attribute", f"required image attribute {name} is missing")
+                raise InvalidInstance(
+                    "missing_attribute", f"required image attribute {name} is missing"
+                )
         rows = _int(ds, "Rows") or 0
         columns = _int(ds, "Columns") or 0
         frames = _int(ds, "NumberOfFrames", 1) or 1
         spp = _int(ds, "SamplesPerPixel", 1) or 1
         bits = _int(ds, "BitsAllocated") or 0
-        if rows <= 0 or columns <= 0 or frames <= 0 or bits not in (1, 8, 16, 32, 64) or spp not in (1, 3, 4):
+        if (
+            rows <= 0
+            or columns <= 0
+            or frames <= 0
+            or bits not in (1, 8, 16, 32, 64)
+            or spp not in (1, 3, 4)
+        ):
             raise InvalidInstance("malformed", "image geometry is invalid")
         expected = (rows * columns * frames * spp * bits + 7) // 8
         if str(_get(ds, "PhotometricInterpretation") or "").strip() == "YBR_FULL_422":
@@ -213,7 +256,8 @@ def inspect_instance(data: bytes, limits: Limits = Limits()) -> InstanceInfo:
         assert pixel is not None
         length, tell = _length_and_offset(pixel)
         if length != UNDEFINED_LENGTH:
-            if tell is not None and tell + length > len(data):
+            deflated = tsuid == "1.2.840.10008.1.2.1.99"  # offsets are in the inflated stream
+            if tell is not None and not deflated and tell + length > len(data):
                 raise InvalidInstance("truncated", "pixel data is shorter than its declared length")
             if tsuid in NATIVE and length < expected:
                 raise InvalidInstance(
@@ -224,7 +268,11 @@ def inspect_instance(data: bytes, limits: Limits = Limits()) -> InstanceInfo:
             raise InvalidInstance("malformed", "native pixel data with undefined length")
 
     acq = None
-    for date_name, time_name in (("AcquisitionDate", "AcquisitionTime"), ("ContentDate", "ContentTime"), ("SeriesDate", "SeriesTime")):
+    for date_name, time_name in (
+        ("AcquisitionDate", "AcquisitionTime"),
+        ("ContentDate", "ContentTime"),
+        ("SeriesDate", "SeriesTime"),
+    ):
         d, t = _get(ds, date_name), _get(ds, time_name)
         if d:
             acq = f"{d}{t or ''}"
@@ -273,7 +321,9 @@ def series_uid_or_none(data: bytes) -> str | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+            ds = pydicom.dcmread(
+                io.BytesIO(data), stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]
+            )
         uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
     except Exception:  # noqa: BLE001 - the publisher sends unreadable files anyway
         return None

@@ -70,7 +70,10 @@ class Publisher:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.stop()
 
@@ -85,7 +88,9 @@ class Publisher:
         codec = Codec(self.keyring)
         value, headers = codec.encode(self.topic, key, record)
         if len(value) > self.kafka.max_message_bytes:
-            raise PublishError(f"message of {len(value)} bytes exceeds the {self.kafka.max_message_bytes} cap")
+            raise PublishError(
+                f"message of {len(value)} bytes exceeds the {self.kafka.max_message_bytes} cap"
+            )
         try:
             fut = await self._producer.send(self.topic, value, key=key, headers=headers)
             await fut
@@ -111,5 +116,7 @@ class Publisher:
 
     async def end_series(self, series_instance_uid: str, count: int) -> None:
         key = self.keyring.keyed_hash(series_instance_uid)
-        marker = EndOfSeries(source=self.source, series_instance_uid=series_instance_uid, expected_count=count)
+        marker = EndOfSeries(
+            source=self.source, series_instance_uid=series_instance_uid, expected_count=count
+        )
         await self._send(key, marker)

@@ -504,10 +504,11 @@ class StageRunner(Generic[In]):
             savepoint = part.state.savepoint()
             t0 = time.perf_counter()
             try:
-                result = self._call(record, ctx)
-                self.metrics.handler_seconds.labels(self.spec.name).observe(
-                    time.perf_counter() - t0
-                )
+                try:
+                    result = self._call(record, ctx)
+                finally:
+                    elapsed = time.perf_counter() - t0
+                    self.metrics.handler_seconds.labels(self.spec.name).observe(elapsed)
                 return self._outputs(result, rec.key), None
             except RetriableError as exc:
                 part.state.rollback(savepoint)

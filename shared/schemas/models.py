@@ -93,7 +93,9 @@ class SeriesReady(Record):
     pixel_spacing_mm: tuple[float, float] | None = None
     slice_thickness_mm: float | None = None
     orientation: tuple[float, float, float, float, float, float] | None = None
-    acquired_at: str | None = Field(None, max_length=32, description="DICOM date+time of acquisition")
+    acquired_at: str | None = Field(
+        None, max_length=32, description="DICOM date+time of acquisition"
+    )
     first_received_at: datetime = Field(description="when ingest accepted the first instance")
     last_published_at: datetime = Field(description="publish time of the last instance")
     ready_at: datetime = Field(default_factory=utcnow)

@@ -72,7 +72,10 @@ async def test_sigkill_and_rebalance_lose_and_duplicate_nothing(env: Env, tmp_pa
         if set(seqs) != set(range(n)):
             async with Reader(env, "series", Probe) as src:
                 await src.wait_for(n)
-                where = {p.seq: (r.partition, r.offset) for r, p in zip(src.raw, src.records, strict=True)}
+                where = {
+                    p.seq: (r.partition, r.offset)
+                    for r, p in zip(src.raw, src.records, strict=True)
+                }
             missing = sorted(set(range(n)) - set(seqs))
             # diagnostic for a failure: which input partitions/offsets went missing
             print("missing (partition, offset):", [where[m] for m in missing][:50])
