@@ -6,9 +6,19 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 PYTHON ?= python3
 
-.PHONY: setup demo test test-unit test-integration bench lint down status
+.PHONY: setup kafka debs demo test test-unit bench lint down status
 
-setup: $(STAMP) kafka
+setup: $(STAMP) kafka debs
+
+# Debian packages the tests and demo use as real peers (dcmtk: storescu/echoscu).
+DEBS := dcmtk
+debs:
+	@missing=""; command -v storescu >/dev/null || missing="$$missing dcmtk"; \
+	if [ -n "$$missing" ]; then \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  echo "installing Debian packages:$$missing"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "python3 is required"; exit 1; }

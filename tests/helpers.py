@@ -247,3 +247,38 @@ class StageProcess:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+
+class running:
+    """Run a StageRunner in this event loop for the duration of an ``async with``."""
+
+    def __init__(self, runner: Any, timeout: float = 60.0) -> None:
+        self.runner = runner
+        self.timeout = timeout
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Any:
+        self.task = asyncio.create_task(self.runner.run())
+
+        async def ready() -> bool:
+            if self.task is not None and self.task.done():
+                self.task.result()
+            return bool(self.runner.ready)
+
+        await wait_until(ready, self.timeout, "stage ready")
+        return self.runner
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.runner.stop()
+        assert self.task is not None
+        await asyncio.wait_for(self.task, 30)
+
+
+def http_ok(port: int, path: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False

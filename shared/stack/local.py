@@ -36,11 +36,18 @@ class ServiceDef:
     module: str
     principal: str
     metrics_port: int
+    env: tuple[tuple[str, str], ...] = ()  # defaults, overridden by the caller's environment
 
 
 # Every service RadStream knows, in pipeline order; ``up`` starts those whose module exists.
 SERVICES: tuple[ServiceDef, ...] = (
-    ServiceDef("gateway", "services.gateway.main", "gateway", 9101),
+    ServiceDef(
+        "gateway",
+        "services.gateway.main",
+        "gateway",
+        9101,
+        (("RADSTREAM_GATEWAY__ALLOWED_AE_TITLES", "STORESCU,ECHOSCU,RADSTREAM-DEMO"),),
+    ),
     ServiceDef("ingest", "services.ingest.main", "ingest", 9102),
     ServiceDef("preprocess", "services.preprocess.main", "preprocess", 9103),
     ServiceDef("segmentation", "services.segmentation.main", "segmentation", 9104),
@@ -106,7 +113,10 @@ class LocalStack:
             if self.service_pid(svc) is not None:
                 actions.append(f"{svc.name} already running")
                 continue
-            env = {k: v for k, v in os.environ.items() if not k.startswith("RADSTREAM_")}
+            env = dict(svc.env)
+            env.update(
+                {k: v for k, v in os.environ.items() if not k.startswith("RADSTREAM_KAFKA__")}
+            )
             env.update(self.broker.env_for(svc.principal))
             env.update(
                 {

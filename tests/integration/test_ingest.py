@@ -221,7 +221,9 @@ async def test_no_patient_data_in_clear_on_kafka_or_disk(
             await consumer.seek_to_beginning(*tps)
             ends = await consumer.end_offsets(tps)
 
-            async def behind(tps: list[TopicPartition] = tps, ends: dict[TopicPartition, int] = ends) -> bool:
+            async def behind(
+                tps: list[TopicPartition] = tps, ends: dict[TopicPartition, int] = ends
+            ) -> bool:
                 return any([await consumer.position(tp) < ends[tp] for tp in tps])
 
             while await behind():
