@@ -137,12 +137,14 @@ class Gateway:
     def build_ae(self) -> AE:
         ae = AE(ae_title=self.settings.ae_title)
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            if cx.abstract_syntax is not None:
+                ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         allowed = parse_list(self.settings.allowed_ae_titles)
         if not allowed:
             log.warning(
-                "no calling AE titles allowed (RADSTREAM_GATEWAY__ALLOWED_AE_TITLES): every association is rejected"
+                "no calling AE titles allowed (RADSTREAM_GATEWAY__ALLOWED_AE_TITLES): "
+                "every association is rejected"
             )
             allowed = ["\x00no-such-ae\x00"]
         ae.require_calling_aet = allowed
@@ -161,7 +163,7 @@ class Gateway:
         return ctx
 
     def start(self) -> None:
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_C_STORE, self.on_store),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_ACCEPTED, self.on_accepted),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 from pathlib import Path
@@ -63,7 +64,7 @@ def storescu(
 async def test_storescu_series_become_exactly_one_series_ready_each(
     env: Env, gateway, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    port, proc = gateway
+    port, _ = gateway
     echo = subprocess.run(
         [dcmtk("echoscu"), "-aet", "ECHOSCU", "-aec", "RADSTREAM", "127.0.0.1", str(port)],
         capture_output=True,
@@ -87,7 +88,7 @@ async def test_storescu_series_become_exactly_one_series_ready_each(
     )
     async with running(StageRunner(build(settings, env.keyring), settings, env.keyring)):
         for files, extra in ((ct_files, ()), (ph.files, ()), ([j2k], ("-xw",))):  # -xw: JPEG 2000
-            res = storescu(port, files, "STORESCU", *extra)
+            res = await asyncio.to_thread(storescu, port, files, "STORESCU", *extra)
             assert res.returncode == 0, res.stderr
         async with Reader(env, "series", SeriesReady) as out:
             await out.wait_for(3)
