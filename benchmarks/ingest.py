@@ -19,15 +19,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import psutil  # noqa: E402
+import psutil
 
-from benchmarks.common import emit, parse_args, temporary_broker  # noqa: E402
-from shared.dicom import phantom  # noqa: E402
-from shared.ingress.publisher import Publisher  # noqa: E402
-from shared.runtime.reader import read_topic  # noqa: E402
-from shared.schemas import SeriesReady  # noqa: E402
-from shared.security.envelope import Keyring, init_keyring_file  # noqa: E402
-from shared.stack.broker import free_port  # noqa: E402
+from benchmarks.common import emit, parse_args, temporary_broker
+from shared.dicom import phantom
+from shared.ingress.publisher import Publisher
+from shared.runtime.reader import read_topic
+from shared.schemas import SeriesReady
+from shared.security.envelope import Keyring, init_keyring_file
+from shared.stack.broker import free_port
 
 
 def variants(template: list[bytes], series_uid: str, n_series: int) -> list[list[bytes]]:
@@ -97,7 +97,7 @@ async def main() -> None:
             RADSTREAM_METRICS_PORT=str(free_port()),
             RADSTREAM_INGEST__INACTIVITY_TIMEOUT_S="600",
         )
-        log = open(home / "ingest.log", "wb")  # noqa: SIM115
+        log = open(home / "ingest.log", "wb")
         proc = subprocess.Popen(
             [sys.executable, "-m", "services.ingest.main"],
             env=env,
