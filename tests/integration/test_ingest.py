@@ -20,7 +20,7 @@ from shared.runtime.stage import StageRunner
 from shared.schemas import DeadLetter, SeriesReady
 from shared.stack.broker import free_port
 from tests.dicom_cases import REAL_FILES, bad_inputs, dicomdir_ct_series, real_file
-from tests.helpers import Env, Reader, StageProcess, wait_until
+from tests.helpers import REPO, Env, Reader, StageProcess, running, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -291,3 +291,46 @@ async def test_ingest_killed_repeatedly_loses_and_duplicates_no_series(
     for readies in by_series.values():
         assert len(readies) == 1, "a series was published twice"
         assert readies[0].instance_count == n_slices and readies[0].revision == 1
+
+
+@pytest.mark.slow
+async def test_cli_publish_of_a_300_slice_512_phantom_gives_one_series_ready(
+    env: Env, tmp_path: Path
+) -> None:
+    ph = await asyncio.to_thread(
+        phantom.chest_ct, tmp_path / "big", seed=31, size=512, slices=300, nodules_mm=(6.0, 10.0)
+    )
+    settings = env.settings(
+        "ingest", metrics_port=free_port(), ingest=IngestSettings(inactivity_timeout_s=600)
+    )
+    async with running(StageRunner(build(settings, env.keyring), settings, env.keyring)):
+        cli = str(REPO / ".venv" / "bin" / "radstream")
+        proc = await asyncio.create_subprocess_exec(
+            cli,
+            "publish",
+            str(ph.out),
+            "--source",
+            "ct-300",
+            env=env.service_env("scanner"),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 300)
+        assert proc.returncode == 0, stderr.decode()[-2000:]
+        # truth.npz is in the folder too: sent as it is, and ingest dead-letters it
+        assert "published 301 instance(s) in 1 series" in stdout.decode()
+        async with (
+            Reader(env, "series", SeriesReady) as out,
+            Reader(env, "deadletter", DeadLetter) as dlq,
+        ):
+            (ready,) = await out.wait_for(1, timeout=240)
+            await dlq.wait_for(1)
+            await out.drain(2.0)
+    assert len(out.records) == 1
+    assert (
+        ready.instance_count == 300
+        and ready.expected_count == 300
+        and ready.completed_by == "marker"
+    )
+    assert (ready.rows, ready.columns) == (512, 512)
+    assert [letter.reason for letter in dlq.records] == ["not_dicom"]

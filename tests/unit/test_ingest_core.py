@@ -42,13 +42,23 @@ def test_marker_completes_duplicates_ignored_late_instance_revises(core, tmp_pat
     files = [f.read_bytes() for f in ph.files]
     for data in reversed(files):
         assert ingest.on_instance(InstanceData(source="t", data=data), c, 100.0) is None
-    assert ingest.on_instance(InstanceData(source="t", data=files[0]), c, 101.0) is None  # duplicate
-    (ready,) = emitted(ingest.on_marker(EndOfSeries(source="t", series_instance_uid=ph.series_instance_uid, expected_count=4), c, 102.0))
+    assert (
+        ingest.on_instance(InstanceData(source="t", data=files[0]), c, 101.0) is None
+    )  # duplicate
+    (ready,) = emitted(
+        ingest.on_marker(
+            EndOfSeries(source="t", series_instance_uid=ph.series_instance_uid, expected_count=4),
+            c,
+            102.0,
+        )
+    )
     assert ready.revision == 1 and ready.instance_count == 4
     assert [r.instance_number for r in ready.instances] == [1, 2, 3, 4]
     # nothing is due yet; a late instance makes a revision once quiet
     assert emitted(ingest.tick(c, 103.0)) == []
-    other = phantom.chest_ct(tmp_path / "q", seed=1, size=16, slices=5, nodules_mm=())  # same UIDs, 5th slice new
+    other = phantom.chest_ct(
+        tmp_path / "q", seed=1, size=16, slices=5, nodules_mm=()
+    )  # same UIDs, 5th slice new
     ingest.on_instance(InstanceData(source="t", data=other.files[4].read_bytes()), c, 104.0)
     assert emitted(ingest.tick(c, 105.0)) == []
     (late,) = emitted(ingest.tick(c, 106.5))
@@ -77,7 +87,12 @@ def test_key_must_be_the_keyed_hash_of_the_series(core, tmp_path: Path) -> None:
 
 
 def ref(n: int, pos: tuple[float, float, float] | None) -> InstanceRef:
-    return InstanceRef(blob=BlobRef(digest="0" * 64, size=1, key_id="k"), sop_instance_uid=f"1.{n}", instance_number=n, position=pos)
+    return InstanceRef(
+        blob=BlobRef(digest="0" * 64, size=1, key_id="k"),
+        sop_instance_uid=f"1.{n}",
+        instance_number=n,
+        position=pos,
+    )
 
 
 def test_ordering_follows_the_slice_normal_not_instance_numbers() -> None:
@@ -89,9 +104,13 @@ def test_ordering_follows_the_slice_normal_not_instance_numbers() -> None:
     normal = (0.0, -s, c)
     refs = [ref(10 - i, tuple(i * 2.0 * v for v in normal)) for i in range(5)]  # type: ignore[misc]
     shuffled = [refs[3], refs[0], refs[4], refs[1], refs[2]]
-    assert [r.sop_instance_uid for r in order_instances(shuffled, orient)] == [r.sop_instance_uid for r in refs]
+    assert [r.sop_instance_uid for r in order_instances(shuffled, orient)] == [
+        r.sop_instance_uid for r in refs
+    ]
     # without positions: instance number
-    assert [r.instance_number for r in order_instances([ref(3, None), ref(1, None), ref(2, None)], None)] == [1, 2, 3]
+    assert [
+        r.instance_number for r in order_instances([ref(3, None), ref(1, None), ref(2, None)], None)
+    ] == [1, 2, 3]
 
 
 def test_blob_store_is_content_addressed_encrypted_and_verified(tmp_path: Path) -> None:
