@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -52,6 +53,23 @@ class GatewaySettings(BaseModel):
     ack_timeout_s: float = Field(30.0, description="longest wait for Kafka before failing")
 
 
+class PreprocessSettings(BaseModel):
+    """``RADSTREAM_PREPROCESS__*``: the calibration and image-processing chain."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    chains: str = Field(
+        "",
+        description='JSON {"CT:CHEST": [{"op": "gaussian", "sigma": [0, 0.7, 0.7]}], ...} '
+        "overriding the default chain per MODALITY[:BODYPART]",
+    )
+    gpu_memory_limit_bytes: int = Field(8 * 1024**3, description="CuPy memory pool cap")
+    threads: int = Field(2, description="CPU threads for decoding and slab-wise filtering")
+    warmup_shapes: str = Field("512x512", description="in-plane shapes to warm GPU kernels for")
+    max_voxels: int = Field(600 * 512 * 512, description="largest volume accepted")
+    compression_level: int = Field(1, description="zstd level of the stored volume")
+
+
 class Settings(BaseSettings):
     """Everything a RadStream process needs; secrets are ``SecretStr`` and never logged."""
 
@@ -64,6 +82,8 @@ class Settings(BaseSettings):
     keyring_file: Path | None = Field(None, description="keyring JSON; default <home>/secrets")
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
+    preprocess: PreprocessSettings = Field(default_factory=PreprocessSettings)
+    device: Literal["auto", "gpu", "cpu"] = Field("auto", description="RADSTREAM_DEVICE: array backend")
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     blob_dir: Path | None = Field(None, description="local blob store; default <home>/blobs")
     metrics_host: str = Field("127.0.0.1", description="address of /metrics, /healthz, /readyz")

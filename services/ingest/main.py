@@ -29,7 +29,7 @@ def build(settings: Settings, keyring: Keyring) -> StageSpec[InstanceData | EndO
 
 def main() -> int:
     settings = Settings()
-    return run_stage(lambda keyring: build(settings, keyring), settings)
+    return run_stage(lambda keyring, _registry: build(settings, keyring), settings)
 
 
 if __name__ == "__main__":

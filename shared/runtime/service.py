@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from shared.config import Settings
 from shared.runtime.stage import StageRunner, StageSpec
 from shared.security.envelope import Keyring
@@ -45,12 +47,16 @@ async def _serve(runner: StageRunner[Any]) -> None:
 
 
 def run_stage(
-    spec: StageSpec[Any] | Callable[[Keyring], StageSpec[Any]], settings: Settings | None = None
+    spec: StageSpec[Any] | Callable[[Keyring, CollectorRegistry], StageSpec[Any]],
+    settings: Settings | None = None,
 ) -> int:
-    """Run one stage until SIGTERM/SIGINT; returns the process exit code."""
+    """Run one stage until SIGTERM/SIGINT; returns the process exit code. ``spec`` may be a
+    builder taking the keyring and the metrics registry (for services with own metrics)."""
     configure_logging()
     settings = settings or Settings()
     keyring = Keyring.from_file(settings.keyring_path)
-    runner = StageRunner(spec if isinstance(spec, StageSpec) else spec(keyring), settings, keyring)
+    registry = CollectorRegistry()
+    built = spec if isinstance(spec, StageSpec) else spec(keyring, registry)
+    runner = StageRunner(built, settings, keyring, registry)
     asyncio.run(_serve(runner))
     return 0

@@ -109,12 +109,21 @@ class VolumePrepared(Record):
     series_instance_uid: Uid
     revision: int = Field(ge=1)
     modality: str = Field(max_length=16)
-    volume: BlobRef
-    shape: tuple[int, int, int]
-    spacing_mm: tuple[float, float, float]
-    origin_mm: tuple[float, float, float]
-    direction: tuple[float, float, float, float, float, float, float, float, float]
+    body_part: str | None = Field(None, max_length=16)
+    volume: BlobRef = Field(description="the volume: .npy (z, y, x), zstd-compressed, encrypted")
+    dtype: Literal["int16", "float32"] = Field(description="int16 = Hounsfield units (CT)")
+    shape: tuple[int, int, int] = Field(description="(z, y, x) voxels")
+    spacing_mm: tuple[float, float, float] = Field(description="(z, y, x)")
+    origin_mm: tuple[float, float, float] = Field(description="first voxel, patient coordinates")
+    direction: tuple[float, float, float, float, float, float, float, float, float] = Field(
+        description="row cosines, column cosines, slice normal"
+    )
+    source_instances: list[InstanceRef] = Field(description="instances, in volume order")
     backend: Literal["cpu", "gpu"]
+    chain: list[dict[str, str | float | list[float]]] = Field(description="steps applied, in order")
+    timings_s: dict[str, float] = Field(description="decode, calibrate, chain, store, total")
+    stats: dict[str, float] = Field(description="intensity percentiles, mean, sd, noise")
+    acquired_at: str | None = Field(None, max_length=32)
     last_published_at: datetime
 
 

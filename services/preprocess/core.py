@@ -1,0 +1,303 @@
+"""Preprocess's core: SeriesReady → decoded, calibrated, processed volume → VolumePrepared.
+
+Decode every instance (threads: the JPEG/JPEG 2000 decoders release the GIL), sort and check
+the geometry, calibrate to Hounsfield units, upload the compact int16 volume to the device
+(no float64 ever crosses the bus), run the chain configured for the modality/body part,
+compute drift statistics, download, compress (zstd) and store the result encrypted.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zstandard
+from prometheus_client import CollectorRegistry, Gauge
+
+from shared.config import PreprocessSettings
+from shared.imaging import ops
+from shared.imaging.backend import Backend
+from shared.imaging.volume import Slice, Volume, assemble, decode
+from shared.runtime.errors import PoisonError
+from shared.runtime.stage import Context
+from shared.schemas import SeriesReady, VolumePrepared
+from shared.storage import BlobError, BlobStore
+
+Step = dict[str, Any]
+
+# Default chains, chosen for the segmentation tasks and for latency: in-plane denoising only
+# (segmentation measures in physical units, so no resampling is needed on the hot path).
+DEFAULT_CHAINS: dict[str, list[Step]] = {
+    "CT:CHEST": [{"op": "gaussian", "sigma": [0.0, 0.7, 0.7]}],
+    "CT:HEAD": [{"op": "gaussian", "sigma": [0.0, 0.8, 0.8]}],
+    "CT": [{"op": "gaussian", "sigma": [0.0, 0.7, 0.7]}],
+    "MR": [{"op": "gaussian", "sigma": [0.0, 0.6, 0.6]}],
+    "DX": [{"op": "gaussian", "sigma": [0.0, 1.0, 1.0]}],
+    "CR": [{"op": "gaussian", "sigma": [0.0, 1.0, 1.0]}],
+    "*": [],
+}
+STAT_QS = (1, 5, 25, 50, 75, 95, 99)
+
+
+def chain_for(modality: str, body_part: str | None, chains: dict[str, list[Step]]) -> list[Step]:
+    for key in (f"{modality}:{body_part or ''}", modality, "*"):
+        if key in chains:
+            return chains[key]
+    return []
+
+
+def _in_plane(step: Step) -> bool:
+    """True when a step never mixes slices (so it can run slab by slab, in threads)."""
+    if step["op"] in ("gaussian",):
+        sigma = step.get("sigma", 0)
+        return isinstance(sigma, list) and float(sigma[0]) == 0.0
+    if step["op"] in ("median", "mean"):
+        size = step.get("size", 1)
+        return isinstance(size, list) and int(size[0]) == 1
+    return step["op"] in ("window",)
+
+
+def apply_step(image: Any, step: Step, spacing: tuple[float, float, float]) -> tuple[Any, tuple[float, float, float]]:
+    op = step["op"]
+    if op == "gaussian":
+        return ops.gaussian(image, sigma=step["sigma"]), spacing
+    if op == "median":
+        return ops.median(image, size=step["size"]), spacing
+    if op == "mean":
+        return ops.mean(image, size=step["size"]), spacing
+    if op == "window":
+        center, width = ops.WINDOWS[step["preset"]] if "preset" in step else (step["center"], step["width"])
+        return ops.window(image, center=center, width=width), spacing
+    if op == "equalize":
+        return ops.equalize_histogram(image, bins=int(step.get("bins", 256))), spacing
+    if op == "log":
+        return ops.log_transform(image), spacing
+    if op == "normalize":
+        return ops.normalize(image, method=str(step.get("method", "zscore"))), spacing
+    if op == "resample":
+        return ops.resample(image, spacing=spacing, target=step["target"], order=int(step.get("order", 1)))
+    raise ValueError(f"unknown preprocessing step {op!r}")
+
+
+def _slabwise(fn: Callable[[Any], Any], image: np.ndarray, threads: int, dtype: Any = None) -> np.ndarray:
+    if threads <= 1 or image.shape[0] < 2 * threads:
+        return np.asarray(fn(image))
+    bounds = np.linspace(0, image.shape[0], threads + 1).astype(int)
+    out = np.empty(image.shape, dtype or image.dtype)
+
+    def run(i: int) -> None:
+        out[bounds[i] : bounds[i + 1]] = fn(image[bounds[i] : bounds[i + 1]])
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(run, range(threads)))
+    return out
+
+
+class PreprocessMetrics:
+    def __init__(self, registry: CollectorRegistry, backend: Backend) -> None:
+        info = Gauge("radstream_backend_info", "Array backend in use (1 = active)", ["stage", "backend"], registry=registry)
+        info.labels("preprocess", backend.name).set(1)
+        self.gpu_memory = Gauge("radstream_gpu_memory_bytes", "Device memory held by the CuPy pool", ["stage"], registry=registry)
+        self.hu = Gauge(
+            "radstream_image_intensity", "Last volume's intensity percentile per modality (HU for CT)", ["modality", "q"], registry=registry
+        )
+        self.noise = Gauge("radstream_image_noise", "Last volume's noise estimate per modality", ["modality"], registry=registry)
+        self.voxels = Gauge("radstream_volume_voxels", "Voxels of the last volume", ["stage"], registry=registry)
+
+
+@dataclass
+class PreprocessCore:
+    store: BlobStore
+    backend: Backend
+    settings: PreprocessSettings
+    metrics: PreprocessMetrics | None = None
+    chains: dict[str, list[Step]] = field(default_factory=lambda: dict(DEFAULT_CHAINS))
+
+    def __post_init__(self) -> None:
+        if self.settings.chains:
+            self.chains.update(json.loads(self.settings.chains))
+
+    # ---- GPU warm-up ----------------------------------------------------------------------
+    def warm_up(self) -> list[tuple[Any, ...]]:
+        """Compile the kernels of every configured chain for the configured in-plane shapes."""
+        warmed = []
+        if self.backend.name != "gpu":
+            return warmed
+        for shape_text in self.settings.warmup_shapes.split(","):
+            rows, cols = (int(v) for v in shape_text.lower().split("x"))
+            for chain in self.chains.values():
+                for step in chain:
+                    key = (rows, cols, json.dumps(step, sort_keys=True))
+
+                    def run(step: Step = step) -> None:
+                        img = self.backend.upload(np.zeros((4, rows, cols), np.int16)).astype(self.backend.xp.float32)
+                        apply_step(img, step, (1.0, 1.0, 1.0))
+
+                    if self.backend.warm_up(key, run):
+                        warmed.append(key)
+        self.backend.free()
+        return warmed
+
+    # ---- handler --------------------------------------------------------------------------
+    def handle(self, msg: SeriesReady, ctx: Context) -> VolumePrepared:
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
+        try:
+            blobs = [self.store.get(ref.blob) for ref in msg.instances]
+        except BlobError as exc:
+            raise PoisonError(exc.reason, "a referenced instance is missing or corrupt in the blob store") from None
+        with ThreadPoolExecutor(max(1, self.settings.threads)) as pool:
+            slices: list[Slice] = list(pool.map(decode, blobs))
+        del blobs
+        timings["decode"] = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        volume = self._calibrated(msg, slices)
+        del slices
+        timings["calibrate"] = time.perf_counter() - t1
+
+        t2 = time.perf_counter()
+        chain = chain_for(msg.modality, msg.body_part, self.chains)
+        data, spacing, stats = self._run_chain(volume, chain)
+        timings["chain"] = time.perf_counter() - t2
+
+        t3 = time.perf_counter()
+        is_ct = msg.modality == "CT"
+        if is_ct:
+            out = _slabwise(lambda a: np.rint(a).clip(-32768, 32767).astype(np.int16), data, self.settings.threads, np.int16)
+        else:
+            out = data.astype(np.float32, copy=False)
+        del data
+        ref = self.store.put(pack_volume(out, self.settings.compression_level, self.settings.threads))
+        timings["store"] = time.perf_counter() - t3
+        timings["total"] = time.perf_counter() - t0
+        if self.metrics is not None:
+            for q in STAT_QS:
+                self.metrics.hu.labels(msg.modality, f"p{q}").set(stats[f"p{q}"])
+            self.metrics.noise.labels(msg.modality).set(stats["noise"])
+            self.metrics.voxels.labels("preprocess").set(out.size)
+            self.metrics.gpu_memory.labels("preprocess").set(self.backend.memory_in_use())
+        self.backend.free()
+        order = volume_order(msg)
+        return VolumePrepared(
+            study_instance_uid=msg.study_instance_uid,
+            series_instance_uid=msg.series_instance_uid,
+            revision=msg.revision,
+            modality=msg.modality,
+            body_part=msg.body_part,
+            volume=ref,
+            dtype="int16" if is_ct else "float32",
+            shape=tuple(int(v) for v in out.shape),  # type: ignore[arg-type]
+            spacing_mm=tuple(float(v) for v in spacing),  # type: ignore[arg-type]
+            origin_mm=volume.origin,
+            direction=volume.direction,  # type: ignore[arg-type]
+            source_instances=order,
+            backend=self.backend.name,
+            chain=chain,
+            timings_s={k: round(v, 4) for k, v in timings.items()},
+            stats=stats,
+            acquired_at=msg.acquired_at,
+            last_published_at=msg.last_published_at,
+        )
+
+    def _calibrated(self, msg: SeriesReady, slices: list[Slice]) -> Volume:
+        ordered, spacing, origin, direction = assemble(slices)
+        first = ordered[0]
+        if first.stored.ndim == 3:  # one multi-frame instance
+            stored = first.stored
+            slopes = [(first.slope, first.intercept)]
+        else:
+            voxels = len(ordered) * first.stored.size
+            if voxels > self.settings.max_voxels:
+                raise PoisonError("volume_too_large", f"{voxels} voxels exceed the configured cap")
+            stored = np.empty((len(ordered), *first.stored.shape), first.stored.dtype)
+            for i, s in enumerate(ordered):
+                stored[i] = s.stored
+            slopes = list({(s.slope, s.intercept) for s in ordered})
+        if stored.size > self.settings.max_voxels:
+            raise PoisonError("volume_too_large", f"{stored.size} voxels exceed the configured cap")
+        if len(slopes) == 1:
+            slope, intercept = slopes[0]
+            if slope == 1.0 and float(intercept).is_integer() and stored.dtype.kind in "iu":
+                # exact in int16 for CT's range: the device gets 2 bytes/voxel, not 8
+                data = np.empty(stored.shape, np.int16)
+                offset = int(intercept)
+
+                def calibrate(i: int) -> None:
+                    np.clip(stored[i].astype(np.int32) + offset, -32768, 32767, out=data[i], casting="unsafe")
+
+                with ThreadPoolExecutor(max(1, self.settings.threads)) as pool:
+                    list(pool.map(calibrate, range(stored.shape[0])))
+            else:
+                data = ops.rescale(stored, slope=slope, intercept=intercept)
+        else:  # per-slice rescale
+            data = np.stack([ops.rescale(s.stored, slope=s.slope, intercept=s.intercept) for s in ordered])
+        return Volume(data, spacing, origin, direction, msg.modality)
+
+    def _run_chain(self, volume: Volume, chain: list[Step]) -> tuple[np.ndarray, tuple[float, float, float], dict[str, float]]:
+        be = self.backend
+        spacing = volume.spacing
+        if be.name == "gpu":
+            img = be.upload(volume.data).astype(be.xp.float32)  # int16 over the bus
+            for step in chain:
+                img, spacing = apply_step(img, step, spacing)
+            stats = _stats(img, volume.modality)
+            host = be.download(img)
+            del img
+            return host, spacing, stats
+        # CPU: in-plane steps run fused, slab by slab, in threads (SciPy releases the GIL)
+        planar = [st for st in chain if _in_plane(st)]
+        head = planar if len(planar) == len(chain) else []
+
+        def fused(slab: np.ndarray) -> np.ndarray:
+            out = slab.astype(np.float32)
+            for step in head:
+                out = apply_step(out, step, spacing)[0]
+            return np.asarray(out)
+
+        img = _slabwise(fused, volume.data, self.settings.threads, np.float32)
+        for step in chain[len(head) :]:
+            img, spacing = apply_step(img, step, spacing)
+        return img, spacing, _stats(img, volume.modality)
+
+
+def pack_volume(volume: np.ndarray, level: int = 1, threads: int = 2) -> bytes:
+    """``.npy`` bytes (self-describing dtype and shape), zstd-compressed, without a full copy."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(volume))
+    cobj = zstandard.ZstdCompressor(level=level, threads=threads).compressobj()
+    parts = [cobj.compress(header.getvalue()), cobj.compress(np.ascontiguousarray(volume).data), cobj.flush()]
+    return b"".join(parts)
+
+
+def unpack_volume(packed: bytes) -> np.ndarray:
+    raw = zstandard.ZstdDecompressor().decompress(packed)
+    return np.load(io.BytesIO(raw), allow_pickle=False)
+
+
+def _stats(img: Any, modality: str) -> dict[str, float]:
+    """Drift statistics on every 4th slice (a drift monitor needs no more)."""
+    full = img
+    img = img[:: 4] if img.ndim == 3 and img.shape[0] >= 8 else img
+    if modality == "CT":
+        qs = ops.percentiles_from_histogram(img, STAT_QS)
+    else:
+        xp, _ = ops.namespace(img)
+        sample = img.ravel()[:: max(1, img.size // 2_000_000)]
+        qs = [float(v) for v in xp.percentile(sample, list(STAT_QS))]
+    stats = {f"p{q}": round(float(v), 2) for q, v in zip(STAT_QS, qs, strict=True)}
+    stats["mean"] = round(float(img.mean()), 3)
+    stats["sd"] = round(float(img.std()), 3)
+    stats["noise"] = round(ops.noise_estimate(full), 3)
+    return stats
+
+
+def volume_order(msg: SeriesReady) -> list[Any]:
+    """Source instances in volume order (ingest already ordered them along the normal)."""
+    return list(msg.instances)

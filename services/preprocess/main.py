@@ -1,0 +1,37 @@
+"""Preprocess service: SeriesReady → calibrated, processed volume → VolumePrepared."""
+
+from __future__ import annotations
+
+import sys
+
+from prometheus_client import CollectorRegistry
+
+from services.preprocess.core import PreprocessCore, PreprocessMetrics
+from shared.config import Settings
+from shared.imaging.backend import select_backend
+from shared.runtime.service import run_stage
+from shared.runtime.stage import StageSpec
+from shared.schemas import SeriesReady
+from shared.security.envelope import Keyring
+from shared.storage import BlobStore, LocalDirBackend
+
+
+def build(settings: Settings, keyring: Keyring, registry: CollectorRegistry | None = None) -> StageSpec[SeriesReady]:
+    backend = select_backend(settings.device, memory_limit_bytes=settings.preprocess.gpu_memory_limit_bytes)
+    core = PreprocessCore(
+        BlobStore(LocalDirBackend(settings.blob_path), keyring),
+        backend,
+        settings.preprocess,
+        PreprocessMetrics(registry, backend) if registry is not None else None,
+    )
+    core.warm_up()
+    return StageSpec(name="preprocess", input_topic="series", input_type=SeriesReady, output_topic="volumes", handler=core.handle)
+
+
+def main() -> int:
+    settings = Settings()
+    return run_stage(lambda keyring, registry: build(settings, keyring, registry), settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Array code written once for NumPy/SciPy and CuPy/cupyx (cuCIM style)."""
