@@ -83,7 +83,9 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     preprocess: PreprocessSettings = Field(default_factory=PreprocessSettings)
-    device: Literal["auto", "gpu", "cpu"] = Field("auto", description="RADSTREAM_DEVICE: array backend")
+    device: Literal["auto", "gpu", "cpu"] = Field(
+        "auto", description="RADSTREAM_DEVICE: array backend"
+    )
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     blob_dir: Path | None = Field(None, description="local blob store; default <home>/blobs")
     metrics_host: str = Field("127.0.0.1", description="address of /metrics, /healthz, /readyz")

@@ -63,7 +63,9 @@ def _in_plane(step: Step) -> bool:
     return step["op"] in ("window",)
 
 
-def apply_step(image: Any, step: Step, spacing: tuple[float, float, float]) -> tuple[Any, tuple[float, float, float]]:
+def apply_step(
+    image: Any, step: Step, spacing: tuple[float, float, float]
+) -> tuple[Any, tuple[float, float, float]]:
     op = step["op"]
     if op == "gaussian":
         return ops.gaussian(image, sigma=step["sigma"]), spacing
@@ -72,7 +74,9 @@ def apply_step(image: Any, step: Step, spacing: tuple[float, float, float]) -> t
     if op == "mean":
         return ops.mean(image, size=step["size"]), spacing
     if op == "window":
-        center, width = ops.WINDOWS[step["preset"]] if "preset" in step else (step["center"], step["width"])
+        center, width = (
+            ops.WINDOWS[step["preset"]] if "preset" in step else (step["center"], step["width"])
+        )
         return ops.window(image, center=center, width=width), spacing
     if op == "equalize":
         return ops.equalize_histogram(image, bins=int(step.get("bins", 256))), spacing
@@ -81,11 +85,15 @@ def apply_step(image: Any, step: Step, spacing: tuple[float, float, float]) -> t
     if op == "normalize":
         return ops.normalize(image, method=str(step.get("method", "zscore"))), spacing
     if op == "resample":
-        return ops.resample(image, spacing=spacing, target=step["target"], order=int(step.get("order", 1)))
+        return ops.resample(
+            image, spacing=spacing, target=step["target"], order=int(step.get("order", 1))
+        )
     raise ValueError(f"unknown preprocessing step {op!r}")
 
 
-def _slabwise(fn: Callable[[Any], Any], image: np.ndarray, threads: int, dtype: Any = None) -> np.ndarray:
+def _slabwise(
+    fn: Callable[[Any], Any], image: np.ndarray, threads: int, dtype: Any = None
+) -> np.ndarray:
     if threads <= 1 or image.shape[0] < 2 * threads:
         return np.asarray(fn(image))
     bounds = np.linspace(0, image.shape[0], threads + 1).astype(int)
@@ -101,14 +109,34 @@ def _slabwise(fn: Callable[[Any], Any], image: np.ndarray, threads: int, dtype: 
 
 class PreprocessMetrics:
     def __init__(self, registry: CollectorRegistry, backend: Backend) -> None:
-        info = Gauge("radstream_backend_info", "Array backend in use (1 = active)", ["stage", "backend"], registry=registry)
-        info.labels("preprocess", backend.name).set(1)
-        self.gpu_memory = Gauge("radstream_gpu_memory_bytes", "Device memory held by the CuPy pool", ["stage"], registry=registry)
-        self.hu = Gauge(
-            "radstream_image_intensity", "Last volume's intensity percentile per modality (HU for CT)", ["modality", "q"], registry=registry
+        info = Gauge(
+            "radstream_backend_info",
+            "Array backend in use (1 = active)",
+            ["stage", "backend"],
+            registry=registry,
         )
-        self.noise = Gauge("radstream_image_noise", "Last volume's noise estimate per modality", ["modality"], registry=registry)
-        self.voxels = Gauge("radstream_volume_voxels", "Voxels of the last volume", ["stage"], registry=registry)
+        info.labels("preprocess", backend.name).set(1)
+        self.gpu_memory = Gauge(
+            "radstream_gpu_memory_bytes",
+            "Device memory held by the CuPy pool",
+            ["stage"],
+            registry=registry,
+        )
+        self.hu = Gauge(
+            "radstream_image_intensity",
+            "Last volume's intensity percentile per modality (HU for CT)",
+            ["modality", "q"],
+            registry=registry,
+        )
+        self.noise = Gauge(
+            "radstream_image_noise",
+            "Last volume's noise estimate per modality",
+            ["modality"],
+            registry=registry,
+        )
+        self.voxels = Gauge(
+            "radstream_volume_voxels", "Voxels of the last volume", ["stage"], registry=registry
+        )
 
 
 @dataclass
@@ -126,7 +154,7 @@ class PreprocessCore:
     # ---- GPU warm-up ----------------------------------------------------------------------
     def warm_up(self) -> list[tuple[Any, ...]]:
         """Compile the kernels of every configured chain for the configured in-plane shapes."""
-        warmed = []
+        warmed: list[tuple[Any, ...]] = []
         if self.backend.name != "gpu":
             return warmed
         for shape_text in self.settings.warmup_shapes.split(","):
@@ -135,8 +163,10 @@ class PreprocessCore:
                 for step in chain:
                     key = (rows, cols, json.dumps(step, sort_keys=True))
 
-                    def run(step: Step = step) -> None:
-                        img = self.backend.upload(np.zeros((4, rows, cols), np.int16)).astype(self.backend.xp.float32)
+                    def run(step: Step = step, rows: int = rows, cols: int = cols) -> None:
+                        img = self.backend.upload(np.zeros((4, rows, cols), np.int16)).astype(
+                            self.backend.xp.float32
+                        )
                         apply_step(img, step, (1.0, 1.0, 1.0))
 
                     if self.backend.warm_up(key, run):
@@ -151,7 +181,9 @@ class PreprocessCore:
         try:
             blobs = [self.store.get(ref.blob) for ref in msg.instances]
         except BlobError as exc:
-            raise PoisonError(exc.reason, "a referenced instance is missing or corrupt in the blob store") from None
+            raise PoisonError(
+                exc.reason, "a referenced instance is missing or corrupt in the blob store"
+            ) from None
         with ThreadPoolExecutor(max(1, self.settings.threads)) as pool:
             slices: list[Slice] = list(pool.map(decode, blobs))
         del blobs
@@ -170,11 +202,18 @@ class PreprocessCore:
         t3 = time.perf_counter()
         is_ct = msg.modality == "CT"
         if is_ct:
-            out = _slabwise(lambda a: np.rint(a).clip(-32768, 32767).astype(np.int16), data, self.settings.threads, np.int16)
+            out = _slabwise(
+                lambda a: np.rint(a).clip(-32768, 32767).astype(np.int16),
+                data,
+                self.settings.threads,
+                np.int16,
+            )
         else:
             out = data.astype(np.float32, copy=False)
         del data
-        ref = self.store.put(pack_volume(out, self.settings.compression_level, self.settings.threads))
+        ref = self.store.put(
+            pack_volume(out, self.settings.compression_level, self.settings.threads)
+        )
         timings["store"] = time.perf_counter() - t3
         timings["total"] = time.perf_counter() - t0
         if self.metrics is not None:
@@ -230,17 +269,27 @@ class PreprocessCore:
                 offset = int(intercept)
 
                 def calibrate(i: int) -> None:
-                    np.clip(stored[i].astype(np.int32) + offset, -32768, 32767, out=data[i], casting="unsafe")
+                    np.clip(
+                        stored[i].astype(np.int32) + offset,
+                        -32768,
+                        32767,
+                        out=data[i],
+                        casting="unsafe",
+                    )
 
                 with ThreadPoolExecutor(max(1, self.settings.threads)) as pool:
                     list(pool.map(calibrate, range(stored.shape[0])))
             else:
                 data = ops.rescale(stored, slope=slope, intercept=intercept)
         else:  # per-slice rescale
-            data = np.stack([ops.rescale(s.stored, slope=s.slope, intercept=s.intercept) for s in ordered])
+            data = np.stack(
+                [ops.rescale(s.stored, slope=s.slope, intercept=s.intercept) for s in ordered]
+            )
         return Volume(data, spacing, origin, direction, msg.modality)
 
-    def _run_chain(self, volume: Volume, chain: list[Step]) -> tuple[np.ndarray, tuple[float, float, float], dict[str, float]]:
+    def _run_chain(
+        self, volume: Volume, chain: list[Step]
+    ) -> tuple[np.ndarray, tuple[float, float, float], dict[str, float]]:
         be = self.backend
         spacing = volume.spacing
         if be.name == "gpu":
@@ -272,19 +321,24 @@ def pack_volume(volume: np.ndarray, level: int = 1, threads: int = 2) -> bytes:
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(volume))
     cobj = zstandard.ZstdCompressor(level=level, threads=threads).compressobj()
-    parts = [cobj.compress(header.getvalue()), cobj.compress(np.ascontiguousarray(volume).data), cobj.flush()]
+    parts = [
+        cobj.compress(header.getvalue()),
+        cobj.compress(np.ascontiguousarray(volume).data),
+        cobj.flush(),
+    ]
     return b"".join(parts)
 
 
 def unpack_volume(packed: bytes) -> np.ndarray:
-    raw = zstandard.ZstdDecompressor().decompress(packed)
-    return np.load(io.BytesIO(raw), allow_pickle=False)
+    raw = zstandard.ZstdDecompressor().decompressobj().decompress(packed)
+    arr: np.ndarray = np.load(io.BytesIO(raw), allow_pickle=False)
+    return arr
 
 
 def _stats(img: Any, modality: str) -> dict[str, float]:
     """Drift statistics on every 4th slice (a drift monitor needs no more)."""
     full = img
-    img = img[:: 4] if img.ndim == 3 and img.shape[0] >= 8 else img
+    img = img[::4] if img.ndim == 3 and img.shape[0] >= 8 else img
     if modality == "CT":
         qs = ops.percentiles_from_histogram(img, STAT_QS)
     else:

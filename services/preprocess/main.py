@@ -16,8 +16,12 @@ from shared.security.envelope import Keyring
 from shared.storage import BlobStore, LocalDirBackend
 
 
-def build(settings: Settings, keyring: Keyring, registry: CollectorRegistry | None = None) -> StageSpec[SeriesReady]:
-    backend = select_backend(settings.device, memory_limit_bytes=settings.preprocess.gpu_memory_limit_bytes)
+def build(
+    settings: Settings, keyring: Keyring, registry: CollectorRegistry | None = None
+) -> StageSpec[SeriesReady]:
+    backend = select_backend(
+        settings.device, memory_limit_bytes=settings.preprocess.gpu_memory_limit_bytes
+    )
     core = PreprocessCore(
         BlobStore(LocalDirBackend(settings.blob_path), keyring),
         backend,
@@ -25,7 +29,13 @@ def build(settings: Settings, keyring: Keyring, registry: CollectorRegistry | No
         PreprocessMetrics(registry, backend) if registry is not None else None,
     )
     core.warm_up()
-    return StageSpec(name="preprocess", input_topic="series", input_type=SeriesReady, output_topic="volumes", handler=core.handle)
+    return StageSpec(
+        name="preprocess",
+        input_topic="series",
+        input_type=SeriesReady,
+        output_topic="volumes",
+        handler=core.handle,
+    )
 
 
 def main() -> int:

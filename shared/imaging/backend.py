@@ -86,7 +86,10 @@ def _cpu() -> Backend:
 
 
 def select_backend(
-    mode: DeviceMode = "auto", *, memory_limit_bytes: int | None = None, cupy_module: ModuleType | None = None
+    mode: DeviceMode = "auto",
+    *,
+    memory_limit_bytes: int | None = None,
+    cupy_module: ModuleType | None = None,
 ) -> Backend:
     """Pick the backend. ``cupy_module`` lets tests inject a stand-in for ``cupy``."""
     if mode == "cpu":
@@ -97,7 +100,9 @@ def select_backend(
         ok = bool(cp.cuda.is_available())
     except Exception as exc:  # noqa: BLE001 - import errors, CUDA driver errors: no GPU
         if mode == "gpu":
-            raise BackendUnavailable(f"RADSTREAM_DEVICE=gpu but CuPy is unusable ({type(exc).__name__})") from None
+            raise BackendUnavailable(
+                f"RADSTREAM_DEVICE=gpu but CuPy is unusable ({type(exc).__name__})"
+            ) from None
         log.info("array backend: cpu (CuPy unusable: %s)", type(exc).__name__)
         return _cpu()
     if not ok:
@@ -110,7 +115,9 @@ def select_backend(
         cp.zeros((1,), dtype=cp.float32).sum()
     except Exception as exc:  # noqa: BLE001
         if mode == "gpu":
-            raise BackendUnavailable(f"CUDA device does not answer ({type(exc).__name__})") from None
+            raise BackendUnavailable(
+                f"CUDA device does not answer ({type(exc).__name__})"
+            ) from None
         log.warning("array backend: cpu (CUDA allocation failed: %s)", type(exc).__name__)
         return _cpu()
     if memory_limit_bytes:

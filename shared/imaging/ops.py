@@ -25,9 +25,10 @@ WINDOWS: dict[str, tuple[float, float]] = {
 }
 
 
-def rescale(stored: Any, *, slope: float = 1.0, intercept: float = 0.0, dtype: Any = np.float32) -> Any:
+def rescale(
+    stored: Any, *, slope: float = 1.0, intercept: float = 0.0, dtype: Any = np.float32
+) -> Any:
     """Stored values → modality values (Hounsfield units for CT): ``stored * slope + intercept``."""
-    xp, _ = namespace(stored)
     out = stored.astype(dtype, copy=True)
     if slope != 1.0:
         out *= dtype(slope)
@@ -99,15 +100,23 @@ def resample(
 ) -> tuple[Any, tuple[float, float, float]]:
     """Resample to ``target`` spacing (mm; one value = isotropic). Returns (image, spacing)."""
     _, ndi = namespace(image)
-    tgt = [float(target)] * image.ndim if isinstance(target, int | float) else [float(t) for t in target]
-    out_shape = [max(1, round(n * s / t)) for n, s, t in zip(image.shape, spacing, tgt, strict=True)]
+    tgt = (
+        [float(target)] * image.ndim
+        if isinstance(target, int | float)
+        else [float(t) for t in target]
+    )
+    out_shape = [
+        max(1, round(n * s / t)) for n, s, t in zip(image.shape, spacing, tgt, strict=True)
+    ]
     factors = [o / n for o, n in zip(out_shape, image.shape, strict=True)]
     out = ndi.zoom(image, factors, order=order, mode="nearest", grid_mode=False)
     new_spacing = tuple(n * s / o for n, s, o in zip(image.shape, spacing, out.shape, strict=True))
-    return out, new_spacing  # type: ignore[return-value]
+    return out, new_spacing
 
 
-def percentiles_from_histogram(image: Any, qs: Sequence[float], *, lo: float = -1024, hi: float = 3072) -> list[float]:
+def percentiles_from_histogram(
+    image: Any, qs: Sequence[float], *, lo: float = -1024, hi: float = 3072
+) -> list[float]:
     """Percentiles of a large volume via a 1-HU histogram (O(n), no sort)."""
     xp, _ = namespace(image)
     hist, _ = xp.histogram(image, bins=int(hi - lo), range=(lo, hi))

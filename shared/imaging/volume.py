@@ -39,7 +39,7 @@ class Slice:
 @dataclass
 class Volume:
     """``data`` is (z, y, x); ``spacing`` (z, y, x) mm; ``origin`` the first voxel in patient
-    coordinates; ``direction`` row cosines, column cosines, normal (3 × 3, row-major)."""
+    coordinates; ``direction`` row cosines, column cosines, normal (3 x 3, row-major)."""
 
     data: np.ndarray
     spacing: tuple[float, float, float]
@@ -60,7 +60,9 @@ def decode(data: bytes) -> Slice:
     except PoisonError:
         raise
     except Exception as exc:  # noqa: BLE001 - every decoder failure is this input's fault
-        raise PoisonError("undecodable", f"pixel data cannot be decoded ({type(exc).__name__})") from None
+        raise PoisonError(
+            "undecodable", f"pixel data cannot be decoded ({type(exc).__name__})"
+        ) from None
     if int(ds.get("SamplesPerPixel", 1) or 1) > 1:
         # colour: luminance (ITU-R BT.601), so colour ultrasound/secondary capture still flow
         if str(ds.get("PhotometricInterpretation", "")).startswith("YBR"):
@@ -80,11 +82,13 @@ def decode(data: bytes) -> Slice:
         stored=arr,
         slope=float(ds.get("RescaleSlope", 1) or 1),
         intercept=float(ds.get("RescaleIntercept", 0) or 0),
-        position=pos if pos and len(pos) == 3 else None,  # type: ignore[arg-type]
+        position=pos if pos and len(pos) == 3 else None,
         orientation=floats("ImageOrientationPatient"),
         pixel_spacing=(float(spacing[0]), float(spacing[1])),
         thickness=float(ds.SliceThickness) if ds.get("SliceThickness") not in (None, "") else None,
-        between=float(ds.SpacingBetweenSlices) if ds.get("SpacingBetweenSlices") not in (None, "") else None,
+        between=float(ds.SpacingBetweenSlices)
+        if ds.get("SpacingBetweenSlices") not in (None, "")
+        else None,
         modality=str(ds.get("Modality", "OT")),
     )
 
@@ -98,7 +102,9 @@ def _normal(orientation: tuple[float, ...]) -> np.ndarray:
     return n / norm
 
 
-def assemble(slices: list[Slice]) -> tuple[list[Slice], tuple[float, float, float], tuple[float, float, float], tuple[float, ...]]:
+def assemble(
+    slices: list[Slice],
+) -> tuple[list[Slice], tuple[float, float, float], tuple[float, float, float], tuple[float, ...]]:
     """Sort and check a series. Returns (sorted slices, spacing zyx, origin, direction)."""
     if not slices:
         raise PoisonError("empty_series", "the series has no instances")
@@ -108,7 +114,12 @@ def assemble(slices: list[Slice]) -> tuple[list[Slice], tuple[float, float, floa
         dz = s.between or s.thickness or 1.0
         ori = s.orientation or (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
         n = _normal(ori)
-        return slices, (float(dz), s.pixel_spacing[0], s.pixel_spacing[1]), s.position or (0.0, 0.0, 0.0), (*ori, *n.tolist())
+        return (
+            slices,
+            (float(dz), s.pixel_spacing[0], s.pixel_spacing[1]),
+            s.position or (0.0, 0.0, 0.0),
+            (*ori, *n.tolist()),
+        )
     shape = first.stored.shape
     if first.stored.ndim != 2:
         raise PoisonError("mixed_geometry", "a multi-frame instance in a multi-instance series")
@@ -117,7 +128,9 @@ def assemble(slices: list[Slice]) -> tuple[list[Slice], tuple[float, float, floa
             raise PoisonError("mixed_geometry", "slices of different sizes in one series")
     oris = [s.orientation for s in slices]
     if any(o is None or len(o) != 6 for o in oris) or any(s.position is None for s in slices):
-        raise PoisonError("bad_geometry", "slices lack ImagePositionPatient/ImageOrientationPatient")
+        raise PoisonError(
+            "bad_geometry", "slices lack ImagePositionPatient/ImageOrientationPatient"
+        )
     base = np.array(oris[0])
     if any(np.abs(np.array(o) - base).max() > ORIENTATION_TOL for o in oris):
         raise PoisonError("mixed_geometry", "slices of different orientations in one series")
@@ -132,4 +145,9 @@ def assemble(slices: list[Slice]) -> tuple[list[Slice], tuple[float, float, floa
     if steps.max() > GAP_RATIO * step or steps.min() < step / GAP_RATIO:
         raise PoisonError("inconsistent_spacing", "slice spacing is uneven (gap or missing slice)")
     ordered = [slices[i] for i in order]
-    return ordered, (step, first.pixel_spacing[0], first.pixel_spacing[1]), ordered[0].position, (*base.tolist(), *n.tolist())  # type: ignore[return-value]
+    return (
+        ordered,
+        (step, first.pixel_spacing[0], first.pixel_spacing[1]),
+        ordered[0].position,
+        (*base.tolist(), *n.tolist()),
+    )
