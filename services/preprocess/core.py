@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from shared.config import PreprocessSettings
 from shared.imaging import ops
 from shared.imaging.backend import Backend
-from shared.imaging.volume import Slice, Volume, assemble, decode
+from shared.imaging.volume import Assembled, Slice, Volume, assemble, decode
 from shared.runtime.errors import PoisonError
 from shared.runtime.stage import Context
 from shared.schemas import SeriesReady, VolumePrepared
@@ -190,7 +190,7 @@ class PreprocessCore:
         timings["decode"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        volume = self._calibrated(msg, slices)
+        volume, asm = self._calibrated(msg, slices)
         del slices
         timings["calibrate"] = time.perf_counter() - t1
 
@@ -223,7 +223,6 @@ class PreprocessCore:
             self.metrics.voxels.labels("preprocess").set(out.size)
             self.metrics.gpu_memory.labels("preprocess").set(self.backend.memory_in_use())
         self.backend.free()
-        order = volume_order(msg)
         return VolumePrepared(
             study_instance_uid=msg.study_instance_uid,
             series_instance_uid=msg.series_instance_uid,
@@ -236,7 +235,8 @@ class PreprocessCore:
             spacing_mm=tuple(float(v) for v in spacing),  # type: ignore[arg-type]
             origin_mm=volume.origin,
             direction=volume.direction,  # type: ignore[arg-type]
-            source_instances=order,
+            source_instances=[msg.instances[i] for i in asm.order],
+            excluded_instances=[msg.instances[i].sop_instance_uid for i in asm.excluded],
             backend=self.backend.name,
             chain=chain,
             timings_s={k: round(v, 4) for k, v in timings.items()},
@@ -245,8 +245,9 @@ class PreprocessCore:
             last_published_at=msg.last_published_at,
         )
 
-    def _calibrated(self, msg: SeriesReady, slices: list[Slice]) -> Volume:
-        ordered, spacing, origin, direction = assemble(slices)
+    def _calibrated(self, msg: SeriesReady, slices: list[Slice]) -> tuple[Volume, Assembled]:
+        asm = assemble(slices)
+        ordered, spacing, origin, direction = asm.slices, asm.spacing, asm.origin, asm.direction
         first = ordered[0]
         if first.stored.ndim == 3:  # one multi-frame instance
             stored = first.stored
@@ -285,7 +286,7 @@ class PreprocessCore:
             data = np.stack(
                 [ops.rescale(s.stored, slope=s.slope, intercept=s.intercept) for s in ordered]
             )
-        return Volume(data, spacing, origin, direction, msg.modality)
+        return Volume(data, spacing, origin, direction, msg.modality), asm
 
     def _run_chain(
         self, volume: Volume, chain: list[Step]
@@ -350,8 +351,3 @@ def _stats(img: Any, modality: str) -> dict[str, float]:
     stats["sd"] = round(float(img.std()), 3)
     stats["noise"] = round(ops.noise_estimate(full), 3)
     return stats
-
-
-def volume_order(msg: SeriesReady) -> list[Any]:
-    """Source instances in volume order (ingest already ordered them along the normal)."""
-    return list(msg.instances)

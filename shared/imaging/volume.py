@@ -102,22 +102,53 @@ def _normal(orientation: tuple[float, ...]) -> np.ndarray:
     return n / norm
 
 
-def assemble(
-    slices: list[Slice],
-) -> tuple[list[Slice], tuple[float, float, float], tuple[float, float, float], tuple[float, ...]]:
-    """Sort and check a series. Returns (sorted slices, spacing zyx, origin, direction)."""
+@dataclass
+class Assembled:
+    slices: list[Slice]  # kept, in volume order
+    order: list[int]  # their indices in the input list
+    excluded: list[int]  # input indices left out (off the regular grid)
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+
+
+def _longest_regular_run(dist: np.ndarray) -> tuple[int, int]:
+    """[start, stop) of the longest run of sorted positions with even spacing."""
+    best = (0, 1)
+    start = 0
+    for i in range(1, len(dist)):
+        if i >= start + 2:
+            step = dist[start + 1] - dist[start]
+            gap = dist[i] - dist[i - 1]
+            if not (step / GAP_RATIO <= gap <= step * GAP_RATIO):
+                start = i - 1
+        if i + 1 - start > best[1] - best[0]:
+            best = (start, i + 1)
+    return best
+
+
+def assemble(slices: list[Slice]) -> Assembled:
+    """Sort and check a series.
+
+    Slices are ordered along the normal. Different sizes or orientations and two slices at one
+    position are rejected. Uneven spacing is handled explicitly when a clear majority (and at
+    least 3) of the slices form one evenly spaced run, e.g. a localizer or stray slice far
+    from the stack: that run becomes the volume and the others are listed as excluded.
+    Otherwise (a gap inside the stack) the series is rejected.
+    """
     if not slices:
         raise PoisonError("empty_series", "the series has no instances")
     first = slices[0]
     if len(slices) == 1:
-        s = first
-        dz = s.between or s.thickness or 1.0
-        ori = s.orientation or (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+        dz = first.between or first.thickness or 1.0
+        ori = first.orientation or (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
         n = _normal(ori)
-        return (
+        return Assembled(
             slices,
-            (float(dz), s.pixel_spacing[0], s.pixel_spacing[1]),
-            s.position or (0.0, 0.0, 0.0),
+            [0],
+            [],
+            (float(dz), first.pixel_spacing[0], first.pixel_spacing[1]),
+            first.position or (0.0, 0.0, 0.0),
             (*ori, *n.tolist()),
         )
     shape = first.stored.shape
@@ -141,13 +172,24 @@ def assemble(
     steps = np.diff(dist)
     if (steps < DUPLICATE_TOL_MM).any():
         raise PoisonError("duplicate_slices", "two slices share a position along the normal")
+    lo, hi = 0, len(order)
     step = float(np.median(steps))
     if steps.max() > GAP_RATIO * step or steps.min() < step / GAP_RATIO:
-        raise PoisonError("inconsistent_spacing", "slice spacing is uneven (gap or missing slice)")
-    ordered = [slices[i] for i in order]
-    return (
+        lo, hi = _longest_regular_run(dist)
+        if hi - lo < 3 or (hi - lo) * 2 <= len(order):
+            raise PoisonError(
+                "inconsistent_spacing", "slice spacing is uneven (gap or missing slice)"
+            )
+        step = float(np.median(np.diff(dist[lo:hi])))
+    kept = [int(i) for i in order[lo:hi]]
+    excluded = sorted(int(i) for i in [*order[:lo].tolist(), *order[hi:].tolist()])
+    ordered = [slices[i] for i in kept]
+    position = ordered[0].position or (0.0, 0.0, 0.0)
+    return Assembled(
         ordered,
+        kept,
+        excluded,
         (step, first.pixel_spacing[0], first.pixel_spacing[1]),
-        ordered[0].position,
+        position,
         (*base.tolist(), *n.tolist()),
     )

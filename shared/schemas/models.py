@@ -119,6 +119,9 @@ class VolumePrepared(Record):
         description="row cosines, column cosines, slice normal"
     )
     source_instances: list[InstanceRef] = Field(description="instances, in volume order")
+    excluded_instances: list[Uid] = Field(
+        default_factory=list, description="SOP Instance UIDs left out: off the slice grid"
+    )
     backend: Literal["cpu", "gpu"]
     chain: list[dict[str, str | float | list[float]]] = Field(description="steps applied, in order")
     timings_s: dict[str, float] = Field(description="decode, calibrate, chain, store, total")

@@ -104,7 +104,8 @@ def test_slices_sorted_along_the_normal(tmp_path: Path, arrangement: str) -> Non
     }[arrangement]
     # instance numbers deliberately disagree with the geometry
     scrambled = [rewrite(datas[i], InstanceNumber=k + 1) for k, i in enumerate(order)]
-    ordered, spacing, _origin, direction = assemble([decode(d) for d in scrambled])
+    asm = assemble([decode(d) for d in scrambled])
+    ordered, spacing, direction = asm.slices, asm.spacing, asm.direction
     for got, want in zip(ordered, expected, strict=True):
         np.testing.assert_array_equal(got.stored, want)
     assert spacing[0] == pytest.approx(3.0)
@@ -118,8 +119,16 @@ def test_inconsistent_series_are_rejected_with_reasons(tmp_path: Path) -> None:
         assemble([s[0], s[1], decode(rewrite(datas[2], ImagePositionPatient=list(s[1].position)))])  # type: ignore[arg-type]
     assert dup.value.reason == "duplicate_slices"
     with pytest.raises(PoisonError) as gap:
-        assemble([s[0], s[1], s[2], s[4], s[5]])
+        assemble([s[0], s[1], s[3], s[4]])  # a gap inside the stack, no clear majority run
     assert gap.value.reason == "inconsistent_spacing"
+    # a stray slice far from an even stack (a localizer): kept out, explicitly
+    stray = decode(
+        rewrite(datas[5], ImagePositionPatient=[s[0].position[0], s[0].position[1], 400.0])
+    )  # type: ignore[index]
+    asm = assemble([s[2], stray, s[0], s[1], s[3]])
+    assert asm.excluded == [1] and [x.position for x in asm.slices] == [
+        s[i].position for i in range(4)
+    ]
     small = phantom.head_ct(tmp_path / "small", seed=4, size=8, slices=2, bleed_ml=0)
     with pytest.raises(PoisonError) as mixed:
         assemble([s[0], decode(small.files[1].read_bytes())])
