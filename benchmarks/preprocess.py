@@ -18,20 +18,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import pydicom  # noqa: E402
-import scipy.ndimage as ndi  # noqa: E402
+import numpy as np
+import pydicom
+import scipy.ndimage as ndi
 
-from benchmarks.common import emit, parse_args  # noqa: E402
-from services.preprocess.core import DEFAULT_CHAINS, PreprocessCore, unpack_volume  # noqa: E402
-from shared.config import PreprocessSettings  # noqa: E402
-from shared.dicom import phantom  # noqa: E402
-from shared.imaging.backend import select_backend  # noqa: E402
-from shared.runtime.stage import Context  # noqa: E402
-from shared.schemas import SeriesReady  # noqa: E402
-from shared.security.envelope import Keyring  # noqa: E402
-from shared.storage import BlobStore, LocalDirBackend  # noqa: E402
-from tests.pipeline import files, series_ready  # noqa: E402
+from benchmarks.common import emit, parse_args
+from services.preprocess.core import DEFAULT_CHAINS, PreprocessCore, unpack_volume
+from shared.config import PreprocessSettings
+from shared.dicom import phantom
+from shared.imaging.backend import select_backend
+from shared.runtime.stage import Context
+from shared.schemas import SeriesReady
+from shared.security.envelope import Keyring
+from shared.storage import BlobStore, LocalDirBackend
+from tests.pipeline import files, series_ready
 
 
 def reference(msg: SeriesReady, store: BlobStore) -> np.ndarray:
@@ -41,7 +41,9 @@ def reference(msg: SeriesReady, store: BlobStore) -> np.ndarray:
         warnings.simplefilter("ignore")
         for ref in msg.instances:
             ds = pydicom.dcmread(io.BytesIO(store.get(ref.blob)))
-            hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+            hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(
+                ds.RescaleIntercept
+            )
             slices.append((float(ds.ImagePositionPatient[2]), hu))
     slices.sort(key=lambda t: t[0])
     vol = np.stack([s for _, s in slices])
@@ -58,7 +60,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="radstream-bench-pp-") as tmp:
         ring = Keyring.generate()
         store = BlobStore(LocalDirBackend(Path(tmp) / "blobs"), ring)
-        ph = phantom.chest_ct(Path(tmp) / "chest", seed=1, size=512, slices=slices, nodules_mm=(6.0, 10.0))
+        ph = phantom.chest_ct(
+            Path(tmp) / "chest", seed=1, size=512, slices=slices, nodules_mm=(6.0, 10.0)
+        )
         msg = series_ready(files(ph.files), store, ring)
         ctx = Context("bench.series", 0, 0, b"k", 0, None, ring)
         results = {}
@@ -104,7 +108,9 @@ def main() -> None:
         gpu_s, gpu_out = results["gpu"]
         figures["gpu_seconds_per_series"] = round(gpu_s, 3)
         figures["gpu_speedup_vs_reference"] = round(ref_s / gpu_s, 2)
-        lines.append(f"  ours (gpu): {gpu_s:.2f} s per series ({gpu_s / slices * 1000:.1f} ms/slice) {gpu_out.timings_s}")
+        lines.append(
+            f"  ours (gpu): {gpu_s:.2f} s per series ({gpu_s / slices * 1000:.1f} ms/slice) {gpu_out.timings_s}"
+        )
     emit(figures, args.json, lines)
 
 
