@@ -1,0 +1,246 @@
+"""Clinical tasks built from the classical blocks: chest CT (lungs, nodules), head CT (brain,
+haemorrhage), radiographs (edges, contours, structures). Pure functions on a volume in HU
+(z, y, x) with its geometry; array code runs on NumPy or CuPy alike."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from shared.imaging import segment as seg
+from shared.imaging.backend import namespace
+
+VERSION = "1.0.0"
+
+
+@dataclass(frozen=True)
+class Geometry:
+    spacing: tuple[float, float, float]  # z, y, x mm
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]  # row, column, normal cosines
+
+    def to_patient(self, zyx: tuple[float, float, float]) -> tuple[float, float, float]:
+        z, y, x = zyx
+        r, c, n = np.array(self.direction[:3]), np.array(self.direction[3:6]), np.array(self.direction[6:9])
+        p = np.array(self.origin) + r * x * self.spacing[2] + c * y * self.spacing[1] + n * z * self.spacing[0]
+        return (round(float(p[0]), 2), round(float(p[1]), 2), round(float(p[2]), 2))
+
+    @property
+    def voxel_ml(self) -> float:
+        return self.spacing[0] * self.spacing[1] * self.spacing[2] / 1000.0
+
+
+@dataclass
+class TaskResult:
+    task: str
+    masks: dict[str, Any]  # name -> bool array (z, y, x), in segment order
+    findings: list[dict[str, Any]]
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def _measure(mask: Any, geo: Geometry, kind: str, label: str, image: Any = None) -> dict[str, Any]:
+    xp, _ = namespace(mask)
+    idx = xp.argwhere(mask)
+    n = int(idx.shape[0])
+    lo = [int(v) for v in idx.min(axis=0)]
+    hi = [int(v) for v in idx.max(axis=0)]
+    centroid = tuple(float(v) for v in idx.mean(axis=0))
+    volume_ml = n * geo.voxel_ml
+    corners = [geo.to_patient((lo[0], lo[1], lo[2])), geo.to_patient((hi[0], hi[1], hi[2]))]
+    out: dict[str, Any] = {
+        "type": kind,
+        "label": label,
+        "volume_ml": round(volume_ml, 3),
+        "diameter_mm": round((6 * volume_ml * 1000 / math.pi) ** (1 / 3), 2),
+        "centroid_mm": list(geo.to_patient(centroid)),  # type: ignore[arg-type]
+        "bbox_mm": [min(a, b) for a, b in zip(*corners, strict=True)] + [max(a, b) for a, b in zip(*corners, strict=True)],
+        "slice_index": int(round(centroid[0])),
+        "voxels": n,
+    }
+    if image is not None:
+        out["mean_value"] = round(float(image[mask].mean()), 1)
+    return out
+
+
+def _lowres_closing(mask: Any, spacing: tuple[float, float, float], radius_mm: float) -> Any:
+    """What an in-plane closing with a disk of ``radius_mm`` adds to ``mask`` (its concavities),
+    computed at ~3 mm pixels (fast), so nodules attached to the chest wall are searched too."""
+    xp, ndi = namespace(mask)
+    f = max(1, int(round(3.0 / spacing[1])))
+    small = mask[:, ::f, ::f]
+    r = max(1, int(round(radius_mm / (spacing[1] * f))))
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    disk = xp.asarray((yy**2 + xx**2 <= r * r)[None])
+    closed = ndi.binary_closing(xp.pad(small, ((0, 0), (r, r), (r, r))), structure=disk)[:, r:-r, r:-r]
+    added = closed & ~ndi.binary_dilation(small, structure=xp.asarray(np.ones((1, 3, 3), bool)))
+    # only what the closing added (concavities), not the blocky outline of the coarse mask
+    up = xp.repeat(xp.repeat(added, f, axis=1), f, axis=2)[:, : mask.shape[1], : mask.shape[2]]
+    return up
+
+
+def self_check(comp: Any, sl: tuple[slice, ...], geo: Geometry, min_mm: float, plane: Any, erode_px: int, ndi: Any) -> bool | None:
+    """Is this component a nodule candidate? (size, shape: not a vessel, not a wall rim)."""
+    count = int(comp.sum())
+    diam = (6 * count * geo.voxel_ml * 1000 / math.pi) ** (1 / 3)
+    if diam < min_mm:
+        return None
+    z_extent = (sl[0].stop - sl[0].start) * geo.spacing[0]
+    xy_extent = max(sl[1].stop - sl[1].start, sl[2].stop - sl[2].start) * geo.spacing[1]
+    # vessels run through many slices; nodules are about as tall as they are wide
+    if z_extent > 1.6 * xy_extent + 2 * geo.spacing[0]:
+        return None
+    # blobs, not the thin partial-volume rim along the lung wall: compact and thick
+    box = (sl[0].stop - sl[0].start) * (sl[1].stop - sl[1].start) * (sl[2].stop - sl[2].start)
+    if count / box < 0.3 or xy_extent > 3.0 * diam:
+        return None
+    px = min(sl[1].stop - sl[1].start, sl[2].stop - sl[2].start)
+    if px >= 5 and int(ndi.binary_erosion(comp, structure=plane, iterations=erode_px).sum()) < 0.15 * count:
+        return None
+    return True
+
+
+def chest_ct(vol: Any, geo: Geometry, *, lung_hu: float = -400.0, nodule_hu: float = -410.0, min_nodule_mm: float = 4.0) -> TaskResult:
+    xp, ndi = namespace(vol)
+    body = seg.fill_holes_2d(seg.largest_components(vol > -500.0))
+    air_inside = (vol < lung_hu) & body
+    labels, n = seg.label(air_inside)
+    sizes = seg.component_sizes(labels, n)
+    sizes[0] = 0
+    min_vox = max(10, int(5.0 / geo.voxel_ml))  # 5 mL
+    keep = [int(i) for i in xp.argsort(sizes)[::-1][:2] if int(sizes[int(i)]) >= min_vox]
+    lungs: dict[str, Any] = {}
+    if len(keep) == 2:
+        parts = [labels == k for k in keep]
+    elif len(keep) == 1:  # lungs touching: split at the body's midline
+        whole = labels == keep[0]
+        mid = int(xp.argwhere(body).mean(axis=0)[2])
+        left_half = xp.zeros_like(whole)
+        left_half[:, :, mid:] = True
+        parts = [whole & left_half, whole & ~left_half]
+    else:
+        parts = []
+    search = xp.zeros_like(body)
+    for part in parts:
+        xs = float(xp.argwhere(part).mean(axis=0)[2])
+        patient_x = geo.to_patient((0.0, 0.0, xs))[0]
+        mid_x = geo.to_patient((0.0, 0.0, (vol.shape[2] - 1) / 2))[0]
+        name = "lung_left" if patient_x > mid_x else "lung_right"  # LPS: +x is the patient's left
+        filled = seg.fill_holes_2d(part)
+        lungs[name] = filled
+        # where nodules are looked for: the lung plus its concavities (wall-attached nodules)
+        search |= filled | (_lowres_closing(filled, geo.spacing, 10.0) & body)
+    dense = (vol > nodule_hu) & search
+    labels, n = seg.label(dense, connectivity=2)
+    findings = []
+    nodules = xp.zeros_like(body)
+    if n:
+        plane = xp.asarray(np.ones((1, 3, 3), bool))
+        erode_px = max(1, int(round(1.0 / geo.spacing[1])))
+        vessel_r = max(1, int(math.ceil(4.0 / geo.spacing[1])))
+        yy, xx = np.mgrid[-vessel_r : vessel_r + 1, -vessel_r : vessel_r + 1]
+        disk = xp.asarray((yy**2 + xx**2 <= vessel_r**2)[None])
+        for i, sl in enumerate(ndi.find_objects(labels), start=1):
+            if sl is None:
+                continue
+            comp = labels[sl] == i
+            pieces = [(sl, comp)]
+            z_extent = (sl[0].stop - sl[0].start) * geo.spacing[0]
+            xy_extent = max(sl[1].stop - sl[1].start, sl[2].stop - sl[2].start) * geo.spacing[1]
+            if z_extent > 1.6 * xy_extent + 2 * geo.spacing[0]:
+                # vessel-like: a nodule may sit on the vessel; an in-plane opening wider than
+                # vessels (4 mm) keeps it, then it regains its rim within the component
+                opened = ndi.binary_opening(comp, structure=disk)
+                plabels, pn = seg.label(opened, connectivity=2)
+                pieces = []
+                for j, psl in enumerate(ndi.find_objects(plabels), start=1):
+                    if psl is None:
+                        continue
+                    piece = xp.zeros_like(comp)
+                    piece[psl] = plabels[psl] == j
+                    piece = ndi.binary_dilation(piece, structure=disk, iterations=1) & comp
+                    local = ndi.find_objects(piece.astype(xp.int32))[0]
+                    abs_sl = tuple(slice(a.start + b.start, a.start + b.stop) for a, b in zip(sl, local, strict=True))
+                    pieces.append((abs_sl, piece[local]))
+            for psl, pcomp in pieces:
+                finding = self_check(pcomp, psl, geo, min_nodule_mm, plane, erode_px, ndi)
+                if finding is None:
+                    continue
+                full = xp.zeros_like(body)
+                full[psl] = pcomp
+                nodules |= full
+                findings.append(_measure(full, geo, "nodule", f"nodule {len(findings) + 1}", vol))
+    for name, m in lungs.items():
+        if bool(m.any()):
+            f = _measure(m, geo, "lung", name)
+            findings.append({k: f[k] for k in ("type", "label", "volume_ml", "centroid_mm", "bbox_mm", "voxels")})
+    masks = {k: lungs[k] for k in ("lung_left", "lung_right") if k in lungs}
+    masks["nodules"] = nodules
+    return TaskResult("chest_ct", masks, findings, {"lung_hu": lung_hu, "nodule_hu": nodule_hu, "min_nodule_mm": min_nodule_mm})
+
+
+def head_ct(
+    vol: Any, geo: Geometry, *, blood_low: float = 50.0, blood_high: float = 90.0, min_bleed_ml: float = 0.05
+) -> TaskResult:
+    xp, ndi = namespace(vol)
+    bone = vol > 300.0
+    inside = seg.fill_holes_2d(bone) & ~ndi.binary_dilation(bone, iterations=2)
+    brain = seg.largest_components(inside & (vol > -20.0) & (vol < 100.0))
+    brain = seg.fill_holes_2d(brain)
+    cand = brain & (vol >= blood_low) & (vol <= blood_high)
+    cand = seg.opening(cand, iterations=1)
+    labels, n = seg.label(cand, connectivity=1)
+    findings = []
+    bleed = xp.zeros_like(brain)
+    if n:
+        for i, sl in enumerate(ndi.find_objects(labels), start=1):
+            if sl is None:
+                continue
+            comp = labels[sl] == i
+            if int(comp.sum()) * geo.voxel_ml < min_bleed_ml:
+                continue  # specks
+            full = xp.zeros_like(brain)
+            full[sl] = comp
+            bleed |= full
+            findings.append(_measure(full, geo, "haemorrhage", f"haemorrhage {len(findings) + 1}", vol))
+    if bool(brain.any()):
+        f = _measure(brain, geo, "brain", "brain")
+        findings.append({k: f[k] for k in ("type", "label", "volume_ml", "centroid_mm", "bbox_mm", "voxels")})
+    return TaskResult("head_ct", {"brain": brain, "haemorrhage": bleed}, findings, {"blood_low": blood_low, "blood_high": blood_high, "min_bleed_ml": min_bleed_ml})
+
+
+def radiograph(img: Any, geo: Geometry, *, sigma: float = 2.0, structures: int = 2) -> TaskResult:
+    """Edges (Canny), external contours and the largest dark structures (e.g. lung fields)."""
+    xp, ndi = namespace(img)
+    plane = np.asarray(img[0] if img.ndim == 3 else img, dtype=np.float32)
+    edges = seg.canny(plane, sigma=sigma)
+    t = seg.otsu(plane)
+    dark = plane < t
+    labels, n = seg.label(dark)
+    border = seg.touches_border(labels, n)
+    sizes = seg.component_sizes(labels, n)
+    sizes[0] = 0
+    sizes[border] = 0
+    keep = [int(i) for i in np.argsort(sizes)[::-1][:structures] if sizes[int(i)] > 0]
+    masks: dict[str, Any] = {}
+    findings = []
+    pixel_mm2 = geo.spacing[1] * geo.spacing[2]
+    for k, lab in enumerate(keep, start=1):
+        m = ndi.binary_fill_holes(labels == lab)
+        contours = seg.external_contours(m)
+        masks[f"structure_{k}"] = m[None]
+        idx = np.argwhere(m)
+        cy, cx = idx.mean(axis=0)
+        findings.append({
+            "type": "structure",
+            "label": f"structure {k}",
+            "area_mm2": round(float(m.sum()) * pixel_mm2, 1),
+            "centroid_mm": list(geo.to_patient((0.0, float(cy), float(cx)))),
+            "contour_points": int(sum(len(c) for c in contours)),
+            "slice_index": 0,
+        })
+    masks["edges"] = edges[None]
+    findings.append({"type": "edges", "label": "canny edges", "edge_pixels": int(edges.sum()), "slice_index": 0})
+    return TaskResult("radiograph", masks, findings, {"sigma": sigma, "otsu": round(float(t), 2)})

@@ -1,0 +1,135 @@
+"""Classical segmentation building blocks, one implementation for NumPy and CuPy.
+
+Stateless, arrays in and out, keyword-only options (cuCIM style). Thresholds are in the
+image's units (HU for CT). ``canny`` and ``contours`` are the classic 2D pipeline and run on
+the host (scikit-image), since radiographs are small 2D images.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from shared.imaging.backend import namespace
+
+
+def threshold(image: Any, *, low: float = -np.inf, high: float = np.inf) -> Any:
+    """Voxels with ``low <= value <= high``."""
+    return (image >= low) & (image <= high)
+
+
+def otsu(image: Any, *, bins: int = 256, mask: Any = None) -> float:
+    """Otsu's threshold from the histogram (maximises between-class variance)."""
+    xp, _ = namespace(image)
+    values = image[mask] if mask is not None else image.ravel()
+    hist, edges = xp.histogram(values, bins=bins)
+    hist = hist.astype(xp.float64)
+    centers = (edges[:-1] + edges[1:]) / 2
+    w0 = xp.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = xp.cumsum(hist * centers) / xp.maximum(w0, 1)
+    m1 = (xp.sum(hist * centers) - xp.cumsum(hist * centers)) / xp.maximum(w1, 1)
+    between = w0 * w1 * (m0 - m1) ** 2
+    return float(centers[int(xp.argmax(between[:-1]))])
+
+
+def label(mask: Any, *, connectivity: int = 1) -> tuple[Any, int]:
+    """Connected components (6-connectivity in 3D by default; 2 = 18, 3 = 26)."""
+    _, ndi = namespace(mask)
+    structure = ndi.generate_binary_structure(mask.ndim, connectivity)
+    labels, n = ndi.label(mask, structure=structure)
+    return labels, int(n)
+
+
+def component_sizes(labels: Any, n: int) -> Any:
+    xp, _ = namespace(labels)
+    return xp.bincount(labels.ravel(), minlength=n + 1)
+
+
+def largest_components(mask: Any, *, count: int = 1, connectivity: int = 1) -> Any:
+    """The ``count`` largest connected components of ``mask``."""
+    xp, _ = namespace(mask)
+    labels, n = label(mask, connectivity=connectivity)
+    if n == 0:
+        return xp.zeros_like(mask, dtype=bool)
+    sizes = component_sizes(labels, n)
+    sizes[0] = 0
+    keep = xp.argsort(sizes)[::-1][:count]
+    keep = keep[sizes[keep] > 0]
+    return xp.isin(labels, keep)
+
+
+def region_grow(image: Any, *, seed: tuple[int, ...], low: float, high: float, connectivity: int = 1) -> Any:
+    """Voxels connected to ``seed`` whose values lie in [low, high]."""
+    xp, _ = namespace(image)
+    inside = threshold(image, low=low, high=high)
+    if not bool(inside[seed]):
+        return xp.zeros_like(inside)
+    labels, _ = label(inside, connectivity=connectivity)
+    return labels == labels[seed]
+
+
+def opening(mask: Any, *, iterations: int = 1, structure: Any = None) -> Any:
+    _, ndi = namespace(mask)
+    return ndi.binary_opening(mask, structure=structure, iterations=iterations)
+
+
+def closing(mask: Any, *, iterations: int = 1, structure: Any = None) -> Any:
+    _, ndi = namespace(mask)
+    return ndi.binary_closing(mask, structure=structure, iterations=iterations)
+
+
+def fill_holes_2d(mask: Any) -> Any:
+    """Fill holes slice by slice (axial), as lungs and skulls are closed in-plane."""
+    xp, ndi = namespace(mask)
+    if mask.ndim == 2:
+        return ndi.binary_fill_holes(mask)
+    out = xp.empty_like(mask)
+    for z in range(mask.shape[0]):
+        out[z] = ndi.binary_fill_holes(mask[z])
+    return out
+
+
+def touches_border(labels: Any, n: int) -> Any:
+    """Boolean per label id (0..n): does the component touch the in-plane image border?"""
+    xp, _ = namespace(labels)
+    edge = xp.zeros(n + 1, dtype=bool)
+    for sl in (labels[..., 0, :], labels[..., -1, :], labels[..., :, 0], labels[..., :, -1]):
+        edge[xp.unique(sl)] = True
+    edge[0] = False
+    return edge
+
+
+def kmeans_1d(values: Any, *, k: int = 3, iterations: int = 20, seed: int = 0) -> tuple[Any, Any]:
+    """k-means on intensities (tissue classes). Returns (sorted centers, labels)."""
+    xp, _ = namespace(values)
+    flat = values.ravel().astype(xp.float32)
+    qs = xp.linspace(5, 95, k)
+    centers = xp.percentile(flat, qs).astype(xp.float32)
+    for _ in range(iterations):
+        labels = xp.argmin(xp.abs(flat[:, None] - centers[None, :]), axis=1)
+        new = xp.stack([flat[labels == i].mean() if bool((labels == i).any()) else centers[i] for i in range(k)])
+        if bool(xp.allclose(new, centers)):
+            break
+        centers = new
+    order = xp.argsort(centers)
+    remap = xp.empty_like(order)
+    remap[order] = xp.arange(k)
+    return centers[order], remap[labels].reshape(values.shape)
+
+
+def canny(image: np.ndarray, *, sigma: float = 2.0, low: float | None = None, high: float | None = None) -> np.ndarray:
+    """Gaussian → gradient → non-maximum suppression → hysteresis (scikit-image, 2D)."""
+    from skimage import feature
+
+    img = np.asarray(image, dtype=np.float64)
+    return np.asarray(feature.canny(img, sigma=sigma, low_threshold=low, high_threshold=high, use_quantiles=low is None and high is None and False))
+
+
+def external_contours(mask: np.ndarray) -> list[np.ndarray]:
+    """Outer boundaries of the components of a 2D mask, as (row, col) polylines."""
+    from skimage import measure
+
+    filled = np.asarray(fill_holes_2d(np.asarray(mask, bool)))
+    return [c for c in measure.find_contours(filled.astype(np.float32), 0.5)]
