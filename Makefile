@@ -10,10 +10,11 @@ PYTHON ?= python3
 
 setup: $(STAMP) kafka debs
 
-# Debian packages the tests and demo use as real peers (dcmtk: storescu/echoscu).
-DEBS := dcmtk
+# Debian packages the tests and demo use as real peers (dcmtk: storescu/echoscu;
+# dicom3tools: dciodvfy, an independent DICOM validator).
 debs:
 	@missing=""; command -v storescu >/dev/null || missing="$$missing dcmtk"; \
+	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
 	if [ -n "$$missing" ]; then \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 	  echo "installing Debian packages:$$missing"; \

@@ -130,6 +130,30 @@ class VolumePrepared(Record):
     last_published_at: datetime
 
 
+class Finding(BaseModel):
+    """One measured finding, in physical units and patient coordinates (LPS, mm)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    type: str = Field(max_length=32, description="lung, nodule, brain, haemorrhage, structure, edges")
+    label: str = Field(max_length=64)
+    volume_ml: float | None = None
+    diameter_mm: float | None = Field(None, description="equivalent-sphere diameter")
+    area_mm2: float | None = None
+    centroid_mm: list[float] | None = None
+    bbox_mm: list[float] | None = Field(None, description="x0, y0, z0, x1, y1, z1")
+    slice_index: int | None = Field(None, description="volume slice of the centroid")
+    mean_value: float | None = Field(None, description="mean HU (CT) inside")
+    voxels: int | None = None
+    contour_points: int | None = None
+    edge_pixels: int | None = None
+
+
+class NamedBlob(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    name: str = Field(max_length=64)
+    blob: BlobRef
+
+
 class SegmentationDone(Record):
     """``findings``: masks and measured findings for one series revision."""
 
@@ -138,8 +162,20 @@ class SegmentationDone(Record):
     series_instance_uid: Uid
     revision: int = Field(ge=1)
     modality: str = Field(max_length=16)
-    findings: list[dict[str, float | str]] = Field(default_factory=list)
-    seg: BlobRef | None = None
+    body_part: str | None = Field(None, max_length=16)
+    task: str = Field(max_length=32, description="chest_ct, head_ct, radiograph, onnx:<name>, none")
+    findings: list[Finding] = Field(default_factory=list)
+    masks: BlobRef | None = Field(None, description=".npz of the boolean masks (z, y, x)")
+    seg: BlobRef | None = Field(None, description="DICOM SEG (Part 10)")
+    seg_sop_instance_uid: Uid | None = Field(None, description="idempotency key for PACS")
+    overlays: list[NamedBlob] = Field(default_factory=list, description="PNG key slices")
+    algorithm: str = Field(max_length=64)
+    algorithm_version: str = Field(max_length=32)
+    parameters: dict[str, float | str] = Field(default_factory=dict)
+    source_offset: int = Field(ge=0, description="offset of the VolumePrepared it came from")
+    source_partition: int = Field(ge=0)
+    timings_s: dict[str, float] = Field(default_factory=dict)
+    acquired_at: str | None = Field(None, max_length=32)
     last_published_at: datetime
 
 

@@ -1,0 +1,138 @@
+"""Segmentation's core: VolumePrepared → task (by modality/body part) → findings, masks,
+DICOM SEG, overlay PNGs → SegmentationDone. No Kafka here."""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from services.preprocess.core import unpack_volume
+from services.segmentation import tasks
+from shared.dicom.seg import Algorithm, build_seg, seg_uid, source_headers
+from shared.imaging.backend import Backend
+from shared.imaging.overlay import overlay_png
+from shared.runtime.errors import PoisonError
+from shared.runtime.stage import Context
+from shared.schemas import Finding, NamedBlob, SegmentationDone, VolumePrepared
+from shared.storage import BlobError, BlobStore
+
+log = logging.getLogger("radstream.segmentation")
+
+WINDOWS = {"chest_ct": (-600.0, 1500.0), "head_ct": (40.0, 80.0)}
+
+
+def task_for(modality: str, body_part: str | None, depth: int) -> str:
+    part = (body_part or "").upper()
+    if modality == "CT" and part in ("CHEST", "THORAX", "LUNG"):
+        return "chest_ct"
+    if modality == "CT" and part in ("HEAD", "BRAIN", "SKULL"):
+        return "head_ct"
+    if modality in ("DX", "CR", "MG", "XA", "RF") or (depth == 1 and modality != "CT"):
+        return "radiograph"
+    return "none"
+
+
+@dataclass
+class SegmentationCore:
+    store: BlobStore
+    backend: Backend
+
+    def handle(self, msg: VolumePrepared, ctx: Context) -> SegmentationDone:
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
+        try:
+            vol = unpack_volume(self.store.get(msg.volume)).astype(np.float32)
+        except BlobError as exc:
+            raise PoisonError(exc.reason, "the volume is missing or corrupt in the blob store") from None
+        task = task_for(msg.modality, msg.body_part, vol.shape[0])
+        geo = tasks.Geometry(msg.spacing_mm, msg.origin_mm, msg.direction)
+        algorithm = Algorithm(f"radstream-{task}", tasks.VERSION)
+        result: tasks.TaskResult | None = None
+        t1 = time.perf_counter()
+        if task != "none":
+            dev = self.backend.upload(vol)
+            fn = {"chest_ct": tasks.chest_ct, "head_ct": tasks.head_ct, "radiograph": tasks.radiograph}[task]
+            result = fn(dev, geo)
+            result.masks = {k: self.backend.download(v).astype(bool) for k, v in result.masks.items()}
+            self.backend.free()
+        timings["segment"] = time.perf_counter() - t1
+        findings = [Finding(**_clean(f)) for f in (result.findings if result else [])]
+
+        t2 = time.perf_counter()
+        masks_ref = seg_ref = None
+        seg_sop = None
+        overlays: list[NamedBlob] = []
+        if result is not None:
+            buf = io.BytesIO()
+            np.savez_compressed(buf, **result.masks)
+            masks_ref = self.store.put(buf.getvalue())
+            overlays = self._overlays(task, vol, result)
+            if task in ("chest_ct", "head_ct") and len(msg.source_instances) == vol.shape[0]:
+                try:
+                    sources = source_headers([self.store.get(ref.blob) for ref in msg.source_instances])
+                    seg_bytes = build_seg(
+                        sources, result.masks, series_instance_uid=msg.series_instance_uid, revision=msg.revision, algorithm=algorithm
+                    )
+                    seg_ref = self.store.put(seg_bytes)
+                    seg_sop = seg_uid(msg.series_instance_uid, msg.revision, algorithm)
+                except (ValueError, BlobError) as exc:
+                    log.warning("segmentation: no DICOM SEG for this series (%s)", type(exc).__name__)
+        timings["outputs"] = time.perf_counter() - t2
+        timings["total"] = time.perf_counter() - t0
+        return SegmentationDone(
+            study_instance_uid=msg.study_instance_uid,
+            series_instance_uid=msg.series_instance_uid,
+            revision=msg.revision,
+            modality=msg.modality,
+            body_part=msg.body_part,
+            task=task,
+            findings=findings,
+            masks=masks_ref,
+            seg=seg_ref,
+            seg_sop_instance_uid=seg_sop,
+            overlays=overlays,
+            algorithm=algorithm.name,
+            algorithm_version=algorithm.version,
+            parameters={k: v for k, v in (result.params if result else {}).items() if isinstance(v, float | str)},
+            source_offset=ctx.offset,
+            source_partition=ctx.partition,
+            timings_s={k: round(v, 4) for k, v in timings.items()},
+            acquired_at=msg.acquired_at,
+            last_published_at=msg.last_published_at,
+        )
+
+    def _overlays(self, task: str, vol: np.ndarray, result: tasks.TaskResult) -> list[NamedBlob]:
+        if task == "radiograph":
+            img = vol[0]
+            center, width = float(img.mean()), float(4 * img.std() or 1.0)
+            masks = {k: v[0] for k, v in result.masks.items() if k != "edges"}
+            return [NamedBlob(name="radiograph.png", blob=self.store.put(overlay_png(img, masks, center=center, width=width)))]
+        center, width = WINDOWS[task]
+        lesion = "nodule" if task == "chest_ct" else "haemorrhage"
+        keys = [f.get("slice_index") for f in result.findings if f["type"] == lesion][:3]
+        if not keys:
+            organ = next(iter(result.masks.values()))
+            zs = np.argwhere(organ.any(axis=(1, 2)))
+            keys = [int(zs[len(zs) // 2][0])] if len(zs) else [vol.shape[0] // 2]
+        out = []
+        for z in dict.fromkeys(int(k) for k in keys if k is not None):
+            png = overlay_png(vol[z], {k: v[z] for k, v in result.masks.items()}, center=center, width=width)
+            out.append(NamedBlob(name=f"slice-{z:04d}.png", blob=self.store.put(png)))
+        return out
+
+
+def _clean(f: dict[str, Any]) -> dict[str, Any]:
+    allowed = set(Finding.model_fields)
+    out = {k: v for k, v in f.items() if k in allowed}
+    for k in ("volume_ml", "diameter_mm", "area_mm2", "mean_value"):
+        if k in out and out[k] is not None:
+            out[k] = float(out[k])
+    for k in ("centroid_mm", "bbox_mm"):
+        if k in out and out[k] is not None:
+            out[k] = [float(v) for v in out[k]]
+    return out

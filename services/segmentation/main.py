@@ -1,0 +1,31 @@
+"""Segmentation service: VolumePrepared → findings, DICOM SEG, overlays → SegmentationDone."""
+
+from __future__ import annotations
+
+import sys
+
+from prometheus_client import CollectorRegistry
+
+from services.segmentation.core import SegmentationCore
+from shared.config import Settings
+from shared.imaging.backend import select_backend
+from shared.runtime.service import run_stage
+from shared.runtime.stage import StageSpec
+from shared.schemas import VolumePrepared
+from shared.security.envelope import Keyring
+from shared.storage import BlobStore, LocalDirBackend
+
+
+def build(settings: Settings, keyring: Keyring, registry: CollectorRegistry | None = None) -> StageSpec[VolumePrepared]:
+    del registry
+    core = SegmentationCore(BlobStore(LocalDirBackend(settings.blob_path), keyring), select_backend(settings.device))
+    return StageSpec(name="segmentation", input_topic="volumes", input_type=VolumePrepared, output_topic="findings", handler=core.handle)
+
+
+def main() -> int:
+    settings = Settings()
+    return run_stage(lambda keyring, registry: build(settings, keyring, registry), settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
