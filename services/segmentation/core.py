@@ -48,7 +48,9 @@ class SegmentationCore:
         try:
             vol = unpack_volume(self.store.get(msg.volume)).astype(np.float32)
         except BlobError as exc:
-            raise PoisonError(exc.reason, "the volume is missing or corrupt in the blob store") from None
+            raise PoisonError(
+                exc.reason, "the volume is missing or corrupt in the blob store"
+            ) from None
         task = task_for(msg.modality, msg.body_part, vol.shape[0])
         geo = tasks.Geometry(msg.spacing_mm, msg.origin_mm, msg.direction)
         algorithm = Algorithm(f"radstream-{task}", tasks.VERSION)
@@ -56,9 +58,15 @@ class SegmentationCore:
         t1 = time.perf_counter()
         if task != "none":
             dev = self.backend.upload(vol)
-            fn = {"chest_ct": tasks.chest_ct, "head_ct": tasks.head_ct, "radiograph": tasks.radiograph}[task]
+            fn: Any = {
+                "chest_ct": tasks.chest_ct,
+                "head_ct": tasks.head_ct,
+                "radiograph": tasks.radiograph,
+            }[task]
             result = fn(dev, geo)
-            result.masks = {k: self.backend.download(v).astype(bool) for k, v in result.masks.items()}
+            result.masks = {
+                k: self.backend.download(v).astype(bool) for k, v in result.masks.items()
+            }
             self.backend.free()
         timings["segment"] = time.perf_counter() - t1
         findings = [Finding(**_clean(f)) for f in (result.findings if result else [])]
@@ -74,14 +82,22 @@ class SegmentationCore:
             overlays = self._overlays(task, vol, result)
             if task in ("chest_ct", "head_ct") and len(msg.source_instances) == vol.shape[0]:
                 try:
-                    sources = source_headers([self.store.get(ref.blob) for ref in msg.source_instances])
+                    sources = source_headers(
+                        [self.store.get(ref.blob) for ref in msg.source_instances]
+                    )
                     seg_bytes = build_seg(
-                        sources, result.masks, series_instance_uid=msg.series_instance_uid, revision=msg.revision, algorithm=algorithm
+                        sources,
+                        result.masks,
+                        series_instance_uid=msg.series_instance_uid,
+                        revision=msg.revision,
+                        algorithm=algorithm,
                     )
                     seg_ref = self.store.put(seg_bytes)
                     seg_sop = seg_uid(msg.series_instance_uid, msg.revision, algorithm)
                 except (ValueError, BlobError) as exc:
-                    log.warning("segmentation: no DICOM SEG for this series (%s)", type(exc).__name__)
+                    log.warning(
+                        "segmentation: no DICOM SEG for this series (%s)", type(exc).__name__
+                    )
         timings["outputs"] = time.perf_counter() - t2
         timings["total"] = time.perf_counter() - t0
         return SegmentationDone(
@@ -98,7 +114,11 @@ class SegmentationCore:
             overlays=overlays,
             algorithm=algorithm.name,
             algorithm_version=algorithm.version,
-            parameters={k: v for k, v in (result.params if result else {}).items() if isinstance(v, float | str)},
+            parameters={
+                k: v
+                for k, v in (result.params if result else {}).items()
+                if isinstance(v, float | str)
+            },
             source_offset=ctx.offset,
             source_partition=ctx.partition,
             timings_s={k: round(v, 4) for k, v in timings.items()},
@@ -111,7 +131,12 @@ class SegmentationCore:
             img = vol[0]
             center, width = float(img.mean()), float(4 * img.std() or 1.0)
             masks = {k: v[0] for k, v in result.masks.items() if k != "edges"}
-            return [NamedBlob(name="radiograph.png", blob=self.store.put(overlay_png(img, masks, center=center, width=width)))]
+            return [
+                NamedBlob(
+                    name="radiograph.png",
+                    blob=self.store.put(overlay_png(img, masks, center=center, width=width)),
+                )
+            ]
         center, width = WINDOWS[task]
         lesion = "nodule" if task == "chest_ct" else "haemorrhage"
         keys = [f.get("slice_index") for f in result.findings if f["type"] == lesion][:3]
@@ -121,7 +146,9 @@ class SegmentationCore:
             keys = [int(zs[len(zs) // 2][0])] if len(zs) else [vol.shape[0] // 2]
         out = []
         for z in dict.fromkeys(int(k) for k in keys if k is not None):
-            png = overlay_png(vol[z], {k: v[z] for k, v in result.masks.items()}, center=center, width=width)
+            png = overlay_png(
+                vol[z], {k: v[z] for k, v in result.masks.items()}, center=center, width=width
+            )
             out.append(NamedBlob(name=f"slice-{z:04d}.png", blob=self.store.put(png)))
         return out
 

@@ -16,10 +16,20 @@ from shared.security.envelope import Keyring
 from shared.storage import BlobStore, LocalDirBackend
 
 
-def build(settings: Settings, keyring: Keyring, registry: CollectorRegistry | None = None) -> StageSpec[VolumePrepared]:
+def build(
+    settings: Settings, keyring: Keyring, registry: CollectorRegistry | None = None
+) -> StageSpec[VolumePrepared]:
     del registry
-    core = SegmentationCore(BlobStore(LocalDirBackend(settings.blob_path), keyring), select_backend(settings.device))
-    return StageSpec(name="segmentation", input_topic="volumes", input_type=VolumePrepared, output_topic="findings", handler=core.handle)
+    core = SegmentationCore(
+        BlobStore(LocalDirBackend(settings.blob_path), keyring), select_backend(settings.device)
+    )
+    return StageSpec(
+        name="segmentation",
+        input_topic="volumes",
+        input_type=VolumePrepared,
+        output_topic="findings",
+        handler=core.handle,
+    )
 
 
 def main() -> int:

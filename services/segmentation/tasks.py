@@ -24,8 +24,17 @@ class Geometry:
 
     def to_patient(self, zyx: tuple[float, float, float]) -> tuple[float, float, float]:
         z, y, x = zyx
-        r, c, n = np.array(self.direction[:3]), np.array(self.direction[3:6]), np.array(self.direction[6:9])
-        p = np.array(self.origin) + r * x * self.spacing[2] + c * y * self.spacing[1] + n * z * self.spacing[0]
+        r, c, n = (
+            np.array(self.direction[:3]),
+            np.array(self.direction[3:6]),
+            np.array(self.direction[6:9]),
+        )
+        p = (
+            np.array(self.origin)
+            + r * x * self.spacing[2]
+            + c * y * self.spacing[1]
+            + n * z * self.spacing[0]
+        )
         return (round(float(p[0]), 2), round(float(p[1]), 2), round(float(p[2]), 2))
 
     @property
@@ -56,8 +65,9 @@ def _measure(mask: Any, geo: Geometry, kind: str, label: str, image: Any = None)
         "volume_ml": round(volume_ml, 3),
         "diameter_mm": round((6 * volume_ml * 1000 / math.pi) ** (1 / 3), 2),
         "centroid_mm": list(geo.to_patient(centroid)),  # type: ignore[arg-type]
-        "bbox_mm": [min(a, b) for a, b in zip(*corners, strict=True)] + [max(a, b) for a, b in zip(*corners, strict=True)],
-        "slice_index": int(round(centroid[0])),
+        "bbox_mm": [min(a, b) for a, b in zip(*corners, strict=True)]
+        + [max(a, b) for a, b in zip(*corners, strict=True)],
+        "slice_index": round(centroid[0]),
         "voxels": n,
     }
     if image is not None:
@@ -69,19 +79,29 @@ def _lowres_closing(mask: Any, spacing: tuple[float, float, float], radius_mm: f
     """What an in-plane closing with a disk of ``radius_mm`` adds to ``mask`` (its concavities),
     computed at ~3 mm pixels (fast), so nodules attached to the chest wall are searched too."""
     xp, ndi = namespace(mask)
-    f = max(1, int(round(3.0 / spacing[1])))
+    f = max(1, round(3.0 / spacing[1]))
     small = mask[:, ::f, ::f]
-    r = max(1, int(round(radius_mm / (spacing[1] * f))))
+    r = max(1, round(radius_mm / (spacing[1] * f)))
     yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
     disk = xp.asarray((yy**2 + xx**2 <= r * r)[None])
-    closed = ndi.binary_closing(xp.pad(small, ((0, 0), (r, r), (r, r))), structure=disk)[:, r:-r, r:-r]
+    closed = ndi.binary_closing(xp.pad(small, ((0, 0), (r, r), (r, r))), structure=disk)[
+        :, r:-r, r:-r
+    ]
     added = closed & ~ndi.binary_dilation(small, structure=xp.asarray(np.ones((1, 3, 3), bool)))
     # only what the closing added (concavities), not the blocky outline of the coarse mask
     up = xp.repeat(xp.repeat(added, f, axis=1), f, axis=2)[:, : mask.shape[1], : mask.shape[2]]
     return up
 
 
-def self_check(comp: Any, sl: tuple[slice, ...], geo: Geometry, min_mm: float, plane: Any, erode_px: int, ndi: Any) -> bool | None:
+def self_check(
+    comp: Any,
+    sl: tuple[slice, ...],
+    geo: Geometry,
+    min_mm: float,
+    plane: Any,
+    erode_px: int,
+    ndi: Any,
+) -> bool | None:
     """Is this component a nodule candidate? (size, shape: not a vessel, not a wall rim)."""
     count = int(comp.sum())
     diam = (6 * count * geo.voxel_ml * 1000 / math.pi) ** (1 / 3)
@@ -97,12 +117,22 @@ def self_check(comp: Any, sl: tuple[slice, ...], geo: Geometry, min_mm: float, p
     if count / box < 0.3 or xy_extent > 3.0 * diam:
         return None
     px = min(sl[1].stop - sl[1].start, sl[2].stop - sl[2].start)
-    if px >= 5 and int(ndi.binary_erosion(comp, structure=plane, iterations=erode_px).sum()) < 0.15 * count:
+    if (
+        px >= 5
+        and int(ndi.binary_erosion(comp, structure=plane, iterations=erode_px).sum()) < 0.15 * count
+    ):
         return None
     return True
 
 
-def chest_ct(vol: Any, geo: Geometry, *, lung_hu: float = -400.0, nodule_hu: float = -410.0, min_nodule_mm: float = 4.0) -> TaskResult:
+def chest_ct(
+    vol: Any,
+    geo: Geometry,
+    *,
+    lung_hu: float = -400.0,
+    nodule_hu: float = -410.0,
+    min_nodule_mm: float = 4.0,
+) -> TaskResult:
     xp, ndi = namespace(vol)
     body = seg.fill_holes_2d(seg.largest_components(vol > -500.0))
     air_inside = (vol < lung_hu) & body
@@ -134,12 +164,12 @@ def chest_ct(vol: Any, geo: Geometry, *, lung_hu: float = -400.0, nodule_hu: flo
         search |= filled | (_lowres_closing(filled, geo.spacing, 10.0) & body)
     dense = (vol > nodule_hu) & search
     labels, n = seg.label(dense, connectivity=2)
-    findings = []
+    findings: list[dict[str, Any]] = []
     nodules = xp.zeros_like(body)
     if n:
         plane = xp.asarray(np.ones((1, 3, 3), bool))
-        erode_px = max(1, int(round(1.0 / geo.spacing[1])))
-        vessel_r = max(1, int(math.ceil(4.0 / geo.spacing[1])))
+        erode_px = max(1, round(1.0 / geo.spacing[1]))
+        vessel_r = max(1, math.ceil(4.0 / geo.spacing[1]))
         yy, xx = np.mgrid[-vessel_r : vessel_r + 1, -vessel_r : vessel_r + 1]
         disk = xp.asarray((yy**2 + xx**2 <= vessel_r**2)[None])
         for i, sl in enumerate(ndi.find_objects(labels), start=1):
@@ -153,7 +183,7 @@ def chest_ct(vol: Any, geo: Geometry, *, lung_hu: float = -400.0, nodule_hu: flo
                 # vessel-like: a nodule may sit on the vessel; an in-plane opening wider than
                 # vessels (4 mm) keeps it, then it regains its rim within the component
                 opened = ndi.binary_opening(comp, structure=disk)
-                plabels, pn = seg.label(opened, connectivity=2)
+                plabels, _pn = seg.label(opened, connectivity=2)
                 pieces = []
                 for j, psl in enumerate(ndi.find_objects(plabels), start=1):
                     if psl is None:
@@ -162,7 +192,10 @@ def chest_ct(vol: Any, geo: Geometry, *, lung_hu: float = -400.0, nodule_hu: flo
                     piece[psl] = plabels[psl] == j
                     piece = ndi.binary_dilation(piece, structure=disk, iterations=1) & comp
                     local = ndi.find_objects(piece.astype(xp.int32))[0]
-                    abs_sl = tuple(slice(a.start + b.start, a.start + b.stop) for a, b in zip(sl, local, strict=True))
+                    abs_sl = tuple(
+                        slice(a.start + b.start, a.start + b.stop)
+                        for a, b in zip(sl, local, strict=True)
+                    )
                     pieces.append((abs_sl, piece[local]))
             for psl, pcomp in pieces:
                 finding = self_check(pcomp, psl, geo, min_nodule_mm, plane, erode_px, ndi)
@@ -175,14 +208,29 @@ def chest_ct(vol: Any, geo: Geometry, *, lung_hu: float = -400.0, nodule_hu: flo
     for name, m in lungs.items():
         if bool(m.any()):
             f = _measure(m, geo, "lung", name)
-            findings.append({k: f[k] for k in ("type", "label", "volume_ml", "centroid_mm", "bbox_mm", "voxels")})
-    masks = {k: lungs[k] for k in ("lung_left", "lung_right") if k in lungs}
+            findings.append(
+                {
+                    k: f[k]
+                    for k in ("type", "label", "volume_ml", "centroid_mm", "bbox_mm", "voxels")
+                }
+            )
+    masks: dict[str, Any] = {k: lungs[k] for k in ("lung_left", "lung_right") if k in lungs}
     masks["nodules"] = nodules
-    return TaskResult("chest_ct", masks, findings, {"lung_hu": lung_hu, "nodule_hu": nodule_hu, "min_nodule_mm": min_nodule_mm})
+    return TaskResult(
+        "chest_ct",
+        masks,
+        findings,
+        {"lung_hu": lung_hu, "nodule_hu": nodule_hu, "min_nodule_mm": min_nodule_mm},
+    )
 
 
 def head_ct(
-    vol: Any, geo: Geometry, *, blood_low: float = 50.0, blood_high: float = 90.0, min_bleed_ml: float = 0.05
+    vol: Any,
+    geo: Geometry,
+    *,
+    blood_low: float = 50.0,
+    blood_high: float = 90.0,
+    min_bleed_ml: float = 0.05,
 ) -> TaskResult:
     xp, ndi = namespace(vol)
     bone = vol > 300.0
@@ -192,7 +240,7 @@ def head_ct(
     cand = brain & (vol >= blood_low) & (vol <= blood_high)
     cand = seg.opening(cand, iterations=1)
     labels, n = seg.label(cand, connectivity=1)
-    findings = []
+    findings: list[dict[str, Any]] = []
     bleed = xp.zeros_like(brain)
     if n:
         for i, sl in enumerate(ndi.find_objects(labels), start=1):
@@ -204,16 +252,25 @@ def head_ct(
             full = xp.zeros_like(brain)
             full[sl] = comp
             bleed |= full
-            findings.append(_measure(full, geo, "haemorrhage", f"haemorrhage {len(findings) + 1}", vol))
+            findings.append(
+                _measure(full, geo, "haemorrhage", f"haemorrhage {len(findings) + 1}", vol)
+            )
     if bool(brain.any()):
         f = _measure(brain, geo, "brain", "brain")
-        findings.append({k: f[k] for k in ("type", "label", "volume_ml", "centroid_mm", "bbox_mm", "voxels")})
-    return TaskResult("head_ct", {"brain": brain, "haemorrhage": bleed}, findings, {"blood_low": blood_low, "blood_high": blood_high, "min_bleed_ml": min_bleed_ml})
+        findings.append(
+            {k: f[k] for k in ("type", "label", "volume_ml", "centroid_mm", "bbox_mm", "voxels")}
+        )
+    return TaskResult(
+        "head_ct",
+        {"brain": brain, "haemorrhage": bleed},
+        findings,
+        {"blood_low": blood_low, "blood_high": blood_high, "min_bleed_ml": min_bleed_ml},
+    )
 
 
 def radiograph(img: Any, geo: Geometry, *, sigma: float = 2.0, structures: int = 2) -> TaskResult:
     """Edges (Canny), external contours and the largest dark structures (e.g. lung fields)."""
-    xp, ndi = namespace(img)
+    _xp, ndi = namespace(img)
     plane = np.asarray(img[0] if img.ndim == 3 else img, dtype=np.float32)
     edges = seg.canny(plane, sigma=sigma)
     t = seg.otsu(plane)
@@ -233,14 +290,18 @@ def radiograph(img: Any, geo: Geometry, *, sigma: float = 2.0, structures: int =
         masks[f"structure_{k}"] = m[None]
         idx = np.argwhere(m)
         cy, cx = idx.mean(axis=0)
-        findings.append({
-            "type": "structure",
-            "label": f"structure {k}",
-            "area_mm2": round(float(m.sum()) * pixel_mm2, 1),
-            "centroid_mm": list(geo.to_patient((0.0, float(cy), float(cx)))),
-            "contour_points": int(sum(len(c) for c in contours)),
-            "slice_index": 0,
-        })
+        findings.append(
+            {
+                "type": "structure",
+                "label": f"structure {k}",
+                "area_mm2": round(float(m.sum()) * pixel_mm2, 1),
+                "centroid_mm": list(geo.to_patient((0.0, float(cy), float(cx)))),
+                "contour_points": int(sum(len(c) for c in contours)),
+                "slice_index": 0,
+            }
+        )
     masks["edges"] = edges[None]
-    findings.append({"type": "edges", "label": "canny edges", "edge_pixels": int(edges.sum()), "slice_index": 0})
+    findings.append(
+        {"type": "edges", "label": "canny edges", "edge_pixels": int(edges.sum()), "slice_index": 0}
+    )
     return TaskResult("radiograph", masks, findings, {"sigma": sigma, "otsu": round(float(t), 2)})

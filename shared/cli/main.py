@@ -297,5 +297,68 @@ def phantom_cmd(
     console.print(f"{kind}: {len(ph.files)} instance(s) in {out} (truth in {out / 'truth.npz'})")
 
 
+@app.command("results")
+def results(
+    series_instance_uid: Annotated[str, typer.Argument(help="SeriesInstanceUID of the series")],
+    out: Annotated[
+        Path, typer.Option("--out", help="folder to write findings.json, seg.dcm, PNGs")
+    ],
+    home: HomeOpt = DEFAULT_HOME,
+    timeout: Annotated[float, typer.Option("--timeout", help="wait up to S seconds for it")] = 0.0,
+) -> None:
+    """Findings, DICOM SEG and overlay pictures of a series (latest revision; operator)."""
+    from shared.schemas import SegmentationDone
+    from shared.storage import BlobStore, LocalDirBackend
+
+    settings, kafka, keyring = _settings_for(home, "operator")
+
+    async def find() -> SegmentationDone | None:
+        best: SegmentationDone | None = None
+        follow = timeout > 0
+        async for item in read_topic(
+            kafka,
+            settings.topic("findings"),
+            SegmentationDone,
+            keyring,
+            follow=follow,
+            timeout_s=timeout or None,
+        ):
+            rec = item.record
+            if rec is not None and rec.series_instance_uid == series_instance_uid:
+                if best is None or rec.revision >= best.revision:
+                    best = rec
+                if follow:
+                    break
+        return best
+
+    done = asyncio.run(find())
+    if done is None:
+        err.print("[red]no results for that series (yet)")
+        raise typer.Exit(1)
+    store = BlobStore(LocalDirBackend(settings.blob_path), keyring)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "findings.json").write_text(done.model_dump_json(indent=2, exclude={"schema_version"}))
+    written = ["findings.json"]
+    if done.seg is not None:
+        (out / "seg.dcm").write_bytes(store.get(done.seg))
+        written.append("seg.dcm")
+    for overlay in done.overlays:
+        (out / overlay.name).write_bytes(store.get(overlay.blob))
+        written.append(overlay.name)
+    table = Table("finding", "label", "volume mL", "diameter mm", "centroid (mm)")
+    for f in done.findings:
+        table.add_row(
+            f.type,
+            f.label,
+            f"{f.volume_ml:.2f}" if f.volume_ml is not None else "-",
+            f"{f.diameter_mm:.1f}" if f.diameter_mm is not None else "-",
+            ", ".join(f"{v:.1f}" for v in f.centroid_mm or []),
+        )
+    console.print(table)
+    console.print(
+        f"revision {done.revision}, task {done.task}: wrote {', '.join(written)} to {out}"
+    )
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())

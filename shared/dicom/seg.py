@@ -26,7 +26,11 @@ SEGMENT_CODES = {
     "lung_right": (codes.SCT.Organ, codes.SCT.Lung, "Right lung"),
     "nodules": (codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Nodule, "Nodule candidates"),
     "brain": (codes.SCT.Organ, codes.SCT.Brain, "Brain"),
-    "haemorrhage": (codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Hemorrhage, "Haemorrhage candidates"),
+    "haemorrhage": (
+        codes.SCT.MorphologicallyAbnormalStructure,
+        codes.SCT.Hemorrhage,
+        "Haemorrhage candidates",
+    ),
 }
 
 
@@ -36,12 +40,24 @@ class Algorithm:
     version: str
 
 
-def seg_uid(series_instance_uid: str, revision: int, algorithm: Algorithm, what: str = "sop") -> str:
-    return str(generate_uid(entropy_srcs=[series_instance_uid, str(revision), algorithm.name, algorithm.version, what]))
+def seg_uid(
+    series_instance_uid: str, revision: int, algorithm: Algorithm, what: str = "sop"
+) -> str:
+    return str(
+        generate_uid(
+            entropy_srcs=[
+                series_instance_uid,
+                str(revision),
+                algorithm.name,
+                algorithm.version,
+                what,
+            ]
+        )
+    )
 
 
 def source_headers(instances: Sequence[bytes]) -> list[Dataset]:
-    out = []
+    out: list[Dataset] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for data in instances:
@@ -66,7 +82,9 @@ def build_seg(
         raise ValueError("no non-empty mask to encode")
     for name in names:
         if masks[name].shape[0] != len(sources):
-            raise ValueError(f"mask {name} has {masks[name].shape[0]} slices for {len(sources)} sources")
+            raise ValueError(
+                f"mask {name} has {masks[name].shape[0]} slices for {len(sources)} sources"
+            )
     ident = hd.AlgorithmIdentificationSequence(
         name=algorithm.name, version=algorithm.version, family=codes.DCM.ImageProcessing
     )

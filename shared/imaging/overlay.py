@@ -18,7 +18,14 @@ COLOURS = {
 DEFAULT = (250, 220, 60)
 
 
-def overlay_png(image: np.ndarray, masks: dict[str, np.ndarray], *, center: float, width: float, thickness: int = 1) -> bytes:
+def overlay_png(
+    image: np.ndarray,
+    masks: dict[str, np.ndarray],
+    *,
+    center: float,
+    width: float,
+    thickness: int = 1,
+) -> bytes:
     """``image`` (y, x) in HU or raw values; ``masks`` 2D booleans. Returns PNG bytes."""
     lo = center - width / 2
     gray = np.clip((image.astype(np.float32) - lo) / width, 0, 1)

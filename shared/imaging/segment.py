@@ -60,7 +60,9 @@ def largest_components(mask: Any, *, count: int = 1, connectivity: int = 1) -> A
     return xp.isin(labels, keep)
 
 
-def region_grow(image: Any, *, seed: tuple[int, ...], low: float, high: float, connectivity: int = 1) -> Any:
+def region_grow(
+    image: Any, *, seed: tuple[int, ...], low: float, high: float, connectivity: int = 1
+) -> Any:
     """Voxels connected to ``seed`` whose values lie in [low, high]."""
     xp, _ = namespace(image)
     inside = threshold(image, low=low, high=high)
@@ -109,7 +111,12 @@ def kmeans_1d(values: Any, *, k: int = 3, iterations: int = 20, seed: int = 0) -
     centers = xp.percentile(flat, qs).astype(xp.float32)
     for _ in range(iterations):
         labels = xp.argmin(xp.abs(flat[:, None] - centers[None, :]), axis=1)
-        new = xp.stack([flat[labels == i].mean() if bool((labels == i).any()) else centers[i] for i in range(k)])
+        new = xp.stack(
+            [
+                flat[labels == i].mean() if bool((labels == i).any()) else centers[i]
+                for i in range(k)
+            ]
+        )
         if bool(xp.allclose(new, centers)):
             break
         centers = new
@@ -119,12 +126,15 @@ def kmeans_1d(values: Any, *, k: int = 3, iterations: int = 20, seed: int = 0) -
     return centers[order], remap[labels].reshape(values.shape)
 
 
-def canny(image: np.ndarray, *, sigma: float = 2.0, low: float | None = None, high: float | None = None) -> np.ndarray:
+def canny(
+    image: np.ndarray, *, sigma: float = 2.0, low: float | None = None, high: float | None = None
+) -> np.ndarray:
     """Gaussian → gradient → non-maximum suppression → hysteresis (scikit-image, 2D)."""
     from skimage import feature
 
     img = np.asarray(image, dtype=np.float64)
-    return np.asarray(feature.canny(img, sigma=sigma, low_threshold=low, high_threshold=high, use_quantiles=low is None and high is None and False))
+    edges = feature.canny(img, sigma=sigma, low_threshold=low, high_threshold=high)  # type: ignore[no-untyped-call]
+    return np.asarray(edges)
 
 
 def external_contours(mask: np.ndarray) -> list[np.ndarray]:
@@ -132,4 +142,4 @@ def external_contours(mask: np.ndarray) -> list[np.ndarray]:
     from skimage import measure
 
     filled = np.asarray(fill_holes_2d(np.asarray(mask, bool)))
-    return [c for c in measure.find_contours(filled.astype(np.float32), 0.5)]
+    return list(measure.find_contours(filled.astype(np.float32), 0.5))  # type: ignore[no-untyped-call]

@@ -134,7 +134,9 @@ class Finding(BaseModel):
     """One measured finding, in physical units and patient coordinates (LPS, mm)."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-    type: str = Field(max_length=32, description="lung, nodule, brain, haemorrhage, structure, edges")
+    type: str = Field(
+        max_length=32, description="lung, nodule, brain, haemorrhage, structure, edges"
+    )
     label: str = Field(max_length=64)
     volume_ml: float | None = None
     diameter_mm: float | None = Field(None, description="equivalent-sphere diameter")

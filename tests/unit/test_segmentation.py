@@ -1,0 +1,176 @@
+"""Segmentation accuracy on the phantoms (noise, several seeds, sizes and spacings), the DICOM
+SEG read back and validated by dicom3tools, and the pictures."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import scipy.ndimage as ndi
+from PIL import Image
+
+from services.preprocess.core import PreprocessCore, unpack_volume
+from services.segmentation import tasks
+from services.segmentation.core import SegmentationCore
+from shared.config import PreprocessSettings
+from shared.dicom import phantom
+from shared.imaging import ops
+from shared.imaging.backend import select_backend
+from shared.runtime.stage import Context
+from shared.security.envelope import Keyring
+from shared.storage import BlobStore, LocalDirBackend
+from tests.pipeline import files, series_ready
+
+
+def volume_of(ph: phantom.Phantom, sigma: float = 0.7) -> tuple[np.ndarray, tasks.Geometry]:
+    vol = np.stack([pydicom.dcmread(f).pixel_array.astype(np.float32) - 1024 for f in ph.files])
+    return ops.gaussian(vol, sigma=[0.0, sigma, sigma]), tasks.Geometry(
+        ph.spacing, (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    )
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / (a.sum() + b.sum()))
+
+
+@pytest.mark.parametrize(
+    "seed,size,slices,thickness", [(1, 256, 48, 2.5), (2, 384, 40, 3.0), (3, 192, 60, 2.0)]
+)
+def test_lung_masks_dice_at_least_097(
+    tmp_path: Path, seed: int, size: int, slices: int, thickness: float
+) -> None:
+    ph = phantom.chest_ct(
+        tmp_path / "c", seed=seed, size=size, slices=slices, thickness=thickness, nodules_mm=(8.0,)
+    )
+    vol, geo = volume_of(ph)
+    res = tasks.chest_ct(vol, geo)
+    for side in ("lung_left", "lung_right"):
+        assert dice(res.masks[side], ph.truth[side]) >= 0.97, side
+
+
+def _centroid_mm(mask: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+    return np.argwhere(mask).mean(axis=0) * np.array(spacing)
+
+
+def test_nodules_sensitivity_false_positives_and_diameters(tmp_path: Path) -> None:
+    diameters = (5.0, 6.0, 8.0, 10.0, 12.0)
+    found = total = 0
+    for seed in (1, 2, 3):
+        ph = phantom.chest_ct(
+            tmp_path / f"n{seed}", seed=seed, size=512, slices=40, nodules_mm=diameters
+        )
+        vol, geo = volume_of(ph)
+        res = tasks.chest_ct(vol, geo)
+        reported = [f for f in res.findings if f["type"] == "nodule"]
+        labels, n = ndi.label(ph.truth["nodules"])
+        matched: set[int] = set()
+        for i in range(1, n + 1):
+            truth = labels == i
+            c = _centroid_mm(truth, ph.spacing)
+            d_true = (6 * truth.sum() * np.prod(ph.spacing) / np.pi) ** (1 / 3)
+            nominal = min(diameters, key=lambda d: abs(d - d_true))
+            total += 1
+            for k, f in enumerate(reported):
+                idx = np.array(f["centroid_mm"])[
+                    ::-1
+                ]  # (x, y, z) patient with identity geometry → (z, y, x)
+                if np.linalg.norm(idx - c) <= nominal / 2 + 3 and k not in matched:
+                    matched.add(k)
+                    found += 1
+                    assert abs(f["diameter_mm"] - nominal) <= 1.5, (f["diameter_mm"], nominal)
+                    break
+        false_positives = len(reported) - len(matched)
+        assert false_positives <= 1, f"seed {seed}: {false_positives} false positives"
+    assert found / total >= 0.95, f"sensitivity {found}/{total}"
+
+
+@pytest.mark.parametrize(
+    "seed,bleed_ml,size", [(1, 2.0, 256), (2, 5.0, 256), (3, 12.0, 192), (4, 3.0, 320)]
+)
+def test_haemorrhage_detected_with_volume_within_15_percent(
+    tmp_path: Path, seed: int, bleed_ml: float, size: int
+) -> None:
+    ph = phantom.head_ct(tmp_path / "h", seed=seed, size=size, slices=40, bleed_ml=bleed_ml)
+    vol, geo = volume_of(ph, 0.8)
+    res = tasks.head_ct(vol, geo)
+    bleeds = [f for f in res.findings if f["type"] == "haemorrhage"]
+    assert len(bleeds) == 1
+    assert abs(bleeds[0]["volume_ml"] - ph.bleed_ml) <= 0.15 * ph.bleed_ml
+    assert dice(res.masks["brain"], ph.truth["brain"]) > 0.9
+
+
+@pytest.mark.parametrize("seed", [5, 6, 7])
+def test_phantoms_without_lesions_give_no_lesion_findings(tmp_path: Path, seed: int) -> None:
+    head = phantom.head_ct(tmp_path / "h", seed=seed, size=256, slices=32, bleed_ml=0)
+    vol, geo = volume_of(head, 0.8)
+    assert [f for f in tasks.head_ct(vol, geo).findings if f["type"] == "haemorrhage"] == []
+    chest = phantom.chest_ct(tmp_path / "c", seed=seed, size=256, slices=32, nodules_mm=())
+    vol, geo = volume_of(chest)
+    assert [f for f in tasks.chest_ct(vol, geo).findings if f["type"] == "nodule"] == []
+
+
+def test_radiograph_edges_contours_and_structures(tmp_path: Path) -> None:
+    ph = phantom.radiograph(tmp_path / "dx", seed=1, size=256, spacing=0.6)
+    img = pydicom.dcmread(ph.files[0]).pixel_array.astype(np.float32)[None]
+    res = tasks.radiograph(
+        img, tasks.Geometry((1.0, 0.6, 0.6), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    )
+    structures = [f for f in res.findings if f["type"] == "structure"]
+    assert len(structures) == 2
+    truth_area = ph.truth["lungs"].sum() * 0.6 * 0.6 / 2
+    for f in structures:
+        assert abs(f["area_mm2"] - truth_area) < 0.2 * truth_area and f["contour_points"] > 50
+    assert res.masks["edges"].sum() > 500
+
+
+def test_seg_reads_back_references_the_series_matches_masks_and_validates(tmp_path: Path) -> None:
+    ring = Keyring.generate()
+    store = BlobStore(LocalDirBackend(tmp_path / "blobs"), ring)
+    ctx = Context("t", 0, 7, b"k", 0, None, ring)
+    ph = phantom.chest_ct(tmp_path / "s", seed=9, size=128, slices=24, nodules_mm=(10.0,))
+    vp = PreprocessCore(store, select_backend("cpu"), PreprocessSettings()).handle(
+        series_ready(files(ph.files), store, ring), ctx
+    )
+    done = SegmentationCore(store, select_backend("cpu")).handle(vp, ctx)
+    assert done.task == "chest_ct" and done.seg is not None and done.source_offset == 7
+    raw = store.get(done.seg)
+    seg = hd.seg.segread(io.BytesIO(raw))
+    ds = pydicom.dcmread(io.BytesIO(raw))
+    assert ds.Modality == "SEG" and ds.SOPInstanceUID == done.seg_sop_instance_uid
+    assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == ph.series_instance_uid
+    assert ds.StudyInstanceUID == ph.study_instance_uid
+    masks = np.load(io.BytesIO(store.get(done.masks)))  # type: ignore[arg-type]
+    sop_uids = [ref.sop_instance_uid for ref in vp.source_instances]
+    labels = [d.SegmentLabel for d in ds.SegmentSequence]
+    names = {"Left lung": "lung_left", "Right lung": "lung_right", "Nodule candidates": "nodules"}
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=sop_uids,
+        segment_numbers=list(range(1, len(labels) + 1)),
+        assert_missing_frames_are_empty=True,
+    )
+    for k, label in enumerate(labels):
+        np.testing.assert_array_equal(pixels[..., k].astype(bool), masks[names[label]])
+    if shutil.which("dciodvfy") is None:
+        pytest.fail("dciodvfy not found: 'make setup' installs Debian's dicom3tools")
+    path = tmp_path / "seg.dcm"
+    path.write_bytes(raw)
+    check = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
+    errors = [
+        line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")
+    ]
+    assert errors == []
+    # the pictures are real PNGs with colour outlines on them
+    assert done.overlays
+    for overlay in done.overlays:
+        img = np.asarray(Image.open(io.BytesIO(store.get(overlay.blob))))
+        assert img.shape == (128, 128, 3) and (img[..., 0] != img[..., 1]).any()
+    # same input, same SEG identity: the PACS idempotency key is stable
+    again = SegmentationCore(store, select_backend("cpu")).handle(vp, ctx)
+    assert again.seg_sop_instance_uid == done.seg_sop_instance_uid
+    assert unpack_volume(store.get(vp.volume)).shape == masks["lung_left"].shape
