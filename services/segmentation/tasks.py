@@ -51,12 +51,14 @@ class TaskResult:
 
 
 def _measure(mask: Any, geo: Geometry, kind: str, label: str, image: Any = None) -> dict[str, Any]:
-    xp, _ = namespace(mask)
-    idx = xp.argwhere(mask)
+    xp, ndi = namespace(mask)
+    (box,) = ndi.find_objects(mask.astype(xp.int8))  # work inside the bounding box only
+    idx = xp.argwhere(mask[box])
     n = int(idx.shape[0])
-    lo = [int(v) for v in idx.min(axis=0)]
-    hi = [int(v) for v in idx.max(axis=0)]
-    centroid = tuple(float(v) for v in idx.mean(axis=0))
+    offset = xp.asarray([s.start for s in box])
+    lo = [int(v) for v in idx.min(axis=0) + offset]
+    hi = [int(v) for v in idx.max(axis=0) + offset]
+    centroid = tuple(float(v) for v in idx.mean(axis=0) + offset)
     volume_ml = n * geo.voxel_ml
     corners = [geo.to_patient((lo[0], lo[1], lo[2])), geo.to_patient((hi[0], hi[1], hi[2]))]
     out: dict[str, Any] = {
@@ -125,6 +127,12 @@ def self_check(
     return True
 
 
+def _padded(box: tuple[slice, ...], pad: int, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """``box`` grown in-plane by ``pad`` voxels (clipped to the volume)."""
+    z, y, x = box
+    return (z, slice(max(0, y.start - pad), min(shape[1], y.stop + pad)), slice(max(0, x.start - pad), min(shape[2], x.stop + pad)))
+
+
 def chest_ct(
     vol: Any,
     geo: Geometry,
@@ -137,32 +145,37 @@ def chest_ct(
     body = seg.fill_holes_2d(seg.largest_components(vol > -500.0))
     air_inside = (vol < lung_hu) & body
     labels, n = seg.label(air_inside)
-    sizes = seg.component_sizes(labels, n)
+    sizes = xp.bincount(labels[::2, ::2, ::2].ravel(), minlength=n + 1) * 8  # ranks only
     sizes[0] = 0
     min_vox = max(10, int(5.0 / geo.voxel_ml))  # 5 mL
     keep = [int(i) for i in xp.argsort(sizes)[::-1][:2] if int(sizes[int(i)]) >= min_vox]
     lungs: dict[str, Any] = {}
-    if len(keep) == 2:
-        parts = [labels == k for k in keep]
-    elif len(keep) == 1:  # lungs touching: split at the body's midline
-        whole = labels == keep[0]
-        mid = int(xp.argwhere(body).mean(axis=0)[2])
+    boxes = ndi.find_objects(labels)
+    pad = int(math.ceil(12.0 / geo.spacing[1]))
+    parts: list[tuple[tuple[slice, ...], Any]] = []  # (box, mask inside the box)
+    for k in keep:
+        box = _padded(boxes[k - 1], pad, vol.shape)
+        parts.append((box, labels[box] == k))
+    if len(keep) == 1:  # lungs touching: split at the body's midline
+        box, whole = parts[0]
+        mid = int(xp.argwhere(body[vol.shape[0] // 2]).mean(axis=0)[1]) - box[2].start
         left_half = xp.zeros_like(whole)
-        left_half[:, :, mid:] = True
-        parts = [whole & left_half, whole & ~left_half]
-    else:
-        parts = []
+        left_half[:, :, max(mid, 0) :] = True
+        parts = [(box, whole & left_half), (box, whole & ~left_half)]
     search = xp.zeros_like(body)
-    for part in parts:
-        xs = float(xp.argwhere(part).mean(axis=0)[2])
-        patient_x = geo.to_patient((0.0, 0.0, xs))[0]
-        mid_x = geo.to_patient((0.0, 0.0, (vol.shape[2] - 1) / 2))[0]
-        name = "lung_left" if patient_x > mid_x else "lung_right"  # LPS: +x is the patient's left
+    mid_x = geo.to_patient((0.0, 0.0, (vol.shape[2] - 1) / 2))[0]
+    for box, part in parts:
+        xs = float(xp.argwhere(part[part.shape[0] // 2] if part[part.shape[0] // 2].any() else part.any(axis=0)).mean(axis=0)[1]) + box[2].start
+        name = "lung_left" if geo.to_patient((0.0, 0.0, xs))[0] > mid_x else "lung_right"  # LPS: +x = patient left
         filled = seg.fill_holes_2d(part)
-        lungs[name] = filled
+        full = xp.zeros_like(body)
+        full[box] = filled
+        lungs[name] = full
         # where nodules are looked for: the lung plus its concavities (wall-attached nodules)
-        search |= filled | (_lowres_closing(filled, geo.spacing, 10.0) & body)
-    dense = (vol > nodule_hu) & search
+        search[box] |= filled | (_lowres_closing(filled, geo.spacing, 10.0) & body[box])
+    sbox = ndi.find_objects(search.astype(xp.int8))
+    sbox = sbox[0] if sbox and sbox[0] is not None else tuple(slice(0, d) for d in vol.shape)
+    dense = (vol[sbox] > nodule_hu) & search[sbox]
     labels, n = seg.label(dense, connectivity=2)
     findings: list[dict[str, Any]] = []
     nodules = xp.zeros_like(body)
@@ -172,10 +185,11 @@ def chest_ct(
         vessel_r = max(1, math.ceil(4.0 / geo.spacing[1]))
         yy, xx = np.mgrid[-vessel_r : vessel_r + 1, -vessel_r : vessel_r + 1]
         disk = xp.asarray((yy**2 + xx**2 <= vessel_r**2)[None])
-        for i, sl in enumerate(ndi.find_objects(labels), start=1):
-            if sl is None:
+        for i, rel in enumerate(ndi.find_objects(labels), start=1):
+            if rel is None:
                 continue
-            comp = labels[sl] == i
+            comp = labels[rel] == i
+            sl = tuple(slice(b.start + r.start, b.start + r.stop) for b, r in zip(sbox, rel, strict=True))
             pieces = [(sl, comp)]
             z_extent = (sl[0].stop - sl[0].start) * geo.spacing[0]
             xy_extent = max(sl[1].stop - sl[1].start, sl[2].stop - sl[2].start) * geo.spacing[1]

