@@ -50,15 +50,24 @@ class TaskResult:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-def _measure(mask: Any, geo: Geometry, kind: str, label: str, image: Any = None) -> dict[str, Any]:
+def _measure(
+    mask: Any,
+    geo: Geometry,
+    kind: str,
+    label: str,
+    image: Any = None,
+    box: tuple[slice, ...] | None = None,
+) -> dict[str, Any]:
+    """Measurements of a mask; with ``box``, ``mask`` is the crop of the volume at ``box``."""
     xp, ndi = namespace(mask)
-    (box,) = ndi.find_objects(mask.astype(xp.int8))  # work inside the bounding box only
-    idx = xp.argwhere(mask[box])
-    n = int(idx.shape[0])
-    offset = xp.asarray([s.start for s in box])
-    lo = [int(v) for v in idx.min(axis=0) + offset]
-    hi = [int(v) for v in idx.max(axis=0) + offset]
-    centroid = tuple(float(v) for v in idx.mean(axis=0) + offset)
+    if box is None:
+        (box,) = ndi.find_objects(mask.astype(xp.int8))  # work inside the bounding box only
+        mask = mask[box]
+    n = int(xp.count_nonzero(mask))
+    (tight,) = ndi.find_objects(mask.astype(xp.int8))
+    lo = [b.start + t.start for b, t in zip(box, tight, strict=True)]
+    hi = [b.start + t.stop - 1 for b, t in zip(box, tight, strict=True)]
+    centroid = tuple(float(c) + b.start for c, b in zip(ndi.center_of_mass(mask), box, strict=True))
     volume_ml = n * geo.voxel_ml
     corners = [geo.to_patient((lo[0], lo[1], lo[2])), geo.to_patient((hi[0], hi[1], hi[2]))]
     out: dict[str, Any] = {
@@ -73,7 +82,7 @@ def _measure(mask: Any, geo: Geometry, kind: str, label: str, image: Any = None)
         "voxels": n,
     }
     if image is not None:
-        out["mean_value"] = round(float(image[mask].mean()), 1)
+        out["mean_value"] = round(float(image[box][mask].mean()), 1)
     return out
 
 
@@ -130,7 +139,11 @@ def self_check(
 def _padded(box: tuple[slice, ...], pad: int, shape: tuple[int, ...]) -> tuple[slice, ...]:
     """``box`` grown in-plane by ``pad`` voxels (clipped to the volume)."""
     z, y, x = box
-    return (z, slice(max(0, y.start - pad), min(shape[1], y.stop + pad)), slice(max(0, x.start - pad), min(shape[2], x.stop + pad)))
+    return (
+        z,
+        slice(max(0, y.start - pad), min(shape[1], y.stop + pad)),
+        slice(max(0, x.start - pad), min(shape[2], x.stop + pad)),
+    )
 
 
 def chest_ct(
@@ -163,14 +176,25 @@ def chest_ct(
         left_half[:, :, max(mid, 0) :] = True
         parts = [(box, whole & left_half), (box, whole & ~left_half)]
     search = xp.zeros_like(body)
+    lung_boxes: dict[str, tuple[tuple[slice, ...], Any]] = {}
     mid_x = geo.to_patient((0.0, 0.0, (vol.shape[2] - 1) / 2))[0]
     for box, part in parts:
-        xs = float(xp.argwhere(part[part.shape[0] // 2] if part[part.shape[0] // 2].any() else part.any(axis=0)).mean(axis=0)[1]) + box[2].start
-        name = "lung_left" if geo.to_patient((0.0, 0.0, xs))[0] > mid_x else "lung_right"  # LPS: +x = patient left
+        xs = (
+            float(
+                xp.argwhere(
+                    part[part.shape[0] // 2] if part[part.shape[0] // 2].any() else part.any(axis=0)
+                ).mean(axis=0)[1]
+            )
+            + box[2].start
+        )
+        name = (
+            "lung_left" if geo.to_patient((0.0, 0.0, xs))[0] > mid_x else "lung_right"
+        )  # LPS: +x = patient left
         filled = seg.fill_holes_2d(part)
         full = xp.zeros_like(body)
         full[box] = filled
         lungs[name] = full
+        lung_boxes[name] = (box, filled)
         # where nodules are looked for: the lung plus its concavities (wall-attached nodules)
         search[box] |= filled | (_lowres_closing(filled, geo.spacing, 10.0) & body[box])
     sbox = ndi.find_objects(search.astype(xp.int8))
@@ -189,7 +213,9 @@ def chest_ct(
             if rel is None:
                 continue
             comp = labels[rel] == i
-            sl = tuple(slice(b.start + r.start, b.start + r.stop) for b, r in zip(sbox, rel, strict=True))
+            sl = tuple(
+                slice(b.start + r.start, b.start + r.stop) for b, r in zip(sbox, rel, strict=True)
+            )
             pieces = [(sl, comp)]
             z_extent = (sl[0].stop - sl[0].start) * geo.spacing[0]
             xy_extent = max(sl[1].stop - sl[1].start, sl[2].stop - sl[2].start) * geo.spacing[1]
@@ -219,9 +245,9 @@ def chest_ct(
                 full[psl] = pcomp
                 nodules |= full
                 findings.append(_measure(full, geo, "nodule", f"nodule {len(findings) + 1}", vol))
-    for name, m in lungs.items():
-        if bool(m.any()):
-            f = _measure(m, geo, "lung", name)
+    for name, (box, crop) in lung_boxes.items():
+        if bool(crop.any()):
+            f = _measure(crop, geo, "lung", name, box=box)
             findings.append(
                 {
                     k: f[k]
@@ -248,32 +274,38 @@ def head_ct(
 ) -> TaskResult:
     xp, ndi = namespace(vol)
     bone = vol > 300.0
-    inside = seg.fill_holes_2d(bone) & ~ndi.binary_dilation(bone, iterations=2)
+    planar = xp.zeros((3, 3, 3), dtype=bool)
+    planar[1] = xp.asarray(ndi.generate_binary_structure(2, 1))
+    # inside the skull, 2 voxels clear of bone (no partial-volume rim of bone in the brain)
+    inside = seg.fill_holes_2d(bone) & ~ndi.binary_dilation(bone, structure=planar, iterations=2)
     brain = seg.largest_components(inside & (vol > -20.0) & (vol < 100.0))
-    brain = seg.fill_holes_2d(brain)
-    cand = brain & (vol >= blood_low) & (vol <= blood_high)
-    cand = seg.opening(cand, iterations=1)
-    labels, n = seg.label(cand, connectivity=1)
     findings: list[dict[str, Any]] = []
     bleed = xp.zeros_like(brain)
-    if n:
-        for i, sl in enumerate(ndi.find_objects(labels), start=1):
-            if sl is None:
-                continue
-            comp = labels[sl] == i
-            if int(comp.sum()) * geo.voxel_ml < min_bleed_ml:
-                continue  # specks
-            full = xp.zeros_like(brain)
-            full[sl] = comp
-            bleed |= full
-            findings.append(
-                _measure(full, geo, "haemorrhage", f"haemorrhage {len(findings) + 1}", vol)
-            )
-    if bool(brain.any()):
-        f = _measure(brain, geo, "brain", "brain")
-        findings.append(
-            {k: f[k] for k in ("type", "label", "volume_ml", "centroid_mm", "bbox_mm", "voxels")}
+    found = ndi.find_objects(brain.astype(xp.int8))
+    if not found or found[0] is None:
+        return TaskResult("head_ct", {"brain": brain, "haemorrhage": bleed}, findings, {})
+    box = found[0]  # everything below works inside the brain's bounding box
+    sub = vol[box]
+    cand = brain[box] & (sub >= blood_low) & (sub <= blood_high)
+    cand = seg.opening(cand, iterations=1)  # specks of noise go
+    labels, n = seg.label(cand, connectivity=1)
+    for i, rel in enumerate(ndi.find_objects(labels) if n else [], start=1):
+        if rel is None:
+            continue
+        comp = labels[rel] == i
+        if int(comp.sum()) * geo.voxel_ml < min_bleed_ml:
+            continue  # specks
+        sl = tuple(
+            slice(b.start + r.start, b.start + r.stop) for b, r in zip(box, rel, strict=True)
         )
+        bleed[sl] |= comp
+        findings.append(
+            _measure(comp, geo, "haemorrhage", f"haemorrhage {len(findings) + 1}", vol, box=sl)
+        )
+    f = _measure(brain[box], geo, "brain", "brain", box=box)
+    findings.append(
+        {k: f[k] for k in ("type", "label", "volume_ml", "centroid_mm", "bbox_mm", "voxels")}
+    )
     return TaskResult(
         "head_ct",
         {"brain": brain, "haemorrhage": bleed},
