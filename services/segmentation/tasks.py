@@ -75,7 +75,7 @@ def _measure(
         "label": label,
         "volume_ml": round(volume_ml, 3),
         "diameter_mm": round((6 * volume_ml * 1000 / math.pi) ** (1 / 3), 2),
-        "centroid_mm": list(geo.to_patient(centroid)),  # type: ignore[arg-type]
+        "centroid_mm": list(geo.to_patient(centroid)),
         "bbox_mm": [min(a, b) for a, b in zip(*corners, strict=True)]
         + [max(a, b) for a, b in zip(*corners, strict=True)],
         "slice_index": round(centroid[0]),
@@ -164,7 +164,7 @@ def chest_ct(
     keep = [int(i) for i in xp.argsort(sizes)[::-1][:2] if int(sizes[int(i)]) >= min_vox]
     lungs: dict[str, Any] = {}
     boxes = ndi.find_objects(labels)
-    pad = int(math.ceil(12.0 / geo.spacing[1]))
+    pad = math.ceil(12.0 / geo.spacing[1])
     parts: list[tuple[tuple[slice, ...], Any]] = []  # (box, mask inside the box)
     for k in keep:
         box = _padded(boxes[k - 1], pad, vol.shape)
