@@ -70,6 +70,19 @@ class PreprocessSettings(BaseModel):
     compression_level: int = Field(1, description="zstd level of the stored volume")
 
 
+class SegmentationSettings(BaseModel):
+    """``RADSTREAM_SEGMENTATION__*``: the classical tasks and the ONNX model plug-in."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    onnx_model: Path | None = Field(None, description="ONNX segmentation model to run too")
+    onnx_config: str = Field(
+        "",
+        description='JSON: {"name", "modalities", "body_parts", "input_size": [h, w], '
+        '"window": [center, width], "normalize": "minmax|zscore", "labels": [...]}',
+    )
+
+
 class Settings(BaseSettings):
     """Everything a RadStream process needs; secrets are ``SecretStr`` and never logged."""
 
@@ -83,6 +96,7 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     preprocess: PreprocessSettings = Field(default_factory=PreprocessSettings)
+    segmentation: SegmentationSettings = Field(default_factory=SegmentationSettings)
     device: Literal["auto", "gpu", "cpu"] = Field(
         "auto", description="RADSTREAM_DEVICE: array backend"
     )

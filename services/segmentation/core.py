@@ -13,6 +13,7 @@ import numpy as np
 
 from services.preprocess.core import unpack_volume
 from services.segmentation import tasks
+from services.segmentation.onnx_plugin import OnnxSegmenter
 from shared.dicom.seg import Algorithm, build_seg, seg_uid, source_headers
 from shared.imaging.backend import Backend
 from shared.imaging.overlay import overlay_png
@@ -41,6 +42,7 @@ def task_for(modality: str, body_part: str | None, depth: int) -> str:
 class SegmentationCore:
     store: BlobStore
     backend: Backend
+    plugin: OnnxSegmenter | None = None
 
     def handle(self, msg: VolumePrepared, ctx: Context) -> SegmentationDone:
         t0 = time.perf_counter()
@@ -68,6 +70,15 @@ class SegmentationCore:
                 k: self.backend.download(v).astype(bool) for k, v in result.masks.items()
             }
             self.backend.free()
+        if self.plugin is not None and self.plugin.applies_to(msg.modality, msg.body_part):
+            extra = self.plugin.run(vol, geo)
+            if result is None:
+                result, task = extra, extra.task
+                algorithm = Algorithm(f"radstream-{extra.task.replace(':', '-')}", tasks.VERSION)
+            else:
+                result.masks.update(extra.masks)
+                result.findings.extend(extra.findings)
+                result.params.update({f"onnx_{k}": v for k, v in extra.params.items()})
         timings["segment"] = time.perf_counter() - t1
         findings = [Finding(**_clean(f)) for f in (result.findings if result else [])]
 
@@ -127,7 +138,14 @@ class SegmentationCore:
         )
 
     def _overlays(self, task: str, vol: np.ndarray, result: tasks.TaskResult) -> list[NamedBlob]:
-        if task == "radiograph":
+        if task == "radiograph" or task.startswith("onnx:"):
+            if task.startswith("onnx:"):
+                z = vol.shape[0] // 2
+                masks2 = {k: v[z] for k, v in result.masks.items()}
+                png = overlay_png(
+                    vol[z], masks2, center=float(vol.mean()), width=float(4 * vol.std() or 1.0)
+                )
+                return [NamedBlob(name=f"slice-{z:04d}.png", blob=self.store.put(png))]
             img = vol[0]
             center, width = float(img.mean()), float(4 * img.std() or 1.0)
             masks = {k: v[0] for k, v in result.masks.items() if k != "edges"}

@@ -7,6 +7,7 @@ import sys
 from prometheus_client import CollectorRegistry
 
 from services.segmentation.core import SegmentationCore
+from services.segmentation.onnx_plugin import ModelSpec, OnnxSegmenter
 from shared.config import Settings
 from shared.imaging.backend import select_backend
 from shared.runtime.service import run_stage
@@ -20,8 +21,14 @@ def build(
     settings: Settings, keyring: Keyring, registry: CollectorRegistry | None = None
 ) -> StageSpec[VolumePrepared]:
     del registry
+    plugin = None
+    if settings.segmentation.onnx_model is not None:
+        spec = ModelSpec.from_json(settings.segmentation.onnx_config)
+        plugin = OnnxSegmenter(settings.segmentation.onnx_model, spec)
     core = SegmentationCore(
-        BlobStore(LocalDirBackend(settings.blob_path), keyring), select_backend(settings.device)
+        BlobStore(LocalDirBackend(settings.blob_path), keyring),
+        select_backend(settings.device),
+        plugin,
     )
     return StageSpec(
         name="segmentation",

@@ -37,6 +37,8 @@ def configure_logging(level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    # highdicom logs attribute copies with the study's UID at INFO: never let that through
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 
 async def _serve(runner: StageRunner[Any]) -> None:

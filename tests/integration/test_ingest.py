@@ -284,6 +284,10 @@ async def test_ingest_killed_repeatedly_loses_and_duplicates_no_series(
         await out.drain(3.0)
         assert last.terminate() == 0
     assert kills == 3
+    logs = "".join(p.read_text() for p in tmp_path.glob("ingest*.log"))
+    assert all(
+        ph.series_instance_uid not in logs and ph.study_instance_uid not in logs for ph in phantoms
+    )
     by_series: dict[str, list[SeriesReady]] = {}
     for r in out.records:
         by_series.setdefault(r.series_instance_uid, []).append(r)

@@ -108,3 +108,34 @@ async def test_killed_mid_stream_exactly_one_result_per_volume(env: Env, tmp_pat
     assert sorted(d.series_instance_uid for d in out.records) == sorted(
         v.series_instance_uid for v in inputs
     )
+
+
+async def test_onnx_plugin_end_to_end_in_the_service(env: Env, tmp_path: Path) -> None:
+    from tests import onnx_model
+
+    model = onnx_model.build(tmp_path / "bright.onnx", size=64)
+    head = phantom.head_ct(tmp_path / "head", seed=51, size=128, slices=16, bleed_ml=4.0)
+    (vp,) = volumes(env, tmp_path, [head])
+    await env.produce("volumes", [(env.keyring.keyed_hash(vp.series_instance_uid), vp)])
+    proc = StageProcess(
+        env.service_env(
+            "segmentation",
+            RADSTREAM_DEVICE="cpu",
+            RADSTREAM_SEGMENTATION__ONNX_MODEL=str(model),
+            RADSTREAM_SEGMENTATION__ONNX_CONFIG=onnx_model.CONFIG,
+        ),
+        "services.segmentation.main",
+        tmp_path / "seg.log",
+    ).start()
+    try:
+        async with Reader(env, "findings", SegmentationDone) as out:
+            (done,) = await out.wait_for(1, timeout=120)
+    finally:
+        assert proc.terminate() == 0
+    types = {f.type for f in done.findings}
+    assert {"haemorrhage", "brain", "onnx:bone"} <= types  # classical task and the model, together
+    assert done.parameters.get("onnx_model") == "bright"
+    # no patient identifiers in the service's log
+    log = (tmp_path / "seg.log").read_text()
+    assert head.series_instance_uid not in log and head.study_instance_uid not in log
+    assert "PHANTOM" not in log

@@ -174,3 +174,24 @@ def test_seg_reads_back_references_the_series_matches_masks_and_validates(tmp_pa
     again = SegmentationCore(store, select_backend("cpu")).handle(vp, ctx)
     assert again.seg_sop_instance_uid == done.seg_sop_instance_uid
     assert unpack_volume(store.get(vp.volume)).shape == masks["lung_left"].shape
+
+
+def test_onnx_plugin_runs_a_model_built_in_process(tmp_path: Path) -> None:
+    from services.segmentation.onnx_plugin import ModelSpec, OnnxSegmenter
+    from tests import onnx_model
+
+    model = onnx_model.build(tmp_path / "bright.onnx", size=64)
+    plugin = OnnxSegmenter(model, ModelSpec.from_json(onnx_model.CONFIG))
+    assert plugin.provider in ("CPUExecutionProvider", "CUDAExecutionProvider")
+    assert (
+        plugin.applies_to("CT", "HEAD")
+        and not plugin.applies_to("CT", "CHEST")
+        and not plugin.applies_to("MR", "HEAD")
+    )
+    ph = phantom.head_ct(tmp_path / "h", seed=1, size=64, slices=12, bleed_ml=0)
+    vol, geo = volume_of(ph, 0.8)
+    res = plugin.run(vol, geo)
+    assert res.task == "onnx:bright"
+    np.testing.assert_array_equal(res.masks["onnx_bone"], vol > 300.0)  # what the model computes
+    (finding,) = res.findings
+    assert finding["type"] == "onnx:bone" and finding["volume_ml"] > 10
