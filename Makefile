@@ -11,14 +11,18 @@ PYTHON ?= python3
 setup: $(STAMP) kafka debs
 
 # Debian packages the tests and demo use as real peers (dcmtk: storescu/echoscu;
-# dicom3tools: dciodvfy, an independent DICOM validator).
+# dicom3tools: dciodvfy, an independent DICOM validator; orthanc: a real PACS). Installed with
+# services kept from auto-starting (policy-rc.d): the project starts Orthanc itself.
 debs:
 	@missing=""; command -v storescu >/dev/null || missing="$$missing dcmtk"; \
 	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
+	command -v Orthanc >/dev/null || missing="$$missing orthanc"; \
 	if [ -n "$$missing" ]; then \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 	  echo "installing Debian packages:$$missing"; \
+	  printf '#!/bin/sh\nexit 101\n' | $$SUDO tee /usr/sbin/policy-rc.d >/dev/null; $$SUDO chmod +x /usr/sbin/policy-rc.d; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	  rc=$$?; $$SUDO rm -f /usr/sbin/policy-rc.d; [ $$rc = 0 ] || exit $$rc; \
 	fi
 
 $(STAMP): pyproject.toml

@@ -83,6 +83,21 @@ class SegmentationSettings(BaseModel):
     )
 
 
+class AlertSettings(BaseModel):
+    """``RADSTREAM_ALERT__*``: rules and result delivery to the PACS."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rules_file: Path = Field(
+        Path(__file__).resolve().parents[1] / "deploy" / "alerts" / "rules.yaml"
+    )
+    pacs_host: str = Field("", description="PACS for DICOM SEG (C-STORE); empty: no delivery")
+    pacs_port: int = Field(4242)
+    pacs_ae_title: str = Field("ORTHANC", max_length=16)
+    calling_ae_title: str = Field("RADSTREAM", max_length=16)
+    pacs_timeout_s: float = Field(20.0)
+
+
 class Settings(BaseSettings):
     """Everything a RadStream process needs; secrets are ``SecretStr`` and never logged."""
 
@@ -97,6 +112,7 @@ class Settings(BaseSettings):
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     preprocess: PreprocessSettings = Field(default_factory=PreprocessSettings)
     segmentation: SegmentationSettings = Field(default_factory=SegmentationSettings)
+    alert: AlertSettings = Field(default_factory=AlertSettings)
     device: Literal["auto", "gpu", "cpu"] = Field(
         "auto", description="RADSTREAM_DEVICE: array backend"
     )

@@ -282,3 +282,72 @@ def http_ok(port: int, path: str) -> bool:
             return bool(r.status == 200)
     except OSError:
         return False
+
+
+class Orthanc:
+    """A real Orthanc (Debian's package) for one test: own storage, free ports, HTTP on
+    127.0.0.1 only with remote access off; DICOM accepts only the configured modalities."""
+
+    def __init__(self, root: Path, modalities: dict[str, str]) -> None:
+        import json
+        import shutil
+
+        self.http_port = free_port()
+        self.dicom_port = free_port()
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        exe = shutil.which("Orthanc")
+        assert exe, "Orthanc not found: 'make setup' installs Debian's orthanc"
+        self.exe = exe
+        config = {
+            "Name": "radstream-test-pacs",
+            "StorageDirectory": str(root / "db"),
+            "IndexDirectory": str(root / "db"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": "ORTHANC",
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": True,
+            "DicomAlwaysAllowStore": False,
+            "DicomModalities": {name: [aet, "127.0.0.1", 104] for name, aet in modalities.items()},
+            "Plugins": [],
+            "StableAge": 1,
+        }
+        (root / "orthanc.json").write_text(json.dumps(config))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Orthanc:
+        log = open(self.root / "orthanc.log", "wb")
+        self.proc = subprocess.Popen(
+            [self.exe, str(self.root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+
+        def up() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, (
+                f"Orthanc exited; see {self.root / 'orthanc.log'}"
+            )
+            return self.get("/system") is not None
+
+        wait_until_sync(up, 30, "Orthanc up")
+        return self
+
+    def get(self, path: str) -> Any:
+        import json
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=2) as r:
+                return json.loads(r.read())
+        except OSError:
+            return None
+
+    def instances(self) -> list[dict[str, Any]]:
+        ids = self.get("/instances") or []
+        return [self.get(f"/instances/{i}/simplified-tags") for i in ids]
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(20)

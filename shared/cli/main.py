@@ -297,6 +297,49 @@ def phantom_cmd(
     console.print(f"{kind}: {len(ph.files)} instance(s) in {out} (truth in {out / 'truth.npz'})")
 
 
+@app.command("alerts")
+def alerts(
+    home: HomeOpt = DEFAULT_HOME,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="wait for new alerts")] = False,
+    timeout: Annotated[float | None, typer.Option("--timeout", help="stop after S seconds")] = None,
+    from_beginning: Annotated[
+        bool, typer.Option("--from-beginning", help="with --follow: replay old alerts too")
+    ] = False,
+) -> None:
+    """The alert feed, as the alert-consumer principal (it can read alerts and nothing else)."""
+    from shared.schemas import Alert
+
+    settings, kafka, keyring = _settings_for(home, "alert-consumer")
+    colours = {"critical": "bold red", "high": "red", "medium": "yellow", "low": "cyan"}
+
+    async def run() -> None:
+        async for item in read_topic(
+            kafka,
+            settings.topic("alerts"),
+            Alert,
+            keyring,
+            follow=follow,
+            timeout_s=timeout,
+            from_beginning=from_beginning or not follow,
+        ):
+            a = item.record
+            if a is None:
+                where = f"partition {item.partition} offset {item.offset}"
+                err.print(f"[red]unreadable alert at {where}: {item.error}")
+                continue
+            if as_json:
+                print(a.model_dump_json(exclude={"schema_version"}), flush=True)
+            else:
+                measures = ", ".join(f"{k}={v:g}" for k, v in a.measurements.items())
+                head = f"[{colours[a.severity]}]{a.severity.upper():8}[/] {a.finding_label:16}"
+                series = f"series …{a.series_instance_uid[-12:]} r{a.revision}"
+                tail = f"latency {a.latency_seconds:.1f} s → {', '.join(a.routes)}"
+                console.print(f"{head} {measures:28} {series}  {tail}")
+
+    asyncio.run(run())
+
+
 @app.command("results")
 def results(
     series_instance_uid: Annotated[str, typer.Argument(help="SeriesInstanceUID of the series")],

@@ -187,12 +187,25 @@ class Alert(Record):
     SCHEMA: ClassVar[str] = "radstream.alert"
     alert_id: str = Field(max_length=64, description="deterministic id, idempotency key")
     severity: Literal["critical", "high", "medium", "low"]
-    finding: str = Field(max_length=64)
+    finding: str = Field(max_length=64, description="finding type")
+    finding_label: str = Field(max_length=64)
+    rule: str = Field(max_length=48, description="the rule that raised it")
+    routes: list[str] = Field(default_factory=list, description="worklist, pager, webhook:...")
     study_instance_uid: Uid
     series_instance_uid: Uid
     revision: int = Field(ge=1)
+    modality: str = Field(max_length=16)
+    body_part: str | None = Field(None, max_length=16)
     measurements: dict[str, float] = Field(default_factory=dict)
-    latency_seconds: float = Field(ge=0)
+    centroid_mm: list[float] | None = None
+    seg_sop_instance_uid: Uid | None = Field(None, description="the DICOM SEG sent to the PACS")
+    algorithm: str = Field(max_length=64)
+    algorithm_version: str = Field(max_length=32)
+    parameters: dict[str, float | str] = Field(default_factory=dict)
+    source_partition: int = Field(ge=0, description="findings partition it came from")
+    source_offset: int = Field(ge=0)
+    latency_seconds: float = Field(ge=0, description="last instance published → alert created")
+    acquisition_latency_seconds: float | None = Field(None, description="acquisition → alert")
     created_at: datetime = Field(default_factory=utcnow)
 
 

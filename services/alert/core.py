@@ -1,0 +1,108 @@
+"""Alert's core: SegmentationDone → one Alert per matching finding (per series revision),
+and the DICOM SEG delivered to the PACS once (its SOP Instance UID is the idempotency key;
+delivery is recorded on ``audit`` in the same transaction as the alerts)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from services.alert.rules import MEASURES, RuleSet
+from shared.dicom.pacs import Pacs, c_store
+from shared.runtime.errors import RetriableError
+from shared.runtime.stage import Context, Emit, HandlerResult
+from shared.schemas import Alert, AuditEvent, SegmentationDone
+from shared.storage import BlobError, BlobStore
+
+NAMESPACE = uuid.UUID("6d1c6a0e-5d0b-4c4a-9a77-7f1f4bb2a1e1")
+
+
+def alert_id(series_uid: str, revision: int, finding_label: str, rule: str) -> str:
+    """Deterministic: the same finding of the same revision always has the same id."""
+    return str(uuid.uuid5(NAMESPACE, f"{series_uid}|{revision}|{finding_label}|{rule}"))
+
+
+def _acquisition(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    for fmt in ("%Y%m%d%H%M%S.%f", "%Y%m%d%H%M%S", "%Y%m%d"):
+        try:
+            return datetime.strptime(value[: len(datetime.now().strftime(fmt))], fmt).replace(
+                tzinfo=UTC
+            )
+        except ValueError:
+            continue
+    return None
+
+
+@dataclass
+class AlertCore:
+    rules: RuleSet
+    store: BlobStore
+    pacs: Pacs | None = None
+
+    def handle(self, msg: SegmentationDone, ctx: Context) -> HandlerResult:
+        out: list[Emit] = []
+        if self.pacs is not None and msg.seg is not None and msg.seg_sop_instance_uid is not None:
+            try:
+                data = self.store.get(msg.seg)
+            except BlobError as exc:
+                raise RetriableError(
+                    f"SEG not readable from the blob store ({exc.reason})"
+                ) from None
+            c_store(self.pacs, data)  # RetriableError → retried with backoff by the runtime
+            out.append(
+                Emit(
+                    "audit",
+                    AuditEvent(
+                        actor="alert",
+                        action="pacs_delivered",
+                        resource=ctx.keyring.keyed_hash(msg.seg_sop_instance_uid).decode(),
+                        outcome="success",
+                    ),
+                )
+            )
+        now = datetime.now(UTC)
+        acquired = _acquisition(msg.acquired_at)
+        for finding in msg.findings:
+            rule = self.rules.first_match(finding, msg.modality, msg.body_part)
+            if rule is None:
+                continue
+            measurements = {
+                k: float(getattr(finding, k)) for k in MEASURES if getattr(finding, k) is not None
+            }
+            out.append(
+                Emit(
+                    "alerts",
+                    Alert(
+                        alert_id=alert_id(
+                            msg.series_instance_uid, msg.revision, finding.label, rule.name
+                        ),
+                        severity=rule.severity,
+                        finding=finding.type,
+                        finding_label=finding.label,
+                        rule=rule.name,
+                        routes=list(rule.routes),
+                        study_instance_uid=msg.study_instance_uid,
+                        series_instance_uid=msg.series_instance_uid,
+                        revision=msg.revision,
+                        modality=msg.modality,
+                        body_part=msg.body_part,
+                        measurements=measurements,
+                        centroid_mm=finding.centroid_mm,
+                        seg_sop_instance_uid=msg.seg_sop_instance_uid,
+                        algorithm=msg.algorithm,
+                        algorithm_version=msg.algorithm_version,
+                        parameters=msg.parameters,
+                        source_partition=ctx.partition,
+                        source_offset=ctx.offset,
+                        latency_seconds=max(0.0, (now - msg.last_published_at).total_seconds()),
+                        acquisition_latency_seconds=(now - acquired).total_seconds()
+                        if acquired
+                        else None,
+                        created_at=now,
+                    ),
+                )
+            )
+        return out
