@@ -37,10 +37,7 @@ kafka:
 	@deploy/kafka/fetch.sh
 
 demo: setup
-	$(VENV)/bin/radstream stack up
-	$(VENV)/bin/radstream stack status
-	@echo
-	@echo "The local stack is running (state in .radstream/). Stop it with: make down"
+	$(VENV)/bin/radstream demo
 
 down: setup
 	$(VENV)/bin/radstream stack down

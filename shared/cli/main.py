@@ -297,6 +297,22 @@ def phantom_cmd(
     console.print(f"{kind}: {len(ph.files)} instance(s) in {out} (truth in {out / 'truth.npz'})")
 
 
+@app.command("demo")
+def demo(
+    home: HomeOpt = DEFAULT_HOME,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="report folder (default out/demo)")
+    ] = None,
+    wait: Annotated[
+        float, typer.Option("--wait", help="longest wait for the alerts, seconds")
+    ] = 300.0,
+) -> None:
+    """Start the stack, publish demo studies, show alerts live, write an HTML report."""
+    from shared.cli.demo import default_out, run_demo
+
+    run_demo(LocalStack(home), out or default_out(), console, wait)
+
+
 @app.command("alerts")
 def alerts(
     home: HomeOpt = DEFAULT_HOME,

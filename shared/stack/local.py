@@ -10,6 +10,7 @@ import asyncio
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -109,6 +110,9 @@ class LocalStack:
         if not was_running:
             self.broker.bootstrap(self.prefix, PARTITIONS)
             actions.append("topics and ACLs in place")
+        orthanc = self.start_orthanc()
+        if orthanc:
+            actions.append(orthanc)
         for svc in available_services():
             if self.service_pid(svc) is not None:
                 actions.append(f"{svc.name} already running")
@@ -118,6 +122,9 @@ class LocalStack:
                 {k: v for k, v in os.environ.items() if not k.startswith("RADSTREAM_KAFKA__")}
             )
             env.update(self.broker.env_for(svc.principal))
+            if svc.name == "alert" and shutil.which("Orthanc"):
+                env.setdefault("RADSTREAM_ALERT__PACS_HOST", "127.0.0.1")
+                env.setdefault("RADSTREAM_ALERT__PACS_PORT", str(self.ORTHANC_DICOM))
             env.update(
                 {
                     "RADSTREAM_HOME": str(self.home),
@@ -134,8 +141,59 @@ class LocalStack:
             actions.append(f"{svc.name} started (pid {pid})")
         return actions
 
+    # ---- Orthanc (the PACS results go to), when Debian's package is installed ---------------
+    ORTHANC_HTTP = 8042
+    ORTHANC_DICOM = 4242
+
+    @property
+    def orthanc_dir(self) -> Path:
+        return self.home / "orthanc"
+
+    def orthanc_pid(self) -> int | None:
+        try:
+            pid = int((self.orthanc_dir / "orthanc.pid").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return pid if _pid_alive(pid) else None
+
+    def start_orthanc(self) -> str | None:
+        """Start Orthanc if installed. It cannot bind to loopback only (1.10), so its HTTP API
+        refuses remote access and its DICOM port accepts stores only from the RadStream AE
+        at 127.0.0.1 (DicomCheckModalityHost)."""
+        exe = shutil.which("Orthanc")
+        if exe is None:
+            return None
+        if self.orthanc_pid() is not None:
+            return "orthanc already running"
+        self.orthanc_dir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "radstream-local-pacs",
+            "StorageDirectory": str(self.orthanc_dir / "db"),
+            "IndexDirectory": str(self.orthanc_dir / "db"),
+            "HttpPort": self.ORTHANC_HTTP,
+            "DicomPort": self.ORTHANC_DICOM,
+            "DicomAet": "ORTHANC",
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": True,
+            "DicomAlwaysAllowStore": False,
+            "DicomCheckModalityHost": True,
+            "DicomModalities": {"RADSTREAM": ["RADSTREAM", "127.0.0.1", 104]},
+            "Plugins": [],
+        }
+        (self.orthanc_dir / "orthanc.json").write_text(json.dumps(config, indent=2))
+        pid, _ = spawn_detached(
+            [exe, str(self.orthanc_dir / "orthanc.json")], self.log_file("orthanc")
+        )
+        (self.orthanc_dir / "orthanc.pid").write_text(str(pid))
+        return f"orthanc started (pid {pid}, http://127.0.0.1:{self.ORTHANC_HTTP})"
+
     def down(self, timeout: float = 15.0) -> list[str]:
         actions: list[str] = []
+        opid = self.orthanc_pid()
+        if opid is not None:
+            os.kill(opid, signal.SIGTERM)
+            actions.append("orthanc stopped")
         for svc in reversed(SERVICES):
             pid = self.service_pid(svc)
             if pid is None:
