@@ -98,7 +98,7 @@ def _lowres_closing(mask: Any, spacing: tuple[float, float, float], radius_mm: f
     closed = ndi.binary_closing(xp.pad(small, ((0, 0), (r, r), (r, r))), structure=disk)[
         :, r:-r, r:-r
     ]
-    added = closed & ~ndi.binary_dilation(small, structure=xp.asarray(np.ones((1, 3, 3), bool)))
+    added = closed & ~small
     # only what the closing added (concavities), not the blocky outline of the coarse mask
     up = xp.repeat(xp.repeat(added, f, axis=1), f, axis=2)[:, : mask.shape[1], : mask.shape[2]]
     return up

@@ -150,8 +150,10 @@ def chest_ct(
     thickness: float = 2.5,
     nodules_mm: tuple[float, ...] = (8.0, 12.0),
     noise: float = 15.0,
+    wall_nodules_mm: tuple[float, ...] = (),
 ) -> Phantom:
-    """Chest CT: body, fat, left/right lungs, vessels, spine, spherical nodules in the lungs."""
+    """Chest CT: body, fat, left/right lungs, vessels, spine, spherical nodules in the lungs,
+    and optionally juxtapleural nodules sitting on the lateral chest wall."""
     rng = np.random.default_rng(seed)
     sxy = spacing_xy or 350.0 / size
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -180,6 +182,12 @@ def chest_ct(
             ) ** 2 < 0.8:
                 break
         nodules.append((cx * sxy + side * lung_off + ox, cy * sxy + oy, zmid + oz, r))
+    for i, d in enumerate(wall_nodules_mm):
+        side = -1 if i % 2 == 0 else 1
+        r = d / 2
+        # centred a quarter of its diameter inside the lateral lung edge: it touches the wall
+        edge_x = cx * sxy + side * (lung_off + lung_a - r / 2)
+        nodules.append((edge_x, cy * sxy + rng.uniform(-20, 20), zmid + rng.uniform(-5, 5), r))
     vessels = [
         (
             cx * sxy + s * (lung_off + rng.uniform(-20, 20)),

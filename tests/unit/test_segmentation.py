@@ -195,3 +195,21 @@ def test_onnx_plugin_runs_a_model_built_in_process(tmp_path: Path) -> None:
     np.testing.assert_array_equal(res.masks["onnx_bone"], vol > 300.0)  # what the model computes
     (finding,) = res.findings
     assert finding["type"] == "onnx:bone" and finding["volume_ml"] > 10
+
+
+@pytest.mark.parametrize("seed", [11, 12])
+def test_nodules_attached_to_the_chest_wall_are_candidates(tmp_path: Path, seed: int) -> None:
+    ph = phantom.chest_ct(
+        tmp_path / "w", seed=seed, size=384, slices=40, nodules_mm=(), wall_nodules_mm=(9.0, 12.0)
+    )
+    vol, geo = volume_of(ph)
+    res = tasks.chest_ct(vol, geo)
+    reported = [f for f in res.findings if f["type"] == "nodule"]
+    labels, n = ndi.label(ph.truth["nodules"])
+    assert n == 2
+    for i in range(1, n + 1):
+        c = np.argwhere(labels == i).mean(axis=0) * np.array(ph.spacing)
+        assert any(np.linalg.norm(np.array(f["centroid_mm"])[::-1] - c) <= 8.0 for f in reported), (
+            f"wall nodule {i} missed"
+        )
+    assert len(reported) <= n + 1
