@@ -10,7 +10,7 @@ from services.alert.core import AlertCore
 from services.alert.rules import RuleSet
 from shared.config import Settings
 from shared.dicom.pacs import Pacs
-from shared.runtime.service import run_stage
+from shared.runtime.service import serve
 from shared.runtime.stage import StageSpec
 from shared.schemas import SegmentationDone
 from shared.security.envelope import Keyring
@@ -46,8 +46,7 @@ def build(
 
 
 def main() -> int:
-    settings = Settings()
-    return run_stage(lambda keyring, registry: build(settings, keyring, registry), settings)
+    return serve(build)
 
 
 if __name__ == "__main__":

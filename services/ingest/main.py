@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import sys
 
+from prometheus_client import CollectorRegistry
+
 from services.ingest.core import IngestCore
 from shared.config import Settings
-from shared.runtime.service import run_stage
+from shared.runtime.service import serve
 from shared.runtime.stage import StageSpec
 from shared.schemas import EndOfSeries, InstanceData, InstancesRecord
 from shared.security.envelope import Keyring
 from shared.storage import BlobStore, LocalDirBackend
 
 
-def build(settings: Settings, keyring: Keyring) -> StageSpec[InstanceData | EndOfSeries]:
+def build(
+    settings: Settings, keyring: Keyring, registry: CollectorRegistry | None = None
+) -> StageSpec[InstanceData | EndOfSeries]:
+    del registry
     core = IngestCore(BlobStore(LocalDirBackend(settings.blob_path), keyring), settings.ingest)
     return StageSpec(
         name="ingest",
@@ -28,8 +33,7 @@ def build(settings: Settings, keyring: Keyring) -> StageSpec[InstanceData | EndO
 
 
 def main() -> int:
-    settings = Settings()
-    return run_stage(lambda keyring, _registry: build(settings, keyring), settings)
+    return serve(build)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 from services.preprocess.core import PreprocessCore, PreprocessMetrics
 from shared.config import Settings
 from shared.imaging.backend import select_backend
-from shared.runtime.service import run_stage
+from shared.runtime.service import serve
 from shared.runtime.stage import StageSpec
 from shared.schemas import SeriesReady
 from shared.security.envelope import Keyring
@@ -39,8 +39,7 @@ def build(
 
 
 def main() -> int:
-    settings = Settings()
-    return run_stage(lambda keyring, registry: build(settings, keyring, registry), settings)
+    return serve(build)
 
 
 if __name__ == "__main__":

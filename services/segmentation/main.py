@@ -10,7 +10,7 @@ from services.segmentation.core import SegmentationCore
 from services.segmentation.onnx_plugin import ModelSpec, OnnxSegmenter
 from shared.config import Settings
 from shared.imaging.backend import select_backend
-from shared.runtime.service import run_stage
+from shared.runtime.service import serve
 from shared.runtime.stage import StageSpec
 from shared.schemas import VolumePrepared
 from shared.security.envelope import Keyring
@@ -40,8 +40,7 @@ def build(
 
 
 def main() -> int:
-    settings = Settings()
-    return run_stage(lambda keyring, registry: build(settings, keyring, registry), settings)
+    return serve(build)
 
 
 if __name__ == "__main__":

@@ -62,3 +62,9 @@ def run_stage(
     runner = StageRunner(built, settings, keyring, registry)
     asyncio.run(_serve(runner))
     return 0
+
+
+def serve(build: Callable[[Settings, Keyring, CollectorRegistry], StageSpec[Any]]) -> int:
+    """A service's ``main``: settings from the environment, then :func:`run_stage`."""
+    settings = Settings()
+    return run_stage(lambda keyring, registry: build(settings, keyring, registry), settings)

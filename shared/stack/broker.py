@@ -81,6 +81,16 @@ def spawn_detached(
     return pid, offset
 
 
+def terminate(pid: int, timeout: float) -> None:
+    """SIGTERM, wait up to ``timeout``, then SIGKILL."""
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _pid_alive(pid):
+        time.sleep(0.1)
+    if _pid_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         # reap it if it is our own child that exited
@@ -358,10 +368,5 @@ class LocalBroker:
         pid = self.pid()
         if pid is None:
             return
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and _pid_alive(pid):
-            time.sleep(0.2)
-        if _pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)
+        terminate(pid, timeout)
         self.pid_file.unlink(missing_ok=True)

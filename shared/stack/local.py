@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import sys
-import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from shared.config import KafkaSettings
 from shared.security.envelope import init_keyring_file
 from shared.security.kafka import client_kwargs
-from shared.stack.broker import REPO, LocalBroker, _pid_alive, spawn_detached
+from shared.stack.broker import REPO, LocalBroker, _pid_alive, spawn_detached, terminate
 from shared.stack.principals import STAGES
 
 DEFAULT_HOME = REPO / ".radstream"
@@ -198,12 +197,7 @@ class LocalStack:
             pid = self.service_pid(svc)
             if pid is None:
                 continue
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and _pid_alive(pid):
-                time.sleep(0.1)
-            if _pid_alive(pid):
-                os.kill(pid, signal.SIGKILL)
+            terminate(pid, timeout)
             self._pid_file(svc).unlink(missing_ok=True)
             actions.append(f"{svc.name} stopped")
         if self.broker.is_running():
