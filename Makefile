@@ -11,12 +11,14 @@ PYTHON ?= python3
 setup: $(STAMP) kafka debs
 
 # Debian packages the tests and demo use as real peers (dcmtk: storescu/echoscu;
-# dicom3tools: dciodvfy, an independent DICOM validator; orthanc: a real PACS). Installed with
+# dicom3tools: dciodvfy, an independent DICOM validator; orthanc: a real PACS; prometheus:
+# the server and promtool). Installed with
 # services kept from auto-starting (policy-rc.d): the project starts Orthanc itself.
 debs:
 	@missing=""; command -v storescu >/dev/null || missing="$$missing dcmtk"; \
 	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
 	command -v Orthanc >/dev/null || missing="$$missing orthanc"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 	  echo "installing Debian packages:$$missing"; \

@@ -351,3 +351,73 @@ class Orthanc:
         if self.proc is not None:
             self.proc.terminate()
             self.proc.wait(20)
+
+
+class Prometheus:
+    """A real Prometheus (Debian's package) on 127.0.0.1, scraping given /metrics ports."""
+
+    def __init__(self, root: Path, targets: dict[str, int], interval: str = "1s") -> None:
+        import shutil
+
+        import yaml
+
+        exe = shutil.which("prometheus")
+        assert exe, "prometheus not found: 'make setup' installs Debian's prometheus"
+        self.exe = exe
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        config = {
+            "global": {"scrape_interval": interval, "evaluation_interval": interval},
+            "rule_files": [str(REPO / "deploy" / "prometheus" / "rules.yml")],
+            "scrape_configs": [
+                {
+                    "job_name": "radstream",
+                    "static_configs": [
+                        {"targets": [f"127.0.0.1:{port}"], "labels": {"service": name}}
+                        for name, port in targets.items()
+                    ],
+                }
+            ],
+        }
+        (root / "prometheus.yml").write_text(yaml.safe_dump(config))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Prometheus:
+        log = open(self.root / "prometheus.log", "wb")
+        self.proc = subprocess.Popen(
+            [
+                self.exe,
+                f"--config.file={self.root / 'prometheus.yml'}",
+                f"--storage.tsdb.path={self.root / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+
+        def ready() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, (
+                f"prometheus exited; see {self.root}"
+            )
+            return http_ok(self.port, "/-/ready")
+
+        wait_until_sync(ready, 30, "Prometheus ready")
+        return self
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        import json
+        import urllib.parse
+        import urllib.request
+
+        url = f"http://127.0.0.1:{self.port}/api/v1/query?query={urllib.parse.quote(promql)}"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            body = json.loads(r.read())
+        assert body["status"] == "success", body
+        return list(body["data"]["result"])
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(20)

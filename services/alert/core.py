@@ -8,6 +8,8 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
 from services.alert.rules import MEASURES, RuleSet
 from shared.dicom.pacs import Pacs, c_store
 from shared.runtime.errors import RetriableError
@@ -36,11 +38,34 @@ def _acquisition(value: str | None) -> datetime | None:
     return None
 
 
+E2E_BUCKETS = (0.5, 1, 1.5, 2, 3, 4, 5, 7.5, 10, 15, 20, 30, 60, 120, 300)
+
+
+class AlertMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.e2e = Histogram(
+            "radstream_e2e_latency_seconds",
+            "Last instance of a series published → alert created",
+            ["severity"],
+            buckets=E2E_BUCKETS,
+            registry=registry,
+        )
+        self.alerts = Counter(
+            "radstream_alerts", "Alerts raised", ["severity", "finding"], registry=registry
+        )
+        self.pacs = Counter(
+            "radstream_pacs_deliveries",
+            "DICOM SEG objects delivered to the PACS",
+            registry=registry,
+        )
+
+
 @dataclass
 class AlertCore:
     rules: RuleSet
     store: BlobStore
     pacs: Pacs | None = None
+    metrics: AlertMetrics | None = None
 
     def handle(self, msg: SegmentationDone, ctx: Context) -> HandlerResult:
         out: list[Emit] = []
@@ -52,6 +77,8 @@ class AlertCore:
                     f"SEG not readable from the blob store ({exc.reason})"
                 ) from None
             c_store(self.pacs, data)  # RetriableError → retried with backoff by the runtime
+            if self.metrics is not None:
+                self.metrics.pacs.inc()
             out.append(
                 Emit(
                     "audit",
@@ -72,6 +99,12 @@ class AlertCore:
             measurements = {
                 k: float(getattr(finding, k)) for k in MEASURES if getattr(finding, k) is not None
             }
+            latency = max(0.0, (now - msg.last_published_at).total_seconds())
+            if self.metrics is not None:
+                # observed when handled; a transaction that aborts and is redone observes twice
+                kind = finding.type if finding.type in ("nodule", "haemorrhage") else "other"
+                self.metrics.e2e.labels(rule.severity).observe(latency)
+                self.metrics.alerts.labels(rule.severity, kind).inc()
             out.append(
                 Emit(
                     "alerts",
@@ -97,7 +130,7 @@ class AlertCore:
                         parameters=msg.parameters,
                         source_partition=ctx.partition,
                         source_offset=ctx.offset,
-                        latency_seconds=max(0.0, (now - msg.last_published_at).total_seconds()),
+                        latency_seconds=latency,
                         acquisition_latency_seconds=(now - acquired).total_seconds()
                         if acquired
                         else None,

@@ -20,7 +20,6 @@ from shared.storage import BlobStore, LocalDirBackend
 def build(
     settings: Settings, keyring: Keyring, registry: CollectorRegistry | None = None
 ) -> StageSpec[SegmentationDone]:
-    del registry
     cfg = settings.alert
     pacs = (
         Pacs(

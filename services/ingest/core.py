@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from prometheus_client import Gauge
+
 from shared.config import IngestSettings
 from shared.dicom.safe import InstanceInfo, InvalidInstance, Limits, inspect_instance
 from shared.runtime.errors import PoisonError
@@ -29,6 +31,7 @@ SERIES_TOPIC = "series"
 class IngestCore:
     store: BlobStore
     settings: IngestSettings
+    in_assembly: Gauge | None = None  # series not yet complete, per partition
 
     @property
     def limits(self) -> Limits:
@@ -94,11 +97,13 @@ class IngestCore:
         """Timers: complete quiet series, publish late revisions, forget old series."""
         assert ctx.state is not None
         out: list[Emit] = []
+        open_series = 0
         for key in list(ctx.state.keys()):
             st = ctx.state.get(key)
             if st is None:
                 continue
             idle = now - st["last_update"]
+            open_series += st["revision"] == 0
             if st["revision"] == 0:
                 if idle >= self.settings.inactivity_timeout_s:
                     if st["inst"]:
@@ -111,6 +116,8 @@ class IngestCore:
                 ctx.state.put(key, st)
             elif idle >= self.settings.retention_s:
                 ctx.state.delete(key)
+        if self.in_assembly is not None:
+            self.in_assembly.labels(str(ctx.partition)).set(open_series)
         return out
 
     # ---- helpers ------------------------------------------------------------------------

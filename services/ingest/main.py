@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge
 
 from services.ingest.core import IngestCore
 from shared.config import Settings
@@ -18,8 +18,19 @@ from shared.storage import BlobStore, LocalDirBackend
 def build(
     settings: Settings, keyring: Keyring, registry: CollectorRegistry | None = None
 ) -> StageSpec[InstanceData | EndOfSeries]:
-    del registry
-    core = IngestCore(BlobStore(LocalDirBackend(settings.blob_path), keyring), settings.ingest)
+    gauge = (
+        Gauge(
+            "radstream_series_in_assembly",
+            "Series waiting for completion",
+            ["partition"],
+            registry=registry,
+        )
+        if registry is not None
+        else None
+    )
+    core = IngestCore(
+        BlobStore(LocalDirBackend(settings.blob_path), keyring), settings.ingest, gauge
+    )
     return StageSpec(
         name="ingest",
         input_topic="instances",
