@@ -50,10 +50,12 @@ ROLES: dict[str, Role] = {
     "scanner": Role(name="scanner", write=("instances",)),
     # Worklist / pager integrations: read the alert feed and nothing else.
     "alert-consumer": Role(name="alert-consumer", read=("alerts",), groups=("alert-consumer",)),
-    # Operators: read every topic (dead letters, results, status), describe groups for lag.
+    # Operators: read every topic (dead letters, results, status), describe groups for lag,
+    # and write a stage's input topic to replay a series from that stage (a new revision).
     "operator": Role(
         name="operator",
         read=("instances", "series", "volumes", "findings", "alerts", "deadletter", "audit"),
+        write=("series", "volumes", "findings", "audit"),
         groups=("operator",),
         describe_all=True,
     ),
