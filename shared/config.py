@@ -21,6 +21,7 @@ class KafkaSettings(BaseModel):
     sasl_mechanism: str = Field("SCRAM-SHA-512", description="SASL mechanism")
     username: str = Field("", description="Kafka principal name of this service or party")
     password: SecretStr = Field(SecretStr(""), description="SCRAM password of the principal")
+    password_file: Path | None = Field(None, description="file holding the password (secrets)")
     ca_file: Path | None = Field(None, description="PEM CA bundle that signed the broker cert")
     max_message_bytes: int = Field(8 * 1024 * 1024, description="largest record sent or fetched")
 

@@ -91,13 +91,15 @@ def stack_status(
     broker = status["broker"]
     mark = "[green]running[/]" if broker["running"] else "[red]down[/]"
     console.print(f"broker {broker['bootstrap']}: {mark}")
-    table = Table("service", "pid", "healthy", "ready", "metrics")
+    table = Table("service", "pid", "healthy", "ready", "processed", "metrics")
     for svc in status["services"]:
+        done = ", ".join(f"{k} {v:.0f}" for k, v in sorted(svc.get("processed", {}).items()))
         table.add_row(
             svc["name"],
             str(svc["pid"] or "-"),
             _yn(svc["healthy"]),
             _yn(svc["ready"]),
+            done or "-",
             svc["metrics"],
         )
     if status["services"]:

@@ -21,5 +21,8 @@ def client_kwargs(kafka: KafkaSettings) -> dict[str, Any]:
     if kafka.security_protocol.startswith("SASL"):
         kwargs["sasl_mechanism"] = kafka.sasl_mechanism
         kwargs["sasl_plain_username"] = kafka.username
-        kwargs["sasl_plain_password"] = kafka.password.get_secret_value()
+        password = kafka.password.get_secret_value()
+        if kafka.password_file is not None:
+            password = kafka.password_file.read_text().strip()
+        kwargs["sasl_plain_password"] = password
     return kwargs

@@ -219,6 +219,7 @@ class LocalStack:
                     "healthy": pid is not None and _http_ok(svc.metrics_port, "/healthz"),
                     "ready": pid is not None and _http_ok(svc.metrics_port, "/readyz"),
                     "metrics": f"http://127.0.0.1:{svc.metrics_port}/metrics",
+                    "processed": _processed(svc.metrics_port) if pid is not None else {},
                 }
             )
         lag: dict[str, Any] = {}
@@ -230,6 +231,24 @@ class LocalStack:
             "services": services,
             "lag": lag,
         }
+
+
+def _processed(port: int) -> dict[str, float]:
+    """Records handled so far by outcome, read from the service's own /metrics."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("radstream_messages_total{") or line.startswith(
+            "radstream_gateway_instances_total{"
+        ):
+            labels, value = line.rsplit(" ", 1)
+            outcome = labels.split('outcome="', 1)[1].split('"', 1)[0]
+            out[outcome] = out.get(outcome, 0.0) + float(value)
+    return out
 
 
 def _http_ok(port: int, path: str) -> bool:

@@ -1,0 +1,40 @@
+#!/bin/sh
+# One-shot bootstrap of the compose stack's secrets volume: CA + broker keystore, SCRAM
+# passwords (one file per principal, 0600), the keyring, the broker's start script (formats
+# KRaft storage with the SCRAM users) and the admin client config. Idempotent.
+set -eu
+out=/secrets
+cd /app
+python - <<'PY'
+import json, os
+from pathlib import Path
+from shared.stack.broker import LocalBroker
+from shared.security.envelope import init_keyring_file
+home = Path("/tmp/pki")
+b = LocalBroker(home, port=9093, controller_port=9094)
+b.ensure_secrets()
+out = Path("/secrets")
+for name, pw in b.credentials().items():
+    p = out / f"{name}.password"
+    p.write_text(pw)
+    os.chmod(p, 0o640)
+for f in ("ca.pem", "broker.p12", "store.password"):
+    (out / f).write_bytes((b.tls_dir / f).read_bytes())
+init_keyring_file(out / "keyring.json")
+from shared.stack import principals
+admin_pw = b.credentials()["admin"]
+(out / "admin.properties").write_text(
+    "bootstrap.servers=kafka:9093\nsecurity.protocol=SASL_SSL\nsasl.mechanism=SCRAM-SHA-512\n"
+    "sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required "
+    f'username="admin" password="{admin_pw}";\n'
+    "ssl.truststore.type=PEM\nssl.truststore.location=/secrets/ca.pem\nssl.endpoint.identification.algorithm=\n"
+)
+(out / "spec.tsv").write_text(principals.spec("radstream.", 3))
+users = " ".join(f"--add-scram SCRAM-SHA-512=[name={n},password={p}]" for n, p in b.credentials().items())
+(out / "kafka-format.sh").write_text(
+    "#!/bin/sh\nset -e\n"
+    "[ -f /var/lib/kafka/data/meta.properties ] || /opt/kafka/bin/kafka-storage.sh format "
+    f"--cluster-id=$CLUSTER_ID -c /opt/kafka/config/server.properties {users}\n"
+)
+PY
+echo "secrets ready in $out"

@@ -1,0 +1,133 @@
+"""Static checks of the deployment artefacts (no Docker engine or cluster here): the compose
+file and the Kustomize manifests are loaded and checked for what production needs."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from shared.config import Settings
+from shared.stack.principals import STAGES
+from tests.helpers import REPO
+
+SERVICES = ("gateway", "ingest", "preprocess", "segmentation", "alert")
+
+
+def known_env(name: str) -> bool:
+    """Is RADSTREAM_X or RADSTREAM_X__Y a field of the settings model?"""
+    if not name.startswith("RADSTREAM_"):
+        return True
+    parts = name[len("RADSTREAM_") :].lower().split("__")
+    model: Any = Settings
+    for part in parts:
+        fields = model.model_fields
+        if part not in fields:
+            return False
+        annotation = fields[part].annotation
+        model = (
+            annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel)
+            else None
+        )
+        if model is None and part != parts[-1]:
+            return False
+    return True
+
+
+def test_env_check_knows_settings_from_typos() -> None:
+    assert known_env("RADSTREAM_KAFKA__PASSWORD_FILE") and known_env("RADSTREAM_DEVICE")
+    assert not known_env("RADSTREAM_KAFKA__PASWORD") and not known_env("RADSTREAM_NOPE")
+
+
+def test_compose_file_has_the_whole_stack_done_properly() -> None:
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert set(services) >= {
+        "pki",
+        "kafka",
+        "kafka-init",
+        *SERVICES,
+        "orthanc",
+        "prometheus",
+        "grafana",
+    }
+    kafka = services["kafka"]
+    assert kafka["image"].startswith("apache/kafka:4.1")
+    env = kafka["environment"]
+    assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"
+    assert (
+        "SASL_SSL" in env["KAFKA_LISTENERS"]
+        and env["KAFKA_SASL_ENABLED_MECHANISMS"] == "SCRAM-SHA-512"
+    )
+    assert env["KAFKA_ALLOW_EVERYONE_IF_NO_ACL_FOUND"] == "false"
+    assert "StandardAuthorizer" in env["KAFKA_AUTHORIZER_CLASS_NAME"]
+    for one_shot in ("pki", "kafka-init"):
+        assert services[one_shot]["restart"] == "no"
+    volumes = set(compose["volumes"])
+    for name, svc in services.items():
+        if name not in ("pki", "kafka-init"):
+            assert "healthcheck" in svc, f"{name} has no healthcheck"
+        for port in svc.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+        for mount in svc.get("volumes", []):
+            source = str(mount).split(":")[0]
+            assert source.startswith("./") or source in volumes, f"{name}: unknown volume {source}"
+            if source.startswith("./"):
+                assert (REPO / source).exists(), f"{name}: {source} does not exist"
+        for key in svc.get("environment", {}):
+            assert known_env(key), f"{name}: {key} is not a setting"
+    for name in SERVICES:
+        module = services[name]["command"][-1]
+        assert importlib.util.find_spec(module) is not None
+        assert services[name]["environment"]["RADSTREAM_KAFKA__USERNAME"] == name
+    assert (REPO / "deploy" / "Dockerfile").read_text().count("FROM ") == 1
+
+
+def _load(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def test_kubernetes_manifests() -> None:
+    base = REPO / "deploy" / "k8s" / "base"
+    kustomization = yaml.safe_load((base / "kustomization.yaml").read_text())
+    docs = [d for f in kustomization["resources"] for d in _load(base / f)]
+    by_kind: dict[str, dict[str, dict[str, Any]]] = {}
+    for d in docs:
+        by_kind.setdefault(d["kind"], {})[d["metadata"]["name"]] = d
+    assert set(by_kind["Deployment"]) == set(SERVICES)
+    for name, dep in by_kind["Deployment"].items():
+        (container,) = dep["spec"]["template"]["spec"]["containers"]
+        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert (
+            container["resources"]["requests"]["cpu"]
+            and container["resources"]["requests"]["memory"]
+        )
+        assert dep["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+        assert all(known_env(e["name"]) for e in container["env"]), name
+        assert name in by_kind["PodDisruptionBudget"] and name in by_kind["NetworkPolicy"]
+    assert "default-deny" in by_kind["NetworkPolicy"]
+    assert "radstream-credentials" in by_kind["Secret"]
+    for stage, (src, _) in STAGES.items():
+        so = by_kind["ScaledObject"][stage]["spec"]
+        trigger = so["triggers"][0]["metadata"]
+        assert (
+            trigger["topic"] == f"radstream.{src}"
+            and trigger["consumerGroup"] == f"radstream.{stage}"
+        )
+        assert so["maxReplicaCount"] <= 3  # never more consumers than partitions
+    assert "gateway" not in by_kind["ScaledObject"]
+    overlay = REPO / "deploy" / "k8s" / "overlays" / "gpu"
+    assert yaml.safe_load((overlay / "kustomization.yaml").read_text())["resources"] == [
+        "../../base"
+    ]
+    patched = {d["metadata"]["name"]: d for d in _load(overlay / "gpu-workers.yaml")}
+    assert set(patched) == {"preprocess", "segmentation"}
+    for name, patch in patched.items():
+        (container,) = patch["spec"]["template"]["spec"]["containers"]
+        assert container["name"] == name and container["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert {"name": "RADSTREAM_DEVICE", "value": "gpu"} in container["env"]
