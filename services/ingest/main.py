@@ -12,7 +12,7 @@ from shared.runtime.service import serve
 from shared.runtime.stage import StageSpec
 from shared.schemas import EndOfSeries, InstanceData, InstancesRecord
 from shared.security.envelope import Keyring
-from shared.storage import BlobStore, LocalDirBackend
+from shared.storage import local_store
 
 
 def build(
@@ -29,7 +29,7 @@ def build(
         else None
     )
     core = IngestCore(
-        BlobStore(LocalDirBackend(settings.blob_path), keyring), settings.ingest, gauge
+        local_store(settings.blob_path, keyring, registry, "ingest"), settings.ingest, gauge
     )
     return StageSpec(
         name="ingest",

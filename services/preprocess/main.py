@@ -13,7 +13,7 @@ from shared.runtime.service import serve
 from shared.runtime.stage import StageSpec
 from shared.schemas import SeriesReady
 from shared.security.envelope import Keyring
-from shared.storage import BlobStore, LocalDirBackend
+from shared.storage import local_store
 
 
 def build(
@@ -23,7 +23,7 @@ def build(
         settings.device, memory_limit_bytes=settings.preprocess.gpu_memory_limit_bytes
     )
     core = PreprocessCore(
-        BlobStore(LocalDirBackend(settings.blob_path), keyring),
+        local_store(settings.blob_path, keyring, registry, "preprocess"),
         backend,
         settings.preprocess,
         PreprocessMetrics(registry, backend) if registry is not None else None,

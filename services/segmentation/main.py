@@ -14,19 +14,18 @@ from shared.runtime.service import serve
 from shared.runtime.stage import StageSpec
 from shared.schemas import VolumePrepared
 from shared.security.envelope import Keyring
-from shared.storage import BlobStore, LocalDirBackend
+from shared.storage import local_store
 
 
 def build(
     settings: Settings, keyring: Keyring, registry: CollectorRegistry | None = None
 ) -> StageSpec[VolumePrepared]:
-    del registry
     plugin = None
     if settings.segmentation.onnx_model is not None:
         spec = ModelSpec.from_json(settings.segmentation.onnx_config)
         plugin = OnnxSegmenter(settings.segmentation.onnx_model, spec)
     core = SegmentationCore(
-        BlobStore(LocalDirBackend(settings.blob_path), keyring),
+        local_store(settings.blob_path, keyring, registry, "segmentation"),
         select_backend(settings.device),
         plugin,
     )

@@ -16,7 +16,10 @@ import hashlib
 import os
 import secrets
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter
 
 from shared.schemas import BlobRef
 from shared.security.envelope import EnvelopeError, Keyring
@@ -101,9 +104,12 @@ class LocalDirBackend(BlobBackend):
 
 
 class BlobStore:
-    def __init__(self, backend: BlobBackend, keyring: Keyring) -> None:
+    def __init__(
+        self, backend: BlobBackend, keyring: Keyring, on_write: Callable[[int], None] | None = None
+    ) -> None:
         self.backend = backend
         self.keyring = keyring
+        self._on_write = on_write
 
     def _name(self, digest: str) -> str:
         return self.keyring.keyed_hash("blob:" + digest).decode()
@@ -115,7 +121,8 @@ class BlobStore:
             kid = self._stored_key_id(name)
         else:
             sealed = self.keyring.seal(data, digest.encode())
-            self.backend.put(name, sealed)
+            if self.backend.put(name, sealed) and self._on_write is not None:
+                self._on_write(len(sealed))
             kid = self.keyring.active_key_id
         return BlobRef(digest=digest, size=len(data), key_id=kid)
 
@@ -132,3 +139,30 @@ class BlobStore:
         if hashlib.sha256(data).hexdigest() != ref.digest or len(data) != ref.size:
             raise BlobError("blob_integrity", "content does not match its digest")
         return data
+
+
+def local_store(
+    root: Path, keyring: Keyring, registry: CollectorRegistry | None = None, stage: str = ""
+) -> BlobStore:
+    """The local-directory store a service uses, counting what it writes when given a
+    registry (``radstream_blob_written_bytes_total``, ``radstream_blob_objects_written_total``)."""
+    if registry is None:
+        return BlobStore(LocalDirBackend(root), keyring)
+    written = Counter(
+        "radstream_blob_written_bytes",
+        "Encrypted bytes written to the blob store",
+        ["stage"],
+        registry=registry,
+    )
+    objects = Counter(
+        "radstream_blob_objects_written",
+        "Objects written to the blob store",
+        ["stage"],
+        registry=registry,
+    )
+
+    def count(size: int) -> None:
+        written.labels(stage).inc(size)
+        objects.labels(stage).inc()
+
+    return BlobStore(LocalDirBackend(root), keyring, count)
