@@ -36,3 +36,40 @@ def emit(figures: dict[str, Any], as_json: bool, lines: list[str]) -> None:
         print(json.dumps(figures))
     else:
         print("\n".join(lines))
+
+
+def prepare(broker: LocalBroker, prefix: str) -> tuple[Path, Any]:
+    """Topics and ACLs under ``prefix`` and a keyring in the broker's home: (path, keyring)."""
+    from shared.security.envelope import Keyring, init_keyring_file
+
+    broker.bootstrap(prefix)
+    path = broker.home / "secrets" / "keyring.json"
+    init_keyring_file(path)
+    return path, Keyring.from_file(path)
+
+
+def start_service(
+    broker: LocalBroker, prefix: str, keyring_path: Path, name: str, **extra: str
+) -> Any:
+    """A service as its own process, as its principal, logging to <home>/<name>.log."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RADSTREAM_")}
+    env.update(broker.env_for(name))
+    env.update(
+        RADSTREAM_HOME=str(broker.home),
+        RADSTREAM_TOPIC_PREFIX=prefix,
+        RADSTREAM_KEYRING_FILE=str(keyring_path),
+        RADSTREAM_METRICS_PORT=str(free_port()),
+        RADSTREAM_INGEST__INACTIVITY_TIMEOUT_S="600",
+        **extra,
+    )
+    with open(broker.home / f"{name}.log", "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", f"services.{name}.main"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,14 +17,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from benchmarks.common import emit, parse_args, temporary_broker
+from benchmarks.common import emit, parse_args, prepare, start_service, temporary_broker
 from benchmarks.ingest import variants
 from shared.dicom import phantom
 from shared.ingress.publisher import Publisher
 from shared.runtime.reader import read_topic
 from shared.schemas import Alert, SegmentationDone, SeriesReady, VolumePrepared
-from shared.security.envelope import Keyring, init_keyring_file
-from shared.stack.broker import free_port
 
 SERVICES = ("ingest", "preprocess", "segmentation", "alert")
 
@@ -109,38 +105,17 @@ async def main() -> None:
     n, slices = (4, 32) if args.quick else (20, 64)
     with temporary_broker() as broker:
         prefix = "e2e."
-        broker.bootstrap(prefix)
-        home = broker.home
-        keyring_path = home / "secrets" / "keyring.json"
-        init_keyring_file(keyring_path)
-        keyring = Keyring.from_file(keyring_path)
+        keyring_path, keyring = prepare(broker, prefix)
         ph = phantom.chest_ct(
-            home / "template", seed=3, size=512, slices=slices, nodules_mm=(10.0,)
+            broker.home / "template", seed=3, size=512, slices=slices, nodules_mm=(10.0,)
         )
         template = [f.read_bytes() for f in ph.files]
         all_series = variants(template, ph.series_instance_uid, 2 * n + 1)
         uids = [ph.series_instance_uid[:-6] + f"{s:06d}" for s in range(2 * n + 1)]
-        procs = []
-        for name in SERVICES:
-            env = {k: v for k, v in os.environ.items() if not k.startswith("RADSTREAM_")}
-            env.update(broker.env_for(name))
-            env.update(
-                RADSTREAM_HOME=str(home),
-                RADSTREAM_TOPIC_PREFIX=prefix,
-                RADSTREAM_KEYRING_FILE=str(keyring_path),
-                RADSTREAM_METRICS_PORT=str(free_port()),
-                RADSTREAM_DEVICE="cpu",
-                RADSTREAM_INGEST__INACTIVITY_TIMEOUT_S="600",
-            )
-            log = open(home / f"{name}.log", "wb")
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", f"services.{name}.main"],
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            )
+        procs = [
+            start_service(broker, prefix, keyring_path, name, RADSTREAM_DEVICE="cpu")
+            for name in SERVICES
+        ]
         try:
             # warm-up (not measured): the first series pays every process's first-use costs
             await run_batch(broker, keyring, prefix, all_series[2 * n :], uids[2 * n :], 1)

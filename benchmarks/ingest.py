@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import subprocess
 import sys
 import threading
 import time
@@ -21,13 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import psutil
 
-from benchmarks.common import emit, parse_args, temporary_broker
+from benchmarks.common import emit, parse_args, prepare, start_service, temporary_broker
 from shared.dicom import phantom
 from shared.ingress.publisher import Publisher
 from shared.runtime.reader import read_topic
 from shared.schemas import SeriesReady
-from shared.security.envelope import Keyring, init_keyring_file
-from shared.stack.broker import free_port
 
 
 def variants(template: list[bytes], series_uid: str, n_series: int) -> list[list[bytes]]:
@@ -77,33 +73,14 @@ async def main() -> None:
     n_series, n_slices = (4, 50) if args.quick else (20, 200)
     with temporary_broker() as broker:
         prefix = "bench."
-        broker.bootstrap(prefix)
-        home = broker.home
-        keyring_path = home / "secrets" / "keyring.json"
-        init_keyring_file(keyring_path)
-        keyring = Keyring.from_file(keyring_path)
+        keyring_path, keyring = prepare(broker, prefix)
         ph = phantom.chest_ct(
-            home / "template", seed=1, size=512, slices=n_slices, nodules_mm=(8.0,)
+            broker.home / "template", seed=1, size=512, slices=n_slices, nodules_mm=(8.0,)
         )
         template = [f.read_bytes() for f in ph.files]
         all_series = variants(template, ph.series_instance_uid, n_series)
         total_bytes = sum(len(d) for s in all_series for d in s)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RADSTREAM_")}
-        env.update(broker.env_for("ingest"))
-        env.update(
-            RADSTREAM_HOME=str(home),
-            RADSTREAM_TOPIC_PREFIX=prefix,
-            RADSTREAM_KEYRING_FILE=str(keyring_path),
-            RADSTREAM_METRICS_PORT=str(free_port()),
-            RADSTREAM_INGEST__INACTIVITY_TIMEOUT_S="600",
-        )
-        log = open(home / "ingest.log", "wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "services.ingest.main"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        proc = start_service(broker, prefix, keyring_path, "ingest")
         sampler = RssSampler(proc.pid)
         sampler.start()
         try:
@@ -133,7 +110,6 @@ async def main() -> None:
             sampler.done.set()
             proc.terminate()
             proc.wait(30)
-            log.close()
     n = n_series * n_slices
     rss = sampler.samples or [0.0]
     figures = {
