@@ -58,14 +58,18 @@ def run_demo(stack: LocalStack, out: Path, console: Console, wait_s: float = 300
     keyring = Keyring.from_file(stack.keyring_path)
     work = stack.home / "demo"
     shutil.rmtree(work, ignore_errors=True)
-    seed = int(time.time()) % 100_000  # fresh UIDs on every run
+    # pixels from fixed seeds (the same findings on every run), UIDs fresh on every run (so a
+    # second demo against the same stack is new series, not duplicates)
+    run_id = int(time.time()) % 1_000_000
     with console.status("writing phantom studies..."):
         chest = phantom.chest_ct(
-            work / "chest", seed=seed, size=256, slices=64, nodules_mm=(11.0, 7.0)
+            work / "chest", seed=2, size=256, slices=64, nodules_mm=(11.0, 7.0), uid_seed=run_id
         )
-        head = phantom.head_ct(work / "head", seed=seed + 1, size=256, slices=40, bleed_ml=6.0)
+        head = phantom.head_ct(
+            work / "head", seed=3, size=256, slices=40, bleed_ml=6.0, uid_seed=run_id + 1
+        )
         normal = phantom.chest_ct(
-            work / "normal", seed=seed + 2, size=256, slices=48, nodules_mm=()
+            work / "normal", seed=4, size=256, slices=48, nodules_mm=(), uid_seed=run_id + 2
         )
     studies = [
         Study(

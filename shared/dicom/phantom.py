@@ -151,6 +151,7 @@ def chest_ct(
     nodules_mm: tuple[float, ...] = (8.0, 12.0),
     noise: float = 15.0,
     wall_nodules_mm: tuple[float, ...] = (),
+    uid_seed: int | None = None,
 ) -> Phantom:
     """Chest CT: body, fat, left/right lungs, vessels, spine, spherical nodules in the lungs,
     and optionally juxtapleural nodules sitting on the lateral chest wall."""
@@ -238,7 +239,16 @@ def chest_ct(
             yield img + rng.normal(0, noise, img.shape).astype(np.float32)
 
     study, series, files = _write_ct_series(
-        "chest", out, seed, gen(), slices, size, sxy, thickness, "CHEST", (-600, 1500)
+        "chest",
+        out,
+        seed if uid_seed is None else uid_seed,
+        gen(),
+        slices,
+        size,
+        sxy,
+        thickness,
+        "CHEST",
+        (-600, 1500),
     )
     _save_truth(out, truth, np.array([thickness, sxy, sxy]))
     return Phantom(out, series, study, files, truth, (thickness, sxy, sxy), list(nodules_mm))
@@ -254,8 +264,10 @@ def head_ct(
     thickness: float = 3.0,
     bleed_ml: float = 5.0,
     noise: float = 4.0,
+    uid_seed: int | None = None,
 ) -> Phantom:
-    """Head CT: skull, brain, ventricles and (if ``bleed_ml`` > 0) an acute haemorrhage."""
+    """Head CT: skull, brain, ventricles and (if ``bleed_ml`` > 0) an acute haemorrhage.
+    ``uid_seed`` (default: ``seed``) varies the UIDs while the pixels stay those of ``seed``."""
     rng = np.random.default_rng(seed)
     sxy = spacing_xy or 220.0 / size
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -296,7 +308,16 @@ def head_ct(
             yield img + rng.normal(0, noise, img.shape).astype(np.float32)
 
     study, series, files = _write_ct_series(
-        "head", out, seed, gen(), slices, size, sxy, thickness, "HEAD", (40, 80)
+        "head",
+        out,
+        seed if uid_seed is None else uid_seed,
+        gen(),
+        slices,
+        size,
+        sxy,
+        thickness,
+        "HEAD",
+        (40, 80),
     )
     vox_ml = thickness * sxy * sxy / 1000.0
     _save_truth(out, truth, np.array([thickness, sxy, sxy]))
