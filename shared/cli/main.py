@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shared.config import KafkaSettings, Settings
-from shared.runtime.reader import read_topic
+from shared.runtime.reader import latest_for_series, read_topic
 from shared.schemas import DeadLetter
 from shared.security.envelope import Keyring, init_keyring_file, rotate_keyring_file
 from shared.stack.local import DEFAULT_HOME, LocalStack, dump
@@ -385,12 +385,7 @@ def replay(
     ]
 
     async def run() -> int | None:
-        latest = None
-        async for item in read_topic(kafka, topic, model, keyring):
-            rec = item.record
-            if rec is not None and rec.series_instance_uid == series_instance_uid:
-                if latest is None or rec.revision >= latest.revision:
-                    latest = rec
+        latest = await latest_for_series(kafka, topic, model, keyring, series_instance_uid)
         if latest is None:
             return None
         again = latest.model_copy(update={"revision": latest.revision + 1})
@@ -441,26 +436,16 @@ def results(
 
     settings, kafka, keyring = _settings_for(home, "operator")
 
-    async def find() -> SegmentationDone | None:
-        best: SegmentationDone | None = None
-        follow = timeout > 0
-        async for item in read_topic(
+    done: SegmentationDone | None = asyncio.run(
+        latest_for_series(
             kafka,
             settings.topic("findings"),
             SegmentationDone,
             keyring,
-            follow=follow,
-            timeout_s=timeout or None,
-        ):
-            rec = item.record
-            if rec is not None and rec.series_instance_uid == series_instance_uid:
-                if best is None or rec.revision >= best.revision:
-                    best = rec
-                if follow:
-                    break
-        return best
-
-    done = asyncio.run(find())
+            series_instance_uid,
+            wait_s=timeout,
+        )
+    )
     if done is None:
         err.print("[red]no results for that series (yet)")
         raise typer.Exit(1)

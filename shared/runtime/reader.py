@@ -80,3 +80,31 @@ async def read_topic(
                         yield Item(None, exc.reason, rec.partition, rec.offset, rec.timestamp)
     finally:
         await consumer.stop()
+
+
+async def latest_for_series(
+    kafka: KafkaSettings,
+    topic: str,
+    model: Any,
+    keyring: Keyring,
+    series_instance_uid: str,
+    *,
+    wait_s: float = 0.0,
+) -> Any | None:
+    """The highest revision of ``series_instance_uid`` on ``topic``; when there is none yet and
+    ``wait_s`` > 0, the first one that arrives within ``wait_s`` seconds."""
+    latest = None
+    async for item in read_topic(kafka, topic, model, keyring):
+        rec = item.record
+        if rec is not None and rec.series_instance_uid == series_instance_uid:
+            if latest is None or rec.revision >= latest.revision:
+                latest = rec
+    if latest is not None or wait_s <= 0:
+        return latest
+    async for item in read_topic(
+        kafka, topic, model, keyring, follow=True, timeout_s=wait_s, from_beginning=False
+    ):
+        rec = item.record
+        if rec is not None and rec.series_instance_uid == series_instance_uid:
+            return rec
+    return None

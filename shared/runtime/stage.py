@@ -242,6 +242,20 @@ class StageRunner(Generic[In]):
                     max(0, end - part.next_offset)
                 )
 
+    def _producer_for(self, partition: int) -> AIOKafkaProducer:
+        """The transactional producer of one input partition: whoever owns the partition uses
+        this id, so the new owner's InitProducerId fences any zombie of the old one."""
+        return AIOKafkaProducer(
+            transactional_id=f"{self._group}.{partition}",
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=2,
+            max_request_size=self.settings.kafka.max_message_bytes,
+            max_batch_size=1024 * 1024,
+            request_timeout_ms=30000,
+            **client_kwargs(self.settings.kafka),
+        )
+
     # ---- rebalance ------------------------------------------------------------------------
     async def _assigned(self, assigned: set[TopicPartition]) -> None:
         assert self._consumer is not None
@@ -250,16 +264,7 @@ class StageRunner(Generic[In]):
         # owner and we have sought to the committed offset read after that.
         self._consumer.pause(*fresh)
         for tp in fresh:
-            producer = AIOKafkaProducer(
-                transactional_id=f"{self._group}.{tp.partition}",
-                enable_idempotence=True,
-                acks="all",
-                linger_ms=2,
-                max_request_size=self.settings.kafka.max_message_bytes,
-                max_batch_size=1024 * 1024,
-                request_timeout_ms=30000,
-                **client_kwargs(self.settings.kafka),
-            )
+            producer = self._producer_for(tp.partition)
             # start() runs InitProducerId: fences a zombie owner of this partition and aborts
             # its open transaction before we read the committed offset below.
             await producer.start()
@@ -441,15 +446,7 @@ class StageRunner(Generic[In]):
     async def _reopen(self, part: _Partition) -> None:
         old = part.producer
         await old.stop()
-        part.producer = AIOKafkaProducer(
-            transactional_id=f"{self._group}.{part.tp.partition}",
-            enable_idempotence=True,
-            acks="all",
-            linger_ms=2,
-            max_request_size=self.settings.kafka.max_message_bytes,
-            max_batch_size=1024 * 1024,
-            **client_kwargs(self.settings.kafka),
-        )
+        part.producer = self._producer_for(part.tp.partition)
         await part.producer.start()
 
     async def _fenced(self, part: _Partition) -> None:
