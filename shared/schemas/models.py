@@ -135,9 +135,31 @@ class Finding(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
     type: str = Field(
-        max_length=32, description="lung, nodule, brain, haemorrhage, structure, edges"
+        max_length=32,
+        description="lung, nodule, mass, brain, haemorrhage, midline_shift, structure, edges",
     )
     label: str = Field(max_length=64)
+    subtype: str | None = Field(
+        None,
+        max_length=32,
+        description="nodule: solid, part_solid, ground_glass, calcified; haemorrhage: "
+        "intraparenchymal, subdural, epidural",
+    )
+    location: str | None = Field(
+        None, max_length=32, description="anatomical side/region, e.g. lung_right, left"
+    )
+    confidence: float | None = Field(
+        None, ge=0.0, le=1.0, description="probability that the finding is real (calibrated)"
+    )
+    likely_benign: bool | None = Field(None, description="e.g. a calcified granuloma")
+    features: dict[str, float] = Field(
+        default_factory=dict,
+        max_length=48,
+        description="the candidate features the confidence was computed from",
+    )
+    long_axis_mm: float | None = Field(None, description="longest in-plane axis")
+    short_axis_mm: float | None = Field(None, description="perpendicular in-plane axis")
+    shift_mm: float | None = Field(None, description="midline shift (midline_shift findings)")
     volume_ml: float | None = None
     diameter_mm: float | None = Field(None, description="equivalent-sphere diameter")
     area_mm2: float | None = None
@@ -197,6 +219,11 @@ class Alert(Record):
     modality: str = Field(max_length=16)
     body_part: str | None = Field(None, max_length=16)
     measurements: dict[str, float] = Field(default_factory=dict)
+    subtype: str | None = Field(None, max_length=32, description="the finding's subtype")
+    confidence: float | None = Field(None, ge=0.0, le=1.0, description="finding confidence")
+    features: dict[str, float] = Field(
+        default_factory=dict, max_length=48, description="features behind the confidence"
+    )
     centroid_mm: list[float] | None = None
     seg_sop_instance_uid: Uid | None = Field(None, description="the DICOM SEG sent to the PACS")
     algorithm: str = Field(max_length=64)
