@@ -1,0 +1,1 @@
+"""Chest CT analysis: lungs, nodule and mass candidates, learned false-positive reduction."""
