@@ -12,7 +12,7 @@ from services.gateway.core import Gateway, GatewayMetrics
 from shared.config import Settings
 from shared.ingress.publisher import Publisher
 from shared.metrics import HealthServer
-from shared.runtime.service import configure_logging
+from shared.runtime.service import configure_process
 from shared.security.envelope import Keyring
 
 
@@ -43,7 +43,7 @@ async def serve(settings: Settings) -> None:
 
 
 def main() -> int:
-    configure_logging()
+    configure_process()
     asyncio.run(serve(Settings()))
     return 0
 

@@ -7,7 +7,6 @@ an unclear outcome stores the same instance again, never a second one.
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 
 import pydicom
@@ -30,9 +29,7 @@ class Pacs:
 def c_store(pacs: Pacs, data: bytes) -> str:
     """Send one Part 10 object; returns its SOP Instance UID. Raises RetriableError when the
     PACS is unreachable or answers a failure status (the runtime retries with backoff)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds = pydicom.dcmread(io.BytesIO(data))
+    ds = pydicom.dcmread(io.BytesIO(data))
     if ds.SOPClassUID != SegmentationStorage:
         raise PoisonError("unsupported_object", "only DICOM SEG objects are delivered")
     ae = AE(ae_title=pacs.calling_ae)

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import io
 import re
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import pydicom
-from pydicom.dataelem import RawDataElement
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence
@@ -100,7 +100,11 @@ class InstanceInfo:
 
 
 def _depth(ds: Dataset, limit: int) -> int:
-    """Deepest sequence nesting, iteratively (never recursion on untrusted structure)."""
+    """Deepest sequence nesting, iteratively (never recursion on untrusted structure).
+
+    Only elements that can hold a sequence are converted: text elements are left raw, so
+    pydicom never decodes (and never warns about) values this check does not need.
+    """
     deepest = 0
     stack: list[tuple[Dataset, int]] = [(ds, 0)]
     while stack:
@@ -110,7 +114,7 @@ def _depth(ds: Dataset, limit: int) -> int:
             return deepest
         for tag in list(current.keys()):
             raw = current.get_item(tag, keep_deferred=True)
-            if raw is None or raw.VR not in ("SQ", None, "UN") or tag == PIXEL_DATA:
+            if raw is None or tag == PIXEL_DATA or not _may_be_sequence(raw):
                 continue
             elem = current[tag]  # converts this element only; pixel data stays deferred
             if elem.VR == "SQ" and isinstance(elem.value, Sequence):
@@ -118,11 +122,30 @@ def _depth(ds: Dataset, limit: int) -> int:
     return deepest
 
 
+ITEM_TAGS = (b"\xfe\xff\x00\xe0", b"\xff\xfe\xe0\x00")  # (FFFE,E000), little / big endian
+
+
+def _may_be_sequence(elem: Any) -> bool:
+    """Could converting ``elem`` yield a sequence? Explicit SQ, or an implicit / UN element
+    whose bytes open with an item tag (deferred ones: when the dictionary says SQ or does not
+    know the tag)."""
+    if isinstance(elem, DataElement):
+        return isinstance(elem.value, Sequence)
+    if elem.VR == "SQ":
+        return True
+    if elem.VR not in (None, "UN"):
+        return False
+    if elem.value is None:  # deferred: its bytes are not at hand
+        try:
+            return bool(dictionary_VR(elem.tag) == "SQ")
+        except KeyError:
+            return True
+    return bytes(elem.value[:4]) in ITEM_TAGS
+
+
 def _get(ds: Dataset, name: str) -> Any:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return ds.get(name)
+        return ds.get(name)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for bad values
         raise InvalidInstance(
             "malformed", f"{name} has a malformed value ({type(exc).__name__})"
@@ -159,9 +182,7 @@ def _floats(ds: Dataset, name: str, n: int) -> tuple[float, ...] | None:
 
 def inspect_instance(data: bytes, limits: Limits = Limits()) -> InstanceInfo:
     """Validate ``data`` as a DICOM Part 10 instance; raise :class:`InvalidInstance` if not."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pydicom warns on odd values; they are judged here
-        return _inspect(data, limits)
+    return _inspect(data, limits)
 
 
 def _inspect(data: bytes, limits: Limits) -> InstanceInfo:
@@ -174,9 +195,7 @@ def _inspect(data: bytes, limits: Limits) -> InstanceInfo:
     if len(data) < 132 or data[128:132] != b"DICM":
         raise InvalidInstance("not_dicom", "no DICOM Part 10 preamble (DICM at offset 128)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # pydicom warns on odd values; we judge them below
-            ds = pydicom.dcmread(io.BytesIO(data), defer_size=256)
+        ds = pydicom.dcmread(io.BytesIO(data), defer_size=256)
     except RecursionError:
         raise InvalidInstance("sequence_too_deep", "sequences nested too deep to parse") from None
     except (InvalidDicomError, EOFError) as exc:
@@ -319,11 +338,9 @@ def _length_and_offset(elem: Any) -> tuple[int, int | None]:
 def series_uid_or_none(data: bytes) -> str | None:
     """Best-effort SeriesInstanceUID of a file (for keying by a publisher); None if unreadable."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(
-                io.BytesIO(data), stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]
-            )
+        ds = pydicom.dcmread(
+            io.BytesIO(data), stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]
+        )
         uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
     except Exception:  # noqa: BLE001 - the publisher sends unreadable files anyway
         return None

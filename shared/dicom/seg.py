@@ -9,7 +9,6 @@ same object, which is the idempotency key for PACS delivery.
 from __future__ import annotations
 
 import io
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -57,12 +56,7 @@ def seg_uid(
 
 
 def source_headers(instances: Sequence[bytes]) -> list[Dataset]:
-    out: list[Dataset] = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for data in instances:
-            out.append(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True))
-    return out
+    return [pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True) for data in instances]
 
 
 def build_seg(
@@ -104,23 +98,21 @@ def build_seg(
             )
         )
     stack = np.stack([masks[n] for n in names], axis=-1).astype(bool)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        seg = hd.seg.Segmentation(
-            source_images=sources,
-            pixel_array=stack,
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=descriptions,
-            series_instance_uid=seg_uid(series_instance_uid, revision, algorithm, "series"),
-            series_number=9000 + revision % 1000,
-            sop_instance_uid=seg_uid(series_instance_uid, revision, algorithm),
-            instance_number=1,
-            manufacturer="RadStream",
-            manufacturer_model_name="radstream-segmentation",
-            software_versions=algorithm.version,
-            device_serial_number="radstream",
-            series_description=f"RadStream {algorithm.name} r{revision}",
-        )
-        buf = io.BytesIO()
-        seg.save_as(buf)
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=stack,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=seg_uid(series_instance_uid, revision, algorithm, "series"),
+        series_number=9000 + revision % 1000,
+        sop_instance_uid=seg_uid(series_instance_uid, revision, algorithm),
+        instance_number=1,
+        manufacturer="RadStream",
+        manufacturer_model_name="radstream-segmentation",
+        software_versions=algorithm.version,
+        device_serial_number="radstream",
+        series_description=f"RadStream {algorithm.name} r{revision}",
+    )
+    buf = io.BytesIO()
+    seg.save_as(buf)
     return buf.getvalue()

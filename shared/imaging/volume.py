@@ -10,12 +10,12 @@ interpolated across). A single multi-frame instance becomes a volume of its fram
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import pydicom
 
+import shared.dicom  # noqa: F401 - configures pydicom once for the process
 from shared.runtime.errors import PoisonError
 
 ORIENTATION_TOL = 1e-3
@@ -51,17 +51,24 @@ class Volume:
 def decode(data: bytes) -> Slice:
     """Decode one instance's pixels (every grayscale transfer syntax pydicom's plugins read)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(io.BytesIO(data))
-            if "PixelData" not in ds:
-                raise PoisonError("not_an_image", "instance has no pixel data")
-            arr = ds.pixel_array
+        ds = pydicom.dcmread(io.BytesIO(data))
+        if "PixelData" not in ds:
+            raise PoisonError("not_an_image", "instance has no pixel data")
+        arr = ds.pixel_array
     except PoisonError:
         raise
     except Exception as exc:  # noqa: BLE001 - every decoder failure is this input's fault
         raise PoisonError(
             "undecodable", f"pixel data cannot be decoded ({type(exc).__name__})"
+        ) from None
+    except BaseException as exc:
+        # A Rust decoder (pylibjpeg-rle) panics on some corrupt streams; pyo3 raises that as
+        # PanicException, a BaseException: without this it would escape the handler's
+        # ``except Exception`` and take the whole stage down on one bad scan.
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise PoisonError(
+            "undecodable", "pixel data crashed the decoder (PanicException)"
         ) from None
     if int(ds.get("SamplesPerPixel", 1) or 1) > 1:
         # colour: luminance (ITU-R BT.601), so colour ultrasound/secondary capture still flow

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import re
 import signal
 import sys
 import time
@@ -14,6 +16,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from shared.config import Settings
+from shared.dicom.config import configure_pydicom, library_loggers
 from shared.runtime.stage import StageRunner, StageSpec
 from shared.security.envelope import Keyring
 
@@ -30,15 +33,65 @@ class _JsonFormatter(logging.Formatter):
         )
 
 
+_WARNING_HEAD = re.compile(r"^(?P<path>[^\n]*?):(?P<line>\d+): (?P<category>\w+):")
+
+
+class WithholdDicomText(logging.Filter):
+    """Keep that a DICOM library or the ``warnings`` module said something, never what.
+
+    pydicom's and highdicom's messages (and warnings, which pydicom also logs) can quote a
+    value read from a file: a name, an ID, a UID. This filter, on the process's one handler,
+    rewrites such records to their origin and category before anything formats them.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "py.warnings":
+            args = record.args
+            text = str(args[0]) if isinstance(args, tuple) and args else str(record.msg)
+            head = _WARNING_HEAD.match(text)
+            where = (
+                f"{head['category']} at {os.path.basename(head['path'])}:{head['line']}"
+                if head
+                else "a warning"
+            )
+            self._withhold(record, f"{where} (text withheld: it may quote DICOM values)")
+        elif record.name.split(".", 1)[0] in library_loggers():
+            self._withhold(
+                record,
+                f"{record.name} {record.levelname.lower()} "
+                "(text withheld: it may quote DICOM values)",
+            )
+        return True
+
+    @staticmethod
+    def _withhold(record: logging.LogRecord, text: str) -> None:
+        record.msg, record.args = text, None
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+
+
 def configure_logging(level: str = "INFO") -> None:
+    """Once per process, before any handler thread starts: JSON lines on stderr; warnings
+    routed to logging and, like the DICOM libraries' own messages, withheld
+    (:class:`WithholdDicomText`); noisy clients quietened."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter())
+    handler.addFilter(WithholdDicomText())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.captureWarnings(True)  # warnings.showwarning → "py.warnings" → the filter above
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
     # highdicom logs attribute copies with the study's UID at INFO: never let that through
     logging.getLogger("highdicom").setLevel(logging.WARNING)
+    # pynetdicom logs request identifiers (datasets) at INFO
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def configure_process(level: str = "INFO") -> None:
+    """A service's one-time start-up: logging, then the DICOM libraries (process-global
+    settings are set here, in the main thread, never from a handler)."""
+    configure_logging(level)
+    configure_pydicom()
 
 
 async def _serve(runner: StageRunner[Any]) -> None:
@@ -54,7 +107,7 @@ def run_stage(
 ) -> int:
     """Run one stage until SIGTERM/SIGINT; returns the process exit code. ``spec`` may be a
     builder taking the keyring and the metrics registry (for services with own metrics)."""
-    configure_logging()
+    configure_process()
     settings = settings or Settings()
     keyring = Keyring.from_file(settings.keyring_path)
     registry = CollectorRegistry()
