@@ -23,10 +23,11 @@ import pydicom
 import scipy.ndimage as ndi
 
 from benchmarks.common import emit, parse_args
-from services.preprocess.core import DEFAULT_CHAINS, PreprocessCore, unpack_volume
+from services.preprocess.core import DEFAULT_CHAINS, PreprocessCore
 from shared.config import PreprocessSettings
 from shared.dicom import phantom
 from shared.imaging.backend import select_backend
+from shared.imaging.packed import unpack_volume
 from shared.runtime.stage import Context
 from shared.schemas import SeriesReady
 from shared.security.envelope import Keyring

@@ -16,12 +16,13 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from benchmarks.common import emit, parse_args
-from services.preprocess.core import PreprocessCore, unpack_volume
+from services.preprocess.core import PreprocessCore
 from services.segmentation import tasks
 from services.segmentation.core import SegmentationCore
 from shared.config import PreprocessSettings
 from shared.dicom import phantom
 from shared.imaging.backend import select_backend
+from shared.imaging.packed import unpack_volume
 from shared.runtime.stage import Context
 from shared.security.envelope import Keyring
 from shared.storage import BlobStore, LocalDirBackend

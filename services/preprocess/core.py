@@ -8,7 +8,6 @@ compute drift statistics, download, compress (zstd) and store the result encrypt
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from collections.abc import Callable
@@ -17,12 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import zstandard
 from prometheus_client import CollectorRegistry, Gauge
 
 from shared.config import PreprocessSettings
 from shared.imaging import ops
 from shared.imaging.backend import Backend
+from shared.imaging.errors import ImagingError
+from shared.imaging.packed import pack_volume
 from shared.imaging.volume import Assembled, Slice, Volume, assemble, decode
 from shared.runtime.errors import PoisonError
 from shared.runtime.stage import Context
@@ -255,13 +255,15 @@ class PreprocessCore:
         else:
             voxels = len(ordered) * first.stored.size
             if voxels > self.settings.max_voxels:
-                raise PoisonError("volume_too_large", f"{voxels} voxels exceed the configured cap")
+                raise ImagingError("volume_too_large", f"{voxels} voxels exceed the configured cap")
             stored = np.empty((len(ordered), *first.stored.shape), first.stored.dtype)
             for i, s in enumerate(ordered):
                 stored[i] = s.stored
             slopes = list({(s.slope, s.intercept) for s in ordered})
         if stored.size > self.settings.max_voxels:
-            raise PoisonError("volume_too_large", f"{stored.size} voxels exceed the configured cap")
+            raise ImagingError(
+                "volume_too_large", f"{stored.size} voxels exceed the configured cap"
+            )
         if len(slopes) == 1:
             slope, intercept = slopes[0]
             if slope == 1.0 and float(intercept).is_integer() and stored.dtype.kind in "iu":
@@ -315,25 +317,6 @@ class PreprocessCore:
         for step in chain[len(head) :]:
             img, spacing = apply_step(img, step, spacing)
         return img, spacing, _stats(img, volume.modality)
-
-
-def pack_volume(volume: np.ndarray, level: int = 1, threads: int = 2) -> bytes:
-    """``.npy`` bytes (self-describing dtype and shape), zstd-compressed, without a full copy."""
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(volume))
-    cobj = zstandard.ZstdCompressor(level=level, threads=threads).compressobj()
-    parts = [
-        cobj.compress(header.getvalue()),
-        cobj.compress(np.ascontiguousarray(volume).data),
-        cobj.flush(),
-    ]
-    return b"".join(parts)
-
-
-def unpack_volume(packed: bytes) -> np.ndarray:
-    raw = zstandard.ZstdDecompressor().decompressobj().decompress(packed)
-    arr: np.ndarray = np.load(io.BytesIO(raw), allow_pickle=False)
-    return arr
 
 
 def _stats(img: Any, modality: str) -> dict[str, float]:

@@ -11,12 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from services.preprocess.core import unpack_volume
 from services.segmentation import tasks
 from services.segmentation.onnx_plugin import OnnxSegmenter
 from shared.dicom.seg import Algorithm, build_seg, seg_uid, source_headers
 from shared.imaging.backend import Backend
 from shared.imaging.overlay import overlay_png
+from shared.imaging.packed import unpack_volume
 from shared.runtime.errors import PoisonError
 from shared.runtime.stage import Context
 from shared.schemas import Finding, NamedBlob, SegmentationDone, VolumePrepared

@@ -16,7 +16,7 @@ import numpy as np
 import pydicom
 
 import shared.dicom  # noqa: F401 - configures pydicom once for the process
-from shared.runtime.errors import PoisonError
+from shared.imaging.errors import ImagingError
 
 ORIENTATION_TOL = 1e-3
 DUPLICATE_TOL_MM = 1e-3
@@ -53,12 +53,12 @@ def decode(data: bytes) -> Slice:
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
         if "PixelData" not in ds:
-            raise PoisonError("not_an_image", "instance has no pixel data")
+            raise ImagingError("not_an_image", "instance has no pixel data")
         arr = ds.pixel_array
-    except PoisonError:
+    except ImagingError:
         raise
     except Exception as exc:  # noqa: BLE001 - every decoder failure is this input's fault
-        raise PoisonError(
+        raise ImagingError(
             "undecodable", f"pixel data cannot be decoded ({type(exc).__name__})"
         ) from None
     except BaseException as exc:
@@ -67,7 +67,7 @@ def decode(data: bytes) -> Slice:
         # ``except Exception`` and take the whole stage down on one bad scan.
         if type(exc).__name__ != "PanicException":
             raise
-        raise PoisonError(
+        raise ImagingError(
             "undecodable", "pixel data crashed the decoder (PanicException)"
         ) from None
     if int(ds.get("SamplesPerPixel", 1) or 1) > 1:
@@ -105,7 +105,7 @@ def _normal(orientation: tuple[float, ...]) -> np.ndarray:
     n = np.cross(r, c)
     norm = float(np.linalg.norm(n))
     if norm < 1e-6:
-        raise PoisonError("bad_geometry", "ImageOrientationPatient row and column are parallel")
+        raise ImagingError("bad_geometry", "ImageOrientationPatient row and column are parallel")
     return n / norm
 
 
@@ -144,7 +144,7 @@ def assemble(slices: list[Slice]) -> Assembled:
     Otherwise (a gap inside the stack) the series is rejected.
     """
     if not slices:
-        raise PoisonError("empty_series", "the series has no instances")
+        raise ImagingError("empty_series", "the series has no instances")
     first = slices[0]
     if len(slices) == 1:
         dz = first.between or first.thickness or 1.0
@@ -160,31 +160,31 @@ def assemble(slices: list[Slice]) -> Assembled:
         )
     shape = first.stored.shape
     if first.stored.ndim != 2:
-        raise PoisonError("mixed_geometry", "a multi-frame instance in a multi-instance series")
+        raise ImagingError("mixed_geometry", "a multi-frame instance in a multi-instance series")
     for s in slices:
         if s.stored.shape != shape:
-            raise PoisonError("mixed_geometry", "slices of different sizes in one series")
+            raise ImagingError("mixed_geometry", "slices of different sizes in one series")
     oris = [s.orientation for s in slices]
     if any(o is None or len(o) != 6 for o in oris) or any(s.position is None for s in slices):
-        raise PoisonError(
+        raise ImagingError(
             "bad_geometry", "slices lack ImagePositionPatient/ImageOrientationPatient"
         )
     base = np.array(oris[0])
     if any(np.abs(np.array(o) - base).max() > ORIENTATION_TOL for o in oris):
-        raise PoisonError("mixed_geometry", "slices of different orientations in one series")
+        raise ImagingError("mixed_geometry", "slices of different orientations in one series")
     n = _normal(tuple(base))
     dist = np.array([float(np.dot(n, s.position)) for s in slices])  # type: ignore[arg-type]
     order = np.argsort(dist, kind="stable")
     dist = dist[order]
     steps = np.diff(dist)
     if (steps < DUPLICATE_TOL_MM).any():
-        raise PoisonError("duplicate_slices", "two slices share a position along the normal")
+        raise ImagingError("duplicate_slices", "two slices share a position along the normal")
     lo, hi = 0, len(order)
     step = float(np.median(steps))
     if steps.max() > GAP_RATIO * step or steps.min() < step / GAP_RATIO:
         lo, hi = _longest_regular_run(dist)
         if hi - lo < 3 or (hi - lo) * 2 <= len(order):
-            raise PoisonError(
+            raise ImagingError(
                 "inconsistent_spacing", "slice spacing is uneven (gap or missing slice)"
             )
         step = float(np.median(np.diff(dist[lo:hi])))

@@ -11,10 +11,11 @@ import pydicom
 import pytest
 import scipy.ndimage as ndi
 
-from services.preprocess.core import PreprocessCore, unpack_volume
+from services.preprocess.core import PreprocessCore
 from shared.config import PreprocessSettings
 from shared.dicom import phantom
 from shared.imaging.backend import select_backend
+from shared.imaging.packed import unpack_volume
 from shared.imaging.volume import assemble, decode
 from shared.runtime.errors import PoisonError
 from shared.runtime.stage import Context

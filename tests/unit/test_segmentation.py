@@ -15,13 +15,14 @@ import pytest
 import scipy.ndimage as ndi
 from PIL import Image
 
-from services.preprocess.core import PreprocessCore, unpack_volume
+from services.preprocess.core import PreprocessCore
 from services.segmentation import tasks
 from services.segmentation.core import SegmentationCore
 from shared.config import PreprocessSettings
 from shared.dicom import phantom
 from shared.imaging import ops
 from shared.imaging.backend import select_backend
+from shared.imaging.packed import unpack_volume
 from shared.runtime.stage import Context
 from shared.security.envelope import Keyring
 from shared.storage import BlobStore, LocalDirBackend

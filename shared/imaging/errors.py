@@ -1,0 +1,39 @@
+"""Errors of the imaging layer: an image or volume that can never be processed.
+
+They are poison inputs (the runtime dead-letters them with their reason code at once); the
+message never quotes a value from the data. Reason codes:
+
+* ``not_an_image``: the instance has no pixel data;
+* ``undecodable``: the pixel data cannot be decoded (or crashed the decoder);
+* ``empty_series``, ``mixed_geometry``, ``bad_geometry``, ``duplicate_slices``,
+  ``inconsistent_spacing``: the slices do not make one volume;
+* ``volume_too_large``: more voxels than the configured cap;
+* ``corrupt_volume``: a stored (packed) volume cannot be unpacked.
+"""
+
+from __future__ import annotations
+
+from shared.runtime.errors import PoisonError
+
+REASONS = frozenset(
+    {
+        "not_an_image",
+        "undecodable",
+        "empty_series",
+        "mixed_geometry",
+        "bad_geometry",
+        "duplicate_slices",
+        "inconsistent_spacing",
+        "volume_too_large",
+        "corrupt_volume",
+    }
+)
+
+
+class ImagingError(PoisonError):
+    """Poison for imaging reasons; ``reason`` is one of :data:`REASONS`."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        if reason not in REASONS:
+            raise ValueError(f"unknown imaging reason {reason!r}")
+        super().__init__(reason, message)
