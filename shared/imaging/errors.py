@@ -4,11 +4,13 @@ They are poison inputs (the runtime dead-letters them with their reason code at 
 message never quotes a value from the data. Reason codes:
 
 * ``not_an_image``: the instance has no pixel data;
-* ``undecodable``: the pixel data cannot be decoded (or crashed the decoder);
+* ``undecodable``: the pixel data cannot be decoded (or crashed the decoder), or a stored
+  (packed) volume cannot be unpacked;
 * ``empty_series``, ``mixed_geometry``, ``bad_geometry``, ``duplicate_slices``,
   ``inconsistent_spacing``: the slices do not make one volume;
-* ``volume_too_large``: more voxels than the configured cap;
-* ``corrupt_volume``: a stored (packed) volume cannot be unpacked.
+* ``volume_too_large``: more voxels than the configured cap.
+
+Every code is also a member of the stages' one closed set of dead-letter reasons.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ REASONS = frozenset(
         "duplicate_slices",
         "inconsistent_spacing",
         "volume_too_large",
-        "corrupt_volume",
     }
 )
 

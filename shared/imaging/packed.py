@@ -27,13 +27,13 @@ def pack_volume(volume: np.ndarray, level: int = 1, threads: int = 2) -> bytes:
 
 
 def unpack_volume(packed: bytes) -> np.ndarray:
-    """The array :func:`pack_volume` packed; :class:`ImagingError` ``corrupt_volume`` if the
+    """The array :func:`pack_volume` packed; :class:`ImagingError` ``undecodable`` if the
     bytes are not such a volume (never a pickle: ``allow_pickle=False``)."""
     try:
         raw = zstandard.ZstdDecompressor().decompressobj().decompress(packed)
         arr: np.ndarray = np.load(io.BytesIO(raw), allow_pickle=False)
     except (zstandard.ZstdError, ValueError, EOFError, OSError) as exc:
         raise ImagingError(
-            "corrupt_volume", f"the stored volume cannot be unpacked ({type(exc).__name__})"
+            "undecodable", f"the stored volume cannot be unpacked ({type(exc).__name__})"
         ) from None
     return arr
