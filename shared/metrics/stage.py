@@ -1,25 +1,13 @@
 """Metrics every stage exports. Names follow Prometheus conventions; label values are bounded
-(stage names, outcomes, documented reason codes, partition numbers)."""
+(stage names, outcomes, :class:`~shared.schemas.reasons.Reason` codes, partition numbers)."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
+from shared.schemas.reasons import Reason
 
-# Dead-letter reasons are a closed set so that a label can never carry free text.
-KNOWN_REASONS = frozenset(
-    {
-        "empty",
-        "missing_header",
-        "integrity",
-        "unknown_key",
-        "schema",
-        "retries_exhausted",
-        "handler_error",
-        "poison",
-    }
-)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
 
 
 class StageMetrics:
@@ -47,6 +35,12 @@ class StageMetrics:
             "radstream_deadletters",
             "Records sent to the dead-letter topic, by reason code",
             ["stage", "reason"],
+            registry=registry,
+        )
+        self.tick_errors = Counter(
+            "radstream_tick_errors",
+            "Timer (tick) runs that raised; their state writes were rolled back",
+            ["stage"],
             registry=registry,
         )
         self.handler_seconds = Histogram(
@@ -91,7 +85,7 @@ class StageMetrics:
             registry=registry,
         )
 
-    def dead_letter(self, reason: str) -> None:
-        label = reason if reason in KNOWN_REASONS else "other"
-        self.deadletters.labels(self.stage, label).inc()
+    def dead_letter(self, reason: Reason) -> None:
+        """Count one dead letter; the label is a :class:`Reason` member, never free text."""
+        self.deadletters.labels(self.stage, Reason(reason).value).inc()
         self.messages.labels(self.stage, "deadletter").inc()

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from shared.runtime.errors import PoisonError
+from shared.schemas.reasons import Reason
 from shared.security.envelope import EnvelopeError, Keyring
 
 T = TypeVar("T")
@@ -62,10 +63,10 @@ class Codec:
     ) -> T:
         """Open and validate one record; every failure is a :class:`PoisonError` with a reason."""
         if not value:
-            raise PoisonError("empty", "record has no value")
+            raise PoisonError(Reason.EMPTY, "record has no value")
         schema, version = header(headers, "rs-schema"), header(headers, "rs-version")
         if not schema or not version:
-            raise PoisonError("missing_header", "record lacks rs-schema / rs-version headers")
+            raise PoisonError(Reason.MISSING_HEADER, "record lacks rs-schema / rs-version headers")
         try:
             plaintext = self.keyring.open(value, aad(topic, key, schema, version))
         except EnvelopeError as exc:
@@ -92,12 +93,12 @@ def unpack(plaintext: bytes, adapter: TypeAdapter[T]) -> T:
         if kind == b"A" and len(plaintext) >= 5:
             (n,) = struct.unpack(">I", plaintext[1:5])
             if 5 + n > len(plaintext):
-                raise PoisonError("schema", "record body length exceeds the record")
+                raise PoisonError(Reason.SCHEMA, "record body length exceeds the record")
             record = adapter.validate_json(plaintext[5 : 5 + n])
             field = getattr(record, "ATTACHMENT", None)
             if not isinstance(record, BaseModel) or field is None:
-                raise PoisonError("schema", "attachment sent for a schema that has none")
+                raise PoisonError(Reason.SCHEMA, "attachment sent for a schema that has none")
             return record.model_copy(update={field: plaintext[5 + n :]})
     except ValidationError as exc:
-        raise PoisonError("schema", describe_validation_error(exc)) from None
-    raise PoisonError("schema", "unknown record encoding")
+        raise PoisonError(Reason.SCHEMA, describe_validation_error(exc)) from None
+    raise PoisonError(Reason.SCHEMA, "unknown record encoding")

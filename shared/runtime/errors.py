@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from shared.schemas.reasons import Reason
+
 
 class StageError(Exception):
     """Base of the runtime's typed errors."""
@@ -15,10 +17,13 @@ class RetriableError(StageError):
 class PoisonError(StageError):
     """This input can never be handled: dead-lettered at once with ``reason``.
 
+    ``reason`` is a :class:`~shared.schemas.reasons.Reason` or its string value; any other
+    string raises ``ValueError`` here (the runtime then dead-letters the input as
+    ``handler_error``), so a label or a dead letter never carries free text.
     ``message`` must not contain PHI: it is written to the dead-letter topic and logs.
     """
 
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
+    def __init__(self, reason: Reason | str, message: str) -> None:
+        self.reason = Reason(reason)
         self.message = message
+        super().__init__(f"{self.reason}: {message}")

@@ -16,7 +16,7 @@ import time
 from shared.runtime.errors import PoisonError
 from shared.runtime.service import run_stage
 from shared.runtime.stage import Context, StageSpec
-from shared.schemas import Probe
+from shared.schemas import Probe, Reason
 from shared.stack.principals import STAGES
 
 
@@ -25,7 +25,7 @@ def make_spec(stage: str = "preprocess", delay_s: float = 0.0) -> StageSpec[Prob
 
     def copy(probe: Probe, ctx: Context) -> Probe:
         if probe.poison:
-            raise PoisonError("poison", "probe marked as poison")
+            raise PoisonError(Reason.POISON, "probe marked as poison")
         if delay_s:
             time.sleep(delay_s)  # stands for CPU-bound work: runs in the handler thread pool
         return probe

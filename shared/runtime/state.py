@@ -16,6 +16,11 @@ from typing import Any
 _DELETED = object()
 
 
+def changelog_aad(changelog: str, key: bytes) -> bytes:
+    """Associated data of a sealed changelog value: binds it to its topic and key."""
+    return b"\x00".join((changelog.encode(), key, b"radstream.state", b"1"))
+
+
 class PartitionState:
     def __init__(self) -> None:
         self._store: dict[bytes, bytes] = {}

@@ -1,6 +1,7 @@
 """One pydantic v2 model per topic, versioned; see :mod:`shared.schemas.models`."""
 
 from shared.schemas.models import (
+    RECORD_TYPES,
     Alert,
     AuditEvent,
     BlobRef,
@@ -17,8 +18,10 @@ from shared.schemas.models import (
     SeriesReady,
     VolumePrepared,
 )
+from shared.schemas.reasons import Reason
 
 __all__ = [
+    "RECORD_TYPES",
     "Alert",
     "AuditEvent",
     "BlobRef",
@@ -30,6 +33,7 @@ __all__ = [
     "InstancesRecord",
     "NamedBlob",
     "Probe",
+    "Reason",
     "Record",
     "SegmentationDone",
     "SeriesReady",

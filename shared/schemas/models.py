@@ -241,7 +241,10 @@ class DeadLetter(Record):
 
     SCHEMA: ClassVar[str] = "radstream.dead_letter"
     stage: str = Field(max_length=32, description="stage that rejected the input")
-    reason: ReasonCode = Field(description="documented reason code, e.g. integrity, schema")
+    reason: ReasonCode = Field(
+        description="a code of shared.schemas.reasons.Reason, e.g. integrity, schema (a plain "
+        "string here, so that a reader also reads codes newer than it knows)"
+    )
     message: str = Field(max_length=2000, description="what was wrong, without PHI")
     source_topic: str = Field(max_length=249)
     source_partition: int = Field(ge=0)
@@ -270,3 +273,20 @@ class Probe(Record):
     seq: int = Field(ge=0)
     payload: bytes = Field(b"", description="opaque bytes, any size up to the message cap")
     poison: bool = Field(False, description="a handler that honours it rejects the record")
+
+
+RECORD_TYPES: dict[str, type[Record]] = {
+    cls.SCHEMA: cls
+    for cls in (
+        InstanceData,
+        EndOfSeries,
+        SeriesReady,
+        VolumePrepared,
+        SegmentationDone,
+        Alert,
+        DeadLetter,
+        AuditEvent,
+        Probe,
+    )
+}
+"""Every topic model by its ``rs-schema`` name (what a generic reader decodes a record as)."""

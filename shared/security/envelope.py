@@ -171,9 +171,10 @@ class Keyring:
 
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
         self._maybe_reload()
-        kid = self._data.active.encode()
+        data = self._data  # one snapshot: a reload in another thread cannot split kid and key
+        kid = data.active.encode()
         dek = AESGCM.generate_key(256)
-        wrapped = aes_key_wrap(self._data.keys[self._data.active], dek)
+        wrapped = aes_key_wrap(data.keys[data.active], dek)
         nonce = os.urandom(_NONCE_LEN)
         header = MAGIC + bytes([len(kid)]) + kid + wrapped + nonce
         return header + AESGCM(dek).encrypt(nonce, plaintext, header + aad)
@@ -189,14 +190,16 @@ class Keyring:
             kid = envelope[5 : 5 + klen].decode("ascii")
         except UnicodeDecodeError as exc:
             raise IntegrityError("envelope key id is not ASCII") from exc
-        if kid not in self._data.keys:
+        keys = self._data.keys
+        if kid not in keys:
             self._maybe_reload(force=True)
-            if kid not in self._data.keys:
+            keys = self._data.keys
+            if kid not in keys:
                 raise UnknownKeyError(f"key id {kid!r} is not in the keyring")
         wrapped = envelope[5 + klen : 5 + klen + _WRAPPED_LEN]
         nonce = envelope[hlen - _NONCE_LEN : hlen]
         try:
-            dek = aes_key_unwrap(self._data.keys[kid], wrapped)
+            dek = aes_key_unwrap(keys[kid], wrapped)
             return AESGCM(dek).decrypt(nonce, envelope[hlen:], envelope[:hlen] + aad)
         except (InvalidTag, InvalidUnwrap) as exc:
             raise IntegrityError("authentication failed: ciphertext or context altered") from exc

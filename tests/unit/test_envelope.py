@@ -84,3 +84,25 @@ def test_keyed_hash_is_stable_secret_and_hides_the_uid() -> None:
     assert a.keyed_hash(uid) != b.keyed_hash(uid)
     assert uid.encode() not in a.keyed_hash(uid)
     assert a.keyed_hash(uid) != a.keyed_hash(uid + "1")
+
+
+def test_a_rotation_in_another_thread_never_splits_key_id_and_key() -> None:
+    # Handler threads seal while a rotation may be picked up by another thread: the key id
+    # written in the envelope and the key that wrapped its data key must come from one snapshot.
+    from shared.security.envelope import KeyringData, new_key_id
+
+    ring = Keyring.generate()
+    old = ring._data
+    kid = new_key_id()
+    rotated = KeyringData(kid, {**old.keys, kid: os.urandom(32)}, old.hmac_key)
+
+    class ReloadedWhileRead(KeyringData):
+        """The keyring's data, swapped for the rotated one the moment seal() reads it."""
+
+        def __getattribute__(self, name: str) -> object:
+            ring._data = rotated
+            return object.__getattribute__(self, name)
+
+    ring._data = ReloadedWhileRead(old.active, old.keys, old.hmac_key)
+    sealed = ring.seal(b"x", AAD)
+    assert ring.open(sealed, AAD) == b"x"
