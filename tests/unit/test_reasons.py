@@ -19,17 +19,39 @@ from shared.schemas import Reason
 from shared.schemas.reasons import DESCRIPTIONS
 
 ROOT = Path(__file__).resolve().parents[2]
-# error types whose first argument (or ``reason=``) is a dead-letter reason
+# error types whose first argument (or ``reason=``) is a dead-letter reason; their subclasses
+# and any class whose __init__ takes ``reason`` first are found in the source
 ERROR_TYPES = {"PoisonError", "InvalidInstance", "BlobError"}
 CODES = {r.value for r in Reason}
+
+
+def reason_carrying_types(trees: list[ast.Module]) -> set[str]:
+    """ERROR_TYPES, their subclasses, and classes whose ``__init__`` takes ``reason`` first."""
+    types = set(ERROR_TYPES)
+    classes = [n for tree in trees for n in ast.walk(tree) if isinstance(n, ast.ClassDef)]
+    while True:
+        found = set(types)
+        for cls in classes:
+            bases = {ast.unparse(b).rsplit(".", 1)[-1] for b in cls.bases}
+            init = next(
+                (f for f in cls.body if isinstance(f, ast.FunctionDef) and f.name == "__init__"),
+                None,
+            )
+            takes_reason = init is not None and [a.arg for a in init.args.args[1:2]] == ["reason"]
+            if bases & types or takes_reason:
+                found.add(cls.name)
+        if found == types:
+            return types
+        types = found
 
 
 class ReasonSites(ast.NodeVisitor):
     """Every place in a module that names a reason: calls of the error types, ``reason=``
     keywords, class-level ``reason = ...``. Collects the codes and what it could not accept."""
 
-    def __init__(self, where: str) -> None:
+    def __init__(self, where: str, error_types: set[str] = ERROR_TYPES) -> None:
         self.where = where
+        self.error_types = error_types
         self.codes: list[str] = []
         self.bad: list[str] = []
         self._reason_params: list[set[str]] = [set()]  # params annotated as Reason, per function
@@ -50,7 +72,7 @@ class ReasonSites(ast.NodeVisitor):
     def visit_Call(self, node: ast.Call) -> None:
         func = node.func
         name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
-        if name in ERROR_TYPES and node.args:
+        if name in self.error_types and node.args:
             self._check(node.args[0])
         for kw in node.keywords:
             if kw.arg == "reason":
@@ -63,6 +85,18 @@ class ReasonSites(ast.NodeVisitor):
                 self.codes.append(Reason[node.attr].value)
             else:
                 self.bad.append(f"{self.where}:{node.lineno}: Reason.{node.attr} does not exist")
+        self.generic_visit(node)
+
+    def visit_Assign(self, node: ast.Assign) -> None:
+        # a hand-kept set of reason codes (``REASONS = frozenset({...})``): members only
+        names = [t.id for t in node.targets if isinstance(t, ast.Name)]
+        value = node.value
+        if isinstance(value, ast.Call) and ast.unparse(value.func) in ("set", "frozenset"):
+            value = value.args[0] if value.args else value
+        if any("REASON" in n.upper() for n in names) and isinstance(value, ast.Set | ast.List):
+            for const in ast.walk(value):
+                if isinstance(const, ast.Constant) and isinstance(const.value, str):
+                    self._check(const)
         self.generic_visit(node)
 
     def visit_ClassDef(self, node: ast.ClassDef) -> None:
@@ -97,9 +131,10 @@ class ReasonSites(ast.NodeVisitor):
             self.bad.append(f"{at}: reason is {ast.unparse(node)!r}, not a Reason member")
 
 
-def scan(source: str, where: str) -> ReasonSites:
-    sites = ReasonSites(where)
-    sites.visit(ast.parse(source))
+def scan(source: str, where: str, error_types: set[str] | None = None) -> ReasonSites:
+    tree = ast.parse(source)
+    sites = ReasonSites(where, error_types or reason_carrying_types([tree]))
+    sites.visit(tree)
     return sites
 
 
@@ -107,10 +142,12 @@ def test_every_reason_the_code_raises_is_a_member_and_every_member_is_raised() -
     codes: set[str] = set()
     bad: list[str] = []
     files = sorted((ROOT / "shared").rglob("*.py")) + sorted((ROOT / "services").rglob("*.py"))
-    for path in files:
-        if path.name == "reasons.py" and path.parent.name == "schemas":
-            continue  # the definition itself
-        sites = scan(path.read_text(), str(path.relative_to(ROOT)))
+    files = [f for f in files if f != ROOT / "shared" / "schemas" / "reasons.py"]  # the enum
+    sources = {f: f.read_text() for f in files}
+    error_types = reason_carrying_types([ast.parse(text) for text in sources.values()])
+    assert {"PoisonError", "InvalidInstance", "BlobError"} < error_types  # subclasses found too
+    for path, text in sources.items():
+        sites = scan(text, str(path.relative_to(ROOT)), error_types)
         codes.update(sites.codes)
         bad += sites.bad
     assert bad == []
@@ -130,10 +167,25 @@ def f(exc, reason: Reason, other: str):
     PoisonError(Reason.SCHEMA, "ok")
 class E(Exception):
     reason = "invented"
+class Sub(PoisonError):
+    pass
+class Own(Exception):
+    def __init__(self, reason, message): ...
+Sub("sub_made_up", "m")
+Own("own_made_up", "m")
+REASONS = frozenset({"schema", "set_made_up"})
 """
     sites = scan(source, "x.py")
-    assert [b.split(":")[1] for b in sites.bad] == ["3", "4", "5", "6", "11"]
-    assert sites.codes == ["made_up", "schema", "invented"]
+    assert [int(b.split(":")[1]) for b in sites.bad] == [3, 4, 5, 6, 11, 16, 17, 18]
+    assert sites.codes == [
+        "made_up",
+        "schema",
+        "invented",
+        "sub_made_up",
+        "own_made_up",
+        "schema",
+        "set_made_up",
+    ]
 
 
 def test_poison_error_refuses_a_code_that_is_not_a_member() -> None:
