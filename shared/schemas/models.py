@@ -5,10 +5,18 @@ inside the encrypted envelope, never in keys or headers.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+)
 
 ReasonCode = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{1,47}$")]
 Uid = Annotated[str, StringConstraints(pattern=r"^[0-9]+(\.[0-9]+)*$", max_length=64)]
@@ -19,15 +27,62 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+@dataclass(frozen=True)
+class ReadContext:
+    """What the envelope's authenticated headers say about a record being read: the version it
+    was written at and the oldest reader version that can read it (``rs-min-reader``; equal to
+    ``version`` when the writer declared nothing). ``project``: read it at the reader's own
+    version, unknown fields ignored (the codec's second try for an additive newer version)."""
+
+    version: int
+    min_reader: int
+    project: bool = False
+
+
 class Record(BaseModel):
-    """Base of every topic model."""
+    """Base of every topic model.
+
+    Versions: a class writes ``VERSION`` and reads every version from 1 to ``VERSION``. A
+    change that only adds fields with defaults is *additive*: older records are read with the
+    defaults, and the class sets ``MIN_READER`` to the oldest version whose readers can still
+    read what it writes (they project it onto the fields they know). A breaking change leaves
+    ``MIN_READER`` unset, so older readers dead-letter the record with reason ``schema`` (and
+    needs its own upgrade step for older records). The codec carries both numbers in
+    authenticated headers (``rs-version``, ``rs-min-reader``).
+    """
 
     model_config = ConfigDict(
         extra="forbid", strict=True, frozen=True, ser_json_bytes="base64", val_json_bytes="base64"
     )
     SCHEMA: ClassVar[str] = "radstream.record"
     ATTACHMENT: ClassVar[str | None] = None  # bulk bytes field carried outside the JSON
-    schema_version: Literal[1] = Field(1, description="version of this schema")
+    VERSION: ClassVar[int] = 1
+    MIN_READER: ClassVar[int | None] = None  # None: readers older than VERSION cannot read it
+    schema_version: int = Field(
+        1, validate_default=True, description="version of this schema (the class's VERSION)"
+    )
+
+    @field_validator("schema_version", mode="before")
+    @classmethod
+    def _evolve(cls, version: Any, info: ValidationInfo) -> Any:
+        """A record of a version this class reads becomes this class's version; any other
+        version is refused. (A field validator: a model one would make pydantic validate the
+        JSON as Python objects, which strict mode refuses for datetimes and bytes.)"""
+        read = info.context if isinstance(info.context, ReadContext) else None
+        if type(version) is not int:
+            return version  # the field's own (strict) validation rejects it
+        if read is not None and version != read.version:
+            raise ValueError(f"schema_version {version} disagrees with the rs-version header")
+        if read is not None and read.project:
+            if version > cls.VERSION and read.min_reader <= cls.VERSION:
+                return cls.VERSION
+            raise ValueError(f"version {version} of {cls.SCHEMA} cannot be projected")
+        if 1 <= version <= cls.VERSION:
+            return cls.VERSION
+        raise ValueError(
+            f"version {version} of {cls.SCHEMA} is unknown to this reader "
+            f"(it reads versions 1 to {cls.VERSION})"
+        )
 
 
 class BlobRef(BaseModel):
@@ -182,6 +237,11 @@ class SegmentationDone(Record):
     """``findings``: masks and measured findings for one series revision."""
 
     SCHEMA: ClassVar[str] = "radstream.segmentation_done"
+    VERSION: ClassVar[int] = 2  # 2: Finding.subtype, location, confidence, likely_benign,
+    MIN_READER: ClassVar[int | None] = 1  # features, long/short_axis_mm, shift_mm (additive)
+    schema_version: int = Field(
+        2, validate_default=True, description="version of this schema (the class's VERSION)"
+    )
     study_instance_uid: Uid
     series_instance_uid: Uid
     revision: int = Field(ge=1)
@@ -207,6 +267,11 @@ class Alert(Record):
     """``alerts``: one alert per matching finding per series revision."""
 
     SCHEMA: ClassVar[str] = "radstream.alert"
+    VERSION: ClassVar[int] = 2  # 2: subtype, confidence, features (additive)
+    MIN_READER: ClassVar[int | None] = 1
+    schema_version: int = Field(
+        2, validate_default=True, description="version of this schema (the class's VERSION)"
+    )
     alert_id: str = Field(max_length=64, description="deterministic id, idempotency key")
     severity: Literal["critical", "high", "medium", "low"]
     finding: str = Field(max_length=64, description="finding type")
