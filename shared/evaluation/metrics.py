@@ -1,0 +1,194 @@
+"""Scoring an analysis against ground truth, independently of the algorithms it scores.
+
+Chest: lung Dice per side; a truth lesion is *found* when a reported nodule or mass has its
+centroid inside the lesion (dilated by one voxel) or within the lesion's radius (at least
+3 mm) of its centroid; every reported nodule/mass that matches no truth lesion is a false
+positive. Head: a truth bleed is found when reported blood covers at least 10 % of it; a
+reported blood component with less than 10 % of its voxels in any truth bleed is a false
+bleed; volume error compares the reported components touching a bleed with its true volume.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import ndimage as ndi
+
+LESION_TYPES = ("nodule", "mass")
+SIZE_BINS: tuple[tuple[str, float, float], ...] = (
+    ("4-6", 4.0, 6.0),
+    ("6-10", 6.0, 10.0),
+    ("10-30", 10.0, 30.0),
+)
+MASS_MM = 30.0
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+@dataclass(frozen=True)
+class VoxelFrame:
+    """Patient mm (x, y, z) ↔ voxel (z, y, x) for an axial volume with identity direction."""
+
+    spacing: tuple[float, float, float]  # z, y, x
+    origin: tuple[float, float, float]  # x, y, z of voxel (0, 0, 0)
+
+    def to_voxel(self, xyz: Sequence[float]) -> tuple[float, float, float]:
+        x, y, z = (float(v) for v in xyz)
+        ox, oy, oz = self.origin
+        sz, sy, sx = self.spacing
+        return ((z - oz) / sz, (y - oy) / sy, (x - ox) / sx)
+
+
+def _bin(diameter: float) -> str | None:
+    for name, lo, hi in SIZE_BINS:
+        if lo <= diameter < hi:
+            return name
+    return None
+
+
+def score_chest(
+    findings: list[dict[str, Any]],
+    masks: dict[str, np.ndarray],
+    truth: dict[str, np.ndarray],
+    lesions: list[dict[str, Any]],
+    frame: VoxelFrame,
+) -> dict[str, Any]:
+    """``truth``: ``lung_left``/``lung_right`` (bool, optional) and ``lesions`` (int labels,
+    optional); ``lesions``: one dict per label with ``label``, ``kind`` and
+    ``diameter_mm`` (equivalent-sphere)."""
+    out: dict[str, Any] = {}
+    for side in ("lung_left", "lung_right"):
+        if side in truth and side in masks:
+            out[f"dice_{side}"] = round(dice(masks[side], truth[side]), 4)
+        elif side in truth:
+            out[f"dice_{side}"] = 0.0
+    if "dice_lung_left" in out and "dice_lung_right" in out:
+        out["lung_dice"] = round((out["dice_lung_left"] + out["dice_lung_right"]) / 2, 4)
+    reported = [f for f in findings if f.get("type") in LESION_TYPES]
+    labels = truth.get("lesions")
+    shape = next(iter(truth.values())).shape if truth else None
+    grown = ndi.grey_dilation(labels, size=(3, 3, 3)) if labels is not None else None
+    matched_findings: set[int] = set()
+    per_lesion = []
+    for les in lesions:
+        lab = int(les["label"])
+        diameter = float(les.get("diameter_mm") or 0.0)
+        cz, cy, cx = (float(v) for v in les["centroid_voxel"])
+        radius_mm = max(3.0, diameter / 2)
+        hits = []
+        for i, f in enumerate(reported):
+            if f.get("centroid_mm") is None:
+                continue
+            vz, vy, vx = frame.to_voxel(f["centroid_mm"])
+            inside = False
+            if grown is not None and shape is not None:
+                iz, iy, ix = round(vz), round(vy), round(vx)
+                if 0 <= iz < shape[0] and 0 <= iy < shape[1] and 0 <= ix < shape[2]:
+                    inside = int(grown[iz, iy, ix]) == lab
+            sz, sy, sx = frame.spacing
+            dist = math.sqrt(((vz - cz) * sz) ** 2 + ((vy - cy) * sy) ** 2 + ((vx - cx) * sx) ** 2)
+            if inside or dist <= radius_mm:
+                hits.append(i)
+        matched_findings.update(hits)
+        best = reported[hits[0]] if hits else None
+        lesion_dice = None
+        if labels is not None and hits:
+            union = np.zeros(labels.shape, bool)
+            for name, m in masks.items():
+                if not name.startswith(("lung", "airway", "brain", "body")):
+                    union |= np.asarray(m, bool)
+            lesion_dice = round(dice(union & (grown == lab), labels == lab), 3)
+        per_lesion.append(
+            {
+                "label": lab,
+                "kind": les.get("kind"),
+                "attachment": les.get("attachment"),
+                "diameter_mm": round(diameter, 1),
+                "found": bool(hits),
+                "reported_as": best.get("type") if best else None,
+                "reported_subtype": best.get("subtype") if best else None,
+                "confidence": best.get("confidence") if best else None,
+                "reported_diameter_mm": best.get("diameter_mm") if best else None,
+                "dice": lesion_dice,
+            }
+        )
+    false_pos = [f for i, f in enumerate(reported) if i not in matched_findings]
+    out["lesions"] = per_lesion
+    out["false_positives"] = len(false_pos)
+    out["false_positive_findings"] = [
+        {
+            k: f.get(k)
+            for k in ("type", "subtype", "diameter_mm", "confidence", "centroid_mm")
+        }
+        | {"likely_benign": f.get("likely_benign")}
+        for f in false_pos
+    ]
+    out["reported"] = len(reported)
+    return out
+
+
+def score_head(
+    findings: list[dict[str, Any]],
+    masks: dict[str, np.ndarray],
+    bleed_labels: np.ndarray,
+    bleeds: list[dict[str, Any]],
+    truth_shift_mm: float | None,
+    voxel_ml: float,
+    *,
+    min_ml: float = 2.0,
+) -> dict[str, Any]:
+    """``bleeds``: one dict per label with ``label``, ``kind``, ``volume_ml``."""
+    pred = np.asarray(masks.get("haemorrhage", np.zeros(bleed_labels.shape, bool)), bool)
+    comp, n = ndi.label(pred)
+    sizes = np.bincount(comp.ravel(), minlength=n + 1)
+    in_truth = np.bincount(comp[bleed_labels > 0].ravel(), minlength=n + 1)
+    false = [i for i in range(1, n + 1) if in_truth[i] < 0.1 * sizes[i]]
+    per_bleed: list[dict[str, Any]] = []
+    for b in bleeds:
+        t = bleed_labels == int(b["label"])
+        cover = float((pred & t).sum()) / max(int(t.sum()), 1)
+        touching = np.unique(comp[t & pred])
+        touching = touching[touching > 0]
+        volume = float(sizes[touching].sum()) * voxel_ml
+        truth_ml = float(b["volume_ml"])
+        per_bleed.append(
+            {
+                "kind": b.get("kind"),
+                "truth_ml": round(truth_ml, 2),
+                "found": cover >= 0.1,
+                "coverage": round(cover, 3),
+                "volume_ml": round(volume, 2),
+                "volume_error": round((volume - truth_ml) / truth_ml, 3) if truth_ml else None,
+            }
+        )
+    shift = next((f for f in findings if f.get("type") == "midline_shift"), None)
+    measured = None
+    if shift is not None and shift.get("shift_mm") is not None:
+        sign = 1.0 if shift.get("location") in ("left", None) else -1.0
+        measured = sign * float(shift["shift_mm"])
+    return {
+        "bleeds": per_bleed,
+        "bleeds_ge_min": sum(1 for p in per_bleed if float(p["truth_ml"]) >= min_ml),
+        "found_ge_min": sum(
+            1 for p in per_bleed if float(p["truth_ml"]) >= min_ml and bool(p["found"])
+        ),
+        "false_bleeds": len(false),
+        "reported_bleeds": sum(1 for f in findings if f.get("type") == "haemorrhage"),
+        "shift_mm": measured,
+        "truth_shift_mm": truth_shift_mm,
+        "shift_error_mm": None
+        if truth_shift_mm is None
+        else round(abs((measured or 0.0) - truth_shift_mm), 2),
+    }
+
+
+def size_bin(diameter: float) -> str | None:
+    return _bin(diameter)

@@ -1,0 +1,89 @@
+"""The scoring the quality benchmark uses: matching reported lesions to truth, false positives,
+lung Dice, bleeds and midline shift."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from shared.evaluation.metrics import VoxelFrame, dice, score_chest, score_head
+
+FRAME = VoxelFrame((2.0, 1.0, 1.0), (-10.0, -20.0, 100.0))
+
+
+def _truth() -> dict[str, np.ndarray]:
+    lungs = np.zeros((20, 40, 40), bool)
+    lungs[2:18, 5:35, 5:19] = True
+    right = lungs.copy()
+    left = np.zeros_like(lungs)
+    left[2:18, 5:35, 21:35] = True
+    labels = np.zeros(lungs.shape, np.int16)
+    labels[8:12, 10:18, 8:16] = 1  # lesion 1 around voxel (9.5, 13.5, 11.5)
+    labels[5:6, 30:32, 25:27] = 2  # lesion 2, small, never reported
+    return {"lung_right": right, "lung_left": left, "lesions": labels}
+
+
+def _finding(zyx: tuple[float, float, float], **kw: object) -> dict[str, object]:
+    z, y, x = zyx
+    sz, sy, sx = FRAME.spacing
+    ox, oy, oz = FRAME.origin
+    return {"type": "nodule", "centroid_mm": [ox + x * sx, oy + y * sy, oz + z * sz], **kw}
+
+
+def test_dice() -> None:
+    a = np.zeros((4, 4), bool)
+    a[:2] = True
+    b = np.zeros((4, 4), bool)
+    b[1:3] = True
+    assert dice(a, b) == 0.5
+    assert dice(a, a) == 1.0
+    assert dice(np.zeros(3, bool), np.zeros(3, bool)) == 1.0
+
+
+def test_a_reported_nodule_inside_a_lesion_is_a_hit_and_the_rest_are_false_positives() -> None:
+    truth = _truth()
+    lesions = [
+        {"label": 1, "kind": "solid", "diameter_mm": 8.0, "centroid_voxel": (9.5, 13.5, 11.5)},
+        {"label": 2, "kind": "solid", "diameter_mm": 4.0, "centroid_voxel": (5.0, 30.5, 25.5)},
+    ]
+    findings = [
+        _finding((9.6, 13.0, 12.0), confidence=0.9, subtype="solid"),
+        _finding((15.0, 25.0, 8.0), confidence=0.2),  # nowhere near a lesion
+        {"type": "lung", "label": "lung_left", "centroid_mm": [0.0, 0.0, 0.0]},
+    ]
+    masks = {"lung_right": truth["lung_right"], "lung_left": truth["lung_left"]}
+    masks["nodules"] = truth["lesions"] == 1
+    score = score_chest(findings, masks, truth, lesions, FRAME)
+    assert score["lung_dice"] == 1.0
+    first, second = score["lesions"]
+    assert first["found"] and first["confidence"] == 0.9 and first["dice"] == 1.0
+    assert not second["found"]
+    assert score["false_positives"] == 1 and score["reported"] == 2
+    assert score["false_positive_findings"][0]["confidence"] == 0.2
+
+
+def test_swapped_lungs_score_zero() -> None:
+    truth = _truth()
+    masks = {"lung_right": truth["lung_left"], "lung_left": truth["lung_right"]}
+    score = score_chest([], masks, truth, [], FRAME)
+    assert score["lung_dice"] == 0.0
+
+
+def test_head_scores_found_bleeds_false_bleeds_volume_and_shift() -> None:
+    labels = np.zeros((10, 30, 30), np.uint8)
+    labels[2:6, 5:15, 5:15] = 1  # 400 voxels
+    pred = np.zeros(labels.shape, bool)
+    pred[2:6, 5:15, 5:14] = True  # 360 voxels of it
+    pred[8, 25:28, 25:28] = True  # a false bleed
+    findings = [{"type": "midline_shift", "shift_mm": 4.0, "location": "right"}]
+    score = score_head(
+        findings,
+        {"haemorrhage": pred},
+        labels,
+        [{"label": 1, "kind": "subdural", "volume_ml": 4.0}],
+        -5.0,
+        0.01,
+    )
+    (bleed,) = score["bleeds"]
+    assert bleed["found"] and abs(bleed["volume_error"] - (-0.1)) < 1e-6
+    assert score["false_bleeds"] == 1
+    assert score["shift_mm"] == -4.0 and score["shift_error_mm"] == 1.0
