@@ -216,7 +216,7 @@ class Anatomy:
         self.Bpost0 = u(102, 124) * (self.A0 / 160) ** 0.4
         self.pant = u(2.0, 2.6)
         self.ppost = u(3.0, 4.6)
-        self.fat0 = u(3, 26)
+        self.fat0 = u(3, 22)
         self.H = u(245, 292)
         self.zdr = u(58, 92)
         self.zdl = self.zdr - u(8, 25)
@@ -226,7 +226,7 @@ class Anatomy:
         self.emphysema = float(u(0.3, 1.0)) if rng.random() < 0.25 else 0.0
         self.z_lo = -u(15, 35)
         self.z_hi = self.H + u(8, 22)
-        self.harm = rng.normal(0, 0.012, (6, 2))  # random outline harmonics k = 2..7
+        self.harm = rng.normal(0, 0.008, (6, 2))  # random outline harmonics k = 2..7
         self.marg = u(1.5, 5.0)  # mediastinal fat margin around organs
         self.wmin = u(0.6, 1.2) if self.touch else u(4, 14)  # anterior junction half width
         self.lung_base = u(-885, -835)
@@ -248,8 +248,8 @@ class Anatomy:
         self.hu_lungvessel = 0.5 * (self.hu_pa + self.hu_aorta) * (0.92 if contrast else 1.0)
         self.hu_fat = u(-115, -85)
         self.hu_muscle = u(40, 60)
-        self.hu_cortex = u(750, 1250)
-        self.hu_marrow = u(150, 320)
+        self.hu_cortex = u(650, 1000)
+        self.hu_marrow = u(140, 260)
         self._profiles_table()
         self._landmarks()
 
@@ -285,11 +285,11 @@ class Anatomy:
             np.exp(-(((np.abs(dant) - 0.75) / 0.45) ** 2))
         )
         para = 46 * np.exp(-((dpost / 0.36) ** 2)) * (1 - 0.25 * top)
-        mus = 4 + pec + para + 3 * np.abs(c)
+        mus = 3 + 0.8 * pec + para + 2 * np.abs(c)
         dskin = 1.5
         dfat = dskin + fat
         dmus = dfat + mus
-        dcav = dmus + 9.0
+        dcav = dmus + 7.5
         return {"rb": rb, "dfat": dfat, "dmus": dmus, "dcav": dcav}
 
     def _profiles_table(self) -> None:
@@ -362,9 +362,15 @@ class Anatomy:
         xl = (np.asarray(x) - (self.bcx + 0.5 * self.A0)) / self.A0
         lat_r = np.clip((self.bcx - np.asarray(x)) / self.A0, 0, 1.2)
         lat_l = np.clip((np.asarray(x) - self.bcx) / self.A0, 0, 1.2)
-        maj_r = self.fis[0] + (self.fis[1] - self.fis[0]) * (t + 0.45 * lat_r) + 8 * xr**2
-        maj_l = self.fis[2] + (self.fis[3] - self.fis[2]) * (t + 0.45 * lat_l) + 8 * xl**2
-        minor = self.fis[4] + 6 * t + 5 * xr
+        wob = self.fis_wobble
+        und = (wob[0] * np.sin(np.asarray(x) / 37.0 + wob[1])
+               + wob[2] * np.sin(np.asarray(y) / 29.0 + wob[3]))
+        # curved surfaces: bowed towards the hilum, gently undulating
+        maj_r = (self.fis[0] + (self.fis[1] - self.fis[0]) * (t + 0.45 * lat_r)
+                 + 22 * (xr**2 - 0.1) + 18 * (t - 0.5) ** 2 + und)
+        maj_l = (self.fis[2] + (self.fis[3] - self.fis[2]) * (t + 0.45 * lat_l)
+                 + 22 * (xl**2 - 0.1) + 18 * (t - 0.5) ** 2 - und)
+        minor = self.fis[4] + 6 * t + 5 * xr + 0.5 * und
         return {"major_right": maj_r, "major_left": maj_l, "minor": minor}
 
     # ---- landmarks and organs -------------------------------------------------------------
@@ -396,6 +402,7 @@ class Anatomy:
             self.zdl - u(25, 45), zc + u(-10, 15),
             zc - u(22, 40),
         ]
+        self.fis_wobble = [u(2, 5), u(0, 6.3), u(2, 5), u(0, 6.3)]
         ra, rd = u(13.5, 17.5), u(10.5, 13.5)
         heart = Ellipsoid(
             np.array([xs + u(14, 30), 0.0, self.zdr + u(28, 42)]),
@@ -417,7 +424,7 @@ class Anatomy:
         t = self.tubes
         t["aorta"] = Tube(
             [[hc[0] - 8, hc[1] - 5, ztop_heart - 22], [xs - 8, y_asc, zc - 25],
-             [xs - 6, y_asc + 3, zc + 12], [xt + 6, yt - 24, zc + 30], [xt + 24, yt - 4, zc + 33],
+             [xs - 6, y_asc + 2, zc + 16], [xt + 3, yt - 22, zc + 32], [xt + 24, yt - 4, zc + 34],
              [xt + 28, yt + 14, zc + 24], [xs + 29, yvb - 9, zc + 2], [xs + 27, yvb - 12, zc - 60],
              [xs + 14, yvb - 22, self.zdl - 25], [xs + 6, yvb - 24, zb]],
             [ra, ra, ra, ra * 0.9, rd * 1.05, rd, rd, rd, rd * 0.95, rd * 0.9],
@@ -836,19 +843,24 @@ def _offset_tree(tr: Tree, p_root: np.ndarray, q_root: np.ndarray, rng: np.rando
 
 def tree_capsules(tr: Tree, rng: np.random.Generator, min_r: float = 0.0
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Each branch as two capsules bent at a displaced midpoint; terminal branches taper."""
+    """Each branch as a gentle arc of three capsules (long branches curve, short ones barely),
+    tapering along its length; terminal branches taper to a thread."""
     keep = tr.radius >= min_r
     s, e, r, term = tr.start[keep], tr.end[keep], tr.radius[keep], tr.terminal[keep]
     d = e - s
     ln = np.linalg.norm(d, axis=1, keepdims=True)
     perp = _unit(np.cross(d, rng.normal(size=d.shape)))
-    mid = 0.5 * (s + e) + perp * ln * rng.uniform(-0.13, 0.13, (len(s), 1))
-    r_end = np.where(term, r * 0.45, r * 0.94)
-    r_mid = 0.5 * (r * 1.03 + r_end)
-    p0 = np.vstack([s, mid])
-    p1 = np.vstack([mid, e])
-    r0 = np.r_[r * 1.03, r_mid]
-    r1 = np.r_[r_mid, r_end]
+    bow = perp * ln * rng.uniform(-0.16, 0.16, (len(s), 1))
+    q1 = s + d / 3 + bow * (8 / 9)
+    q2 = s + 2 * d / 3 + bow * (8 / 9)
+    r_end = np.where(term, r * 0.4, r * 0.94)
+    ra = r * 1.03
+    r_1 = ra + (r_end - ra) / 3
+    r_2 = ra + 2 * (r_end - ra) / 3
+    p0 = np.vstack([s, q1, q2])
+    p1 = np.vstack([q1, q2, e])
+    r0 = np.r_[ra, r_1, r_2]
+    r1 = np.r_[r_1, r_2, r_end]
     return p0, p1, r0, r1
 
 
@@ -897,7 +909,6 @@ def _random_specs(rng: np.random.Generator) -> list[LesionSpec]:
 
 def _place(specs: Sequence[LesionSpec], cav: Cavity, trees: dict[str, Any], seed: int,
            contrast: bool) -> tuple[list[PlacedLesion], list[LesionSpec]]:
-    rng = rng_for(seed, "lesions")
     an = cav.an
     art: Tree = trees["arteries"]
     vein: Tree = trees["veins"]
@@ -906,7 +917,10 @@ def _place(specs: Sequence[LesionSpec], cav: Cavity, trees: dict[str, Any], seed
     vr = np.r_[art.radius, vein.radius]
     placed: list[PlacedLesion] = []
     unplaced: list[LesionSpec] = []
-    for spec in specs:
+    for i_spec, spec in enumerate(specs):
+        # attributes from one stream, position from another: the same lesion whatever the grid
+        rng = rng_for(seed, f"lesion-attr-{i_spec}")
+        rpos = rng_for(seed, f"lesion-pos-{i_spec}")
         kind = spec.kind
         if kind not in KINDS:
             raise ValueError(f"unknown lesion kind {kind!r}")
@@ -926,7 +940,7 @@ def _place(specs: Sequence[LesionSpec], cav: Cavity, trees: dict[str, Any], seed
         center = None
         side_i = 0
         for _attempt in range(300):
-            side_i = (int(rng.integers(2)) if spec.side is None
+            side_i = (int(rpos.integers(2)) if spec.side is None
                       else (1 if spec.side == "left" else 0))
             if att == "juxtavascular":
                 want = (vr > 0.25 * r) & (vr < 0.75 * r + 0.3)
@@ -934,12 +948,12 @@ def _place(specs: Sequence[LesionSpec], cav: Cavity, trees: dict[str, Any], seed
                 if cand.size == 0:
                     att = "isolated"
                     continue
-                i = int(rng.choice(cand))
-                t = rng.uniform(0.2, 0.8)
+                i = int(rpos.choice(cand))
+                t = rpos.uniform(0.2, 0.8)
                 p = vs[i] + t * (ve[i] - vs[i])
                 dirv = _unit(ve[i] - vs[i])
-                perp = _unit(np.cross(dirv, rng.normal(size=3)))
-                c = p + perp * rng.uniform(0.2 * r, r + 0.5 * vr[i])
+                perp = _unit(np.cross(dirv, rpos.normal(size=3)))
+                c = p + perp * rpos.uniform(0.2 * r, r + 0.5 * vr[i])
                 sd, s = cav.sd(c[None])
                 if s[0] != side_i and spec.side is not None:
                     continue
@@ -947,7 +961,7 @@ def _place(specs: Sequence[LesionSpec], cav: Cavity, trees: dict[str, Any], seed
                 if sd[0] < r + 2:
                     continue
             elif att in ("juxtapleural", "mediastinal"):
-                q = cav.sample(rng, 200, side_i, 0.2)
+                q = cav.sample(rpos, 200, side_i, 0.2)
                 sd, _ = cav.sd(q)
                 q = q[sd < 3.0]
                 if len(q) == 0:
@@ -959,9 +973,9 @@ def _place(specs: Sequence[LesionSpec], cav: Cavity, trees: dict[str, Any], seed
                     q = q[(q[:, 2] > an.zdr + 10) & (q[:, 2] < an.zc + 20)] if len(q) else q
                     if len(q) == 0:
                         continue
-                b = q[int(rng.integers(len(q)))]
+                b = q[int(rpos.integers(len(q)))]
                 nrm = cav.normal(b[None])[0]
-                depth = r * (rng.uniform(0.35, 0.6) if kind == "mass" else rng.uniform(0.3, 0.7))
+                depth = r * (rpos.uniform(0.35, 0.6) if kind == "mass" else rpos.uniform(0.3, 0.7))
                 c = b - nrm * depth
                 sd, s = cav.sd(c[None])
                 if sd[0] < 0.5 or s[0] != side_i:
@@ -969,8 +983,8 @@ def _place(specs: Sequence[LesionSpec], cav: Cavity, trees: dict[str, Any], seed
                 if kind != "mass" and sd[0] > r:
                     continue
             else:
-                q = cav.sample(rng, 64, side_i, r + 3.0)
-                c = q[int(rng.integers(len(q)))]
+                q = cav.sample(rpos, 64, side_i, r + 3.0)
+                c = q[int(rpos.integers(len(q)))]
                 # keep clear of vessels thicker than ~1 mm
                 t = np.clip(((c - vs) * (ve - vs)).sum(1) / np.maximum(
                     ((ve - vs) ** 2).sum(1), 1e-9), 0, 1)
@@ -1047,7 +1061,7 @@ def _lesion_sdf(les: PlacedLesion, radius: float, cav: Cavity | None, with_spike
             px = dx - (0.6 * radius + t * (0.4 * radius + s[3])) * s[0]
             py = dy - (0.6 * radius + t * (0.4 * radius + s[3])) * s[1]
             pz = dz - (0.6 * radius + t * (0.4 * radius + s[3])) * s[2]
-            rs = 1.1 - 0.9 * t
+            rs = 1.5 - 1.2 * t
             sd = np.maximum(sd, rs - np.sqrt(px * px + py * py + pz * pz))
         if cav is not None:
             pts = np.stack([dx.ravel() + c[0], dy.ravel() + c[1], dz.ravel() + c[2]], 1)
@@ -1167,7 +1181,7 @@ def chest_case(
     band = Band(an)
     cav = Cavity(an, band)
     lap("anatomy")
-    n_pts = tree_points or 7000
+    n_pts = tree_points or 10000
     trees = build_lung_trees(cav, seed, n_pts)
     lap("trees")
 
@@ -1299,7 +1313,7 @@ def chest_case(
         cav_hu = f_lung * (not_band * lung_k + a_band * hu_fat)
         if b_t is not None:
             f_neck = F32(1.0) - b_t
-            cav_hu += f_neck * (not_band * hu_mus + a_band * hu_fat)
+            cav_hu += f_neck * hu_mus
         if b_d is not None and b_a is not None:
             cav_hu += (b_d - b_a) * hu_mus + b_a * abd_hu
         csub = sub[cs]
@@ -1422,10 +1436,20 @@ def chest_case(
     _bones(an, paint, canvas)
     lap("bones")
 
-    # --- lung vessels (inside the lung only), then the bronchial tree with walls
-    rng_v = rng_for(seed, "vessel-shape")
+    # --- emphysema: low-attenuation holes, centrilobular in the upper lobes, some subpleural
     lo = np.array([an.bcx - an.A0, an.yant - 10, -5.0])
     hi = np.array([an.bcx + an.A0, an.ypost + 40, an.H + 5])
+    if an.emphysema > 0:
+        rng_e = rng_for(seed, "emphysema")
+        pts = np.vstack([cav.sample(rng_e, int(an.emphysema * 900), side, 1.0) for side in (0, 1)])
+        upper = _sstep(pts[:, 2], an.zc - 60, an.zc + 20)
+        pts = pts[rng_e.random(len(pts)) < 0.15 + 0.85 * upper]
+        rad = np.exp(rng_e.uniform(np.log(1.0), np.log(5.0), len(pts)))
+        em = canvas(lo, hi)
+        em.add_capsules(pts, pts + rng_e.normal(0, 0.8, pts.shape), rad, rad)
+        paint(em, -995.0, lung=True, clip_lung=True)
+    # --- lung vessels (inside the lung only), then the bronchial tree with walls
+    rng_v = rng_for(seed, "vessel-shape")
     oc = canvas(lo, hi)
     for name in ("arteries", "veins"):
         p0, p1, r0, r1 = tree_capsules(trees[name], rng_v)
@@ -1728,10 +1752,10 @@ def _bones(an: Anatomy, paint: Callable[..., None],
             # steep behind, flattening in front; costal cartilages climb back a little
             zz = z_post - drop * (0.2 * s / end + 0.8 * _sstep(s, 0.06, 0.7))
             zz = np.where(s > 0.72, zz + (s - 0.72) * 40 * (i < 7), zz)
-            pts = an.point_at(theta, zz, "dcav", inset=-4.0)
+            pts = an.point_at(theta, zz, "dcav", inset=-3.4)
             if i == 0:
                 pts = an.point_at(theta, zz, "dcav", inset=-2.0)
-            r = np.full(n, 3.0 + 0.12 * min(i, 6))
+            r = np.full(n, 2.7 + 0.1 * min(i, 6))
             bone = s < end * (0.78 if i < 10 else 1.0)
             P0.append(pts[:-1][bone[:-1]])
             P1.append(pts[1:][bone[:-1]])
@@ -1743,8 +1767,8 @@ def _bones(an: Anatomy, paint: Callable[..., None],
                 C1.append(pts[1:][cb])
                 CR.append(r[:-1][cb] * 1.1)
     P0a, P1a, R0a, R1a = (np.vstack(P0), np.vstack(P1), np.concatenate(R0), np.concatenate(R1))
-    rib_o.add_capsules(P0a, P1a, R0a, R1a, zscale=0.6)
-    rib_i.add_capsules(P0a, P1a, R0a, R1a, zscale=0.6, shrink=1.0)
+    rib_o.add_capsules(P0a, P1a, R0a, R1a, zscale=0.55)
+    rib_i.add_capsules(P0a, P1a, R0a, R1a, zscale=0.55, shrink=0.8)
     if C0:
         cart.add_capsules(np.vstack(C0), np.vstack(C1), np.concatenate(CR), np.concatenate(CR),
                           zscale=0.7)

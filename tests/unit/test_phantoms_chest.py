@@ -79,7 +79,7 @@ def test_tissue_hu_ranges(clean: ChestCase) -> None:
     front, back = v[ys < np.percentile(ys, 20)], v[ys > np.percentile(ys, 80)]
     assert np.median(front) < np.median(back) - 20
     # bone (ribs, spine) is dense, fat and soft tissue are present in the body
-    assert (hu > 600).sum() > 200
+    assert (hu > 400).sum() > 200
     assert ((hu > -130) & (hu < -70)).sum() > 1000
     assert ((hu > 20) & (hu < 80)).sum() > 1000
     # outside the body: air
@@ -155,8 +155,9 @@ def test_normal_twin_has_identical_anatomy(case: ChestCase) -> None:
     twin = chest_case(8, **SMALL, normal=True)  # type: ignore[arg-type]
     assert twin.lesions == [] and twin.truth["lesions"].max() == 0
     assert case.lesions, "the seed should have lesions"
-    near = ndi.binary_dilation(case.truth["lesions"] > 0, iterations=3)
-    same = ~near
+    # lesions touch only themselves and their margins (fuzzy edges, spicules up to ~14 mm)
+    dist = ndi.distance_transform_edt(case.truth["lesions"] == 0, sampling=case.spacing)
+    same = dist > 16.0
     assert np.array_equal(twin.hu[same], case.hu[same])
     for key in ("lung_left", "lung_right", "airways"):
         assert np.array_equal(twin.truth[key][same], case.truth[key][same]), key
