@@ -281,6 +281,7 @@ def head_ct(
         feats["midline_mm"] = abs(off)
         p = confidence(feats, model)
         feats["confidence"] = p
+        feats["label_id"] = float(i)
         feats["centroid_z"], feats["centroid_y"], feats["centroid_x"] = cz, cy * f, cx * f
         candidates.append(feats)
         if p < thr:
@@ -322,7 +323,7 @@ def head_ct(
     findings.append(
         {k: fb[k] for k in ("type", "label", "volume_ml", "centroid_mm", "bbox_mm", "voxels")}
     )
-    if mid is not None:
+    if mid is not None and mid.slices:
         findings.append(mid.finding(geo))
     return TaskResult(
         "head_ct",
@@ -336,6 +337,8 @@ def head_ct(
             "threshold": thr,
             "model": str(model.get("version", "")),
             "candidates": candidates,
+            "candidate_labels": labels,  # low-res grid (factor ``pool``), for fitting
+            "pool": f,
         },
     )
 
@@ -460,18 +463,18 @@ def _midline(lo: Any, brain: Any, bone: Any, geo: Geometry, f: int) -> Midline |
         val = float(np.median(big)) if np.sign(np.median(big)) == np.sign(med) else med
         per_slice.append((val, float(z), float(shifts[int(np.argmin(np.abs(vals - val)))][2])))
     # a displacement counts when a neighbouring slice agrees (one slice can mislead)
-    for val, z, tt in per_slice:
-        agree = any(
-            0 < abs(z2 - z) <= max(2, 12.0 / sz) and abs(v2 - val) <= 3.0
+    for val, zf, tt in per_slice:
+        agree = len(per_slice) == 1 or any(
+            0 < abs(z2 - zf) <= max(2, 12.0 / sz) and abs(v2 - val) <= 3.0
             for v2, z2, _ in per_slice
         )
         if agree and (best is None or abs(val) > best[0]):
-            best = (abs(val), val, z, tt)
+            best = (abs(val), val, zf, tt)
     if best is None:
         return out
-    _, val, z, t = best
-    c, v = out.lines[int(z)]
+    _, val, zb, t = best
+    c, v = out.lines[int(zb)]
     out.shift_mm = val
     # a midline point is c + t*u + val*v; report its voxel position
-    out.where = (z, float(c[0] + val * v[0] / py) * f, float(c[1] + val * v[1] / px) * f)
+    out.where = (zb, float(c[0] + val * v[0] / py) * f, float(c[1] + val * v[1] / px) * f)
     return out

@@ -264,56 +264,6 @@ def chest_ct(
     )
 
 
-def head_ct(
-    vol: Any,
-    geo: Geometry,
-    *,
-    blood_low: float = 50.0,
-    blood_high: float = 90.0,
-    min_bleed_ml: float = 0.05,
-) -> TaskResult:
-    xp, ndi = namespace(vol)
-    bone = vol > 300.0
-    planar = xp.zeros((3, 3, 3), dtype=bool)
-    planar[1] = xp.asarray(ndi.generate_binary_structure(2, 1))
-    # inside the skull, 2 voxels clear of bone (no partial-volume rim of bone in the brain)
-    inside = seg.fill_holes_2d(bone) & ~ndi.binary_dilation(bone, structure=planar, iterations=2)
-    brain = seg.largest_components(inside & (vol > -20.0) & (vol < 100.0))
-    findings: list[dict[str, Any]] = []
-    bleed = xp.zeros_like(brain)
-    found = ndi.find_objects(brain.astype(xp.int8))
-    if not found or found[0] is None:
-        return TaskResult("head_ct", {"brain": brain, "haemorrhage": bleed}, findings, {})
-    box = found[0]  # everything below works inside the brain's bounding box
-    sub = vol[box]
-    cand = brain[box] & (sub >= blood_low) & (sub <= blood_high)
-    cand = seg.opening(cand, iterations=1)  # specks of noise go
-    labels, n = seg.label(cand, connectivity=1)
-    for i, rel in enumerate(ndi.find_objects(labels) if n else [], start=1):
-        if rel is None:
-            continue
-        comp = labels[rel] == i
-        if int(comp.sum()) * geo.voxel_ml < min_bleed_ml:
-            continue  # specks
-        sl = tuple(
-            slice(b.start + r.start, b.start + r.stop) for b, r in zip(box, rel, strict=True)
-        )
-        bleed[sl] |= comp
-        findings.append(
-            _measure(comp, geo, "haemorrhage", f"haemorrhage {len(findings) + 1}", vol, box=sl)
-        )
-    f = _measure(brain[box], geo, "brain", "brain", box=box)
-    findings.append(
-        {k: f[k] for k in ("type", "label", "volume_ml", "centroid_mm", "bbox_mm", "voxels")}
-    )
-    return TaskResult(
-        "head_ct",
-        {"brain": brain, "haemorrhage": bleed},
-        findings,
-        {"blood_low": blood_low, "blood_high": blood_high, "min_bleed_ml": min_bleed_ml},
-    )
-
-
 def radiograph(img: Any, geo: Geometry, *, sigma: float = 2.0, structures: int = 2) -> TaskResult:
     """Edges (Canny), external contours and the largest dark structures (e.g. lung fields)."""
     _xp, ndi = namespace(img)
@@ -351,3 +301,13 @@ def radiograph(img: Any, geo: Geometry, *, sigma: float = 2.0, structures: int =
         {"type": "edges", "label": "canny edges", "edge_pixels": int(edges.sum()), "slice_index": 0}
     )
     return TaskResult("radiograph", masks, findings, {"sigma": sigma, "otsu": round(float(t), 2)})
+
+
+def __getattr__(name: str) -> Any:
+    """``tasks.head_ct`` lives in :mod:`services.segmentation.head` (imported lazily: that
+    module builds on the helpers above)."""
+    if name == "head_ct":
+        from services.segmentation.head import head_ct
+
+        return head_ct
+    raise AttributeError(name)

@@ -31,7 +31,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import scipy.ndimage as ndi
@@ -837,3 +837,70 @@ def save_truth(case: HeadCase, out: Path) -> Path:
         midline_shift_mm=np.array(case.midline_shift_mm),
     )
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation against the truth
+
+
+def evaluate_head(case: HeadCase, result: Any, *, min_ml: float = 2.0) -> dict[str, Any]:
+    """Score an analysis result (``.masks['haemorrhage']``, ``.findings``) on a case.
+
+    A truth bleed is found when reported blood covers >= 10 % of it; its volume error is the
+    reported volume of the blood components touching it versus the truth. A false bleed is a
+    reported component with < 10 % of its voxels in any truth bleed. Midline shift error is
+    signed (+ toward patient left) measured minus truth."""
+    pred = np.asarray(result.masks["haemorrhage"], bool)
+    labels, n = ndi.label(pred)
+    vox = case.voxel_ml
+    truth_ids = case.haemorrhage
+    comp_sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    comp_in_truth = np.bincount(labels[truth_ids > 0].ravel(), minlength=n + 1)
+    false = [i for i in range(1, n + 1) if comp_in_truth[i] < 0.1 * comp_sizes[i]]
+    per_bleed: list[dict[str, Any]] = []
+    findings = [f for f in result.findings if f.get("type") == "haemorrhage"]
+    for b in case.bleeds:
+        t = truth_ids == b.label
+        cover = float((pred & t).sum()) / max(int(t.sum()), 1)
+        touching = np.unique(labels[t & pred])
+        touching = touching[touching > 0]
+        vol = float(comp_sizes[touching].sum()) * vox
+        # the subtype of the reported finding nearest the bleed's centroid
+        sub = None
+        if touching.size and findings:
+            zc = b.centroid_zyx[0]
+            sub = min(findings, key=lambda f: abs(float(f.get("slice_index", 0)) - zc)).get(
+                "subtype"
+            )
+        per_bleed.append(
+            {
+                "kind": b.kind,
+                "truth_ml": b.volume_ml,
+                "found": cover >= 0.1,
+                "coverage": round(cover, 3),
+                "volume_ml": round(vol, 3),
+                "volume_error": round((vol - b.volume_ml) / b.volume_ml, 3),
+                "subtype": sub,
+            }
+        )
+    big = [p for p in per_bleed if p["truth_ml"] >= min_ml]
+    shift = next((f for f in result.findings if f.get("type") == "midline_shift"), None)
+    measured = None
+    if shift is not None:
+        measured = float(shift.get("shift_mm") or 0.0) * (
+            1.0 if shift.get("location") == "left" else -1.0
+        )
+    return {
+        "bleeds": per_bleed,
+        "bleeds_ge_min": len(big),
+        "found_ge_min": sum(p["found"] for p in big),
+        "false_bleeds": len(false),
+        "false_bleed_ml": round(float(comp_sizes[false].sum()) * vox, 3),
+        "volume_errors": [p["volume_error"] for p in big if p["found"]],
+        "subtype_correct": [p["subtype"] == p["kind"] for p in big if p["found"]],
+        "midline_shift_mm": measured,
+        "midline_shift_truth_mm": case.midline_shift_mm,
+        "midline_shift_error_mm": None
+        if measured is None
+        else round(measured - case.midline_shift_mm, 2),
+    }

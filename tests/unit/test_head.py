@@ -1,0 +1,187 @@
+"""Head CT on the procedural set: each bleed shape found with its volume and subtype, normal
+heads (calcifications, beam hardening, sinuses) without a bleed, midline shift in mm, masks a
+DICOM SEG accepts, the array code within what CuPy implements, a real head CT slice clean."""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+import scipy.ndimage
+
+from services.segmentation import head, tasks
+from shared.dicom.seg import Algorithm, build_seg, source_headers
+from shared.phantoms.head import BleedSpec, HeadCase, evaluate_head, head_case, write_series
+
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def analyse(case: HeadCase) -> tasks.TaskResult:
+    geo = tasks.Geometry(case.spacing, (0.0, 0.0, 0.0), IDENTITY)
+    return head.head_ct(case.hu.astype(np.float32), geo)
+
+
+def bleeds(res: tasks.TaskResult) -> list[dict[str, Any]]:
+    return [f for f in res.findings if f["type"] == "haemorrhage"]
+
+
+@pytest.mark.parametrize(
+    "seed,spec",
+    [
+        (101, BleedSpec("intraparenchymal", 15.0, side=1)),
+        (102, BleedSpec("subdural", 35.0, side=-1)),
+        (103, BleedSpec("epidural", 25.0, side=1)),
+        (104, BleedSpec("intraparenchymal", 4.0, side=-1)),
+    ],
+)
+def test_each_bleed_shape_found_with_volume_and_subtype(seed: int, spec: BleedSpec) -> None:
+    case = head_case(seed, size=256, bleed=[spec])
+    res = analyse(case)
+    ev = evaluate_head(case, res)
+    (truth,) = ev["bleeds"]
+    assert truth["found"], ev
+    assert abs(truth["volume_error"]) <= 0.2, ev
+    assert truth["subtype"] == spec.kind, ev
+    assert ev["false_bleeds"] == 0, ev
+    found = max(bleeds(res), key=lambda f: f["volume_ml"])
+    assert found["location"] == ("left" if spec.side == 1 else "right")
+    assert 0.5 <= found["confidence"] <= 1.0 and found["features"]
+    assert set(head.FEATURES) <= set(found["features"])
+
+
+@pytest.mark.parametrize("seed", [201, 202, 203, 204])
+def test_normal_heads_with_calcifications_and_beam_hardening_give_no_bleed(seed: int) -> None:
+    case = head_case(seed, size=256, bleed="none")
+    assert case.calcification.any()  # the traps are there
+    res = analyse(case)
+    assert bleeds(res) == []
+    (shift,) = [f for f in res.findings if f["type"] == "midline_shift"]
+    assert shift["shift_mm"] <= 2.0
+
+
+@pytest.mark.parametrize(
+    "seed,spec",
+    [(301, BleedSpec("subdural", 60.0, side=1)), (302, BleedSpec("epidural", 40.0, side=-1))],
+)
+def test_midline_shift_within_2mm_of_truth(seed: int, spec: BleedSpec) -> None:
+    case = head_case(seed, size=256, bleed=[spec])
+    assert abs(case.midline_shift_mm) >= 4.0  # mass effect pushes away from the blood
+    assert np.sign(case.midline_shift_mm) == -spec.side
+    ev = evaluate_head(case, analyse(case))
+    assert ev["midline_shift_error_mm"] is not None
+    assert abs(ev["midline_shift_error_mm"]) <= 2.0, ev
+
+
+def test_phantom_is_deterministic_and_truth_is_consistent() -> None:
+    a = head_case(7, size=128, slices=12, bleed=[BleedSpec("subdural", 20.0, side=1)])
+    b = head_case(7, size=128, slices=12, bleed=[BleedSpec("subdural", 20.0, side=1)])
+    assert a.hu.dtype == np.int16 and np.array_equal(a.hu, b.hu)
+    assert np.array_equal(a.haemorrhage, b.haemorrhage)
+    assert not (a.haemorrhage > 0)[~a.brain].any()  # blood is intracranial
+    (bl,) = a.bleeds
+    assert bl.kind == "subdural" and bl.side == "left"
+    counted = (a.haemorrhage == 1).sum() * a.voxel_ml
+    assert abs(counted - bl.volume_ml) <= 0.15 * bl.volume_ml
+    blood = a.hu[a.haemorrhage == 1]
+    assert 45 <= np.median(blood) <= 90
+
+
+def test_evaluate_head_scores_a_perfect_and_an_empty_answer() -> None:
+    case = head_case(8, size=128, slices=20, bleed=[BleedSpec("epidural", 20.0, side=1)])
+    perfect = types.SimpleNamespace(
+        masks={"haemorrhage": case.haemorrhage > 0},
+        findings=[{"type": "haemorrhage", "subtype": "epidural", "slice_index": 10}],
+    )
+    ev = evaluate_head(case, perfect)
+    assert ev["found_ge_min"] == ev["bleeds_ge_min"] == 1
+    assert ev["false_bleeds"] == 0 and ev["subtype_correct"] == [True]
+    assert abs(ev["volume_errors"][0]) <= 0.15
+    empty = types.SimpleNamespace(masks={"haemorrhage": np.zeros_like(case.brain)}, findings=[])
+    ev = evaluate_head(case, empty)
+    assert ev["found_ge_min"] == 0 and ev["midline_shift_error_mm"] is None
+
+
+def test_masks_make_a_dicom_seg_and_findings_fit_the_schema(tmp_path: Path) -> None:
+    from services.segmentation.core import _clean
+    from shared.schemas import Finding
+
+    case = head_case(9, size=128, slices=24, bleed=[BleedSpec("intraparenchymal", 20.0)])
+    res = analyse(case)
+    assert {"brain", "haemorrhage"} <= set(res.masks)
+    for m in res.masks.values():
+        assert m.shape == case.hu.shape and m.dtype == bool
+    files = write_series(case, tmp_path / "s")
+    ds = pydicom.dcmread(files[0])
+    assert ds.BodyPartExamined == "HEAD" and ds.Rows == 128
+    vol = np.stack([pydicom.dcmread(f).pixel_array.astype(np.int32) - 1024 for f in files])
+    assert np.array_equal(vol, case.hu)
+    seg = build_seg(
+        source_headers([f.read_bytes() for f in files]),
+        res.masks,
+        series_instance_uid=str(ds.SeriesInstanceUID),
+        revision=1,
+        algorithm=Algorithm("radstream-head_ct", head.VERSION),
+    )
+    assert pydicom.dcmread(__import__("io").BytesIO(seg)).Modality == "SEG"
+    for f in res.findings:
+        Finding(**_clean(f))  # strict schema: subtype, location, confidence, features
+
+
+class _StrictNdimage(types.ModuleType):
+    """scipy.ndimage, refusing what cupyx.scipy.ndimage does not implement."""
+
+    def __getattr__(self, name: str) -> Any:
+        fn = getattr(scipy.ndimage, name)
+
+        def call(*args: Any, **kw: Any) -> Any:
+            if kw.get("iterations", 1) != 1:
+                raise NotImplementedError(f"{name}(iterations={kw['iterations']}) on CuPy")
+            if "output" in kw:
+                raise NotImplementedError(f"{name}(output=...) on CuPy")
+            return fn(*args, **kw)
+
+        return call
+
+
+def test_array_code_stays_within_cupyx(monkeypatch: pytest.MonkeyPatch) -> None:
+    strict = _StrictNdimage("strict_ndimage")
+    from shared.imaging import segment
+
+    monkeypatch.setattr(head, "namespace", lambda a: (np, strict))
+    monkeypatch.setattr(segment, "namespace", lambda a: (np, strict))
+    case = head_case(10, size=128, slices=16, bleed=[BleedSpec("subdural", 20.0, side=1)])
+    res = analyse(case)
+    assert res.masks["haemorrhage"].any()
+
+
+def test_tasks_head_ct_is_the_head_module() -> None:
+    assert tasks.head_ct is head.head_ct
+
+
+def _real_head() -> Path | None:
+    try:
+        import data_store  # pydicom-data
+    except ImportError:
+        return None
+    path = Path(data_store.__file__).parent / "data" / "693_UNCR.dcm"
+    return path if path.exists() else None
+
+
+@pytest.mark.skipif(_real_head() is None, reason="pydicom-data is not installed")
+def test_real_head_ct_slice_has_no_acute_bleed() -> None:
+    """A real 512² head CT (5 mm): old hypodense changes and air after surgery, a dense falx
+    and skull base, no acute (hyperdense) blood. No bleed may be reported."""
+    path = _real_head()
+    assert path is not None
+    ds = pydicom.dcmread(path)
+    hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    sp = float(ds.PixelSpacing[0])
+    geo = tasks.Geometry((float(ds.SliceThickness), sp, sp), (0.0, 0.0, 0.0), IDENTITY)
+    res = head.head_ct(hu[None], geo)
+    assert bleeds(res) == []
+    (brain,) = [f for f in res.findings if f["type"] == "brain"]
+    assert brain["volume_ml"] > 50  # the brain was found (one 5 mm slice)
