@@ -331,7 +331,7 @@ def _draw_bleed(
     hu = (
         spec.hu
         if spec.hu is not None
-        else (rng.uniform(60, 78) if spec.age == "acute" else rng.uniform(40, 48))
+        else (rng.uniform(52, 80) if spec.age == "acute" else rng.uniform(40, 48))
     )
     none3 = np.zeros(3)
     zc_lo, zc_hi = max(z_lo + 10, -25.0), min(z_hi - 10, 45.0)
@@ -341,11 +341,12 @@ def _draw_bleed(
         radii *= r0 / np.prod(radii) ** (1 / 3)
         # lobar or deep (basal ganglia / thalamus), well inside the parenchyma
         for _ in range(100):
+            lo_z = max(zc_lo, -8.0 + radii[2])  # above the skull base (no temporal fossa)
             c = np.array(
                 [
                     side * rng.uniform(14, 38),
                     rng.uniform(-40, 45),
-                    rng.uniform(zc_lo, max(zc_lo, zc_hi)),
+                    rng.uniform(lo_z, max(lo_z, zc_hi)),
                 ]
             )
             inner = np.array([an.a - 14, an.b - 14, an.c_up - 14]) - radii
@@ -741,6 +742,7 @@ def head_case(
                     b.age,
                 )
             )
+    brain |= haem > 0  # a voxel half blood, half cavity wall is intracranial
     shift = an.truth_shift() if an.shift else 0.0
     # the septum level must be in the scan for the shift to be measurable
     if not (zc[0] <= 8 <= zc[-1] + thickness_mm):

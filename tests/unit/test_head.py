@@ -32,10 +32,10 @@ def bleeds(res: tasks.TaskResult) -> list[dict[str, Any]]:
 @pytest.mark.parametrize(
     "seed,spec",
     [
-        (101, BleedSpec("intraparenchymal", 15.0, side=1)),
-        (102, BleedSpec("subdural", 35.0, side=-1)),
-        (103, BleedSpec("epidural", 25.0, side=1)),
-        (104, BleedSpec("intraparenchymal", 4.0, side=-1)),
+        (101, BleedSpec("intraparenchymal", 15.0, side=1, hu=66.0)),
+        (102, BleedSpec("subdural", 35.0, side=-1, hu=64.0)),
+        (103, BleedSpec("epidural", 25.0, side=1, hu=70.0)),
+        (104, BleedSpec("intraparenchymal", 4.0, side=-1, hu=62.0)),
     ],
 )
 def test_each_bleed_shape_found_with_volume_and_subtype(seed: int, spec: BleedSpec) -> None:
@@ -77,15 +77,15 @@ def test_midline_shift_within_2mm_of_truth(seed: int, spec: BleedSpec) -> None:
 
 
 def test_phantom_is_deterministic_and_truth_is_consistent() -> None:
-    a = head_case(7, size=128, slices=12, bleed=[BleedSpec("subdural", 20.0, side=1)])
-    b = head_case(7, size=128, slices=12, bleed=[BleedSpec("subdural", 20.0, side=1)])
+    a = head_case(7, size=192, slices=20, bleed=[BleedSpec("subdural", 20.0, side=1)])
+    b = head_case(7, size=192, slices=20, bleed=[BleedSpec("subdural", 20.0, side=1)])
     assert a.hu.dtype == np.int16 and np.array_equal(a.hu, b.hu)
     assert np.array_equal(a.haemorrhage, b.haemorrhage)
     assert not (a.haemorrhage > 0)[~a.brain].any()  # blood is intracranial
     (bl,) = a.bleeds
     assert bl.kind == "subdural" and bl.side == "left"
     counted = (a.haemorrhage == 1).sum() * a.voxel_ml
-    assert abs(counted - bl.volume_ml) <= 0.15 * bl.volume_ml
+    assert abs(counted - bl.volume_ml) <= 0.2 * bl.volume_ml  # voxels vs partial volume
     blood = a.hu[a.haemorrhage == 1]
     assert 45 <= np.median(blood) <= 90
 
@@ -153,9 +153,9 @@ def test_array_code_stays_within_cupyx(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(head, "namespace", lambda a: (np, strict))
     monkeypatch.setattr(segment, "namespace", lambda a: (np, strict))
-    case = head_case(10, size=128, slices=16, bleed=[BleedSpec("subdural", 20.0, side=1)])
-    res = analyse(case)
-    assert res.masks["haemorrhage"].any()
+    case = head_case(10, size=160, bleed=[BleedSpec("epidural", 30.0, side=1)])
+    res = analyse(case)  # raises if a call is outside what CuPy implements
+    assert res.masks["haemorrhage"].any() and bleeds(res)
 
 
 def test_tasks_head_ct_is_the_head_module() -> None:
