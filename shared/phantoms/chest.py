@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -1186,7 +1186,7 @@ def chest_case(
     lap("trees")
 
     hu = np.empty(grid.shape, F32)
-    lf = np.zeros(grid.shape, F32)
+    lf = np.zeros(grid.shape, np.float16)  # lung fraction: what is left of the cavity
     zs = grid.zs()
     xs = grid.xs().astype(F32)
     ys = grid.ys().astype(F32)
@@ -1344,6 +1344,19 @@ def chest_case(
         j0, j1 = grid.index_range(2, lo[0], hi[0])
         return Occupancy(grid, (slice(k0, k1), slice(i0, i1), slice(j0, j1)))
 
+    def canvases(lo: Vec, hi: Vec, n: int) -> Iterator[list[Occupancy]]:
+        """``n`` canvases over the box, a slab of slices at a time (bounded memory for
+        structures spread over the whole chest; chunks do not overlap, so painting chunk by
+        chunk gives the same image)."""
+        k0, k1 = grid.index_range(0, lo[2], hi[2])
+        i0, i1 = grid.index_range(1, lo[1], hi[1])
+        j0, j1 = grid.index_range(2, lo[0], hi[0])
+        per = max(1, (i1 - i0) * (j1 - j0) * grid.nsub * n)
+        step = max(1, int(96e6 // per))
+        for a in range(k0, k1, step):
+            box = (slice(a, min(a + step, k1)), slice(i0, i1), slice(j0, j1))
+            yield [Occupancy(grid, box) for _ in range(n)]
+
     # --- heart: pericardium, epicardial fat, myocardium, chambers
     h = an.heart
     lo, hi = h.bounds(5)
@@ -1433,7 +1446,7 @@ def chest_case(
     lap("organs")
 
     # --- bones
-    _bones(an, paint, canvas)
+    _bones(an, paint, canvas, canvases)
     lap("bones")
 
     # --- emphysema: low-attenuation holes, centrilobular in the upper lobes, some subpleural
@@ -1445,29 +1458,29 @@ def chest_case(
         upper = _sstep(pts[:, 2], an.zc - 60, an.zc + 20)
         pts = pts[rng_e.random(len(pts)) < 0.15 + 0.85 * upper]
         rad = np.exp(rng_e.uniform(np.log(1.0), np.log(5.0), len(pts)))
-        em = canvas(lo, hi)
-        em.add_capsules(pts, pts + rng_e.normal(0, 0.8, pts.shape), rad, rad)
-        paint(em, -995.0, lung=True, clip_lung=True)
+        pts2 = pts + rng_e.normal(0, 0.8, pts.shape)
+        for (em,) in canvases(lo, hi, 1):
+            em.add_capsules(pts, pts2, rad, rad)
+            paint(em, -995.0, lung=True, clip_lung=True)
     # --- lung vessels (inside the lung only), then the bronchial tree with walls
     rng_v = rng_for(seed, "vessel-shape")
-    oc = canvas(lo, hi)
-    for name in ("arteries", "veins"):
-        p0, p1, r0, r1 = tree_capsules(trees[name], rng_v)
-        oc.add_capsules(p0, p1, r0, r1)
-    paint(oc, an.hu_lungvessel, lung=True, clip_lung=True)
+    caps = [tree_capsules(trees[name], rng_v) for name in ("arteries", "veins")]
+    for (oc,) in canvases(lo, hi, 1):
+        for p0, p1, r0, r1 in caps:
+            oc.add_capsules(p0, p1, r0, r1)
+        paint(oc, an.hu_lungvessel, lung=True, clip_lung=True)
     aw: Tree = trees["airways"]
     big = aw.radius >= 0.9
     if big.any():
         p0, p1, r0, r1 = tree_capsules(Tree(aw.start[big], aw.end[big], aw.radius[big],
                                             aw.parent[big], aw.level[big],
                                             np.zeros(big.sum(), bool), aw.count[big]), rng_v)
-        wall = canvas(lo, hi)
-        wall.add_capsules(p0, p1, r0 * 1.25 + 0.45, r1 * 1.25 + 0.45)
-        paint(wall, 30.0, lung=True, clip_lung=True)
-        lum = canvas(lo, hi)
-        lum.add_capsules(p0, p1, r0, r1)
-        paint(lum, -1000.0, lung=True, clip_lung=True)
-        airway_truth[lum.box] |= (lum.fraction() >= 0.5) & (lf[lum.box] >= 0.5)
+        for wall, lum in canvases(lo, hi, 2):
+            wall.add_capsules(p0, p1, r0 * 1.25 + 0.45, r1 * 1.25 + 0.45)
+            paint(wall, 30.0, lung=True, clip_lung=True)
+            lum.add_capsules(p0, p1, r0, r1)
+            paint(lum, -1000.0, lung=True, clip_lung=True)
+            airway_truth[lum.box] |= (lum.fraction() >= 0.5) & (lf[lum.box] >= 0.5)
     lap("vessels")
 
     # --- lesions
@@ -1482,7 +1495,7 @@ def chest_case(
     placed, unplaced = _place(specs, cav, trees, seed, contrast)
     dropped = [asdict(sp) for sp in unplaced]
     labels = np.zeros(grid.shape, np.int16)
-    in_cav = np.zeros(grid.shape, bool)
+    in_cav: list[tuple[Any, np.ndarray]] = []  # (box, mask): lesion voxels inside the cavity
     records: list[dict[str, Any]] = []
     lab = 0
     for les in placed:
@@ -1523,9 +1536,9 @@ def chest_case(
                 return f(x, y, z) - d
 
             oc3.add_sdf(lo, hi, in_cavity)
-            in_cav[box] |= m & (oc3.fraction() >= 0.5)
+            in_cav.append((box, m & (oc3.fraction() >= 0.5)))
         else:
-            in_cav[box] |= m
+            in_cav.append((box, m))
         records.append({
             "label": lab, "kind": les.kind, "attachment": les.attachment, "side": les.side,
             "lobe": _LOBES[les.lobe], "nominal_diameter_mm": round(2 * les.radius, 2),
@@ -1539,18 +1552,21 @@ def chest_case(
     lap("lesions")
 
     # --- truth (before noise)
-    side_left = np.empty(grid.shape, bool)
+    lung_l = np.empty(grid.shape, bool)
+    lung_r = np.empty(grid.shape, bool)
     xg = xs[None, :]
     for k in range(nz):
-        side_left[k] = xg > b_m[k][:, None]
-    lung = (lf >= 0.5) | in_cav
-    truth = {
-        "lung_left": lung & side_left,
-        "lung_right": lung & ~side_left,
-        "airways": airway_truth,
-        "lesions": labels,
-    }
+        lk = lf[k] >= 0.5
+        for box, m in in_cav:
+            if box[0].start <= k < box[0].stop:
+                lk[box[1], box[2]] |= m[k - box[0].start]
+        left = xg > b_m[k][:, None]
+        np.logical_and(lk, left, out=lung_l[k])
+        np.logical_and(lk, ~left, out=lung_r[k])
+    truth = {"lung_left": lung_l, "lung_right": lung_r, "airways": airway_truth,
+             "lesions": labels}
     del lf
+    lf_flat = np.empty(0, np.float16)  # release the buffer (paint is done)
     lap("truth")
 
     # --- artifacts, noise, storage convention and reconstruction circle, to int16
@@ -1648,8 +1664,8 @@ def _beam_hardening(sl: np.ndarray, X: np.ndarray, Y: np.ndarray,
             -((d2 / F32(0.8)) ** 2))
 
 
-def _bones(an: Anatomy, paint: Callable[..., None],
-           canvas: Callable[..., Occupancy]) -> None:
+def _bones(an: Anatomy, paint: Callable[..., None], canvas: Callable[..., Occupancy],
+           canvases: Callable[..., Iterator[list[Occupancy]]]) -> None:
     """Spine, ribs with cartilage, sternum, scapulae, clavicles, humeral heads."""
     rng = rng_for(an.seed, "bones")
     cortex, marrow = an.hu_cortex, an.hu_marrow
@@ -1725,12 +1741,6 @@ def _bones(an: Anatomy, paint: Callable[..., None],
     paint(po, cortex)
     paint(pi, marrow)
     # --- ribs: from the transverse processes round the cavity, descending anteriorly
-    rib_o = canvas(np.array([an.bcx - 260, an.bcy - 200, z_lo]),
-                   np.array([an.bcx + 260, an.bcy + 200, z_hi]))
-    rib_i = canvas(np.array([an.bcx - 260, an.bcy - 200, z_lo]),
-                   np.array([an.bcx + 260, an.bcy + 200, z_hi]))
-    cart = canvas(np.array([an.bcx - 260, an.bcy - 200, z_lo]),
-                  np.array([an.bcx + 260, an.bcy + 200, z_hi]))
     P0, P1, R0, R1 = [], [], [], []
     C0, C1, CR = [], [], []
     for i in range(12):
@@ -1767,14 +1777,17 @@ def _bones(an: Anatomy, paint: Callable[..., None],
                 C1.append(pts[1:][cb])
                 CR.append(r[:-1][cb] * 1.1)
     P0a, P1a, R0a, R1a = (np.vstack(P0), np.vstack(P1), np.concatenate(R0), np.concatenate(R1))
-    rib_o.add_capsules(P0a, P1a, R0a, R1a, zscale=0.55)
-    rib_i.add_capsules(P0a, P1a, R0a, R1a, zscale=0.55, shrink=0.8)
-    if C0:
-        cart.add_capsules(np.vstack(C0), np.vstack(C1), np.concatenate(CR), np.concatenate(CR),
-                          zscale=0.7)
-        paint(cart, rng.uniform(90, 160))
-    paint(rib_o, cortex)
-    paint(rib_i, marrow)
+    hu_cart = rng.uniform(90, 160)
+    for rib_o, rib_i, cart in canvases(np.array([an.bcx - 260, an.bcy - 200, z_lo]),
+                                       np.array([an.bcx + 260, an.bcy + 200, z_hi]), 3):
+        rib_o.add_capsules(P0a, P1a, R0a, R1a, zscale=0.55)
+        rib_i.add_capsules(P0a, P1a, R0a, R1a, zscale=0.55, shrink=0.8)
+        if C0:
+            cr = np.concatenate(CR)
+            cart.add_capsules(np.vstack(C0), np.vstack(C1), cr, cr, zscale=0.7)
+            paint(cart, hu_cart)
+        paint(rib_o, cortex)
+        paint(rib_i, marrow)
     # --- sternum (manubrium wide at the top, body, xiphoid)
     z_st_top = an.zc + rng.uniform(40, 55)
     z_st_bot = an.zdr - rng.uniform(0, 15)
@@ -1801,10 +1814,6 @@ def _bones(an: Anatomy, paint: Callable[..., None],
     paint(so, cortex * 0.9)
     paint(si, marrow)
     # --- scapulae: thin curved plates behind the ribs, spine of the scapula, glenoid
-    sc_o = canvas(np.array([an.bcx - 260, an.bcy - 50, an.zc - 120]),
-                  np.array([an.bcx + 260, an.bcy + 220, z_hi]))
-    sc_i = canvas(np.array([an.bcx - 260, an.bcy - 50, an.zc - 120]),
-                  np.array([an.bcx + 260, an.bcy + 220, z_hi]))
     z_inf = an.zc - rng.uniform(70, 95)
     z_sup = an.H + rng.uniform(0, 15)
     S0, S1, SR = [], [], []
@@ -1829,25 +1838,27 @@ def _bones(an: Anatomy, paint: Callable[..., None],
         S1 += [b[None], c[None]]
         SR += [np.array([3.5]), np.array([3.5])]
     S0a, S1a, SRa = np.vstack(S0), np.vstack(S1), np.concatenate(SR)
-    sc_o.add_capsules(S0a, S1a, SRa, SRa)
-    sc_i.add_capsules(S0a, S1a, SRa, SRa, shrink=1.0)
-    paint(sc_o, cortex * 0.9)
-    paint(sc_i, marrow)
+    for sc_o, sc_i in canvases(np.array([an.bcx - 260, an.bcy - 50, an.zc - 120]),
+                               np.array([an.bcx + 260, an.bcy + 220, z_hi]), 2):
+        sc_o.add_capsules(S0a, S1a, SRa, SRa)
+        sc_i.add_capsules(S0a, S1a, SRa, SRa, shrink=1.0)
+        paint(sc_o, cortex * 0.9)
+        paint(sc_i, marrow)
     # --- clavicles from the manubrium out to the acromion
-    cl_o = canvas(np.array([an.bcx - 260, an.bcy - 220, an.zc]),
-                  np.array([an.bcx + 260, an.bcy + 100, z_hi]))
-    cl_i = canvas(np.array([an.bcx - 260, an.bcy - 220, an.zc]),
-                  np.array([an.bcx + 260, an.bcy + 100, z_hi]))
+    tubes = []
     for side in (-1, 1):
         # sternal end at the manubrium, under the fat across the front, out to the acromion
         ang = -np.pi / 2 + side * np.array([0.18, 0.55, 0.95, 1.3])
         zz = np.array([z_st_top + 3, z_st_top + 10, z_st_top + 16, z_sup + 6])
         pts = an.point_at(ang, zz, "dfat", inset=6.0)
-        tb = Tube(pts.tolist(), [7.0, 6.0, 5.5, 6.5])
-        tb.draw(cl_o)
-        tb.draw(cl_i, shrink=1.4)
-    paint(cl_o, cortex)
-    paint(cl_i, marrow)
+        tubes.append(Tube(pts.tolist(), [7.0, 6.0, 5.5, 6.5]))
+    for cl_o, cl_i in canvases(np.array([an.bcx - 260, an.bcy - 220, an.zc]),
+                               np.array([an.bcx + 260, an.bcy + 100, z_hi]), 2):
+        for tb in tubes:
+            tb.draw(cl_o)
+            tb.draw(cl_i, shrink=1.4)
+        paint(cl_o, cortex)
+        paint(cl_i, marrow)
 
 
 # --------------------------------------------------------------------------------- writing
