@@ -252,6 +252,13 @@ class Anatomy:
         self.hu_marrow = u(140, 260)
         self._profiles_table()
         self._landmarks()
+        # extras on their own stream (adding one never moves the anatomy above)
+        ex = rng_for(seed, "extras")
+        self.dependent = float(ex.uniform(80, 320)) if ex.random() < 0.4 else 0.0
+        self.dep_len = float(ex.uniform(2.0, 7.0))
+        dense = contrast and ex.random() < 0.5
+        self.dense_side = ("right" if ex.random() < 0.7 else "left") if dense else ""
+        self.hu_dense = float(ex.uniform(900, 2400))
 
     # ---- body profiles -------------------------------------------------------------------
 
@@ -1203,6 +1210,7 @@ def chest_case(
     r = np.hypot(X - F32(an.bcx), Y - F32(an.bcy)).astype(F32)
     th = np.arctan2(Y - F32(an.bcy), X - F32(an.bcx))
     tidx = (((th + np.pi) * (NT / (2 * np.pi))).astype(np.int64) % NT).astype(np.intp)
+    posterior = (np.clip(np.sin(th), 0, 1) ** 2).astype(F32)
     del th
     # cavity crop inside the body crop
     rc_max = float((pr["rb"] - pr["dcav"]).max()) + 3
@@ -1295,6 +1303,10 @@ def chest_case(
         a_band = soft(dband, px)
         c, s_ = F32(math.cos(z / 37.0)), F32(math.sin(z / 37.0))
         lung_k = lung_hu + tex[0] * c + tex[1] * s_
+        # dependent density (subsegmental atelectasis) along the posterior lung bases
+        w_dep = an.dependent * float(_sstep(z, an.zdr + 80, an.zdr - 10))
+        if w_dep > 1:
+            lung_k += F32(w_dep) * np.exp(-np.maximum(dc, 0) * F32(1 / an.dep_len)) * posterior[cs]
         # fissures: thin oblique sheets, denser than lung
         sheet = np.zeros(Xc.shape, F32)
         sh = sheet.reshape(-1)
@@ -1382,12 +1394,15 @@ def chest_case(
         oc.add_sdf(lo2, hi2, e.sdf())
         paint(oc, val if contrast else an.hu_myo - 4)
     # --- great vessels
-    vessel_hu = {"aorta": an.hu_aorta, "bct": an.hu_aorta, "lcca": an.hu_aorta,
+    vessel_hu: dict[str, float] = {"aorta": an.hu_aorta, "bct": an.hu_aorta, "lcca": an.hu_aorta,
                  "lsca": an.hu_aorta, "pa_trunk": an.hu_pa, "lpa": an.hu_pa, "rpa": an.hu_pa,
                  "svc": an.hu_vein, "bcv_r": an.hu_vein, "bcv_l": an.hu_vein,
                  "azygos": an.hu_vein, "ivc": an.hu_vein}
     for key in an.pv_root:
         vessel_hu["pv_" + key] = an.hu_aorta * 0.95
+    if an.dense_side:  # undiluted contrast arriving through one arm
+        vessel_hu["svc"] = an.hu_dense
+        vessel_hu["bcv_r" if an.dense_side == "right" else "bcv_l"] = an.hu_dense
     for name, val in vessel_hu.items():
         tb = an.tubes[name]
         lo, hi = tb.bounds()
@@ -1583,6 +1598,7 @@ def chest_case(
     YA = np.broadcast_to(ys[:, None], (size, size))
     outside = np.hypot(XA, YA) >= 0.5 * fov_mm
     streak_src = _streak_sources(an, arms)
+    dense_src = _dense_sources(an)
     rs = rng_for(seed, "storage")
     style = int(rs.integers(3))
     if style == 0:
@@ -1604,6 +1620,9 @@ def chest_case(
         srcs = streak_src(float(zs[k]))
         if len(srcs) >= 2 and noise > 0:
             _beam_hardening(sl, XA, YA, srcs, rng_n, float(shoulder[k]) + (0.6 if arms else 0))
+        if noise > 0:
+            for sx, sy in dense_src(float(zs[k])):
+                _dense_streaks(sl, grid, sx, sy, an.hu_dense, rng_n)
         np.clip(sl, -1024, 3071, out=sl)
         o = out[k]
         np.rint(sl, out=sl)
@@ -1616,6 +1635,7 @@ def chest_case(
         "seed": seed, "size": size, "slices": nz, "thickness_mm": t, "fov_mm": fov_mm,
         "pixel_mm": px, "contrast": contrast, "normal": bool(normal or not records),
         "arms": an.arms, "junction_lines": an.touch, "emphysema": an.emphysema,
+        "dependent_density_hu": round(an.dependent, 1), "dense_contrast": an.dense_side,
         "noise_sigma_hu": round(sigma0 * noise, 1), "kernel": "sharp" if sharp else "soft",
         "storage": asdict(storage), "lesions_not_rendered": dropped, "origin_mm": list(grid.origin),
         "spacing_mm": list(grid.spacing), "nsub": nsub,
@@ -1629,6 +1649,44 @@ def chest_case(
 def _bounds_of(tubes: Sequence[Tube]) -> tuple[np.ndarray, np.ndarray]:
     b = [tb.bounds() for tb in tubes]
     return np.min([x[0] for x in b], axis=0) - 3, np.max([x[1] for x in b], axis=0) + 3
+
+
+def _dense_sources(an: Anatomy) -> Callable[[float], list[tuple[float, float]]]:
+    """Centres of the vessels filled with undiluted contrast at height z."""
+    if not an.dense_side:
+        return lambda z: []
+    names = ["svc", "bcv_r" if an.dense_side == "right" else "bcv_l"]
+    pts = np.vstack([_spline(an.tubes[n].ctrl, 2.0) for n in names])
+
+    def f(z: float) -> list[tuple[float, float]]:
+        near = pts[np.abs(pts[:, 2] - z) < 1.5]
+        if len(near) == 0:
+            return []
+        p = near.mean(axis=0)
+        return [(float(p[0]), float(p[1]))]
+
+    return f
+
+
+def _dense_streaks(sl: np.ndarray, grid: Grid, sx: float, sy: float, hu_dense: float,
+                   rng: np.random.Generator) -> None:
+    """Bright and dark streaks radiating from a vessel full of contrast (photon starvation
+    and beam hardening along the rays through it)."""
+    i0, i1 = grid.index_range(1, sy - 130, sy + 130)
+    j0, j1 = grid.index_range(2, sx - 130, sx + 130)
+    if i1 <= i0 or j1 <= j0:
+        return
+    xs = grid.xs()[j0:j1].astype(F32)[None, :] - F32(sx)
+    ys = grid.ys()[i0:i1].astype(F32)[:, None] - F32(sy)
+    dist = np.sqrt(xs * xs + ys * ys)
+    decay = F32(1.0) / (F32(1.0) + dist * F32(1 / 35.0))
+    sub = sl[i0:i1, j0:j1]
+    scale = hu_dense / 2000.0
+    for _ in range(int(rng.integers(5, 11))):
+        ang = rng.uniform(0, np.pi)
+        dperp = xs * F32(-math.sin(ang)) + ys * F32(math.cos(ang))
+        amp = F32(rng.choice([-1.0, 1.0]) * rng.uniform(40, 160) * scale)
+        sub += amp * np.exp(-((dperp * F32(1 / 0.8)) ** 2)) * decay
 
 
 def _streak_sources(an: Anatomy, arms: list[dict[str, float]]
