@@ -4,23 +4,28 @@ Decode every instance (threads: the JPEG/JPEG 2000 decoders release the GIL), so
 the geometry, calibrate to Hounsfield units, upload the compact int16 volume to the device
 (no float64 ever crosses the bus), run the chain configured for the modality/body part,
 compute drift statistics, download, compress (zstd) and store the result encrypted.
+
+The device part (upload → chain → statistics → back to int16 for CT → two downloads: the
+volume and the statistics) runs under a :class:`~shared.imaging.backend.DeviceRunner`: a GPU
+failure that is not bad input redoes it on the CPU (``backend`` in the output says which ran).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Gauge
 
 from shared.config import PreprocessSettings
 from shared.imaging import ops
-from shared.imaging.backend import Backend
+from shared.imaging.backend import Backend, DeviceRunner, device_failure_cause, download
 from shared.imaging.errors import ImagingError
 from shared.imaging.packed import pack_volume
 from shared.imaging.volume import Assembled, Slice, Volume, assemble, decode
@@ -30,6 +35,7 @@ from shared.schemas import SeriesReady, VolumePrepared
 from shared.storage import BlobError, BlobStore
 
 Step = dict[str, Any]
+log = logging.getLogger("radstream.preprocess")
 
 # Default chains, chosen for the segmentation tasks and for latency: in-plane denoising only
 # (segmentation measures in physical units, so no resampling is needed on the hot path).
@@ -146,10 +152,12 @@ class PreprocessCore:
     settings: PreprocessSettings
     metrics: PreprocessMetrics | None = None
     chains: dict[str, list[Step]] = field(default_factory=lambda: dict(DEFAULT_CHAINS))
+    runner: DeviceRunner | None = None  # main.py passes one on the service's registry
 
     def __post_init__(self) -> None:
         if self.settings.chains:
             self.chains.update(json.loads(self.settings.chains))
+        self._runner = self.runner or DeviceRunner(self.backend, stage="preprocess")
 
     # ---- GPU warm-up ----------------------------------------------------------------------
     def warm_up(self) -> list[tuple[Any, ...]]:
@@ -169,8 +177,15 @@ class PreprocessCore:
                         )
                         apply_step(img, step, (1.0, 1.0, 1.0))
 
-                    if self.backend.warm_up(key, run):
-                        warmed.append(key)
+                    try:
+                        if self.backend.warm_up(key, run):
+                            warmed.append(key)
+                    except Exception as exc:
+                        cause = device_failure_cause(exc)
+                        if cause is None:
+                            raise
+                        # the records that need this step will be redone on the cpu
+                        log.warning("preprocess: warm-up of a chain step failed (%s)", cause)
         self.backend.free()
         return warmed
 
@@ -196,21 +211,13 @@ class PreprocessCore:
 
         t2 = time.perf_counter()
         chain = chain_for(msg.modality, msg.body_part, self.chains)
-        data, spacing, stats = self._run_chain(volume, chain)
+        is_ct = msg.modality == "CT"
+        out, spacing, stats, used = self._runner.run(
+            lambda be: self._run_chain(volume, chain, be, is_ct)
+        )
         timings["chain"] = time.perf_counter() - t2
 
         t3 = time.perf_counter()
-        is_ct = msg.modality == "CT"
-        if is_ct:
-            out = _slabwise(
-                lambda a: np.rint(a).clip(-32768, 32767).astype(np.int16),
-                data,
-                self.settings.threads,
-                np.int16,
-            )
-        else:
-            out = data.astype(np.float32, copy=False)
-        del data
         ref = self.store.put(
             pack_volume(out, self.settings.compression_level, self.settings.threads)
         )
@@ -237,7 +244,7 @@ class PreprocessCore:
             direction=volume.direction,  # type: ignore[arg-type]
             source_instances=[msg.instances[i] for i in asm.order],
             excluded_instances=[msg.instances[i].sop_instance_uid for i in asm.excluded],
-            backend=self.backend.name,
+            backend=used,
             chain=chain,
             timings_s={k: round(v, 4) for k, v in timings.items()},
             stats=stats,
@@ -291,18 +298,21 @@ class PreprocessCore:
         return Volume(data, spacing, origin, direction, msg.modality), asm
 
     def _run_chain(
-        self, volume: Volume, chain: list[Step]
-    ) -> tuple[np.ndarray, tuple[float, float, float], dict[str, float]]:
-        be = self.backend
+        self, volume: Volume, chain: list[Step], be: Backend, is_ct: bool
+    ) -> tuple[np.ndarray, tuple[float, float, float], dict[str, float], Literal["cpu", "gpu"]]:
+        """(host volume: int16 for CT, else float32; spacing; statistics; backend used)."""
         spacing = volume.spacing
         if be.name == "gpu":
-            img = be.upload(volume.data).astype(be.xp.float32)  # int16 over the bus
+            xp = be.xp
+            img = be.upload(volume.data).astype(xp.float32)  # int16 over the bus
             for step in chain:
                 img, spacing = apply_step(img, step, spacing)
             stats = _stats(img, volume.modality)
-            host = be.download(img)
+            if is_ct:  # back to int16 on the device: half the bytes come back
+                img = xp.rint(img).clip(-32768, 32767).astype(xp.int16)
+            host = be.download(img, why="volume")
             del img
-            return host, spacing, stats
+            return (host if is_ct else host.astype(np.float32, copy=False)), spacing, stats, be.name
         # CPU: in-plane steps run fused, slab by slab, in threads (SciPy releases the GIL)
         planar = [st for st in chain if _in_plane(st)]
         head = planar if len(planar) == len(chain) else []
@@ -316,21 +326,36 @@ class PreprocessCore:
         img = _slabwise(fused, volume.data, self.settings.threads, np.float32)
         for step in chain[len(head) :]:
             img, spacing = apply_step(img, step, spacing)
-        return img, spacing, _stats(img, volume.modality)
+        stats = _stats(img, volume.modality)
+        if is_ct:
+            out = _slabwise(
+                lambda a: np.rint(a).clip(-32768, 32767).astype(np.int16),
+                img,
+                self.settings.threads,
+                np.int16,
+            )
+        else:
+            out = img.astype(np.float32, copy=False)
+        return out, spacing, stats, be.name
 
 
 def _stats(img: Any, modality: str) -> dict[str, float]:
-    """Drift statistics on every 4th slice (a drift monitor needs no more)."""
+    """Drift statistics on every 4th slice (a drift monitor needs no more), computed where the
+    image is and downloaded once (percentiles, mean, sd, noise)."""
+    xp, _ = ops.namespace(img)
     full = img
     img = img[::4] if img.ndim == 3 and img.shape[0] >= 8 else img
     if modality == "CT":
-        qs = ops.percentiles_from_histogram(img, STAT_QS)
+        qs = ops.histogram_percentiles(img, STAT_QS)
     else:
-        xp, _ = ops.namespace(img)
         sample = img.ravel()[:: max(1, img.size // 2_000_000)]
-        qs = [float(v) for v in xp.percentile(sample, list(STAT_QS))]
-    stats = {f"p{q}": round(float(v), 2) for q, v in zip(STAT_QS, qs, strict=True)}
-    stats["mean"] = round(float(img.mean()), 3)
-    stats["sd"] = round(float(img.std()), 3)
-    stats["noise"] = round(ops.noise_estimate(full), 3)
+        qs = xp.percentile(sample, list(STAT_QS)).astype(xp.float64)
+    rest = xp.stack([img.mean(), img.std()]).astype(xp.float64)
+    noise = xp.reshape(ops.noise_sigma(full), (1,))
+    values = [float(v) for v in download(xp.concatenate([qs, rest, noise]), why="stats")]
+    n = len(STAT_QS)
+    stats = {f"p{q}": round(v, 2) for q, v in zip(STAT_QS, values[:n], strict=True)}
+    stats["mean"] = round(values[n], 3)
+    stats["sd"] = round(values[n + 1], 3)
+    stats["noise"] = round(values[n + 2], 3)
     return stats

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry
 
 from services.preprocess.core import PreprocessCore, PreprocessMetrics
 from shared.config import Settings
-from shared.imaging.backend import select_backend
+from shared.imaging.backend import DeviceRunner, select_backend
 from shared.runtime.service import serve
 from shared.runtime.stage import StageSpec
 from shared.schemas import SeriesReady
@@ -27,6 +27,7 @@ def build(
         backend,
         settings.preprocess,
         PreprocessMetrics(registry, backend) if registry is not None else None,
+        runner=DeviceRunner(backend, stage="preprocess", registry=registry),
     )
     core.warm_up()
     return StageSpec(

@@ -14,7 +14,7 @@ import numpy as np
 from services.segmentation import tasks
 from services.segmentation.onnx_plugin import OnnxSegmenter
 from shared.dicom.seg import Algorithm, build_seg, seg_uid, source_headers
-from shared.imaging.backend import Backend
+from shared.imaging.backend import Backend, DeviceRunner
 from shared.imaging.overlay import overlay_png
 from shared.imaging.packed import unpack_volume
 from shared.runtime.errors import PoisonError
@@ -43,6 +43,10 @@ class SegmentationCore:
     store: BlobStore
     backend: Backend
     plugin: OnnxSegmenter | None = None
+    runner: DeviceRunner | None = None  # main.py passes one on the service's registry
+
+    def __post_init__(self) -> None:
+        self._runner = self.runner or DeviceRunner(self.backend, stage="segmentation")
 
     def handle(self, msg: VolumePrepared, ctx: Context) -> SegmentationDone:
         t0 = time.perf_counter()
@@ -59,17 +63,13 @@ class SegmentationCore:
         result: tasks.TaskResult | None = None
         t1 = time.perf_counter()
         if task != "none":
-            dev = self.backend.upload(vol)
             fn: Any = {
                 "chest_ct": tasks.chest_ct,
                 "head_ct": tasks.head_ct,
                 "radiograph": tasks.radiograph,
             }[task]
-            result = fn(dev, geo)
-            result.masks = {
-                k: self.backend.download(v).astype(bool) for k, v in result.masks.items()
-            }
-            self.backend.free()
+            # on the device, or redone on the cpu when the device fails (never a dead letter)
+            result = self._runner.run(lambda be: _on_backend(fn, vol, geo, be))
         if self.plugin is not None and self.plugin.applies_to(msg.modality, msg.body_part):
             extra = self.plugin.run(vol, geo)
             if result is None:
@@ -169,6 +169,18 @@ class SegmentationCore:
             )
             out.append(NamedBlob(name=f"slice-{z:04d}.png", blob=self.store.put(png)))
         return out
+
+
+def _on_backend(fn: Any, vol: np.ndarray, geo: tasks.Geometry, be: Backend) -> tasks.TaskResult:
+    """Upload, run the task, download each mask once (host masks pass through), free."""
+    try:
+        result: tasks.TaskResult = fn(be.upload(vol), geo)
+        result.masks = {
+            k: be.download(v, why="mask").astype(bool, copy=False) for k, v in result.masks.items()
+        }
+        return result
+    finally:
+        be.free()
 
 
 def _clean(f: dict[str, Any]) -> dict[str, Any]:

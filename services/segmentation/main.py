@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 from services.segmentation.core import SegmentationCore
 from services.segmentation.onnx_plugin import ModelSpec, OnnxSegmenter
 from shared.config import Settings
-from shared.imaging.backend import select_backend
+from shared.imaging.backend import DeviceRunner, select_backend
 from shared.runtime.service import serve
 from shared.runtime.stage import StageSpec
 from shared.schemas import VolumePrepared
@@ -24,10 +24,12 @@ def build(
     if settings.segmentation.onnx_model is not None:
         spec = ModelSpec.from_json(settings.segmentation.onnx_config)
         plugin = OnnxSegmenter(settings.segmentation.onnx_model, spec)
+    backend = select_backend(settings.device)
     core = SegmentationCore(
         local_store(settings.blob_path, keyring, registry, "segmentation"),
-        select_backend(settings.device),
+        backend,
         plugin,
+        runner=DeviceRunner(backend, stage="segmentation", registry=registry),
     )
     return StageSpec(
         name="segmentation",

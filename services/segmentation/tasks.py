@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from shared.imaging import segment as seg
-from shared.imaging.backend import namespace
+from shared.imaging.backend import download, namespace
 
 VERSION = "1.0.0"
 
@@ -265,9 +265,14 @@ def chest_ct(
 
 
 def radiograph(img: Any, geo: Geometry, *, sigma: float = 2.0, structures: int = 2) -> TaskResult:
-    """Edges (Canny), external contours and the largest dark structures (e.g. lung fields)."""
-    _xp, ndi = namespace(img)
-    plane = np.asarray(img[0] if img.ndim == 3 else img, dtype=np.float32)
+    """Edges (Canny), external contours and the largest dark structures (e.g. lung fields).
+
+    The structures are found where the image lives (device or host); Canny and the contours
+    run on the host (scikit-image). Device → host copies, all explicit: the plane (for Canny),
+    the structure ranking, one per structure mask. The result's masks are host arrays.
+    """
+    xp, ndi = namespace(img)
+    plane = (img[0] if img.ndim == 3 else img).astype(xp.float32)
     edges = seg.canny(plane, sigma=sigma)
     t = seg.otsu(plane)
     dark = plane < t
@@ -276,12 +281,14 @@ def radiograph(img: Any, geo: Geometry, *, sigma: float = 2.0, structures: int =
     sizes = seg.component_sizes(labels, n)
     sizes[0] = 0
     sizes[border] = 0
-    keep = [int(i) for i in np.argsort(sizes)[::-1][:structures] if sizes[int(i)] > 0]
+    top = xp.argsort(sizes, kind="stable")[::-1][:structures]  # CuPy sorts only stably
+    ranked = download(xp.stack([top, sizes[top]]), why="structure ranking")
+    keep = [int(lab) for lab, size in zip(ranked[0], ranked[1], strict=True) if size > 0]
     masks: dict[str, Any] = {}
     findings = []
     pixel_mm2 = geo.spacing[1] * geo.spacing[2]
     for k, lab in enumerate(keep, start=1):
-        m = ndi.binary_fill_holes(labels == lab)
+        m = download(ndi.binary_fill_holes(labels == lab), why="structure mask")
         contours = seg.external_contours(m)
         masks[f"structure_{k}"] = m[None]
         idx = np.argwhere(m)

@@ -2,7 +2,12 @@
 
 Every function works on NumPy arrays (SciPy) and on CuPy arrays (cupyx.scipy.ndimage) with
 the same code; :mod:`tests.unit.test_ops` checks each against a plain SciPy / scikit-image
-reference. Sizes and sigmas are in voxels, per axis (z, y, x) or one value for all.
+reference, and on the strict CuPy stand-in (and a real GPU, ``-m gpu``) against the CPU.
+Sizes and sigmas are in voxels, per axis (z, y, x) or one value for all.
+
+On the device, statistics stay 0-d device arrays (no ``float()`` round trips between kernels);
+the functions that return Python numbers make one explicit download
+(:func:`~shared.imaging.backend.download`) at the end.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.imaging.backend import namespace
+from shared.imaging.backend import download, namespace
 
 __all__ = ["namespace"]
 
@@ -77,21 +82,26 @@ def equalize_histogram(image: Any, *, bins: int = 256, mask: Any = None) -> Any:
 def log_transform(image: Any, *, offset: float | None = None) -> Any:
     """``log1p(image - min)`` (or ``log1p(image + offset)``): compresses a wide dynamic range."""
     xp, _ = namespace(image)
-    shift = -float(image.min()) if offset is None else offset
-    return xp.log1p(image.astype(xp.float32) + xp.float32(shift))
+    img = image.astype(xp.float32)
+    if offset is None:
+        return xp.log1p(img - img.min())  # the minimum stays on the device (0-d)
+    return xp.log1p(img + xp.float32(offset))
 
 
 def normalize(image: Any, *, method: str = "zscore", mask: Any = None) -> Any:
     """Intensity normalization: ``zscore`` (mean 0, sd 1) or ``minmax`` (to [0, 1])."""
     xp, _ = namespace(image)
-    values = image[mask] if mask is not None else image
     img = image.astype(xp.float32)
+    values = img[mask] if mask is not None else img
+    one = xp.float32(1.0)
+    # statistics stay 0-d arrays on the device (``float()`` of them would be a round trip,
+    # ``xp.float32(a_device_scalar)`` an implicit conversion CuPy refuses)
     if method == "zscore":
-        sd = float(values.std())
-        return (img - xp.float32(values.mean())) / xp.float32(sd if sd > 0 else 1.0)
+        sd = values.std()
+        return (img - values.mean()) / xp.where(sd > 0, sd, one)
     if method == "minmax":
-        lo, hi = float(values.min()), float(values.max())
-        return (img - xp.float32(lo)) / xp.float32(hi - lo if hi > lo else 1.0)
+        lo, hi = values.min(), values.max()
+        return (img - lo) / xp.where(hi > lo, hi - lo, one)
     raise ValueError(f"unknown normalization {method!r}")
 
 
@@ -114,26 +124,40 @@ def resample(
     return out, new_spacing
 
 
+def histogram_percentiles(
+    image: Any, qs: Sequence[float], *, lo: float = -1024, hi: float = 3072
+) -> Any:
+    """Percentiles of a large volume via a 1-HU histogram (O(n), no sort), as a float64 array
+    in the image's module (on the device for a device image)."""
+    xp, _ = namespace(image)
+    bins = int(hi - lo)
+    hist, _ = xp.histogram(image, bins=bins, range=(lo, hi))
+    cdf = xp.cumsum(hist)
+    total = xp.maximum(cdf[-1], 1).astype(xp.float64)  # an empty histogram counts as 1
+    targets = xp.stack([total * (q / 100.0) for q in qs])  # built on the device, no upload
+    idx = xp.minimum(xp.searchsorted(cdf, targets), bins - 1)
+    return idx.astype(xp.float64) + (lo + 0.5)
+
+
 def percentiles_from_histogram(
     image: Any, qs: Sequence[float], *, lo: float = -1024, hi: float = 3072
 ) -> list[float]:
-    """Percentiles of a large volume via a 1-HU histogram (O(n), no sort)."""
-    xp, _ = namespace(image)
-    hist, _ = xp.histogram(image, bins=int(hi - lo), range=(lo, hi))
-    cdf = xp.cumsum(hist)
-    total = float(cdf[-1]) or 1.0
-    out = []
-    for q in qs:
-        idx = int(xp.searchsorted(cdf, q / 100.0 * total))
-        out.append(lo + min(idx, int(hi - lo) - 1) + 0.5)
-    return out
+    """:func:`histogram_percentiles` as Python floats (one download of len(qs) values)."""
+    values = histogram_percentiles(image, qs, lo=lo, hi=hi)
+    return [float(v) for v in download(values, why="percentiles")]
 
 
-def noise_estimate(image: Any) -> float:
-    """Robust noise sigma: median absolute deviation of the in-plane Laplacian, scaled."""
+def noise_sigma(image: Any) -> Any:
+    """Robust noise sigma: median absolute deviation of the in-plane Laplacian of the middle
+    slice, scaled; a 0-d float64 array in the image's module."""
     xp, ndi = namespace(image)
     sl = image[image.shape[0] // 2] if image.ndim == 3 else image
     lap = ndi.laplace(sl.astype(xp.float32), mode="nearest")
-    mad = float(xp.median(xp.abs(lap - xp.median(lap))))
+    mad = xp.median(xp.abs(lap - xp.median(lap))).astype(xp.float64)
     # for white noise the 2D Laplacian's sd is sqrt(20) * sigma; MAD → sd: * 1.4826
     return mad * 1.4826 / float(np.sqrt(20.0))
+
+
+def noise_estimate(image: Any) -> float:
+    """:func:`noise_sigma` as a Python float (one download)."""
+    return float(download(noise_sigma(image), why="noise estimate"))

@@ -1,8 +1,14 @@
 """Classical segmentation building blocks, one implementation for NumPy and CuPy.
 
 Stateless, arrays in and out, keyword-only options (cuCIM style). Thresholds are in the
-image's units (HU for CT). ``canny`` and ``contours`` are the classic 2D pipeline and run on
-the host (scikit-image), since radiographs are small 2D images.
+image's units (HU for CT). ``canny`` and ``external_contours`` are the classic 2D pipeline and
+run on the host (scikit-image), since radiographs are small 2D images: given a device array
+they download it explicitly (counted, :func:`~shared.imaging.backend.download`).
+
+Binary morphology with ``iterations > 1`` repeats single-step calls (:func:`erosion`,
+:func:`dilation`, :func:`opening`, :func:`closing`): CuPy implements ``iterations`` only with
+``brute_force=True`` (``NotImplementedError`` otherwise), which also synchronises the device
+on every iteration; repeating the call gives SciPy's result without either.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.imaging.backend import namespace
+from shared.imaging.backend import download, namespace
 
 
 def threshold(image: Any, *, low: float = -np.inf, high: float = np.inf) -> Any:
@@ -31,7 +37,7 @@ def otsu(image: Any, *, bins: int = 256, mask: Any = None) -> float:
     m0 = xp.cumsum(hist * centers) / xp.maximum(w0, 1)
     m1 = (xp.sum(hist * centers) - xp.cumsum(hist * centers)) / xp.maximum(w1, 1)
     between = w0 * w1 * (m0 - m1) ** 2
-    return float(centers[int(xp.argmax(between[:-1]))])
+    return float(centers[xp.argmax(between[:-1])])  # one scalar download
 
 
 def label(mask: Any, *, connectivity: int = 1) -> tuple[Any, int]:
@@ -58,10 +64,11 @@ def largest_components(mask: Any, *, count: int = 1, connectivity: int = 1) -> A
     sub = labels[tuple(slice(None, None, step) for _ in range(mask.ndim))]
     sizes = xp.bincount(sub.ravel(), minlength=n + 1)
     sizes[0] = 0
-    keep = xp.argsort(sizes)[::-1][:count]
+    # stable sorts (CuPy's only kind): ties rank the same on the CPU and the GPU
+    keep = xp.argsort(sizes, kind="stable")[::-1][:count]
     keep = keep[sizes[keep] > 0]
     if int(keep.size) == 0:
-        keep = xp.argsort(component_sizes(labels, n)[1:])[::-1][:count] + 1
+        keep = xp.argsort(component_sizes(labels, n)[1:], kind="stable")[::-1][:count] + 1
     out = xp.zeros(n + 1, dtype=bool)
     out[keep] = True
     return out[labels]
@@ -79,14 +86,43 @@ def region_grow(
     return labels == labels[seed]
 
 
-def opening(mask: Any, *, iterations: int = 1, structure: Any = None) -> Any:
+def _repeat(step: Any, mask: Any, structure: Any, iterations: int) -> Any:
+    if iterations < 1:
+        raise ValueError("iterations must be >= 1 (CuPy has no 'until stable' iteration)")
+    out = mask
+    for _ in range(iterations):
+        out = step(out, structure=structure)
+    return out
+
+
+def erosion(mask: Any, *, iterations: int = 1, structure: Any = None) -> Any:
+    """Binary erosion, ``iterations`` single steps (SciPy's ``iterations=n`` result)."""
     _, ndi = namespace(mask)
-    return ndi.binary_opening(mask, structure=structure, iterations=iterations)
+    return _repeat(ndi.binary_erosion, mask, structure, iterations)
+
+
+def dilation(mask: Any, *, iterations: int = 1, structure: Any = None) -> Any:
+    """Binary dilation, ``iterations`` single steps (SciPy's ``iterations=n`` result)."""
+    _, ndi = namespace(mask)
+    return _repeat(ndi.binary_dilation, mask, structure, iterations)
+
+
+def opening(mask: Any, *, iterations: int = 1, structure: Any = None) -> Any:
+    """``iterations`` erosions, then as many dilations (SciPy's ``binary_opening``)."""
+    return dilation(
+        erosion(mask, iterations=iterations, structure=structure),
+        iterations=iterations,
+        structure=structure,
+    )
 
 
 def closing(mask: Any, *, iterations: int = 1, structure: Any = None) -> Any:
-    _, ndi = namespace(mask)
-    return ndi.binary_closing(mask, structure=structure, iterations=iterations)
+    """``iterations`` dilations, then as many erosions (SciPy's ``binary_closing``)."""
+    return erosion(
+        dilation(mask, iterations=iterations, structure=structure),
+        iterations=iterations,
+        structure=structure,
+    )
 
 
 def fill_holes_2d(mask: Any) -> Any:
@@ -126,13 +162,11 @@ def kmeans_1d(values: Any, *, k: int = 3, iterations: int = 20, seed: int = 0) -
     centers = xp.percentile(flat, qs).astype(xp.float32)
     for _ in range(iterations):
         labels = xp.argmin(xp.abs(flat[:, None] - centers[None, :]), axis=1)
-        new = xp.stack(
-            [
-                flat[labels == i].mean() if bool((labels == i).any()) else centers[i]
-                for i in range(k)
-            ]
-        )
-        if bool(xp.allclose(new, centers)):
+        # class means from two bincounts (an empty class keeps its centre): no per-class sync
+        counts = xp.bincount(labels, minlength=k)
+        sums = xp.bincount(labels, weights=flat, minlength=k)
+        new = xp.where(counts > 0, sums / xp.maximum(counts, 1), centers).astype(xp.float32)
+        if bool(xp.allclose(new, centers)):  # one scalar download per iteration
             break
         centers = new
     order = xp.argsort(centers)
@@ -142,19 +176,21 @@ def kmeans_1d(values: Any, *, k: int = 3, iterations: int = 20, seed: int = 0) -
 
 
 def canny(
-    image: np.ndarray, *, sigma: float = 2.0, low: float | None = None, high: float | None = None
+    image: Any, *, sigma: float = 2.0, low: float | None = None, high: float | None = None
 ) -> np.ndarray:
-    """Gaussian → gradient → non-maximum suppression → hysteresis (scikit-image, 2D)."""
+    """Gaussian → gradient → non-maximum suppression → hysteresis (scikit-image, 2D, on the
+    host: a device image is downloaded once). Returns a host bool array."""
     from skimage import feature
 
-    img = np.asarray(image, dtype=np.float64)
+    img = download(image, why="canny (host)").astype(np.float64)
     edges = feature.canny(img, sigma=sigma, low_threshold=low, high_threshold=high)  # type: ignore[no-untyped-call]
     return np.asarray(edges)
 
 
-def external_contours(mask: np.ndarray) -> list[np.ndarray]:
-    """Outer boundaries of the components of a 2D mask, as (row, col) polylines."""
+def external_contours(mask: Any) -> list[np.ndarray]:
+    """Outer boundaries of the components of a 2D mask, as (row, col) polylines (host; a
+    device mask is filled on the device and downloaded once)."""
     from skimage import measure
 
-    filled = np.asarray(fill_holes_2d(np.asarray(mask, bool)))
+    filled = download(fill_holes_2d(mask.astype(bool, copy=False)), why="contours (host)")
     return list(measure.find_contours(filled.astype(np.float32), 0.5))  # type: ignore[no-untyped-call]

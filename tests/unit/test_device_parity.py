@@ -1,0 +1,254 @@
+"""Every op, block and task on device arrays against the CPU, twice: on the strict CuPy stand-in
+(``strict``, runs everywhere) and on a real CUDA device (``cuda``, marked ``gpu``: skipped
+where no GPU answers). Masks equal or Dice >= 0.999, the same findings, results that stay on
+the device, and device → host copies only where a result must leave (explicit, counted)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+
+from services.segmentation import tasks
+from shared.dicom import phantom
+from shared.imaging import ops
+from shared.imaging import segment as seg
+from shared.imaging.backend import count_downloads
+from tests import fake_cupy
+
+RNG = np.random.default_rng(0)
+VOL = (RNG.normal(0, 50, (12, 40, 36)) + np.linspace(-1000, 400, 36)).astype(np.float32)
+CT = RNG.normal(-300, 400, (16, 48, 48)).clip(-1024, 3000).astype(np.float32)
+GEO = tasks.Geometry((2.5, 0.7, 0.7), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+
+
+@dataclass
+class Device:
+    name: str  # "strict" (the stand-in) or "cuda"
+    cp: Any
+
+    def up(self, a: np.ndarray) -> Any:
+        return self.cp.asarray(a)
+
+    def host(self, x: Any) -> Any:
+        if isinstance(x, self.cp.ndarray):
+            return self.cp.asnumpy(x)
+        if isinstance(x, tuple | list):
+            return type(x)(self.host(v) for v in x)
+        return x
+
+    def on_device(self, x: Any) -> bool:
+        return isinstance(x, self.cp.ndarray)
+
+    @property
+    def transfers(self) -> fake_cupy.Transfers | None:
+        """The stand-in's record of scalar round trips (a real CuPy keeps none)."""
+        return self.cp.transfers if self.name == "strict" else None
+
+
+@pytest.fixture(params=["strict", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Device:
+    if request.param == "strict":
+        cp = fake_cupy.make()
+        fake_cupy.install(monkeypatch, cp)
+    else:
+        import cupy as cp  # type: ignore[import-not-found]
+    return Device(request.param, cp)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+# ---- ops -----------------------------------------------------------------------------------
+OPS: list[tuple[str, Callable[..., Any], dict[str, Any], float]] = [
+    ("gaussian", ops.gaussian, {"sigma": [0.0, 0.7, 0.7]}, 2e-3),
+    ("gaussian3d", ops.gaussian, {"sigma": 1.2}, 2e-3),
+    ("median", ops.median, {"size": [1, 3, 3]}, 1e-4),
+    ("mean", ops.mean, {"size": 3}, 2e-3),
+    ("window", ops.window, {"center": 40.0, "width": 400.0}, 1e-6),
+    ("log", ops.log_transform, {}, 1e-5),
+    ("zscore", ops.normalize, {"method": "zscore"}, 1e-4),
+    ("minmax", ops.normalize, {"method": "minmax"}, 1e-5),
+    ("equalize", ops.equalize_histogram, {"bins": 256}, 2e-3),
+]
+
+
+@pytest.mark.parametrize("name,fn,kw,atol", OPS, ids=[o[0] for o in OPS])
+def test_every_op_matches_the_cpu_and_stays_on_the_device(
+    device: Device, name: str, fn: Callable[..., Any], kw: dict[str, Any], atol: float
+) -> None:
+    with count_downloads() as log:
+        out = fn(device.up(VOL), **kw)
+    assert device.on_device(out) and log.count == 0
+    if device.transfers is not None:
+        assert device.transfers.scalars == [], f"{name}: host round trips between kernels"
+    np.testing.assert_allclose(device.host(out), fn(VOL, **kw), atol=atol, rtol=1e-4)
+
+
+def test_masked_ops_rescale_and_resample_match_the_cpu(device: Device) -> None:
+    mask = VOL > -300
+    for fn, kw in ((ops.normalize, {"method": "zscore"}), (ops.equalize_histogram, {})):
+        got = fn(device.up(VOL), mask=device.up(mask), **kw)
+        np.testing.assert_allclose(device.host(got), fn(VOL, mask=mask, **kw), atol=2e-3)
+    stored = RNG.integers(0, 4096, (4, 8, 8)).astype(np.uint16)
+    got = ops.rescale(device.up(stored), slope=0.5, intercept=-1024)
+    np.testing.assert_array_equal(device.host(got), ops.rescale(stored, slope=0.5, intercept=-1024))
+    out, spacing = ops.resample(device.up(VOL), spacing=(2.5, 0.7, 0.7), target=1.4)
+    ref, ref_spacing = ops.resample(VOL, spacing=(2.5, 0.7, 0.7), target=1.4)
+    assert spacing == ref_spacing and device.on_device(out)
+    np.testing.assert_allclose(device.host(out), ref, atol=2e-3)
+
+
+def test_statistics_come_back_in_one_download_each(device: Device) -> None:
+    qs = (1, 5, 50, 95, 99)
+    with count_downloads() as log:
+        got = ops.percentiles_from_histogram(device.up(CT), qs)
+        noise = ops.noise_estimate(device.up(CT))
+    assert got == ops.percentiles_from_histogram(CT, qs)
+    assert math.isclose(noise, ops.noise_estimate(CT), rel_tol=1e-5)
+    assert [why for why, _ in log.downloads] == ["percentiles", "noise estimate"]
+    if device.transfers is not None:
+        assert device.transfers.scalars == []
+
+
+# ---- segmentation blocks -------------------------------------------------------------------
+def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """Two label images name the same components (numbering may differ)."""
+    pairs = np.unique(np.stack([a.ravel(), b.ravel()]), axis=1)
+    return len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]
+
+
+def test_labelling_and_component_blocks_match_the_cpu(device: Device) -> None:
+    mask = VOL > -200
+    labels, n = seg.label(device.up(mask), connectivity=2)
+    ref, ref_n = seg.label(mask, connectivity=2)
+    assert n == ref_n and same_partition(device.host(labels), ref)
+    for got, want in (
+        (seg.largest_components(device.up(mask), count=2), seg.largest_components(mask, count=2)),
+        (seg.fill_holes_2d(device.up(mask)), seg.fill_holes_2d(mask)),
+        (seg.fill_holes_2d(device.up(mask[3])), seg.fill_holes_2d(mask[3])),
+        (seg.touches_border(labels, n), seg.touches_border(ref, ref_n)),
+        (
+            seg.region_grow(device.up(VOL), seed=(6, 20, 30), low=-100, high=1000),
+            seg.region_grow(VOL, seed=(6, 20, 30), low=-100, high=1000),
+        ),
+        (seg.threshold(device.up(VOL), low=-500, high=0), seg.threshold(VOL, low=-500, high=0)),
+    ):
+        assert device.on_device(got)
+        np.testing.assert_array_equal(device.host(got), want)
+    assert math.isclose(seg.otsu(device.up(VOL)), seg.otsu(VOL), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 3])
+def test_morphology_with_iterations_runs_on_the_device(device: Device, iterations: int) -> None:
+    """SciPy's ``iterations=n`` result, without CuPy's unimplemented non-brute-force path."""
+    import scipy.ndimage as ndi
+
+    mask = VOL > -200
+    for fn, ref in (
+        (seg.opening, ndi.binary_opening),
+        (seg.closing, ndi.binary_closing),
+        (seg.erosion, ndi.binary_erosion),
+        (seg.dilation, ndi.binary_dilation),
+    ):
+        got = device.host(fn(device.up(mask), iterations=iterations))
+        np.testing.assert_array_equal(got, ref(mask, iterations=iterations), err_msg=str(fn))
+
+
+def test_kmeans_matches_the_cpu(device: Device) -> None:
+    centers, labels = seg.kmeans_1d(device.up(VOL), k=3)
+    ref_c, ref_l = seg.kmeans_1d(VOL, k=3)
+    np.testing.assert_allclose(device.host(centers), ref_c, rtol=1e-4)
+    assert (device.host(labels) == ref_l).mean() >= 0.999
+    if device.transfers is not None:  # one convergence check per iteration, nothing per class
+        assert set(device.transfers.scalars) == {"bool"} and len(device.transfers.scalars) <= 20
+
+
+def test_canny_and_contours_take_device_arrays_by_one_explicit_download(device: Device) -> None:
+    yy, xx = np.mgrid[:64, :64]
+    disc = ((yy - 32) ** 2 + (xx - 30) ** 2 < 15**2).astype(np.float32) * 100
+    with count_downloads() as log:
+        edges = seg.canny(device.up(disc), sigma=1.5)
+        contours = seg.external_contours(device.up(disc > 50))
+    assert [why for why, _ in log.downloads] == ["canny (host)", "contours (host)"]
+    np.testing.assert_array_equal(edges, seg.canny(disc, sigma=1.5))
+    assert [c.shape for c in contours] == [c.shape for c in seg.external_contours(disc > 50)]
+
+
+# ---- tasks ---------------------------------------------------------------------------------
+def volume_of(ph: phantom.Phantom, sigma: float) -> tuple[np.ndarray, tasks.Geometry]:
+    vol = np.stack([pydicom.dcmread(f).pixel_array.astype(np.float32) - 1024 for f in ph.files])
+    return ops.gaussian(vol, sigma=[0.0, sigma, sigma]), tasks.Geometry(
+        ph.spacing, (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    )
+
+
+def assert_same_result(device: Device, got: tasks.TaskResult, want: tasks.TaskResult) -> None:
+    assert list(got.masks) == list(want.masks)
+    for name, mask in got.masks.items():
+        host = device.host(mask).astype(bool)
+        ref = np.asarray(want.masks[name], bool)
+        assert host.shape == ref.shape and dice(host, ref) >= 0.999, name
+    assert [(f["type"], f["label"]) for f in got.findings] == [
+        (f["type"], f["label"]) for f in want.findings
+    ]
+    for f, r in zip(got.findings, want.findings, strict=True):
+        for key, value in r.items():
+            if isinstance(value, float):
+                assert math.isclose(float(f[key]), value, rel_tol=1e-3, abs_tol=1e-2), key
+            elif isinstance(value, list):
+                np.testing.assert_allclose(np.asarray(f[key], float), value, atol=0.05)
+            else:
+                assert f[key] == value, key
+
+
+def test_radiograph_on_the_device_downloads_only_its_results(
+    device: Device, tmp_path: Path
+) -> None:
+    ph = phantom.radiograph(tmp_path / "dx", seed=1, size=256, spacing=0.6)
+    img = pydicom.dcmread(ph.files[0]).pixel_array.astype(np.float32)[None]
+    geo = tasks.Geometry((1.0, 0.6, 0.6), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    with count_downloads() as log:
+        got = tasks.radiograph(device.up(img), geo)
+    assert_same_result(device, got, tasks.radiograph(img, geo))
+    structures = sum(f["type"] == "structure" for f in got.findings)
+    assert structures == 2
+    # the plane for Canny, the ranking of the structures, one per structure mask
+    assert [why for why, _ in log.downloads] == ["canny (host)", "structure ranking"] + [
+        "structure mask"
+    ] * structures
+
+
+@pytest.mark.xfail(
+    raises=RuntimeWarning,  # cupy._util.PerformanceWarning (and the stand-in's) subclass it
+    strict=True,
+    reason="chest owner: tasks._measure calls cupyx center_of_mass on a bool mask "
+    "(services/segmentation/tasks.py:70), which warns PerformanceWarning on CuPy 14.2; "
+    "pass float32 masses. Remove this mark when the chest rewrite lands without it.",
+)
+def test_chest_ct_on_the_device_matches_the_cpu(device: Device, tmp_path: Path) -> None:
+    ph = phantom.chest_ct(tmp_path / "c", seed=1, size=128, slices=24, nodules_mm=(8.0, 10.0))
+    vol, geo = volume_of(ph, 0.7)
+    assert_same_result(device, tasks.chest_ct(device.up(vol), geo), tasks.chest_ct(vol, geo))
+
+
+@pytest.mark.xfail(
+    raises=NotImplementedError,
+    strict=True,
+    reason="head owner: cupyx binary_dilation(..., iterations=2) is not implemented "
+    "(services/segmentation/tasks.py:280, 'only brute_force iteration has been "
+    "implemented', as on the H200); use shared.imaging.segment.dilation(iterations=2). "
+    "Remove this mark when the head rewrite lands without it.",
+)
+def test_head_ct_on_the_device_matches_the_cpu(device: Device, tmp_path: Path) -> None:
+    ph = phantom.head_ct(tmp_path / "h", seed=1, size=192, slices=24, bleed_ml=6.0)
+    vol, geo = volume_of(ph, 0.8)
+    assert_same_result(device, tasks.head_ct(device.up(vol), geo), tasks.head_ct(vol, geo))
