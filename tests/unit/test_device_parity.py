@@ -232,7 +232,7 @@ def test_radiograph_on_the_device_downloads_only_its_results(
     strict=True,
     reason="chest owner: tasks._measure calls cupyx center_of_mass on a bool mask "
     "(services/segmentation/tasks.py:70), which warns PerformanceWarning on CuPy 14.2; "
-    "pass float32 masses. Remove this mark when the chest rewrite lands without it.",
+    "pass int32 masses. Remove this mark when the chest rewrite lands without it.",
 )
 def test_chest_ct_on_the_device_matches_the_cpu(device: Device, tmp_path: Path) -> None:
     ph = phantom.chest_ct(tmp_path / "c", seed=1, size=128, slices=24, nodules_mm=(8.0, 10.0))
@@ -241,12 +241,12 @@ def test_chest_ct_on_the_device_matches_the_cpu(device: Device, tmp_path: Path) 
 
 
 @pytest.mark.xfail(
-    raises=NotImplementedError,
+    raises=RuntimeWarning,  # cupy._util.PerformanceWarning (and the stand-in's) subclass it
     strict=True,
-    reason="head owner: cupyx binary_dilation(..., iterations=2) is not implemented "
-    "(services/segmentation/tasks.py:280, 'only brute_force iteration has been "
-    "implemented', as on the H200); use shared.imaging.segment.dilation(iterations=2). "
-    "Remove this mark when the head rewrite lands without it.",
+    reason="head owner: cupyx center_of_mass on a bool mask (services/segmentation/head.py:278, "
+    "then tasks._measure at tasks.py:70) warns PerformanceWarning on CuPy 14.2; pass int32 "
+    "masses. (The old head's binary_dilation(iterations=2), the H200 crash, is gone.) "
+    "Remove this mark when fixed.",
 )
 def test_head_ct_on_the_device_matches_the_cpu(device: Device, tmp_path: Path) -> None:
     ph = phantom.head_ct(tmp_path / "h", seed=1, size=192, slices=24, bleed_ml=6.0)
