@@ -231,7 +231,8 @@ class Anatomy:
         self.wmin = u(0.6, 1.2) if self.touch else u(4, 14)  # anterior junction half width
         self.lung_base = u(-885, -835)
         self.lung_grad = u(50, 110)
-        # contrast (HU)
+        # densities on their own streams: contrast never moves the anatomy
+        u = rng_for(seed, "hu-contrast" if contrast else "hu-plain").uniform
         if contrast:
             self.hu_aorta = u(170, 360)
             self.hu_pa = self.hu_aorta * u(0.75, 1.15)
@@ -246,17 +247,19 @@ class Anatomy:
             self.hu_liver = u(50, 68)
             self.hu_spleen = u(42, 52)
         self.hu_lungvessel = 0.5 * (self.hu_pa + self.hu_aorta) * (0.92 if contrast else 1.0)
+        u = rng_for(seed, "hu-tissue").uniform
         self.hu_fat = u(-115, -85)
         self.hu_muscle = u(40, 60)
         self.hu_cortex = u(650, 1000)
         self.hu_marrow = u(140, 260)
+        u = rng.uniform
         self._profiles_table()
         self._landmarks()
         # extras on their own stream (adding one never moves the anatomy above)
         ex = rng_for(seed, "extras")
         self.dependent = float(ex.uniform(80, 320)) if ex.random() < 0.4 else 0.0
         self.dep_len = float(ex.uniform(2.0, 7.0))
-        dense = contrast and ex.random() < 0.5
+        dense = (ex.random() < 0.5) and contrast
         self.dense_side = ("right" if ex.random() < 0.7 else "left") if dense else ""
         self.hu_dense = float(ex.uniform(900, 2400))
 
@@ -349,7 +352,11 @@ class Anatomy:
             d2 = (np.asarray(x) - xd) ** 2 + q * (np.asarray(y) - yd) ** 2
             out.append(zd - d2 * (zd - 8) / (rc_lat * 0.72) ** 2)
         w = 1 / (1 + np.exp(-(np.asarray(x) - self.bcx - 8) / 12))
-        return out[0] * (1 - w) + out[1] * w
+        base = out[0] * (1 - w) + out[1] * w
+        # the central tendon rises to carry the heart: no lung under it
+        zf, hx, hy, rx, ry = self.heart_floor
+        d2h = ((np.asarray(x) - hx) / rx) ** 2 + ((np.asarray(y) - hy) / ry) ** 2
+        return np.maximum(base, zf - 30 * d2h)
 
     def z_top(self, x: Any, y: Any) -> Any:
         """Lung apices: rounded caps, the left a little lower."""
@@ -426,6 +433,11 @@ class Anatomy:
         self.heart = heart
         hc = self.heart.center
         ztop_heart = hc[2] + 40
+        h_lo, h_hi = self.heart.bounds(0)
+        self.heart_floor = (float(h_lo[2]) + 4, float(hc[0]), float(hc[1]),
+                            0.45 * float(h_hi[0] - h_lo[0]), 0.45 * float(h_hi[1] - h_lo[1]))
+        hu1, hu2 = self.heart.rot[:, 0], self.heart.rot[:, 1]
+        ra_c = hc - 0.55 * self.heart.axes[0] * hu1 + 0.1 * self.heart.axes[1] * hu2
         y_asc = max(yt - 36, self.yant + ra + 6)
         self.tubes: dict[str, Tube] = {}
         t = self.tubes
@@ -465,8 +477,8 @@ class Anatomy:
         t["azygos"] = Tube([[xs - 13, yvb - 8, zb], [xs - 14, yvb - 9, zc - 10],
                             [xs - 15, yvb - 14, zc + 8], [xsvc + 4, yt - 22, zc + 12],
                             [xsvc + 2, yt - 28, zc + 10]], u(3.5, 5))
-        t["ivc"] = Tube([[xs - 22, yvb - 28, zb], [xs - 24, yvb - 32, self.zdr - 10],
-                         [hc[0] - 40, hc[1] + 5, hc[2] - 25]], u(10, 13))
+        t["ivc"] = Tube([[xs - 22, yvb - 28, zb], [ra_c[0] - 6, ra_c[1] + 14, self.zdr - 30],
+                         [ra_c[0] - 10, ra_c[1] + 10, ra_c[2] - 8]], u(10, 13))
         self.esophagus = Tube(
             [[xe, ye, zt_top], [xe + 2, ye, zc], [xe + 6, ye - 2, self.zdl + 10],
              [xs + 28, ye - 14, self.zdl - 18], [xs + 45, ye - 25, self.zdl - 40]], u(7, 9))
@@ -897,9 +909,11 @@ _LOBES = {0: "upper", 1: "middle", 2: "lower"}
 
 def _random_specs(rng: np.random.Generator) -> list[LesionSpec]:
     n = int(rng.choice([1, 2, 2, 3, 3, 4, 5]))
-    out = []
+    out: list[LesionSpec] = []
     for _ in range(n):
         kind = str(rng.choice(KINDS, p=[0.46, 0.12, 0.12, 0.14, 0.16]))
+        if kind == "mass" and any(sp.kind == "mass" for sp in out):
+            kind = "solid"  # one mass per patient; the draw below keeps the stream aligned
         if kind == "solid":
             d = float(np.exp(rng.uniform(np.log(4), np.log(30))))
         elif kind == "part_solid":
@@ -1340,13 +1354,26 @@ def chest_case(
     hu_flat = hu.reshape(-1)
     lf_flat = lf.reshape(-1)
 
-    def paint(occ: Occupancy, value: Any, lung: bool = False, clip_lung: bool = False
-              ) -> None:
+    rng_tex = rng_for(seed, "tissue-texture")
+
+    def paint(occ: Occupancy, value: Any, lung: bool = False, clip_lung: bool = False,
+              texture: tuple[float, float] | None = None) -> None:
+        """Paint a material; ``lung`` materials stay part of the lung truth, ``clip_lung``
+        ones show only inside the lung; ``texture`` (HU amplitude, grain mm) adds a
+        trabecular or parenchymal pattern."""
         idx, fr = occ.sparse()
         if clip_lung:
             fr *= np.minimum(lf_flat[idx] * 1.6, 1.0)
         v = hu_flat[idx]
-        hu_flat[idx] = v + fr * (F32(value) - v)
+        val = F32(value)
+        if texture is not None:
+            amp, grain = texture
+            tex = rng_tex.standard_normal(occ.fraction().shape).astype(F32)
+            tex = ndi.gaussian_filter(tex, (grain / grid.spacing[0], grain / px, grain / px))
+            tex *= F32(amp / (tex.std() + 1e-6))
+            k_, i_, j_ = np.unravel_index(idx, grid.shape)
+            val = val + tex[k_ - occ.box[0].start, i_ - occ.box[1].start, j_ - occ.box[2].start]
+        hu_flat[idx] = v + fr * (val - v)
         if not lung:
             lf_flat[idx] *= 1 - fr
 
@@ -1762,7 +1789,7 @@ def _bones(an: Anatomy, paint: Callable[..., None], canvas: Callable[..., Occupa
         body_o.add_sdf(lo, hi, vb)
         body_i.add_sdf(lo, hi, partial(vb, shrink=1.3))
     paint(body_o, cortex * 0.8)
-    paint(body_i, marrow)
+    paint(body_i, marrow, texture=(45.0, 0.8))
     # canal + cord, then posterior elements per vertebra
     canal_y = yv + an.ay_vb + 9
     can = canvas(np.array([xs - 12, canal_y - 12, z_lo]), np.array([xs + 12, canal_y + 12, z_hi]))
