@@ -17,6 +17,7 @@ def parse_args(description: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--json", action="store_true", help="print one JSON object of figures")
     parser.add_argument("--quick", action="store_true", help="smaller runs (smoke test)")
+    parser.add_argument("--json-out", help="also write the figures as JSON to this file")
     return parser.parse_args()
 
 
@@ -31,11 +32,15 @@ def temporary_broker() -> Iterator[LocalBroker]:
             broker.stop()
 
 
-def emit(figures: dict[str, Any], as_json: bool, lines: list[str]) -> None:
+def emit(
+    figures: dict[str, Any], as_json: bool, lines: list[str], json_out: str | None = None
+) -> None:
     if as_json:
         print(json.dumps(figures))
     else:
         print("\n".join(lines))
+    if json_out:
+        Path(json_out).write_text(json.dumps(figures, indent=1) + "\n")
 
 
 def prepare(broker: LocalBroker, prefix: str) -> tuple[Path, Any]:

@@ -252,3 +252,74 @@ def test_head_ct_on_the_device_matches_the_cpu(device: Device, tmp_path: Path) -
     ph = phantom.head_ct(tmp_path / "h", seed=1, size=192, slices=24, bleed_ml=6.0)
     vol, geo = volume_of(ph, 0.8)
     assert_same_result(device, tasks.head_ct(device.up(vol), geo), tasks.head_ct(vol, geo))
+
+
+# ---- the stages' cores ---------------------------------------------------------------------
+def test_preprocess_core_on_the_device_gives_the_cpu_volume(device: Device, tmp_path: Path) -> None:
+    from services.preprocess.core import PreprocessCore
+    from shared.config import PreprocessSettings
+    from shared.imaging.backend import DeviceRunner, select_backend
+    from shared.imaging.packed import unpack_volume
+    from shared.runtime.stage import Context
+    from shared.security.envelope import Keyring
+    from shared.storage import BlobStore, LocalDirBackend
+    from tests.pipeline import files, series_ready
+
+    ring = Keyring.generate()
+    store = BlobStore(LocalDirBackend(tmp_path / "blobs"), ring)
+    ph = phantom.chest_ct(tmp_path / "c", seed=2, size=128, slices=16, nodules_mm=(8.0,))
+    msg = series_ready(files(ph.files), store, ring)
+    ctx = Context("t.series", 0, 0, b"k", 0, None, ring)
+    settings = PreprocessSettings(warmup_shapes="128x128")
+    cpu = PreprocessCore(store, select_backend("cpu"), settings).handle(msg, ctx)
+    backend = select_backend("gpu")
+    runner = DeviceRunner(backend, stage="preprocess")
+    core = PreprocessCore(store, backend, settings, runner=runner)
+    core.warm_up()
+    with count_downloads() as log:
+        gpu = core.handle(msg, ctx)
+    assert gpu.backend == "gpu" and [why for why, _ in log.downloads] == ["stats", "volume"]
+    diff = np.abs(
+        unpack_volume(store.get(gpu.volume)).astype(np.int32)
+        - unpack_volume(store.get(cpu.volume)).astype(np.int32)
+    )
+    assert int(diff.max()) <= (0 if device.name == "strict" else 1)  # float32 rounding at .5
+    for key, value in cpu.stats.items():
+        assert math.isclose(gpu.stats[key], value, rel_tol=1e-3, abs_tol=0.02), key
+
+
+@pytest.mark.gpu
+def test_real_device_out_of_memory_is_retried_then_redone_on_the_cpu(tmp_path: Path) -> None:
+    """A pool limit far below one volume: CuPy raises OutOfMemoryError for real; the runner
+    frees, retries, and the record comes out of the CPU, counted once."""
+    from prometheus_client import CollectorRegistry
+
+    from services.preprocess.core import PreprocessCore
+    from shared.config import PreprocessSettings
+    from shared.imaging.backend import DeviceRunner, select_backend
+    from shared.imaging.packed import unpack_volume
+    from shared.runtime.stage import Context
+    from shared.security.envelope import Keyring
+    from shared.storage import BlobStore, LocalDirBackend
+    from tests.pipeline import files, series_ready
+
+    ring = Keyring.generate()
+    store = BlobStore(LocalDirBackend(tmp_path / "blobs"), ring)
+    ph = phantom.chest_ct(tmp_path / "c", seed=2, size=128, slices=16, nodules_mm=())
+    msg = series_ready(files(ph.files), store, ring)
+    ctx = Context("t.series", 0, 0, b"k", 0, None, ring)
+    settings = PreprocessSettings(warmup_shapes="128x128")
+    cpu = PreprocessCore(store, select_backend("cpu"), settings).handle(msg, ctx)
+    registry = CollectorRegistry()
+    backend = select_backend("gpu")
+    backend.free()  # no cached blocks from earlier tests to satisfy what the limit refuses
+    backend.xp.get_default_memory_pool().set_limit(size=64 * 1024)
+    try:
+        runner = DeviceRunner(backend, stage="preprocess", registry=registry)
+        out = PreprocessCore(store, backend, settings, runner=runner).handle(msg, ctx)
+    finally:
+        backend.xp.get_default_memory_pool().set_limit(size=0)  # no limit for later tests
+    assert out.backend == "cpu" and runner.count("out_of_memory") == 1.0
+    np.testing.assert_array_equal(
+        unpack_volume(store.get(out.volume)), unpack_volume(store.get(cpu.volume))
+    )
