@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from services.alert.core import AlertMetrics
 from services.gateway.core import GatewayMetrics
 from services.preprocess.core import PreprocessMetrics
-from shared.imaging.backend import select_backend
+from shared.imaging.backend import DeviceRunner, select_backend
 from shared.metrics import StageMetrics
 from tests.helpers import REPO
 
@@ -29,6 +29,7 @@ def exported_names() -> set[str]:
     stage = StageMetrics(registry, "ingest")
     GatewayMetrics(registry)
     PreprocessMetrics(registry, select_backend("cpu"))
+    DeviceRunner(select_backend("cpu"), stage="preprocess", registry=registry)  # GPU fallbacks
     AlertMetrics(registry)
     from prometheus_client import Gauge
 
