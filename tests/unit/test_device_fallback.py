@@ -298,3 +298,24 @@ def test_segmentation_redoes_a_failed_record_on_the_cpu_with_the_cpu_findings(
     assert [why for why, _ in log.downloads] == ["canny (host)", "structure ranking"] + [
         "structure mask"
     ] * 2
+
+
+def test_a_warm_up_the_device_fails_does_not_stop_the_service(
+    strict_cupy: Any, store: BlobStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    core = PreprocessCore(
+        store, select_backend("gpu"), PreprocessSettings(warmup_shapes="32x32,48x48")
+    )
+    strict_cupy.faults.add("ndimage.gaussian_filter", fake_cupy.CUDARuntimeError(700))
+    with caplog.at_level(logging.WARNING, logger="radstream.preprocess"):
+        warmed = core.warm_up()
+    assert strict_cupy.faults.fired == ["ndimage.gaussian_filter"]  # it failed, and went on
+    assert len(warmed) == len(strict_cupy.ndi_calls)  # every step that ran is warm
+    assert any(
+        "warm-up" in r.getMessage() and "cuda_error" in r.getMessage() for r in caplog.records
+    )
+    with pytest.raises(PoisonError):  # anything that is not the device's still stops it
+        strict_cupy.faults.add("ndimage.gaussian_filter", PoisonError("undecodable", "x"))
+        PreprocessCore(
+            store, select_backend("gpu"), PreprocessSettings(warmup_shapes="64x64")
+        ).warm_up()
