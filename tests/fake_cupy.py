@@ -565,6 +565,8 @@ _FUNCTIONS = (
     "swapaxes take tile transpose true_divide unique unravel_index where zeros zeros_like"
 ).split()
 _RETURN_0D = {"allclose", "array_equal", "count_nonzero"}  # NumPy: Python scalars; CuPy: 0-d
+# CuPy's *_like read only the prototype's shape, dtype and layout: a host prototype is fine
+_META_ONLY = {"zeros_like", "empty_like", "ones_like", "full_like"}
 _SYNCING = {"argwhere", "nonzero", "flatnonzero", "unique"}  # data-dependent output shapes
 _DTYPES = (
     "bool_ int8 int16 int32 int64 uint8 uint16 uint32 uint64 intp uintp float16 float32 "
@@ -599,6 +601,9 @@ def _namespace_function(cp: types.ModuleType, state: _State, name: str) -> Calla
             bins = kw.get("bins", args[1] if len(args) > 1 else 10)
             if isinstance(bins, str):
                 raise NotImplementedError(f"string bins ({bins!r}) is not supported")
+        if name in _META_ONLY and args and isinstance(args[0], np.ndarray):
+            # CuPy reads the host prototype's shape, dtype and layout only: no transfer
+            args = (DeviceArray(args[0], state), *args[1:])
         with np.errstate(all="ignore"):
             r = np_fn(*_unwrap(args), **{k: _unwrap(v) for k, v in kw.items()})
         if name in _RETURN_0D:
@@ -610,6 +615,26 @@ def _namespace_function(cp: types.ModuleType, state: _State, name: str) -> Calla
     return fn
 
 
+def _contains_device(a: Any) -> bool:
+    if isinstance(a, DeviceArray):
+        return True
+    return isinstance(a, list | tuple) and any(_contains_device(v) for v in a)
+
+
+def _contains_host(a: Any) -> bool:
+    if isinstance(a, list | tuple):
+        return any(_contains_host(v) for v in a)
+    return not isinstance(a, DeviceArray)
+
+
+def _unwrap_nested(a: Any) -> Any:
+    if isinstance(a, DeviceArray):
+        return a._a
+    if isinstance(a, list | tuple):
+        return [_unwrap_nested(v) for v in a]
+    return a
+
+
 def _asarray(state: _State) -> Callable[..., Any]:
     def asarray(
         a: Any, dtype: Any = None, order: Any = None, *, blocking: bool = False
@@ -617,8 +642,10 @@ def _asarray(state: _State) -> Callable[..., Any]:
         if isinstance(a, DeviceArray):
             return a if dtype is None or a.dtype == dtype else a.astype(dtype)
         state.faults.check("cupy.asarray")
-        host = np.array(a, dtype=dtype, order=order or "K", copy=True)
-        state.uploads.append(host.dtype)
+        on_device = _contains_device(a)  # cupy.array([dev, dev]) stacks on the device
+        host = np.array(_unwrap_nested(a), dtype=dtype, order=order or "K", copy=True)
+        if not on_device or _contains_host(a):
+            state.uploads.append(host.dtype)
         return DeviceArray(host, state)
 
     return asarray

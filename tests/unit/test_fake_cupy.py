@@ -110,6 +110,16 @@ def test_assignment_from_host_arrays_follows_cupy(strict_cupy: Any, dev: Any) ->
     assert dev[mask].shape == (8,) and "boolean mask index" in strict_cupy.transfers.syncs
 
 
+def test_what_cupy_accepts_from_the_host_is_accepted(strict_cupy: Any, dev: Any) -> None:
+    before = len(strict_cupy.uploads)
+    stacked = strict_cupy.asarray([dev.sum(), dev.max()])  # device scalars: no upload
+    assert stacked.shape == (2,) and len(strict_cupy.uploads) == before
+    like = strict_cupy.zeros_like(np.ones((2, 3), np.int16))  # a host prototype's metadata
+    assert isinstance(like, strict_cupy.ndarray) and like.dtype == np.int16
+    strict_cupy.asarray([1.0, 2.0])  # host data: an upload
+    assert len(strict_cupy.uploads) == before + 1
+
+
 def test_numpy_functions_dispatch_and_missing_ones_are_missing(strict_cupy: Any, dev: Any) -> None:
     assert isinstance(np.argwhere(dev > 3), strict_cupy.ndarray)
     assert isinstance(np.median(dev), strict_cupy.ndarray)
