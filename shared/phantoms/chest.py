@@ -61,6 +61,7 @@ LesionKind = Literal["solid", "part_solid", "ground_glass", "calcified", "mass"]
 Attachment = Literal["isolated", "juxtavascular", "juxtapleural", "mediastinal"]
 KINDS: tuple[str, ...] = ("solid", "part_solid", "ground_glass", "calcified", "mass")
 NT = 720  # angular bins of the body profiles
+MURRAY = 2.6  # radius exponent of the vessel trees (r^k conserved at branchings; 3 = Murray)
 F32 = np.float32
 
 
@@ -692,8 +693,9 @@ def _grow(
 ) -> Tree:
     """Space-filling tree (after Kitaoka's territory splitting), level by level, vectorised:
     every branch heads for the centroid of the points it supplies, stops part-way, and its
-    territory splits in two across its principal axis; radius by Murray's law from the share
-    of points. Terminal branches run on to their territory's far side (close to the pleura)."""
+    territory splits unequally (20-50 %) across its principal axis; radius from the share of
+    points by a Murray-type law (exponent ``MURRAY``). Terminal branches run on past their
+    territory's centroid (close to the pleura at the periphery)."""
     starts = start[None, :]
     lab = np.zeros(len(pts), np.int64)
     parents = np.array([parent])
@@ -714,7 +716,7 @@ def _grow(
             sd, _ = cav.sd(ends[ti])
             bad = sd < 1.0
             ends[ti[bad]] = cen[ti[bad]]
-        rad = r_root * np.cbrt(cnt / n_total)
+        rad = r_root * (cnt / n_total) ** (1 / MURRAY)
         ids = base + np.arange(m)
         rec_s.append(starts)
         rec_e.append(ends)
@@ -736,7 +738,16 @@ def _grow(
                 cov[:, i, j] = cov[:, j, i] = np.bincount(lab, q[:, i] * q[:, j], m)
         _, vec = np.linalg.eigh(cov + np.eye(3) * 1e-6)
         v = vec[:, :, 2] + rng.normal(0, 0.18, (m, 3))
-        side = ((q * v[lab]).sum(1) > 0).astype(np.int64)
+        proj = (q * v[lab]).sum(1)
+        # unequal division (flow ratio 0.2-0.5): the major daughter carries on almost straight,
+        # the minor one leaves at a wide angle, as pulmonary vessels branch
+        order = np.lexsort((proj, lab))
+        first = np.searchsorted(lab[order], np.arange(m))
+        rank = np.empty(len(lab), np.int64)
+        rank[order] = np.arange(len(lab)) - first[lab[order]]
+        cut = np.floor(cnt * rng.uniform(0.2, 0.5, m)).astype(np.int64)
+        cut = np.clip(cut, 1, np.maximum(cnt.astype(np.int64) - 1, 1))
+        side = (rank >= cut[lab]).astype(np.int64)
         nonterm = np.nonzero(~term)[0]
         remap = np.full(m, -1)
         remap[nonterm] = np.arange(len(nonterm))
@@ -790,7 +801,7 @@ def build_lung_trees(cav: Cavity, seed: int, n_points: int) -> dict[str, Any]:
             sel = pts[np.isin(lobes, grp)]
             if len(sel) < 4:
                 continue
-            rg = r_aw * np.cbrt(len(sel) / n_tot)
+            rg = r_aw * (len(sel) / n_tot) ** (1 / MURRAY)
             if len(grp) == 2:
                 tr, e1 = _stem(tr, e0, sel, rg, 0, 1, 0.3)
                 par = len(tr.start) - 1
@@ -806,7 +817,7 @@ def build_lung_trees(cav: Cavity, seed: int, n_points: int) -> dict[str, Any]:
         # arteries: offset beside the bronchi, radius scaled to the hilar artery
         r_art = an.tubes["rpa" if side == "right" else "lpa"].radius
         r_art0 = float(np.asarray(r_art).ravel()[-1])
-        art = _offset_tree(tr, an.hilum_art[side], q0, rng, r_art0 / r_aw, cav)
+        art = _offset_tree(tr, an.hilum_art[side], q0, rng, 0.85 * r_art0 / r_aw, cav)
         art_all = art_all.extend(art)
         aw_all = aw_all.extend(tr)
         # veins: independent territories per lobe group, roots at the left atrium
@@ -825,8 +836,8 @@ def build_lung_trees(cav: Cavity, seed: int, n_points: int) -> dict[str, Any]:
                     break
                 root[0] += -1.5 if side == "right" else 1.5
             rv = float(np.asarray(an.tubes["pv_" + key].radius).ravel()[-1]) * 0.95
-            vt = vt.extend(_grow(cav, rngv, sel, root, rv * np.cbrt(n_tot / len(sel)), n_tot,
-                                 -1, 0, 2))
+            r_root = rv * (n_tot / len(sel)) ** (1 / MURRAY)
+            vt = vt.extend(_grow(cav, rngv, sel, root, r_root, n_tot, -1, 0, 2))
         vein_all = vein_all.extend(vt)
         out[f"root_aw_{side}"] = q0
     out["arteries"], out["veins"], out["airways"] = art_all, vein_all, aw_all
@@ -869,7 +880,7 @@ def tree_capsules(tr: Tree, rng: np.random.Generator, min_r: float = 0.0
     d = e - s
     ln = np.linalg.norm(d, axis=1, keepdims=True)
     perp = _unit(np.cross(d, rng.normal(size=d.shape)))
-    bow = perp * ln * rng.uniform(-0.16, 0.16, (len(s), 1))
+    bow = perp * ln * rng.uniform(-0.09, 0.09, (len(s), 1))
     q1 = s + d / 3 + bow * (8 / 9)
     q2 = s + 2 * d / 3 + bow * (8 / 9)
     r_end = np.where(term, r * 0.4, r * 0.94)
@@ -1330,11 +1341,11 @@ def chest_case(
             if b <= a:
                 continue
             idx = order[a:b]
-            frac = sheet_fraction(zsorted[a:b], g2[a:b], z, t, px, 0.7)
+            frac = sheet_fraction(zsorted[a:b], g2[a:b], z, t, px, 0.45)
             rows = idx // Xc.shape[1]
             on_side = (Xc.reshape(-1)[idx] < b_m[k][ci0 + rows]) == side_right
             sh[idx] = np.maximum(sh[idx], frac * on_side)
-        lung_k += sheet * (F32(30.0) - lung_k)
+        lung_k += sheet * (F32(0.0) - lung_k)
         not_band = F32(1.0) - a_band
         cav_hu = f_lung * (not_band * lung_k + a_band * hu_fat)
         if b_t is not None:
@@ -1518,7 +1529,7 @@ def chest_case(
                                             aw.parent[big], aw.level[big],
                                             np.zeros(big.sum(), bool), aw.count[big]), rng_v)
         for wall, lum in canvases(lo, hi, 2):
-            wall.add_capsules(p0, p1, r0 * 1.25 + 0.45, r1 * 1.25 + 0.45)
+            wall.add_capsules(p0, p1, r0 * 1.22 + 0.3, r1 * 1.22 + 0.3)
             paint(wall, 30.0, lung=True, clip_lung=True)
             lum.add_capsules(p0, p1, r0, r1)
             paint(lum, -1000.0, lung=True, clip_lung=True)

@@ -129,7 +129,7 @@ def test_lung_truth_is_lung_like(case: ChestCase) -> None:
 
 
 def test_partial_volume_moves_edges_not_totals() -> None:
-    spec = [LesionSpec("solid", 7.0, attachment="isolated")]
+    spec = [LesionSpec("solid", 12.0, attachment="isolated")]
     thin = chest_case(21, size=96, thickness_mm=1.25, tree_points=1500, lesions=spec, noise=0.0)
     thick = chest_case(21, size=96, thickness_mm=5.0, tree_points=1500, lesions=spec, noise=0.0)
     n = min(len(thick.hu), len(thin.hu) // 4)
@@ -142,13 +142,16 @@ def test_partial_volume_moves_edges_not_totals() -> None:
     v = [(c.truth["lung_left"] | c.truth["lung_right"]).sum() * np.prod(c.spacing) / 1000
          for c in (thin, thick)]
     assert v[1] == pytest.approx(v[0], rel=0.03)
-    assert thick.lesions[0]["volume_ml"] == pytest.approx(thin.lesions[0]["volume_ml"], rel=0.35)
-    # but the nodule's peak is blurred on thick slices (edges change)
-    pk = [c.hu[c.truth["lesions"] == 1].max() for c in (thin, thick)]
-    assert pk[1] < pk[0]
-    # and so is the density across thin structures: more intermediate voxels in the lungs
-    mids = [((c.hu > -700) & (c.hu < -300)).mean() for c in (thin, thick)]
-    assert mids[1] != mids[0]
+    assert thick.lesions[0]["volume_ml"] == pytest.approx(thin.lesions[0]["volume_ml"], rel=0.3)
+    # but thin structures blur on thick slices (edges change): vessels lose their peak and
+    # more lung voxels hold intermediate densities
+    stats = []
+    for c in (thin, thick):
+        lung = (c.truth["lung_left"] | c.truth["lung_right"]) & (c.truth["lesions"] == 0)
+        v = c.hu[lung]
+        stats.append((np.percentile(v, 99), ((v > -700) & (v < -300)).mean()))
+    assert stats[1][0] < stats[0][0] - 20
+    assert stats[1][1] > stats[0][1] + 0.01
 
 
 def test_normal_twin_has_identical_anatomy(case: ChestCase) -> None:
