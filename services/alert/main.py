@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-import sys
+from shared.runtime.graceful import exit_on_sigterm
 
-from prometheus_client import CollectorRegistry
+exit_on_sigterm(__name__)  # first: a SIGTERM during the heavy imports below exits 0
 
-from services.alert.core import AlertCore
-from services.alert.rules import RuleSet
-from shared.config import Settings
-from shared.dicom.pacs import Pacs
-from shared.runtime.service import serve
-from shared.runtime.stage import StageSpec
-from shared.schemas import SegmentationDone
-from shared.security.envelope import Keyring
-from shared.storage import BlobStore, LocalDirBackend
+import sys  # noqa: E402
+
+from prometheus_client import CollectorRegistry  # noqa: E402
+
+from services.alert.core import AlertCore  # noqa: E402
+from services.alert.rules import RuleSet  # noqa: E402
+from shared.config import Settings  # noqa: E402
+from shared.dicom.pacs import Pacs  # noqa: E402
+from shared.runtime.service import serve  # noqa: E402
+from shared.runtime.stage import StageSpec  # noqa: E402
+from shared.schemas import SegmentationDone  # noqa: E402
+from shared.security.envelope import Keyring  # noqa: E402
+from shared.storage import BlobStore, LocalDirBackend  # noqa: E402
 
 
 def build(

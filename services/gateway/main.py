@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
-import signal
-import sys
+from shared.runtime.graceful import exit_on_sigterm
 
-from prometheus_client import CollectorRegistry
+exit_on_sigterm(__name__)  # first: a SIGTERM during the heavy imports below exits 0
 
-from services.gateway.core import Gateway, GatewayMetrics
-from shared.config import Settings
-from shared.ingress.publisher import Publisher
-from shared.metrics import HealthServer
-from shared.runtime.service import configure_process
-from shared.security.envelope import Keyring
+import asyncio  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+
+from prometheus_client import CollectorRegistry  # noqa: E402
+
+from services.gateway.core import Gateway, GatewayMetrics  # noqa: E402
+from shared.config import Settings  # noqa: E402
+from shared.ingress.publisher import Publisher  # noqa: E402
+from shared.metrics import HealthServer  # noqa: E402
+from shared.runtime.service import configure_process  # noqa: E402
+from shared.security.envelope import Keyring  # noqa: E402
 
 
 async def serve(settings: Settings) -> None:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-import sys
+from shared.runtime.graceful import exit_on_sigterm
 
-from prometheus_client import CollectorRegistry, Gauge
+exit_on_sigterm(__name__)  # first: a SIGTERM during the heavy imports below exits 0
 
-from services.ingest.core import IngestCore
-from shared.config import Settings
-from shared.runtime.service import serve
-from shared.runtime.stage import StageSpec
-from shared.schemas import EndOfSeries, InstanceData, InstancesRecord
-from shared.security.envelope import Keyring
-from shared.storage import local_store
+import sys  # noqa: E402
+
+from prometheus_client import CollectorRegistry, Gauge  # noqa: E402
+
+from services.ingest.core import IngestCore  # noqa: E402
+from shared.config import Settings  # noqa: E402
+from shared.runtime.service import serve  # noqa: E402
+from shared.runtime.stage import StageSpec  # noqa: E402
+from shared.schemas import EndOfSeries, InstanceData, InstancesRecord  # noqa: E402
+from shared.security.envelope import Keyring  # noqa: E402
+from shared.storage import local_store  # noqa: E402
 
 
 def build(

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-import sys
+from shared.runtime.graceful import exit_on_sigterm
 
-from prometheus_client import CollectorRegistry
+exit_on_sigterm(__name__)  # first: a SIGTERM during the heavy imports below exits 0
 
-from services.segmentation.core import SegmentationCore
-from services.segmentation.onnx_plugin import ModelSpec, OnnxSegmenter
-from shared.config import Settings
-from shared.imaging.backend import DeviceRunner, select_backend
-from shared.runtime.service import serve
-from shared.runtime.stage import StageSpec
-from shared.schemas import VolumePrepared
-from shared.security.envelope import Keyring
-from shared.storage import local_store
+import sys  # noqa: E402
+
+from prometheus_client import CollectorRegistry  # noqa: E402
+
+from services.segmentation.core import SegmentationCore  # noqa: E402
+from services.segmentation.onnx_plugin import ModelSpec, OnnxSegmenter  # noqa: E402
+from shared.config import Settings  # noqa: E402
+from shared.imaging.backend import DeviceRunner, select_backend  # noqa: E402
+from shared.runtime.service import serve  # noqa: E402
+from shared.runtime.stage import StageSpec  # noqa: E402
+from shared.schemas import VolumePrepared  # noqa: E402
+from shared.security.envelope import Keyring  # noqa: E402
+from shared.storage import local_store  # noqa: E402
 
 
 def build(
