@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-TOPIC_NAMES = ("instances", "series", "volumes", "findings", "alerts", "deadletter", "audit")
+from shared.topology import GATEWAY_AE_TITLE, PORTS
 
 
 class KafkaSettings(BaseModel):
@@ -16,7 +16,9 @@ class KafkaSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    bootstrap_servers: str = Field("127.0.0.1:19093", description="SASL_SSL listener host:port")
+    bootstrap_servers: str = Field(
+        f"127.0.0.1:{PORTS.kafka}", description="SASL_SSL listener host:port"
+    )
     security_protocol: str = Field("SASL_SSL", description="SASL_SSL (production) or PLAINTEXT")
     sasl_mechanism: str = Field("SCRAM-SHA-512", description="SASL mechanism")
     username: str = Field("", description="Kafka principal name of this service or party")
@@ -43,9 +45,9 @@ class GatewaySettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    ae_title: str = Field("RADSTREAM", max_length=16, description="our AE title")
+    ae_title: str = Field(GATEWAY_AE_TITLE, max_length=16, description="our AE title")
     host: str = Field("127.0.0.1", description="address to listen on")
-    port: int = Field(11112, description="DICOM port")
+    port: int = Field(PORTS.gateway_dicom, description="DICOM port")
     allowed_ae_titles: str = Field("", description="comma-separated calling AE titles allowed")
     allowed_addresses: str = Field("", description="comma-separated peer IPs allowed (empty: any)")
     tls_cert: Path | None = Field(None, description="PEM certificate: require DICOM TLS")
@@ -93,7 +95,7 @@ class AlertSettings(BaseModel):
         Path(__file__).resolve().parents[1] / "deploy" / "alerts" / "rules.yaml"
     )
     pacs_host: str = Field("", description="PACS for DICOM SEG (C-STORE); empty: no delivery")
-    pacs_port: int = Field(4242)
+    pacs_port: int = Field(PORTS.orthanc_dicom)
     pacs_ae_title: str = Field("ORTHANC", max_length=16)
     calling_ae_title: str = Field("RADSTREAM", max_length=16)
     pacs_timeout_s: float = Field(20.0)

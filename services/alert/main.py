@@ -10,7 +10,7 @@ import sys  # noqa: E402
 
 from prometheus_client import CollectorRegistry  # noqa: E402
 
-from services.alert.core import AlertCore  # noqa: E402
+from services.alert.core import AlertCore, AlertMetrics  # noqa: E402
 from services.alert.rules import RuleSet  # noqa: E402
 from shared.config import Settings  # noqa: E402
 from shared.dicom.pacs import Pacs  # noqa: E402
@@ -19,6 +19,9 @@ from shared.runtime.stage import StageSpec  # noqa: E402
 from shared.schemas import SegmentationDone  # noqa: E402
 from shared.security.envelope import Keyring  # noqa: E402
 from shared.storage import BlobStore, LocalDirBackend  # noqa: E402
+from shared.topology import stage  # noqa: E402
+
+STAGE = stage("alert")
 
 
 def build(
@@ -37,14 +40,18 @@ def build(
         else None
     )
     core = AlertCore(
-        RuleSet.load(cfg.rules_file), BlobStore(LocalDirBackend(settings.blob_path), keyring), pacs
+        RuleSet.load(cfg.rules_file),
+        BlobStore(LocalDirBackend(settings.blob_path), keyring),
+        pacs,
+        AlertMetrics(registry) if registry is not None else None,
     )
     return StageSpec(
-        name="alert",
-        input_topic="findings",
+        name=STAGE.name,
+        input_topic=STAGE.input,
         input_type=SegmentationDone,
-        output_topic="alerts",
+        output_topic=STAGE.output,
         handler=core.handle,
+        stateful=STAGE.stateful,
     )
 
 

@@ -9,6 +9,7 @@ exit_on_sigterm(__name__)  # first: a SIGTERM during the heavy imports below exi
 import asyncio  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 
 from prometheus_client import CollectorRegistry  # noqa: E402
 
@@ -18,32 +19,69 @@ from shared.ingress.publisher import Publisher  # noqa: E402
 from shared.metrics import HealthServer  # noqa: E402
 from shared.runtime.service import configure_process  # noqa: E402
 from shared.security.envelope import Keyring  # noqa: E402
+from shared.topology import party  # noqa: E402
+
+OUTPUT = party("gateway").write[0]  # the topic the gateway publishes instances to
+
+
+@dataclass
+class GatewayService:
+    """What the gateway process runs: /metrics + /healthz + /readyz, the Kafka publisher and
+    the DICOM SCP. Ready once the SCP listens."""
+
+    settings: Settings
+    publisher: Publisher
+    registry: CollectorRegistry
+    metrics: GatewayMetrics = field(init=False)
+    http: HealthServer = field(init=False)
+    gateway: Gateway | None = field(default=None, init=False)
+    ready: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = GatewayMetrics(self.registry)
+        self.http = HealthServer(
+            self.registry,
+            self.settings.metrics_host,
+            self.settings.metrics_port,
+            lambda: self.ready,
+        )
+
+    async def start(self) -> None:
+        await self.http.start()
+        await self.publisher.start()
+        self.gateway = Gateway(
+            self.settings.gateway, self.publisher, asyncio.get_running_loop(), self.metrics
+        )
+        await asyncio.to_thread(self.gateway.start)
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        if self.gateway is not None:
+            await asyncio.to_thread(self.gateway.stop)  # waits for open associations' handlers
+        await self.publisher.stop()
+        await self.http.stop()
+
+
+def build(settings: Settings, keyring: Keyring, registry: CollectorRegistry) -> GatewayService:
+    """Wire the gateway (nothing connects or listens until :meth:`GatewayService.start`)."""
+    publisher = Publisher(
+        settings.kafka, keyring, source=settings.gateway.source, topic=settings.topic(OUTPUT)
+    )
+    return GatewayService(settings, publisher, registry)
 
 
 async def serve(settings: Settings) -> None:
-    keyring = Keyring.from_file(settings.keyring_path)
-    registry = CollectorRegistry()
+    svc = build(settings, Keyring.from_file(settings.keyring_path), CollectorRegistry())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    ready = False
-    http = HealthServer(registry, settings.metrics_host, settings.metrics_port, lambda: ready)
-    await http.start()
-    publisher = Publisher(
-        settings.kafka, keyring, source=settings.gateway.source, topic=settings.topic("instances")
-    )
-    await publisher.start()
-    gateway = Gateway(settings.gateway, publisher, loop, GatewayMetrics(registry))
     try:
-        await asyncio.to_thread(gateway.start)
-        ready = True
+        await svc.start()
         await stop.wait()
     finally:
-        ready = False
-        await asyncio.to_thread(gateway.stop)  # waits for open associations' handlers
-        await publisher.stop()
-        await http.stop()
+        await svc.stop()
 
 
 def main() -> int:

@@ -23,8 +23,9 @@ from shared.runtime.errors import PoisonError
 from shared.runtime.stage import Context, Emit, HandlerResult
 from shared.schemas import BlobRef, EndOfSeries, InstanceData, InstanceRef, SeriesReady
 from shared.storage import BlobStore
+from shared.topology import stage
 
-SERIES_TOPIC = "series"
+SERIES_TOPIC = stage("ingest").outputs[0]  # the topology's: where completed series go
 
 
 @dataclass

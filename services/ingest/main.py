@@ -17,6 +17,9 @@ from shared.runtime.stage import StageSpec  # noqa: E402
 from shared.schemas import EndOfSeries, InstanceData, InstancesRecord  # noqa: E402
 from shared.security.envelope import Keyring  # noqa: E402
 from shared.storage import local_store  # noqa: E402
+from shared.topology import stage  # noqa: E402
+
+STAGE = stage("ingest")
 
 
 def build(
@@ -33,15 +36,15 @@ def build(
         else None
     )
     core = IngestCore(
-        local_store(settings.blob_path, keyring, registry, "ingest"), settings.ingest, gauge
+        local_store(settings.blob_path, keyring, registry, STAGE.name), settings.ingest, gauge
     )
     return StageSpec(
-        name="ingest",
-        input_topic="instances",
+        name=STAGE.name,
+        input_topic=STAGE.input,
         input_type=InstancesRecord,
-        output_topic="series",
+        output_topic=STAGE.output,
         handler=core.handle,
-        stateful=True,
+        stateful=STAGE.stateful,
         tick=core.tick,
         tick_interval_s=1.0,
     )

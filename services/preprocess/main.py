@@ -18,6 +18,9 @@ from shared.runtime.stage import StageSpec  # noqa: E402
 from shared.schemas import SeriesReady  # noqa: E402
 from shared.security.envelope import Keyring  # noqa: E402
 from shared.storage import local_store  # noqa: E402
+from shared.topology import stage  # noqa: E402
+
+STAGE = stage("preprocess")
 
 
 def build(
@@ -27,7 +30,7 @@ def build(
         settings.device, memory_limit_bytes=settings.preprocess.gpu_memory_limit_bytes
     )
     core = PreprocessCore(
-        local_store(settings.blob_path, keyring, registry, "preprocess"),
+        local_store(settings.blob_path, keyring, registry, STAGE.name),
         backend,
         settings.preprocess,
         PreprocessMetrics(registry, backend) if registry is not None else None,
@@ -35,11 +38,12 @@ def build(
     )
     core.warm_up()
     return StageSpec(
-        name="preprocess",
-        input_topic="series",
+        name=STAGE.name,
+        input_topic=STAGE.input,
         input_type=SeriesReady,
-        output_topic="volumes",
+        output_topic=STAGE.output,
         handler=core.handle,
+        stateful=STAGE.stateful,
     )
 
 

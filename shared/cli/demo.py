@@ -113,7 +113,7 @@ def run_demo(stack: LocalStack, out: Path, console: Console, wait_s: float = 300
                 "-aec",
                 "RADSTREAM",
                 "127.0.0.1",
-                "11112",
+                str(stack.ports.gateway_dicom),
                 *map(str, ct_series),
             ],
             capture_output=True,

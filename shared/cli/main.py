@@ -17,7 +17,8 @@ from shared.config import KafkaSettings, Settings
 from shared.runtime.reader import latest_for_series, read_topic
 from shared.schemas import DeadLetter
 from shared.security.envelope import Keyring, init_keyring_file, rotate_keyring_file
-from shared.stack.local import DEFAULT_HOME, LocalStack, dump
+from shared.stack.local import DEFAULT_HOME, READY_TIMEOUT_S, LocalStack, StackError, dump
+from shared.topology import STAGES
 
 app = typer.Typer(no_args_is_help=True, help="RadStream: near-real-time scan analysis on Kafka.")
 stack_app = typer.Typer(no_args_is_help=True, help="The local stack: broker and services.")
@@ -59,15 +60,28 @@ def _settings_for(home: Path, principal: str) -> tuple[Settings, KafkaSettings, 
 
 
 @stack_app.command("up")
-def stack_up(home: HomeOpt = DEFAULT_HOME) -> None:
-    """Start the broker and every service (idempotent)."""
+def stack_up(
+    home: HomeOpt = DEFAULT_HOME,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="longest wait for every service to be ready, s")
+    ] = READY_TIMEOUT_S,
+) -> None:
+    """Start the broker and every service (idempotent); returns when every service is ready
+    (answers /readyz; the gateway accepts a DICOM association), else fails naming the one
+    that is not, with the end of its log."""
     stack = LocalStack(home)
-    with console.status("starting the local stack (first run fetches Apache Kafka)..."):
-        actions = stack.up()
+    try:
+        with console.status("starting the local stack (first run fetches Apache Kafka)..."):
+            actions = stack.up(timeout)
+    except StackError as exc:
+        err.print(f"[red]✗ {exc}[/] (log: {stack.log_file(exc.service)})", soft_wrap=True)
+        sys.stderr.write(exc.log_tail + "\n")  # as written: log lines are not rewrapped
+        raise typer.Exit(1) from None
     for line in actions:
         console.print(f"  [green]✓[/] {line}")
     console.print(
         f"stack home: {stack.home}  ·  broker: {stack.broker.bootstrap_servers} (SASL_SSL)"
+        f"  ·  DICOM gateway: 127.0.0.1:{stack.ports.gateway_dicom}"
     )
 
 
@@ -358,12 +372,13 @@ def alerts(
     asyncio.run(run())
 
 
-REPLAY = {"preprocess": "series", "segmentation": "volumes", "alert": "findings"}
+# stage → the topic an operator re-publishes to (the stage's input), from the topology
+REPLAY = {s.name: s.input for s in STAGES if s.replay}
 
 
 @app.command("replay")
 def replay(
-    stage: Annotated[str, typer.Option("--stage", help="preprocess | segmentation | alert")],
+    stage: Annotated[str, typer.Option("--stage", help=" | ".join(REPLAY))],
     series_instance_uid: Annotated[str, typer.Option("--series", help="SeriesInstanceUID")],
     home: HomeOpt = DEFAULT_HOME,
 ) -> None:
@@ -371,18 +386,18 @@ def replay(
     new revision (lineage kept: same blobs and measurements, revision + 1). Operator."""
     from aiokafka import AIOKafkaProducer
 
+    from shared import schemas
     from shared.runtime.codec import Codec
-    from shared.schemas import AuditEvent, SegmentationDone, SeriesReady, VolumePrepared
+    from shared.schemas import AuditEvent
     from shared.security.kafka import client_kwargs
+    from shared.topology import topic as topic_of
 
     if stage not in REPLAY:
         err.print(f"[red]--stage must be one of {', '.join(REPLAY)}")
         raise typer.Exit(2)
     settings, kafka, keyring = _settings_for(home, "operator")
     topic = settings.topic(REPLAY[stage])
-    model: Any = {"series": SeriesReady, "volumes": VolumePrepared, "findings": SegmentationDone}[
-        REPLAY[stage]
-    ]
+    model: Any = getattr(schemas, topic_of(REPLAY[stage]).carries)
 
     async def run() -> int | None:
         latest = await latest_for_series(kafka, topic, model, keyring, series_instance_uid)

@@ -1,58 +1,93 @@
 """The local stack: the broker plus every service that exists, as background processes.
 
 State, data, logs and secrets live under one folder (``.radstream/`` in the checkout by
-default). ``up`` is idempotent: what already runs is left alone.
+default). ``up`` is idempotent (what already runs is left alone) and returns only when every
+service answers ``/readyz`` and the gateway accepts a DICOM association (C-ECHO), or raises
+:class:`StackError` naming the service that did not come up, with the end of its log.
+
+Which services exist, as whom they run and on which ports come from :mod:`shared.topology`.
+Ports can be moved for a second stack beside a first (tests): ``RADSTREAM_STACK_PORTS=auto``
+picks free ones at ``up``; ``RADSTREAM_STACK_KAFKA_PORT`` / ``..._CONTROLLER_PORT`` pin the
+broker's. Whatever ``up`` chose is kept in ``<home>/run/ports.json`` for the commands after it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.util
 import json
 import os
 import shutil
 import signal
+import ssl
 import sys
+import time
 import urllib.request
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from shared import topology
 from shared.config import KafkaSettings
 from shared.security.envelope import init_keyring_file
 from shared.security.kafka import client_kwargs
-from shared.stack.broker import REPO, LocalBroker, _pid_alive, spawn_detached, terminate
-from shared.stack.principals import STAGES
+from shared.stack.broker import REPO, LocalBroker, _pid_alive, free_port, spawn_detached, terminate
+from shared.topology import Service
 
 DEFAULT_HOME = REPO / ".radstream"
 PARTITIONS = 3
+READY_TIMEOUT_S = 180.0
+ECHO_AE_TITLE = "ECHOSCU"  # the calling AE of the readiness C-ECHO (allowed by default)
+
+# Every service RadStream knows, in pipeline order; ``up`` starts those whose module exists.
+SERVICES: tuple[Service, ...] = topology.SERVICES
+
+
+class StackError(RuntimeError):
+    """A service of the stack did not come up; ``log_tail`` is the end of its log."""
+
+    def __init__(self, service: str, why: str, log_tail: str) -> None:
+        super().__init__(f"{service} did not come up: {why}")
+        self.service = service
+        self.why = why
+        self.log_tail = log_tail
 
 
 @dataclass(frozen=True)
-class ServiceDef:
-    name: str
-    module: str
-    principal: str
-    metrics_port: int
-    env: tuple[tuple[str, str], ...] = ()  # defaults, overridden by the caller's environment
+class StackPorts:
+    kafka: int
+    controller: int
+    gateway_dicom: int
+    orthanc_http: int
+    orthanc_dicom: int
+    metrics: dict[str, int] = field(default_factory=dict)  # service name → /metrics port
 
+    @classmethod
+    def defaults(cls) -> StackPorts:
+        p = topology.PORTS
+        return cls(
+            p.kafka,
+            p.controller,
+            p.gateway_dicom,
+            p.orthanc_http,
+            p.orthanc_dicom,
+            {s.name: s.metrics_port for s in SERVICES},
+        )
 
-# Every service RadStream knows, in pipeline order; ``up`` starts those whose module exists.
-SERVICES: tuple[ServiceDef, ...] = (
-    ServiceDef(
-        "gateway",
-        "services.gateway.main",
-        "gateway",
-        9101,
-        (("RADSTREAM_GATEWAY__ALLOWED_AE_TITLES", "STORESCU,ECHOSCU,RADSTREAM-DEMO"),),
-    ),
-    ServiceDef("ingest", "services.ingest.main", "ingest", 9102),
-    ServiceDef("preprocess", "services.preprocess.main", "preprocess", 9103),
-    ServiceDef("segmentation", "services.segmentation.main", "segmentation", 9104),
-    ServiceDef("alert", "services.alert.main", "alert", 9105),
-)
+    @classmethod
+    def free(cls) -> StackPorts:
+        return cls(
+            free_port(),
+            free_port(),
+            free_port(),
+            free_port(),
+            free_port(),
+            {s.name: free_port() for s in SERVICES},
+        )
 
 
 def _exists(module: str) -> bool:
@@ -62,32 +97,65 @@ def _exists(module: str) -> bool:
         return False
 
 
-def available_services() -> list[ServiceDef]:
+def available_services() -> list[Service]:
     return [s for s in SERVICES if _exists(s.module)]
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    """The last ``lines`` lines of a log (empty when there is none)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 64 * 1024))
+            text = fh.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
 
 
 class LocalStack:
     def __init__(self, home: Path = DEFAULT_HOME, prefix: str = "radstream.") -> None:
         self.home = home.resolve()
         self.prefix = prefix
-        # ports can be moved (e.g. a second stack beside a test broker)
+        self.ports = self._resolve_ports()
         self.broker = LocalBroker(
-            self.home,
-            port=int(os.environ.get("RADSTREAM_STACK_KAFKA_PORT", "19093")),
-            controller_port=int(os.environ.get("RADSTREAM_STACK_CONTROLLER_PORT", "19094")),
+            self.home, port=self.ports.kafka, controller_port=self.ports.controller
         )
+
+    # ---- ports --------------------------------------------------------------------------
+    @property
+    def ports_file(self) -> Path:
+        return self.home / "run" / "ports.json"
+
+    def _resolve_ports(self) -> StackPorts:
+        try:
+            ports = StackPorts(**json.loads(self.ports_file.read_text()))
+        except (FileNotFoundError, ValueError, TypeError):
+            auto = os.environ.get("RADSTREAM_STACK_PORTS", "") == "auto"
+            ports = StackPorts.free() if auto else StackPorts.defaults()
+        pinned = {
+            "kafka": os.environ.get("RADSTREAM_STACK_KAFKA_PORT"),
+            "controller": os.environ.get("RADSTREAM_STACK_CONTROLLER_PORT"),
+        }
+        changes = {k: int(v) for k, v in pinned.items() if v}
+        if changes:
+            ports = StackPorts(**{**asdict(ports), **changes})
+        return ports
+
+    def metrics_port(self, svc: Service) -> int:
+        return self.ports.metrics.get(svc.name, svc.metrics_port)
 
     @property
     def keyring_path(self) -> Path:
         return self.home / "secrets" / "keyring.json"
 
-    def _pid_file(self, svc: ServiceDef) -> Path:
+    def _pid_file(self, svc: Service) -> Path:
         return self.home / "run" / f"{svc.name}.pid"
 
     def log_file(self, name: str) -> Path:
         return self.home / "logs" / f"{name}.log"
 
-    def service_pid(self, svc: ServiceDef) -> int | None:
+    def service_pid(self, svc: Service) -> int | None:
         try:
             pid = int(self._pid_file(svc).read_text())
         except (FileNotFoundError, ValueError):
@@ -97,11 +165,35 @@ class LocalStack:
     def operator_settings(self) -> KafkaSettings:
         return self.broker.settings_for("operator")
 
+    def service_env(self, svc: Service) -> dict[str, str]:
+        """The environment ``up`` starts ``svc`` with: its topology defaults, then the caller's
+        environment, then what the stack decides (credentials, folder, prefix, ports)."""
+        env = dict(svc.env)
+        env.update({k: v for k, v in os.environ.items() if not k.startswith("RADSTREAM_KAFKA__")})
+        env.update(self.broker.env_for(svc.principal))
+        if svc.name == "gateway":
+            env.setdefault("RADSTREAM_GATEWAY__PORT", str(self.ports.gateway_dicom))
+        if svc.name == "alert" and shutil.which("Orthanc"):
+            env.setdefault("RADSTREAM_ALERT__PACS_HOST", "127.0.0.1")
+            env.setdefault("RADSTREAM_ALERT__PACS_PORT", str(self.ports.orthanc_dicom))
+        env.update(
+            {
+                "RADSTREAM_HOME": str(self.home),
+                "RADSTREAM_TOPIC_PREFIX": self.prefix,
+                "RADSTREAM_METRICS_PORT": str(self.metrics_port(svc)),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        return env
+
     # ---- up / down ------------------------------------------------------------------------
-    def up(self) -> list[str]:
-        """Start the broker, create topics and ACLs, start missing services. Returns actions."""
+    def up(self, timeout: float = READY_TIMEOUT_S) -> list[str]:
+        """Start the broker, create topics and ACLs, start missing services, then wait until
+        every service is ready (see :meth:`wait_ready`). Returns what was done."""
         actions: list[str] = []
         self.home.mkdir(parents=True, exist_ok=True)
+        self.ports_file.parent.mkdir(parents=True, exist_ok=True)
+        self.ports_file.write_text(json.dumps(asdict(self.ports), indent=2))
         was_running = self.broker.is_running()
         self.broker.start()
         actions.append("broker already running" if was_running else "broker started")
@@ -116,34 +208,85 @@ class LocalStack:
             if self.service_pid(svc) is not None:
                 actions.append(f"{svc.name} already running")
                 continue
-            env = dict(svc.env)
-            env.update(
-                {k: v for k, v in os.environ.items() if not k.startswith("RADSTREAM_KAFKA__")}
-            )
-            env.update(self.broker.env_for(svc.principal))
-            if svc.name == "alert" and shutil.which("Orthanc"):
-                env.setdefault("RADSTREAM_ALERT__PACS_HOST", "127.0.0.1")
-                env.setdefault("RADSTREAM_ALERT__PACS_PORT", str(self.ORTHANC_DICOM))
-            env.update(
-                {
-                    "RADSTREAM_HOME": str(self.home),
-                    "RADSTREAM_TOPIC_PREFIX": self.prefix,
-                    "RADSTREAM_METRICS_PORT": str(svc.metrics_port),
-                    "PYTHONUNBUFFERED": "1",
-                }
-            )
             pid, _ = spawn_detached(
-                [sys.executable, "-m", svc.module], self.log_file(svc.name), env
+                [sys.executable, "-m", svc.module], self.log_file(svc.name), self.service_env(svc)
             )
-            self._pid_file(svc).parent.mkdir(parents=True, exist_ok=True)
             self._pid_file(svc).write_text(str(pid))
             actions.append(f"{svc.name} started (pid {pid})")
+        self.wait_ready(timeout)
+        actions.append("every service ready")
         return actions
 
-    # ---- Orthanc (the PACS results go to), when Debian's package is installed ---------------
-    ORTHANC_HTTP = 8042
-    ORTHANC_DICOM = 4242
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+        """Until every available service answers ``/readyz`` (the gateway: accepts a C-ECHO
+        association) and Orthanc, if started, answers; :class:`StackError` if one exits or
+        is not ready in ``timeout`` seconds."""
+        checks: dict[str, tuple[Callable[[], bool], int | None, Path]] = {
+            svc.name: (
+                functools.partial(self._service_ready, svc),
+                self.service_pid(svc),
+                self.log_file(svc.name),
+            )
+            for svc in available_services()
+        }
+        if self.orthanc_pid() is not None:
+            checks["orthanc"] = (
+                lambda: _http_ok(self.ports.orthanc_http, "/system"),
+                self.orthanc_pid(),
+                self.log_file("orthanc"),
+            )
+        deadline = time.monotonic() + timeout
+        pending = dict(checks)
+        while pending:
+            for name, (ready, pid, log) in list(pending.items()):
+                if pid is None or not _pid_alive(pid):
+                    raise StackError(name, "its process exited", tail(log))
+                if ready():
+                    del pending[name]
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                name, (_, _, log) = next(iter(pending.items()))
+                raise StackError(name, f"not ready after {timeout:.0f} s", tail(log))
+            time.sleep(0.2)  # polling other processes' readiness, not synchronising threads
 
+    def _service_ready(self, svc: Service) -> bool:
+        if not _http_ok(self.metrics_port(svc), "/readyz"):
+            return False
+        return svc.name != "gateway" or self._echo(self.service_env(svc))
+
+    def _echo(self, env: dict[str, str]) -> bool:
+        """One C-ECHO association with the gateway, as a modality would open it."""
+        from pynetdicom import AE
+        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+        titles = env.get("RADSTREAM_GATEWAY__ALLOWED_AE_TITLES", "")
+        allowed = [t.strip() for t in titles.split(",")]
+        calling = ECHO_AE_TITLE if ECHO_AE_TITLE in allowed else (allowed[0] or ECHO_AE_TITLE)
+        ae = AE(ae_title=calling)
+        ae.add_requested_context(Verification)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
+        tls = None
+        if env.get("RADSTREAM_GATEWAY__TLS_CERT"):
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE  # readiness only: is it answering, not who it is
+            tls = (ctx, "")
+        assoc = ae.associate(
+            "127.0.0.1",
+            int(env.get("RADSTREAM_GATEWAY__PORT", self.ports.gateway_dicom)),
+            ae_title=env.get("RADSTREAM_GATEWAY__AE_TITLE", topology.GATEWAY_AE_TITLE),
+            tls_args=tls,
+        )
+        if not assoc.is_established:
+            return False
+        try:
+            status = assoc.send_c_echo()
+        finally:
+            assoc.release()
+        return getattr(status, "Status", None) == 0x0000
+
+    # ---- Orthanc (the PACS results go to), when Debian's package is installed ---------------
     @property
     def orthanc_dir(self) -> Path:
         return self.home / "orthanc"
@@ -169,8 +312,8 @@ class LocalStack:
             "Name": "radstream-local-pacs",
             "StorageDirectory": str(self.orthanc_dir / "db"),
             "IndexDirectory": str(self.orthanc_dir / "db"),
-            "HttpPort": self.ORTHANC_HTTP,
-            "DicomPort": self.ORTHANC_DICOM,
+            "HttpPort": self.ports.orthanc_http,
+            "DicomPort": self.ports.orthanc_dicom,
             "DicomAet": "ORTHANC",
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
@@ -185,7 +328,7 @@ class LocalStack:
             [exe, str(self.orthanc_dir / "orthanc.json")], self.log_file("orthanc")
         )
         (self.orthanc_dir / "orthanc.pid").write_text(str(pid))
-        return f"orthanc started (pid {pid}, http://127.0.0.1:{self.ORTHANC_HTTP})"
+        return f"orthanc started (pid {pid}, http://127.0.0.1:{self.ports.orthanc_http})"
 
     def down(self, timeout: float = 15.0) -> list[str]:
         actions: list[str] = []
@@ -203,6 +346,7 @@ class LocalStack:
         if self.broker.is_running():
             self.broker.stop()
             actions.append("broker stopped")
+        self.ports_file.unlink(missing_ok=True)
         return actions
 
     # ---- status ---------------------------------------------------------------------------
@@ -211,15 +355,16 @@ class LocalStack:
         services = []
         for svc in available_services():
             pid = self.service_pid(svc)
+            port = self.metrics_port(svc)
             services.append(
                 {
                     "name": svc.name,
                     "pid": pid,
                     "running": pid is not None,
-                    "healthy": pid is not None and _http_ok(svc.metrics_port, "/healthz"),
-                    "ready": pid is not None and _http_ok(svc.metrics_port, "/readyz"),
-                    "metrics": f"http://127.0.0.1:{svc.metrics_port}/metrics",
-                    "processed": _processed(svc.metrics_port) if pid is not None else {},
+                    "healthy": pid is not None and _http_ok(port, "/healthz"),
+                    "ready": pid is not None and _http_ok(port, "/readyz"),
+                    "metrics": f"http://127.0.0.1:{port}/metrics",
+                    "processed": _processed(port) if pid is not None else {},
                 }
             )
         lag: dict[str, Any] = {}
@@ -228,6 +373,7 @@ class LocalStack:
         return {
             "home": str(self.home),
             "broker": {"running": broker_up, "bootstrap": self.broker.bootstrap_servers},
+            "gateway": {"dicom": f"127.0.0.1:{self.ports.gateway_dicom}"},
             "services": services,
             "lag": lag,
         }
@@ -262,9 +408,10 @@ def _http_ok(port: int, path: str) -> bool:
 async def consumer_lag(kafka: KafkaSettings, prefix: str) -> dict[str, Any]:
     """Per stage and partition: end of input minus the group's committed offset."""
     out: dict[str, Any] = {}
-    for stage, (src, _) in STAGES.items():
+    for stage in topology.STAGES:
+        src = stage.input
         consumer = AIOKafkaConsumer(
-            group_id=f"{prefix}{stage}",
+            group_id=f"{prefix}{stage.name}",
             enable_auto_commit=False,
             isolation_level="read_committed",
             request_timeout_ms=10000,
@@ -278,7 +425,7 @@ async def consumer_lag(kafka: KafkaSettings, prefix: str) -> dict[str, Any]:
             for tp in tps:
                 committed = await consumer.committed(tp) or 0
                 parts[str(tp.partition)] = max(0, ends[tp] - committed)
-            out[stage] = {"input": src, "partitions": parts, "total": sum(parts.values())}
+            out[stage.name] = {"input": src, "partitions": parts, "total": sum(parts.values())}
         finally:
             await consumer.stop()
     return out

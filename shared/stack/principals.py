@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ADMIN = "admin"
+from shared import topology
+from shared.topology import ADMIN, AUDIT, DEADLETTER
+
+__all__ = ["ADMIN", "PRINCIPALS", "ROLES", "STAGES", "Role", "acl_lines", "spec", "topics"]
 
 
 @dataclass(frozen=True)
@@ -25,61 +28,49 @@ class Role:
     describe_all: bool = False  # may describe every topic and group (lag, status)
 
 
-# Stage services: read input, write outputs + dead letters + audit, own group and txn ids.
-STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "ingest": ("instances", ("series",)),
-    "preprocess": ("series", ("volumes",)),
-    "segmentation": ("volumes", ("findings",)),
-    "alert": ("findings", ("alerts",)),
-}
+def _stage_role(stage: topology.Stage) -> Role:
+    """Read the input (and own changelog), write outputs + dead letters + audit (+ changelog),
+    own the group and the transactional ids."""
+    own = (stage.changelog,) if stage.changelog else ()
+    return Role(
+        name=stage.name,
+        read=(stage.input, *own),
+        write=tuple(dict.fromkeys((*stage.outputs, DEADLETTER, AUDIT, *own))),
+        groups=(stage.name,),
+        transactional=True,
+    )
+
+
+def _party_role(party: topology.Party) -> Role:
+    return Role(
+        name=party.name,
+        read=party.read,
+        write=party.write,
+        groups=party.groups,
+        describe_all=party.describe_all,
+    )
+
 
 ROLES: dict[str, Role] = {
-    **{
-        name: Role(
-            name=name,
-            read=(src, f"{name}.state"),
-            write=(*outs, "deadletter", "audit", f"{name}.state"),
-            groups=(name,),
-            transactional=True,
-        )
-        for name, (src, outs) in STAGES.items()
-    },
-    # DICOM gateway: publishes instances for modalities (idempotent, not transactional).
-    "gateway": Role(name="gateway", write=("instances", "audit")),
-    # A scanner or its SDK: may only publish instances. It cannot read anything.
-    "scanner": Role(name="scanner", write=("instances",)),
-    # Worklist / pager integrations: read the alert feed and nothing else.
-    "alert-consumer": Role(name="alert-consumer", read=("alerts",), groups=("alert-consumer",)),
-    # Operators: read every topic (dead letters, results, status), describe groups for lag,
-    # and write a stage's input topic to replay a series from that stage (a new revision).
-    "operator": Role(
-        name="operator",
-        read=("instances", "series", "volumes", "findings", "alerts", "deadletter", "audit"),
-        write=("series", "volumes", "findings", "audit"),
-        groups=("operator",),
-        describe_all=True,
-    ),
+    **{s.name: _stage_role(s) for s in topology.STAGES},
+    **{p.name: _party_role(p) for p in topology.PARTIES},
 }
 
-TOPIC_CONFIG = {
-    "instances": "max.message.bytes=16777216,retention.ms=604800000",
-    "series": "max.message.bytes=16777216",
-    "volumes": "max.message.bytes=16777216",
-    "findings": "max.message.bytes=16777216",
-    "alerts": "max.message.bytes=1048576",
-    "deadletter": "retention.ms=2592000000",
-    "audit": "retention.ms=31536000000",
+# A view for older callers: stage → (input, outputs). The topology is the source.
+STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
+    s.name: (s.input, s.outputs) for s in topology.STAGES
 }
 
 
 def topics(partitions: int) -> list[tuple[str, int, str]]:
     """Logical topic name, partition count and topic config for every topic of the stack."""
-    out = [(name, partitions, cfg) for name, cfg in TOPIC_CONFIG.items()]
-    for stage in STAGES:
-        # Changelog of the stage's keyed state: compacted, co-partitioned with its input.
-        out.append(
-            (f"{stage}.state", partitions, "cleanup.policy=compact,max.message.bytes=16777216")
-        )
+    out = [(t.name, partitions, t.config) for t in topology.TOPICS]
+    # Changelogs of keyed state: compacted, co-partitioned with the stage's input.
+    out.extend(
+        (s.changelog, partitions, topology.CHANGELOG_CONFIG)
+        for s in topology.STAGES
+        if s.changelog
+    )
     return out
 
 

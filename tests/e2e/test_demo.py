@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared.stack.broker import free_port
 from tests.helpers import REPO
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -22,8 +21,7 @@ def test_demo_prints_alerts_and_writes_a_report_with_pictures(tmp_path: Path) ->
     env = {k: v for k, v in os.environ.items() if not k.startswith("RADSTREAM_")}
     env.update(
         RADSTREAM_HOME=str(tmp_path / "stack"),
-        RADSTREAM_STACK_KAFKA_PORT=str(free_port()),
-        RADSTREAM_STACK_CONTROLLER_PORT=str(free_port()),
+        RADSTREAM_STACK_PORTS="auto",  # every port free, beside any other stack
         COLUMNS="200",
     )
     cli = str(REPO / ".venv" / "bin" / "radstream")

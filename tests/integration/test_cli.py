@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 from pathlib import Path
 
 import pytest
+from pydicom.data import get_testdata_file
 
+from shared import topology
 from shared.schemas import DeadLetter, Probe
-from shared.stack.broker import free_port
-from tests.helpers import REPO, Env, Reader, StageProcess
+from shared.stack.broker import _pid_alive
+from tests.helpers import REPO, Env, Reader, StageProcess, wait_until_sync
 
 pytestmark = pytest.mark.integration
 
@@ -57,30 +60,57 @@ async def test_deadletters_json_lists_reason_and_source(env: Env, tmp_path: Path
     assert followed.returncode == 0 and len(followed.stdout.splitlines()) == 1
 
 
-def test_stack_up_is_idempotent_status_and_down(tmp_path: Path) -> None:
+def test_stack_up_returns_ready_is_idempotent_names_a_failed_service_and_goes_down(
+    tmp_path: Path,
+) -> None:
+    """``stack up`` returns only when every service is ready: a modality can store to the
+    gateway at once (the bug: storescu right after up got "Connection refused"). A service
+    that cannot start makes ``up`` fail naming it, with the end of its log."""
     home = tmp_path / "stack"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RADSTREAM_")}
-    env.update(
-        RADSTREAM_HOME=str(home),
-        RADSTREAM_STACK_KAFKA_PORT=str(free_port()),
-        RADSTREAM_STACK_CONTROLLER_PORT=str(free_port()),
-    )
+    env.update(RADSTREAM_HOME=str(home), RADSTREAM_STACK_PORTS="auto")  # beside any other stack
     try:
-        first = run_cli(["stack", "up"], env, timeout=300)
+        first = run_cli(["stack", "up"], env, timeout=400)
         assert first.returncode == 0, first.stderr
-        assert "broker started" in first.stdout
-        pid = (home / "kafka" / "broker.pid").read_text()
-        second = run_cli(["stack", "up"], env)
-        assert second.returncode == 0 and "broker already running" in second.stdout
-        assert (home / "kafka" / "broker.pid").read_text() == pid
-        for secret in ("credentials.json", "keyring.json", "admin.properties", "tls/broker.key"):
-            assert stat.S_IMODE((home / "secrets" / secret).stat().st_mode) == 0o600, secret
+        assert "broker started" in first.stdout and "every service ready" in first.stdout
+        # no waiting here: up has returned, so everything must answer now
         status = run_cli(["stack", "status", "--json"], env)
         assert status.returncode == 0, status.stderr
         info = json.loads(status.stdout)
+        assert {s["name"] for s in info["services"]} == {s.name for s in topology.SERVICES}
+        assert all(s["ready"] and s["healthy"] for s in info["services"]), info["services"]
+        host, port = info["gateway"]["dicom"].split(":")
+        ct = str(get_testdata_file("CT_small.dcm", download=False))
+        store = subprocess.run(
+            ["storescu", "-aet", "STORESCU", "-aec", "RADSTREAM", host, port, ct],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert store.returncode == 0, store.stdout + store.stderr
         assert info["broker"]["running"] is True
-        assert set(info["lag"]) == {"ingest", "preprocess", "segmentation", "alert"}
-        assert all(stage["total"] == 0 for stage in info["lag"].values())
+        assert set(info["lag"]) == set(topology.STAGE_NAMES)
+
+        pid = (home / "kafka" / "broker.pid").read_text()
+        second = run_cli(["stack", "up"], env)
+        assert second.returncode == 0 and "broker already running" in second.stdout
+        assert "alert already running" in second.stdout
+        assert (home / "kafka" / "broker.pid").read_text() == pid
+        for secret in ("credentials.json", "keyring.json", "admin.properties", "tls/broker.key"):
+            assert stat.S_IMODE((home / "secrets" / secret).stat().st_mode) == 0o600, secret
+
+        # the alert service dies and cannot start again (its rules file is gone): up names
+        # it, with the end of its log
+        alert_pid = int((home / "run" / "alert.pid").read_text())
+        os.kill(alert_pid, signal.SIGKILL)
+        wait_until_sync(lambda: not _pid_alive(alert_pid), 30, "alert gone")
+        broken = {**env, "RADSTREAM_ALERT__RULES_FILE": str(tmp_path / "no-such-rules.yaml")}
+        third = run_cli(["stack", "up", "--timeout", "120"], broken, timeout=300)
+        assert third.returncode == 1, third.stdout
+        assert "alert did not come up: its process exited" in third.stderr, third.stderr
+        assert "no-such-rules.yaml" in third.stderr, third.stderr  # the tail of its log
+        assert "gateway" not in third.stderr  # the others were ready
     finally:
         down = run_cli(["stack", "down"], env)
     assert down.returncode == 0 and "broker stopped" in down.stdout

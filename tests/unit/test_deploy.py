@@ -11,10 +11,11 @@ import yaml
 from pydantic import BaseModel
 
 from shared.config import Settings
-from shared.stack.principals import STAGES
+from shared.topology import SERVICES as TOPOLOGY_SERVICES
+from shared.topology import STAGES
 from tests.helpers import REPO
 
-SERVICES = ("gateway", "ingest", "preprocess", "segmentation", "alert")
+SERVICES = tuple(s.name for s in TOPOLOGY_SERVICES)
 
 
 def known_env(name: str) -> bool:
@@ -82,6 +83,7 @@ def test_compose_file_has_the_whole_stack_done_properly() -> None:
             assert known_env(key), f"{name}: {key} is not a setting"
     for name in SERVICES:
         module = services[name]["command"][-1]
+        assert module == next(s.module for s in TOPOLOGY_SERVICES if s.name == name)
         assert importlib.util.find_spec(module) is not None
         assert services[name]["environment"]["RADSTREAM_KAFKA__USERNAME"] == name
     assert (REPO / "deploy" / "Dockerfile").read_text().count("FROM ") == 1
@@ -112,12 +114,12 @@ def test_kubernetes_manifests() -> None:
         assert name in by_kind["PodDisruptionBudget"] and name in by_kind["NetworkPolicy"]
     assert "default-deny" in by_kind["NetworkPolicy"]
     assert "radstream-credentials" in by_kind["Secret"]
-    for stage, (src, _) in STAGES.items():
-        so = by_kind["ScaledObject"][stage]["spec"]
+    for stage in STAGES:
+        so = by_kind["ScaledObject"][stage.name]["spec"]
         trigger = so["triggers"][0]["metadata"]
         assert (
-            trigger["topic"] == f"radstream.{src}"
-            and trigger["consumerGroup"] == f"radstream.{stage}"
+            trigger["topic"] == f"radstream.{stage.input}"
+            and trigger["consumerGroup"] == f"radstream.{stage.name}"
         )
         assert so["maxReplicaCount"] <= 3  # never more consumers than partitions
     assert "gateway" not in by_kind["ScaledObject"]

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from shared.stack.principals import ROLES, STAGES, acl_lines, spec
+from shared.stack.principals import ROLES, acl_lines, spec
+from shared.topology import STAGES
 
 
 def grants(principal: str, prefix: str = "radstream.") -> set[tuple[str, str, str, str]]:
@@ -25,16 +26,21 @@ def test_alert_consumer_reads_only_alerts() -> None:
 
 
 def test_each_stage_writes_only_its_outputs_and_owns_its_ids() -> None:
-    for stage, (src, outs) in STAGES.items():
-        g = grants(stage)
+    for stage in STAGES:
+        g = grants(stage.name)
+        own = (f"{stage.name}.state",) if stage.stateful else ()
         writes = {name for (rtype, _, name, op) in g if rtype == "TOPIC" and op == "WRITE"}
-        assert writes == {
-            f"radstream.{t}" for t in (*outs, "deadletter", "audit", f"{stage}.state")
-        }
+        assert writes == {f"radstream.{t}" for t in (*stage.outputs, "deadletter", "audit", *own)}
         reads = {name for (rtype, _, name, op) in g if rtype == "TOPIC" and op == "READ"}
-        assert reads == {f"radstream.{src}", f"radstream.{stage}.state"}
-        assert ("TRANSACTIONAL_ID", "PREFIXED", f"radstream.{stage}.", "WRITE") in g
-        assert ("GROUP", "PREFIXED", f"radstream.{stage}", "READ") in g
+        assert reads == {f"radstream.{t}" for t in (stage.input, *own)}
+        assert ("TRANSACTIONAL_ID", "PREFIXED", f"radstream.{stage.name}.", "WRITE") in g
+        assert ("GROUP", "PREFIXED", f"radstream.{stage.name}", "READ") in g
+
+
+def test_only_stateful_stages_have_a_changelog() -> None:
+    text = spec("radstream.", 3)
+    assert "radstream.ingest.state" in text  # ingest keeps series state
+    assert "radstream.preprocess.state" not in text and "radstream.alert.state" not in text
 
 
 def test_no_wildcards_in_the_matrix() -> None:

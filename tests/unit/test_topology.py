@@ -1,0 +1,157 @@
+"""One topology (shared/topology.py): the services, the ACL matrix, the local stack, the CLI
+and the Prometheus config all say what it says."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+
+from shared import schemas, topology
+from shared.cli.main import REPLAY
+from shared.config import Settings
+from shared.security.envelope import Keyring
+from shared.stack import local, principals
+from tests.helpers import REPO
+
+
+def _settings(tmp: Path) -> Settings:
+    return Settings(home=tmp, device="cpu", blob_dir=tmp / "blobs")
+
+
+def _emitted_topics(stage: topology.Stage) -> set[str]:
+    """First arguments of ``Emit(...)`` in the stage's service package, resolved to strings."""
+    out: set[str] = set()
+    for path in sorted((REPO / "services" / stage.name).glob("*.py")):
+        module = importlib.import_module(f"services.{stage.name}.{path.stem}")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "id", getattr(node.func, "attr", "")) == "Emit"
+                and node.args
+            ):
+                continue
+            arg = node.args[0]
+            if isinstance(arg, ast.Constant):
+                out.add(str(arg.value))
+            elif isinstance(arg, ast.Name):
+                out.add(str(getattr(module, arg.id)))
+            else:
+                pytest.fail(f"{path.name}: Emit topic {ast.unparse(arg)} is not checkable")
+    return out
+
+
+@pytest.mark.parametrize("stage", topology.STAGES, ids=lambda s: s.name)
+def test_each_stage_service_declares_what_the_topology_says(
+    stage: topology.Stage, tmp_path: Path
+) -> None:
+    main = importlib.import_module(f"services.{stage.name}.main")
+    spec: Any = main.build(_settings(tmp_path), Keyring.generate(), CollectorRegistry())
+    assert (spec.name, spec.input_topic, spec.output_topic, spec.stateful) == (
+        stage.name,
+        stage.input,
+        stage.output,
+        stage.stateful,
+    )
+    assert _emitted_topics(stage) <= set(stage.outputs), "Emit to a topic the stage may not write"
+
+
+def test_the_acl_matrix_is_the_topology() -> None:
+    roles = principals.ROLES
+    assert set(roles) == {s.name for s in topology.STAGES} | {p.name for p in topology.PARTIES}
+    for s in topology.STAGES:
+        role = roles[s.name]
+        own = {s.changelog} if s.changelog else set()
+        assert set(role.read) == {s.input} | own
+        assert set(role.write) == set(s.outputs) | {topology.DEADLETTER, topology.AUDIT} | own
+        assert role.groups == (s.name,) and role.transactional
+    for p in topology.PARTIES:
+        role = roles[p.name]
+        assert (role.read, role.write, role.groups, role.describe_all, role.transactional) == (
+            p.read,
+            p.write,
+            p.groups,
+            p.describe_all,
+            False,
+        )
+    # the bootstrap spec creates exactly the topology's topics and the changelogs of stateful
+    # stages, and every topic an ACL names is one of them
+    created = {
+        line.split("\t")[1]
+        for line in principals.spec("radstream.", 3).splitlines()
+        if line.startswith("topic\t")
+    }
+    changelogs = {s.changelog for s in topology.STAGES if s.changelog}
+    assert created == {f"radstream.{t}" for t in (*topology.TOPIC_NAMES, *changelogs)}
+    for role in roles.values():
+        assert {f"radstream.{t}" for t in (*role.read, *role.write)} <= created, role.name
+    assert principals.PRINCIPALS == (topology.ADMIN, *roles)
+
+
+def test_every_topic_names_the_record_it_carries() -> None:
+    for t in topology.TOPICS:
+        assert hasattr(schemas, t.carries), f"{t.name}: shared.schemas has no {t.carries}"
+
+
+def test_the_local_stack_runs_every_service_of_the_topology_as_its_principal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert local.SERVICES == topology.SERVICES
+    assert [s.name for s in topology.SERVICES] == ["gateway", *topology.STAGE_NAMES]
+    ports = [s.metrics_port for s in topology.SERVICES]
+    assert len(set(ports)) == len(ports)
+    for s in topology.SERVICES:
+        assert s.module == f"services.{s.name}.main"
+        assert importlib.util.find_spec(s.module) is not None
+    monkeypatch.delenv("RADSTREAM_STACK_PORTS", raising=False)
+    stack = local.LocalStack(tmp_path)
+    stack.broker.ensure_secrets()
+    for s in topology.SERVICES:
+        env = stack.service_env(s)
+        assert env["RADSTREAM_KAFKA__USERNAME"] == s.principal == s.name
+        assert env["RADSTREAM_METRICS_PORT"] == str(s.metrics_port)
+    gateway_env = stack.service_env(topology.service("gateway"))
+    assert gateway_env["RADSTREAM_GATEWAY__PORT"] == str(topology.PORTS.gateway_dicom)
+    # a second stack beside the first: every port moved
+    monkeypatch.setenv("RADSTREAM_STACK_PORTS", "auto")
+    moved = local.LocalStack(tmp_path / "second")
+    assert moved.ports.gateway_dicom != topology.PORTS.gateway_dicom
+    assert set(moved.ports.metrics) == {s.name for s in topology.SERVICES}
+    assert not set(moved.ports.metrics.values()) & set(ports)
+
+
+def test_prometheus_scrapes_the_topology_s_services_on_their_ports() -> None:
+    config = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    targets = {
+        sc["labels"]["service"]: sc["targets"]
+        for job in config["scrape_configs"]
+        for sc in job["static_configs"]
+    }
+    assert targets == {s.name: [f"127.0.0.1:{s.metrics_port}"] for s in topology.SERVICES}
+
+
+def test_cli_replays_exactly_the_replayable_stages_as_the_operator_may() -> None:
+    assert {s.name: s.input for s in topology.STAGES if s.replay} == REPLAY
+    operator = topology.party("operator")
+    assert set(operator.write) == {*REPLAY.values(), topology.AUDIT}
+    assert set(operator.read) == set(topology.TOPIC_NAMES)
+
+
+def test_settings_defaults_are_the_topology_s_ports() -> None:
+    s = Settings()
+    assert s.kafka.bootstrap_servers == f"127.0.0.1:{topology.PORTS.kafka}"
+    assert s.gateway.port == topology.PORTS.gateway_dicom
+    assert s.alert.pacs_port == topology.PORTS.orthanc_dicom
+
+
+def test_lookups_name_what_exists() -> None:
+    with pytest.raises(KeyError, match="stages: ingest"):
+        topology.stage("nope")
+    assert topology.stage("ingest").changelog == "ingest.state"
+    assert topology.stage("alert").outputs == ("alerts", topology.AUDIT)
