@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,92 @@ def test_blob_store_is_content_addressed_encrypted_and_verified(tmp_path: Path) 
 
     with pytest.raises(BlobError):
         store.get(a)
+
+
+def _v1_state(ph: phantom.Phantom, files: list[bytes], store: BlobStore) -> dict[str, object]:
+    """What the first ingest wrote to its changelog for these instances (positional layout)."""
+    from shared.dicom.safe import inspect_instance
+
+    infos = [inspect_instance(d) for d in files]
+    first = infos[0]
+    return {
+        "study": first.study_instance_uid,
+        "series": first.series_instance_uid,
+        "modality": first.modality,
+        "inst": {
+            i.sop_instance_uid: [
+                ref.digest,
+                ref.size,
+                ref.key_id,
+                i.instance_number,
+                list(i.position) if i.position else None,
+            ]
+            for i, ref in ((i, store.put(d)) for i, d in zip(infos, files, strict=True))
+        },
+        "expected": None,
+        "revision": 0,
+        "dirty": False,
+        "first_rx": 10.0,
+        "last_update": 11.0,
+        "last_pub": "2025-01-02T03:04:05+00:00",
+        "body_part": first.body_part,
+        "rows": first.rows,
+        "cols": first.columns,
+        "spacing": list(first.pixel_spacing) if first.pixel_spacing else None,
+        "thick": first.slice_thickness,
+        "orient": list(first.orientation) if first.orientation else None,
+        "acq": first.acquisition,
+    }
+
+
+def test_state_is_a_versioned_model_in_the_changelog_and_v1_records_are_upgraded(
+    core, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    from services.ingest.state import SeriesState, load
+
+    ingest, ring = core
+    ph = phantom.chest_ct(tmp_path / "v", seed=5, size=16, slices=3, nodules_mm=())
+    files = [f.read_bytes() for f in ph.files]
+    key = ring.keyed_hash(ph.series_instance_uid)
+    # what this ingest writes: schema_version 2, read back as the same model
+    state = PartitionState()
+    ingest.on_instance(InstanceData(source="t", data=files[0]), ctx(ring, state, key), 1.0)
+    ((_, raw),) = state.pending()
+    assert raw is not None and b'"schema_version":2' in raw
+    st = load(state.get(key))
+    assert isinstance(st, SeriesState) and len(st.instances) == 1 and st.revision == 0
+    assert load(st.dump()) == st
+    # a changelog written by the first ingest (v1) is read, upgraded and carried on with
+    old = PartitionState()
+    old.restore(key, json.dumps(_v1_state(ph, files[:2], ingest.store)).encode())
+    c = ctx(ring, old, key)
+    ingest.on_instance(InstanceData(source="t", data=files[2]), c, 12.0)
+    (ready,) = emitted(
+        ingest.on_marker(
+            EndOfSeries(source="t", series_instance_uid=ph.series_instance_uid, expected_count=3),
+            c,
+            13.0,
+        )
+    )
+    assert ready.instance_count == 3 and ready.revision == 1
+    assert [r.instance_number for r in ready.instances] == [1, 2, 3]
+    assert ready.series_instance_uid == ph.series_instance_uid
+    assert ready.first_received_at.timestamp() == 10.0
+    assert load(old.get(key)).schema_version == 2  # rewritten at the current version
+
+
+def test_unreadable_state_dead_letters_its_series_but_never_stops_the_timer(
+    core, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    ingest, ring = core
+    ph = phantom.chest_ct(tmp_path / "u", seed=6, size=16, slices=1, nodules_mm=())
+    key = ring.keyed_hash(ph.series_instance_uid)
+    state = PartitionState()
+    state.restore(key, json.dumps({"schema_version": 99, "whatever": 1}).encode())
+    state.restore(b"other", json.dumps({"schema_version": 2, "revision": "x"}).encode())
+    c = ctx(ring, state, key)
+    with pytest.raises(PoisonError) as info:
+        ingest.on_instance(InstanceData(source="t", data=ph.files[0].read_bytes()), c, 1.0)
+    assert info.value.reason == "schema" and "unknown version 99" in info.value.message
+    assert emitted(ingest.tick(c, 10_000.0)) == []  # skipped, not raised
+    assert state.pending() == []

@@ -1,0 +1,154 @@
+"""Ingest's keyed state: one :class:`SeriesState` per series, versioned.
+
+The runtime keeps it in the compacted changelog ``ingest.state`` (JSON, sealed); a restart or a
+new owner of the partition reads it back with :func:`load`. ``schema_version`` says how to read
+a record:
+
+* 1 (no ``schema_version`` field): the first layout, a dict with short keys and each instance
+  as a positional list ``[digest, size, key id, instance number, position]``; upgraded on read;
+* 2: this model.
+
+A record of another version (written by a newer ingest, then rolled back) is refused (a
+:class:`~shared.runtime.errors.PoisonError` with reason ``schema``) rather than guessed at.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shared.dicom.safe import InstanceInfo
+from shared.runtime.errors import PoisonError
+from shared.schemas import Reason
+
+VERSION = 2
+
+
+def unreadable(message: str) -> PoisonError:
+    """A changelog record this ingest cannot read (unknown version, or invalid)."""
+    return PoisonError(Reason.SCHEMA, message)
+
+
+class StoredInstance(BaseModel):
+    """One accepted instance: where its bytes are and what orders it in the series."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    digest: str = Field(description="blob digest (claim check)")
+    size: int = Field(ge=0, description="bytes of the instance")
+    key_id: str = Field(description="key that encrypts the blob")
+    instance_number: int | None = Field(None, description="InstanceNumber, if given")
+    position: tuple[float, float, float] | None = Field(
+        None, description="ImagePositionPatient (mm), if given"
+    )
+
+
+class SeriesState(BaseModel):
+    """A series being assembled, and after completion, what revisions need."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    schema_version: Literal[2] = Field(2, description="layout of this record (VERSION)")
+    study_instance_uid: str | None = Field(None, description="None until an instance came")
+    series_instance_uid: str | None = None
+    modality: str | None = None
+    body_part: str | None = None
+    rows: int | None = None
+    columns: int | None = None
+    pixel_spacing_mm: tuple[float, float] | None = None
+    slice_thickness_mm: float | None = None
+    orientation: tuple[float, float, float, float, float, float] | None = None
+    acquired_at: str | None = Field(None, description="DICOM DA+TM of acquisition")
+    instances: dict[str, StoredInstance] = Field(
+        default_factory=dict, description="by SOP Instance UID (duplicates are idempotent)"
+    )
+    expected_count: int | None = Field(None, description="from the end-of-series marker")
+    revision: int = Field(0, ge=0, description="revisions published so far (0: in assembly)")
+    dirty: bool = Field(False, description="instances arrived after the last revision")
+    first_received: float = Field(description="epoch s of the first message")
+    last_update: float = Field(description="epoch s of the last change (timers)")
+    last_published_at: datetime | None = Field(
+        None, description="latest sent_at of the messages (end-to-end latency)"
+    )
+
+    @classmethod
+    def new(cls, now: float, series_instance_uid: str | None = None) -> SeriesState:
+        return cls(
+            series_instance_uid=series_instance_uid, first_received=now, last_update=now
+        )
+
+    @property
+    def geometry_missing(self) -> bool:
+        return self.study_instance_uid is None or self.rows is None
+
+    def take_geometry(self, info: InstanceInfo) -> None:
+        """What the series is, from one of its instances (identity fields only if unset)."""
+        self.study_instance_uid = self.study_instance_uid or info.study_instance_uid
+        self.series_instance_uid = self.series_instance_uid or info.series_instance_uid
+        self.modality = self.modality or info.modality
+        self.body_part = info.body_part
+        self.rows, self.columns = info.rows, info.columns
+        self.pixel_spacing_mm = info.pixel_spacing
+        self.slice_thickness_mm = info.slice_thickness
+        self.orientation = info.orientation  # type: ignore[assignment]
+        self.acquired_at = info.acquisition
+
+    def published(self, sent_at: datetime) -> None:
+        if self.last_published_at is None or sent_at > self.last_published_at:
+            self.last_published_at = sent_at
+
+    def dump(self) -> dict[str, Any]:
+        """What the changelog stores (JSON types)."""
+        return self.model_dump(mode="json")
+
+
+def load(doc: Any) -> SeriesState:
+    """A changelog value (parsed JSON) as the current model, upgrading older layouts."""
+    if not isinstance(doc, dict):
+        raise unreadable("series state is not an object")
+    version = doc.get("schema_version", 1)
+    try:
+        if version == VERSION:
+            return SeriesState.model_validate(doc)
+        if version == 1:
+            return _from_v1(doc)
+    except (ValidationError, KeyError, TypeError, ValueError, IndexError) as exc:
+        raise unreadable(
+            f"series state v{version} does not validate ({type(exc).__name__})"
+        ) from None
+    raise unreadable(f"series state of unknown version {version!r}")
+
+
+def _from_v1(st: dict[str, Any]) -> SeriesState:
+    """Version 1: short keys, instances as ``[digest, size, key_id, number, position]``."""
+    last_pub = st.get("last_pub")
+    return SeriesState(
+        study_instance_uid=st.get("study"),
+        series_instance_uid=st.get("series"),
+        modality=st.get("modality"),
+        body_part=st.get("body_part"),
+        rows=st.get("rows"),
+        columns=st.get("cols"),
+        pixel_spacing_mm=tuple(st["spacing"]) if st.get("spacing") else None,
+        slice_thickness_mm=st.get("thick"),
+        orientation=tuple(st["orient"]) if st.get("orient") else None,
+        acquired_at=st.get("acq"),
+        instances={
+            sop: StoredInstance(
+                digest=v[0],
+                size=v[1],
+                key_id=v[2],
+                instance_number=v[3],
+                position=tuple(v[4]) if v[4] else None,
+            )
+            for sop, v in st["inst"].items()
+        },
+        expected_count=st.get("expected"),
+        revision=st["revision"],
+        dirty=bool(st.get("dirty")),
+        first_received=st["first_rx"],
+        last_update=st["last_update"],
+        last_published_at=datetime.fromisoformat(last_pub) if last_pub else None,
+    )
