@@ -151,7 +151,28 @@ def run_demo(stack: LocalStack, out: Path, console: Console, wait_s: float = 300
             if len(alerts) >= expected:
                 return
 
+    started = time.monotonic()
     asyncio.run(follow())
+
+    async def analysed() -> None:
+        """Every study analysed, those without an alert too (the normal one may finish after
+        the last alert), so the report is complete."""
+        pending = set(wanted)
+        async for item in read_topic(
+            stack.broker.settings_for("operator"),
+            settings.topic("findings"),
+            SegmentationDone,
+            keyring,
+            follow=True,
+            timeout_s=max(1.0, wait_s - (time.monotonic() - started)),
+            from_beginning=True,
+        ):
+            if item.record is not None:
+                pending.discard(item.record.series_instance_uid)
+            if not pending:
+                return
+
+    asyncio.run(analysed())
     report = write_report(stack, settings, keyring, studies, out)
     console.print(f"\nreport: [bold]{report}[/]")
     console.print(

@@ -19,7 +19,6 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
 import ssl
 import sys
 import time
@@ -334,7 +333,7 @@ class LocalStack:
         actions: list[str] = []
         opid = self.orthanc_pid()
         if opid is not None:
-            os.kill(opid, signal.SIGTERM)
+            terminate(opid, timeout)  # SIGTERM, then SIGKILL: never left behind
             actions.append("orthanc stopped")
         for svc in reversed(SERVICES):
             pid = self.service_pid(svc)
