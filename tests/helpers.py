@@ -365,6 +365,7 @@ class Prometheus:
         assert exe, "prometheus not found: 'make setup' installs Debian's prometheus"
         self.exe = exe
         self.root = root
+        self.targets = dict(targets)  # service name → /metrics port
         root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         config = {

@@ -1,11 +1,14 @@
 """The whole pipeline, every service a real process, the real broker and a real Orthanc:
 phantoms with lesions yield exactly the expected alerts, the normal study none, each SEG is
-in the PACS exactly once; killing a service mid-run changes nothing."""
+in the PACS exactly once; killing a service mid-run changes nothing. A real Prometheus
+(Debian's) scrapes every stage meanwhile: the end-to-end latency histogram holds one sample
+per alert, every stage has throughput, every target is up."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -13,11 +16,12 @@ import pytest
 from shared.dicom import phantom
 from shared.ingress.publisher import Publisher
 from shared.schemas import Alert, SegmentationDone, VolumePrepared
-from tests.helpers import REPO, Env, Orthanc, Reader, StageProcess, wait_until
+from shared.topology import STAGE_NAMES
+from tests.helpers import REPO, Env, Orthanc, Prometheus, Reader, StageProcess, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-SERVICES = ("ingest", "preprocess", "segmentation", "alert")
+SERVICES = STAGE_NAMES
 
 
 async def test_pipeline_end_to_end_with_orthanc_and_a_kill(env: Env, tmp_path: Path) -> None:
@@ -35,6 +39,7 @@ async def test_pipeline_end_to_end_with_orthanc_and_a_kill(env: Env, tmp_path: P
         ).start()
         for name in SERVICES
     }
+    prom = Prometheus(tmp_path / "prometheus", {n: p.port for n, p in procs.items()}).start()
     try:
         chest = phantom.chest_ct(
             tmp_path / "chest", seed=61, size=256, slices=48, nodules_mm=(10.0, 7.0)
@@ -57,7 +62,7 @@ async def test_pipeline_end_to_end_with_orthanc_and_a_kill(env: Env, tmp_path: P
         # SIGKILL a stage mid-run, then bring it back
         procs["segmentation"].kill()
         procs["segmentation"] = StageProcess(
-            env.service_env("segmentation", **extra),
+            procs["segmentation"].env,  # same metrics port: the same Prometheus target
             "services.segmentation.main",
             tmp_path / "segmentation-2.log",
         ).start()
@@ -124,8 +129,61 @@ async def test_pipeline_end_to_end_with_orthanc_and_a_kill(env: Env, tmp_path: P
                 "latency_seconds",
                 "created_at",
             } <= row.keys()
+        await _prometheus_saw_the_run(prom, alerts=len(feed.records))
     finally:
         for proc in procs.values():
             if proc.alive():
                 proc.terminate(15)
         pacs.stop()
+        prom.stop()
+
+
+async def _prometheus_saw_the_run(prom: Prometheus, alerts: int) -> None:
+    """What the dashboard and the SLO rules read, read from a real Prometheus."""
+
+    seen: dict[str, dict[str, float]] = {}
+
+    async def query(promql: str) -> dict[str, float]:
+        """Series (labels but the name, as "k=v,...") → value."""
+        rows = await asyncio.to_thread(prom.query, promql)
+        seen[promql] = {
+            ",".join(f"{k}={v}" for k, v in sorted(r["metric"].items()) if k != "__name__"): float(
+                r["value"][1]
+            )
+            for r in rows
+        }
+        return seen[promql]
+
+    async def equals(promql: str, want: dict[str, float]) -> bool:
+        return await query(promql) == want
+
+    async def until(cond: Callable[[], Awaitable[bool]], what: str) -> None:
+        try:
+            await wait_until(cond, 60, what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; Prometheus said {seen}") from None
+
+    # every target up (the killed segmentation came back on its port)
+    up = {
+        f"instance=127.0.0.1:{port},job=radstream,service={name}": 1.0
+        for name, port in prom.targets.items()
+    }
+    await until(lambda: equals('up{job="radstream"}', up), "every target up")
+    # the e2e latency histogram: one sample per alert raised
+    await until(
+        lambda: equals("sum(radstream_e2e_latency_seconds_count)", {"": float(alerts)}),
+        f"{alerts} e2e latency samples",
+    )
+    assert await query("sum(radstream_alerts_total)") == {"": float(alerts)}
+    assert await query('sum(radstream_e2e_latency_seconds_bucket{le="+Inf"})') == {
+        "": float(alerts)
+    }
+    # throughput of every stage, and the recording rule the dashboard and alerts use
+    stages = {f"stage={n}" for n in SERVICES}
+
+    async def throughput() -> bool:
+        handled = await query('sum by (stage) (radstream_messages_total{outcome="ok"})')
+        rule = await query("radstream:stage_throughput:rate5m")
+        return set(handled) == stages and all(handled.values()) and set(rule) == stages
+
+    await until(throughput, "throughput of every stage")
