@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
 from services.segmentation import tasks
 from services.segmentation.onnx_plugin import OnnxSegmenter
-from shared.dicom.seg import Algorithm, build_seg, seg_uid, source_headers
+from shared.dicom.seg import Algorithm, Segment, build_seg, seg_uid, source_headers
 from shared.imaging.backend import Backend, DeviceRunner
 from shared.imaging.overlay import overlay_png
 from shared.imaging.packed import unpack_volume
@@ -98,7 +99,7 @@ class SegmentationCore:
                     )
                     seg_bytes = build_seg(
                         sources,
-                        result.masks,
+                        finding_segments(result, geo),
                         series_instance_uid=msg.series_instance_uid,
                         revision=msg.revision,
                         algorithm=algorithm,
@@ -181,6 +182,85 @@ def _on_backend(fn: Any, vol: np.ndarray, geo: tasks.Geometry, be: Backend) -> t
         return result
     finally:
         be.free()
+
+
+ORGANS = ("lung_left", "lung_right", "brain")
+LESION_MASKS = {"nodule": "nodules", "mass": "nodules", "haemorrhage": "haemorrhage"}
+
+
+def _describe(f: dict[str, Any]) -> tuple[str, str]:
+    """SegmentLabel and SegmentDescription of a finding: what, how big, how sure, and why."""
+    size = f.get("diameter_mm")
+    conf = f.get("confidence")
+    head = " ".join(
+        p
+        for p in (
+            f["label"] + ":",
+            f.get("subtype") or "",
+            f"{size:.1f} mm" if size is not None else "",
+            f"p={conf:.2f}" if conf is not None else "",
+        )
+        if p
+    )
+    parts = [
+        f"{f['label']}: {f.get('subtype') or ''} {f['type']}".replace("  ", " "),
+        f"diameter {size:.1f} mm" if size is not None else "",
+        f"long/short axis {f['long_axis_mm']:.1f}/{f['short_axis_mm']:.1f} mm"
+        if f.get("long_axis_mm") is not None and f.get("short_axis_mm") is not None
+        else "",
+        f"volume {f['volume_ml']:.2f} mL" if f.get("volume_ml") is not None else "",
+        f"mean {f['mean_value']:.0f} HU" if f.get("mean_value") is not None else "",
+        f"location {f['location']}" if f.get("location") else "",
+        "likely benign" if f.get("likely_benign") else "",
+        f"confidence {conf:.3f}" if conf is not None else "confidence not computed",
+    ]
+    text = ", ".join(p for p in parts if p)
+    features = f.get("features") or {}
+    if features:
+        text += "; features: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(features.items()))
+    return head[:64], text
+
+
+def finding_segments(result: tasks.TaskResult, geo: tasks.Geometry) -> list[Segment]:
+    """The SEG's segments: each organ mask, then one segment per lesion finding (the connected
+    piece of its task's lesion mask that holds the finding), described by the finding."""
+    segments = [
+        Segment(n, np.asarray(result.masks[n], bool), n) for n in ORGANS if n in result.masks
+    ]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for f in result.findings:
+        union = LESION_MASKS.get(str(f.get("type")))
+        if union in result.masks and f.get("centroid_mm") is not None:
+            groups.setdefault(union, []).append(f)
+    for union, members in groups.items():
+        labels, n = ndimage.label(
+            np.asarray(result.masks[union], bool), structure=np.ones((3, 3, 3), bool)
+        )
+        if n == 0:
+            continue
+        centres = np.array(
+            ndimage.center_of_mass(np.ones(labels.shape, np.int8), labels, range(1, n + 1))
+        ).reshape(n, 3)
+        owners: dict[int, list[dict[str, Any]]] = {}
+        for f in members:
+            z, y, x = geo.to_index(f["centroid_mm"])
+            idx = tuple(
+                min(max(round(v), 0), s - 1) for v, s in zip((z, y, x), labels.shape, strict=True)
+            )
+            cid = int(labels[idx])
+            if cid == 0:  # a centroid outside its own (concave) mask: the nearest piece
+                d = (centres - np.array([z, y, x])) * np.array(geo.spacing)
+                cid = int(np.argmin((d**2).sum(axis=1))) + 1
+            owners.setdefault(cid, []).append(f)
+        for cid, fs in sorted(owners.items()):
+            main = max(fs, key=lambda f: (f.get("confidence") or 0.0, f.get("volume_ml") or 0.0))
+            label, text = _describe(main)
+            if len(fs) > 1:
+                text = "; ".join([text, *(_describe(f)[1] for f in fs if f is not main)])
+            segments.append(
+                Segment(str(main["type"]), labels == cid, str(main["label"]), label, text)
+            )
+    return segments
 
 
 def _clean(f: dict[str, Any]) -> dict[str, Any]:

@@ -5,6 +5,7 @@ haemorrhage), radiographs (edges, contours, structures). Pure functions on a vol
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,19 @@ class Geometry:
             + n * z * self.spacing[0]
         )
         return (round(float(p[0]), 2), round(float(p[1]), 2), round(float(p[2]), 2))
+
+    def to_index(self, xyz: Sequence[float]) -> tuple[float, float, float]:
+        """Patient coordinates (mm) back to (z, y, x) voxel indices (fractional)."""
+        cols = np.stack(
+            [
+                np.array(self.direction[6:9]) * self.spacing[0],
+                np.array(self.direction[3:6]) * self.spacing[1],
+                np.array(self.direction[:3]) * self.spacing[2],
+            ],
+            axis=1,
+        )
+        z, y, x = np.linalg.solve(cols, np.asarray(xyz, float) - np.array(self.origin))
+        return (float(z), float(y), float(x))
 
     @property
     def voxel_ml(self) -> float:

@@ -1,7 +1,9 @@
 """DICOM Segmentation objects (highdicom), validated when built.
 
 The SEG references its source series (one frame per source slice that has any segment),
-carries one segment per mask with SNOMED CT codes, and gets a deterministic SOP Instance UID
+carries one segment per organ mask and one per finding (its label and description give the
+finding's type, size, confidence and the features behind the confidence) with SNOMED CT codes,
+and gets a deterministic SOP Instance UID
 derived from (series, revision, algorithm, version): re-processing the same input makes the
 same object, which is the idempotency key for PACS delivery.
 """
@@ -19,18 +21,32 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-# mask name → (category, type)
+# segment kind → (category, type, default label)
 SEGMENT_CODES = {
     "lung_left": (codes.SCT.Organ, codes.SCT.Lung, "Left lung"),
     "lung_right": (codes.SCT.Organ, codes.SCT.Lung, "Right lung"),
     "nodules": (codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Nodule, "Nodule candidates"),
+    "nodule": (codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Nodule, "Nodule"),
+    "mass": (codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Mass, "Mass"),
     "brain": (codes.SCT.Organ, codes.SCT.Brain, "Brain"),
     "haemorrhage": (
         codes.SCT.MorphologicallyAbnormalStructure,
         codes.SCT.Hemorrhage,
-        "Haemorrhage candidates",
+        "Haemorrhage",
     ),
 }
+MAX_DESCRIPTION = 1024  # SegmentDescription is ST
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One segment: ``kind`` picks its codes; ``key`` its stable tracking identity."""
+
+    kind: str
+    mask: np.ndarray  # bool (z, y, x), aligned with the sources
+    key: str
+    label: str | None = None  # SegmentLabel (LO, 64 characters)
+    description: str | None = None  # SegmentDescription (ST, 1024 characters)
 
 
 @dataclass(frozen=True)
@@ -61,7 +77,7 @@ def source_headers(instances: Sequence[bytes]) -> list[Dataset]:
 
 def build_seg(
     sources: list[Dataset],
-    masks: dict[str, np.ndarray],
+    masks: dict[str, np.ndarray] | Sequence[Segment],
     *,
     series_instance_uid: str,
     revision: int,
@@ -69,35 +85,44 @@ def build_seg(
 ) -> bytes:
     """A BINARY SEG over ``sources`` (volume order) with one segment per non-empty mask.
 
-    ``masks`` are (z, y, x) booleans aligned with ``sources``. Returns Part 10 bytes.
+    ``masks`` are (z, y, x) booleans aligned with ``sources``, either by kind (one segment
+    each) or as :class:`Segment` s. Returns Part 10 bytes.
     """
-    names = [n for n in masks if n in SEGMENT_CODES and masks[n].any()]
-    if not names:
+    if isinstance(masks, dict):
+        segments = [Segment(n, m, n) for n, m in masks.items() if n in SEGMENT_CODES]
+    else:
+        segments = list(masks)
+    segments = [s for s in segments if s.mask.any()]
+    if not segments:
         raise ValueError("no non-empty mask to encode")
-    for name in names:
-        if masks[name].shape[0] != len(sources):
+    for segment in segments:
+        if segment.kind not in SEGMENT_CODES:
+            raise ValueError(f"segment kind {segment.kind!r} has no codes")
+        if segment.mask.shape[0] != len(sources):
             raise ValueError(
-                f"mask {name} has {masks[name].shape[0]} slices for {len(sources)} sources"
+                f"segment {segment.key} has {segment.mask.shape[0]} slices "
+                f"for {len(sources)} sources"
             )
     ident = hd.AlgorithmIdentificationSequence(
         name=algorithm.name, version=algorithm.version, family=codes.DCM.ImageProcessing
     )
     descriptions = []
-    for number, name in enumerate(names, start=1):
-        category, prop, label = SEGMENT_CODES[name]
-        descriptions.append(
-            hd.seg.SegmentDescription(
-                segment_number=number,
-                segment_label=label,
-                segmented_property_category=category,
-                segmented_property_type=prop,
-                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-                algorithm_identification=ident,
-                tracking_uid=seg_uid(series_instance_uid, revision, algorithm, f"track-{name}"),
-                tracking_id=f"{algorithm.name}:{name}",
-            )
+    for number, segment in enumerate(segments, start=1):
+        category, prop, default = SEGMENT_CODES[segment.kind]
+        description = hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=(segment.label or default)[:64],
+            segmented_property_category=category,
+            segmented_property_type=prop,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=ident,
+            tracking_uid=seg_uid(series_instance_uid, revision, algorithm, f"track-{segment.key}"),
+            tracking_id=f"{algorithm.name}:{segment.key}"[:64],
         )
-    stack = np.stack([masks[n] for n in names], axis=-1).astype(bool)
+        if segment.description:
+            description.SegmentDescription = segment.description[:MAX_DESCRIPTION]
+        descriptions.append(description)
+    stack = np.stack([s.mask for s in segments], axis=-1).astype(bool)
     seg = hd.seg.Segmentation(
         source_images=sources,
         pixel_array=stack,
