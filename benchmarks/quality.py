@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.append(str(REPO))  # after PYTHONPATH and the editable install
 
 from services.alert.rules import RuleSet  # noqa: E402
 from services.preprocess.core import DEFAULT_CHAINS, apply_step, chain_for  # noqa: E402
