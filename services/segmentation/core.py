@@ -3,20 +3,20 @@ DICOM SEG, overlay PNGs → SegmentationDone. No Kafka here."""
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from services.segmentation import tasks
 from services.segmentation.onnx_plugin import OnnxSegmenter
-from shared.dicom.seg import Algorithm, Segment, build_seg, seg_uid, source_headers
+from shared.dicom.seg import Algorithm, build_seg, seg_uid, source_headers
+from shared.dicom.segments import finding_segments
 from shared.imaging.backend import Backend, DeviceRunner
-from shared.imaging.overlay import overlay_png
+from shared.imaging.masks import pack_masks
+from shared.imaging.overlay import key_slices
 from shared.imaging.packed import unpack_volume
 from shared.runtime.errors import PoisonError
 from shared.runtime.stage import Context
@@ -24,9 +24,6 @@ from shared.schemas import Finding, NamedBlob, SegmentationDone, VolumePrepared
 from shared.storage import BlobError, BlobStore
 
 log = logging.getLogger("radstream.segmentation")
-
-WINDOWS = {"chest_ct": (-600.0, 1500.0), "head_ct": (40.0, 80.0)}
-
 
 def task_for(modality: str, body_part: str | None, depth: int) -> str:
     part = (body_part or "").upper()
@@ -88,10 +85,11 @@ class SegmentationCore:
         seg_sop = None
         overlays: list[NamedBlob] = []
         if result is not None:
-            buf = io.BytesIO()
-            np.savez_compressed(buf, **result.masks)
-            masks_ref = self.store.put(buf.getvalue())
-            overlays = self._overlays(task, vol, result)
+            masks_ref = self.store.put(pack_masks(result.masks))
+            overlays = [
+                NamedBlob(name=name, blob=self.store.put(png))
+                for name, png in key_slices(task, vol, result.masks, result.findings)
+            ]
             if task in ("chest_ct", "head_ct") and len(msg.source_instances) == vol.shape[0]:
                 try:
                     sources = source_headers(
@@ -99,7 +97,7 @@ class SegmentationCore:
                     )
                     seg_bytes = build_seg(
                         sources,
-                        finding_segments(result, geo),
+                        finding_segments(result.masks, result.findings, geo),
                         series_instance_uid=msg.series_instance_uid,
                         revision=msg.revision,
                         algorithm=algorithm,
@@ -136,40 +134,13 @@ class SegmentationCore:
             timings_s={k: round(v, 4) for k, v in timings.items()},
             acquired_at=msg.acquired_at,
             last_published_at=msg.last_published_at,
+            volume=msg.volume,
+            shape=msg.shape,
+            spacing_mm=msg.spacing_mm,
+            origin_mm=msg.origin_mm,
+            direction=msg.direction,
+            source_instances=msg.source_instances,
         )
-
-    def _overlays(self, task: str, vol: np.ndarray, result: tasks.TaskResult) -> list[NamedBlob]:
-        if task == "radiograph" or task.startswith("onnx:"):
-            if task.startswith("onnx:"):
-                z = vol.shape[0] // 2
-                masks2 = {k: v[z] for k, v in result.masks.items()}
-                png = overlay_png(
-                    vol[z], masks2, center=float(vol.mean()), width=float(4 * vol.std() or 1.0)
-                )
-                return [NamedBlob(name=f"slice-{z:04d}.png", blob=self.store.put(png))]
-            img = vol[0]
-            center, width = float(img.mean()), float(4 * img.std() or 1.0)
-            masks = {k: v[0] for k, v in result.masks.items() if k != "edges"}
-            return [
-                NamedBlob(
-                    name="radiograph.png",
-                    blob=self.store.put(overlay_png(img, masks, center=center, width=width)),
-                )
-            ]
-        center, width = WINDOWS[task]
-        lesion = "nodule" if task == "chest_ct" else "haemorrhage"
-        keys = [f.get("slice_index") for f in result.findings if f["type"] == lesion][:3]
-        if not keys:
-            organ = next(iter(result.masks.values()))
-            zs = np.argwhere(organ.any(axis=(1, 2)))
-            keys = [int(zs[len(zs) // 2][0])] if len(zs) else [vol.shape[0] // 2]
-        out = []
-        for z in dict.fromkeys(int(k) for k in keys if k is not None):
-            png = overlay_png(
-                vol[z], {k: v[z] for k, v in result.masks.items()}, center=center, width=width
-            )
-            out.append(NamedBlob(name=f"slice-{z:04d}.png", blob=self.store.put(png)))
-        return out
 
 
 def _on_backend(fn: Any, vol: np.ndarray, geo: tasks.Geometry, be: Backend) -> tasks.TaskResult:
@@ -182,85 +153,6 @@ def _on_backend(fn: Any, vol: np.ndarray, geo: tasks.Geometry, be: Backend) -> t
         return result
     finally:
         be.free()
-
-
-ORGANS = ("lung_left", "lung_right", "brain")
-LESION_MASKS = {"nodule": "nodules", "mass": "nodules", "haemorrhage": "haemorrhage"}
-
-
-def _describe(f: dict[str, Any]) -> tuple[str, str]:
-    """SegmentLabel and SegmentDescription of a finding: what, how big, how sure, and why."""
-    size = f.get("diameter_mm")
-    conf = f.get("confidence")
-    head = " ".join(
-        p
-        for p in (
-            f["label"] + ":",
-            f.get("subtype") or "",
-            f"{size:.1f} mm" if size is not None else "",
-            f"p={conf:.2f}" if conf is not None else "",
-        )
-        if p
-    )
-    parts = [
-        f"{f['label']}: {f.get('subtype') or ''} {f['type']}".replace("  ", " "),
-        f"diameter {size:.1f} mm" if size is not None else "",
-        f"long/short axis {f['long_axis_mm']:.1f}/{f['short_axis_mm']:.1f} mm"
-        if f.get("long_axis_mm") is not None and f.get("short_axis_mm") is not None
-        else "",
-        f"volume {f['volume_ml']:.2f} mL" if f.get("volume_ml") is not None else "",
-        f"mean {f['mean_value']:.0f} HU" if f.get("mean_value") is not None else "",
-        f"location {f['location']}" if f.get("location") else "",
-        "likely benign" if f.get("likely_benign") else "",
-        f"confidence {conf:.3f}" if conf is not None else "confidence not computed",
-    ]
-    text = ", ".join(p for p in parts if p)
-    features = f.get("features") or {}
-    if features:
-        text += "; features: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(features.items()))
-    return head[:64], text
-
-
-def finding_segments(result: tasks.TaskResult, geo: tasks.Geometry) -> list[Segment]:
-    """The SEG's segments: each organ mask, then one segment per lesion finding (the connected
-    piece of its task's lesion mask that holds the finding), described by the finding."""
-    segments = [
-        Segment(n, np.asarray(result.masks[n], bool), n) for n in ORGANS if n in result.masks
-    ]
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for f in result.findings:
-        union = LESION_MASKS.get(str(f.get("type")))
-        if union in result.masks and f.get("centroid_mm") is not None:
-            groups.setdefault(union, []).append(f)
-    for union, members in groups.items():
-        labels, n = ndimage.label(
-            np.asarray(result.masks[union], bool), structure=np.ones((3, 3, 3), bool)
-        )
-        if n == 0:
-            continue
-        centres = np.array(
-            ndimage.center_of_mass(np.ones(labels.shape, np.int8), labels, range(1, n + 1))
-        ).reshape(n, 3)
-        owners: dict[int, list[dict[str, Any]]] = {}
-        for f in members:
-            z, y, x = geo.to_index(f["centroid_mm"])
-            idx = tuple(
-                min(max(round(v), 0), s - 1) for v, s in zip((z, y, x), labels.shape, strict=True)
-            )
-            cid = int(labels[idx])
-            if cid == 0:  # a centroid outside its own (concave) mask: the nearest piece
-                d = (centres - np.array([z, y, x])) * np.array(geo.spacing)
-                cid = int(np.argmin((d**2).sum(axis=1))) + 1
-            owners.setdefault(cid, []).append(f)
-        for cid, fs in sorted(owners.items()):
-            main = max(fs, key=lambda f: (f.get("confidence") or 0.0, f.get("volume_ml") or 0.0))
-            label, text = _describe(main)
-            if len(fs) > 1:
-                text = "; ".join([text, *(_describe(f)[1] for f in fs if f is not main)])
-            segments.append(
-                Segment(str(main["type"]), labels == cid, str(main["label"]), label, text)
-            )
-    return segments
 
 
 def _clean(f: dict[str, Any]) -> dict[str, Any]:

@@ -47,6 +47,7 @@ class Segment:
     key: str
     label: str | None = None  # SegmentLabel (LO, 64 characters)
     description: str | None = None  # SegmentDescription (ST, 1024 characters)
+    findings: tuple[str, ...] = ()  # labels of the findings it holds (the SR references it)
 
 
 @dataclass(frozen=True)

@@ -237,10 +237,13 @@ class SegmentationDone(Record):
     """``findings``: masks and measured findings for one series revision."""
 
     SCHEMA: ClassVar[str] = "radstream.segmentation_done"
-    VERSION: ClassVar[int] = 2  # 2: Finding.subtype, location, confidence, likely_benign,
-    MIN_READER: ClassVar[int | None] = 1  # features, long/short_axis_mm, shift_mm (additive)
+    # 2: Finding.subtype, location, confidence, likely_benign, features, long/short_axis_mm,
+    # shift_mm; 3: volume, shape, spacing_mm, origin_mm, direction, source_instances (what the
+    # results stage builds the SEG, SR and pictures from). Both additive.
+    VERSION: ClassVar[int] = 3
+    MIN_READER: ClassVar[int | None] = 1
     schema_version: int = Field(
-        2, validate_default=True, description="version of this schema (the class's VERSION)"
+        3, validate_default=True, description="version of this schema (the class's VERSION)"
     )
     study_instance_uid: Uid
     series_instance_uid: Uid
@@ -249,10 +252,26 @@ class SegmentationDone(Record):
     body_part: str | None = Field(None, max_length=16)
     task: str = Field(max_length=32, description="chest_ct, head_ct, radiograph, onnx:<name>, none")
     findings: list[Finding] = Field(default_factory=list)
-    masks: BlobRef | None = Field(None, description=".npz of the boolean masks (z, y, x)")
+    masks: BlobRef | None = Field(
+        None,
+        description="the boolean masks (z, y, x) by name: shared.imaging.masks format (bit-packed, "
+        "zstd; .npz before v3, still read)",
+    )
     seg: BlobRef | None = Field(None, description="DICOM SEG (Part 10)")
     seg_sop_instance_uid: Uid | None = Field(None, description="idempotency key for PACS")
     overlays: list[NamedBlob] = Field(default_factory=list, description="PNG key slices")
+    volume: BlobRef | None = Field(None, description="the analysed volume (VolumePrepared's)")
+    shape: tuple[int, int, int] | None = Field(None, description="(z, y, x) voxels of the masks")
+    spacing_mm: tuple[float, float, float] | None = Field(None, description="(z, y, x)")
+    origin_mm: tuple[float, float, float] | None = Field(
+        None, description="first voxel, patient coordinates"
+    )
+    direction: tuple[float, float, float, float, float, float, float, float, float] | None = Field(
+        None, description="row cosines, column cosines, slice normal"
+    )
+    source_instances: list[InstanceRef] = Field(
+        default_factory=list, description="the series' instances in volume order (SEG sources)"
+    )
     algorithm: str = Field(max_length=64)
     algorithm_version: str = Field(max_length=32)
     parameters: dict[str, float | str] = Field(default_factory=dict)

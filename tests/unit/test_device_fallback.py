@@ -26,6 +26,7 @@ from shared.imaging.backend import (
     device_failure_cause,
     select_backend,
 )
+from shared.imaging.masks import unpack_masks
 from shared.imaging.packed import unpack_volume
 from shared.runtime.errors import PoisonError, RetriableError
 from shared.runtime.harness import StageHarness
@@ -283,7 +284,7 @@ def test_segmentation_redoes_a_failed_record_on_the_cpu_with_the_cpu_findings(
     assert result.dead_letters == [] and strict_cupy.faults.fired == ["ndimage.label"]
     (done,) = result.outputs["findings"]
     assert done.findings == cpu.findings and done.task == "radiograph"
-    masks, cpu_masks = (np.load(io.BytesIO(store.get(d.masks))) for d in (done, cpu))
+    masks, cpu_masks = (unpack_masks(store.get(d.masks)) for d in (done, cpu))  # type: ignore[arg-type]
     assert sorted(masks) == sorted(cpu_masks)
     for name in masks:
         np.testing.assert_array_equal(masks[name], cpu_masks[name])

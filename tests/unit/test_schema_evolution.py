@@ -1,9 +1,11 @@
 """Schema evolution: a reader accepts the versions it knows, and a newer record whose writer
 declares it additive (``rs-min-reader``) is projected onto the reader's fields.
 
-``SegmentationDone`` and ``Alert`` are at version 2 (the ``Finding``/``Alert`` fields subtype,
-location, confidence, likely_benign, features, axes, shift). The v1 classes below are frozen
-copies of version 1 as it was: what a reader built before the change knows."""
+``SegmentationDone`` is at version 3 (2: the ``Finding`` fields subtype, location, confidence,
+likely_benign, features, axes, shift; 3: the volume, geometry and source instances the results
+stage reads), ``Alert`` at version 2 (subtype, confidence, features). The v1 classes below are
+frozen copies of version 1 as it was: what a reader built before the change knows. Version 4 of
+``SegmentationDone`` stands for a future one."""
 
 from __future__ import annotations
 
@@ -165,7 +167,7 @@ def test_v2_writer_declares_an_additive_change(codec: Codec) -> None:
     _, headers = codec.encode(TOPIC, KEY, seg_v2())
     assert dict(headers) == {
         "rs-schema": b"radstream.segmentation_done",
-        "rs-version": b"2",
+        "rs-version": b"3",
         "rs-min-reader": b"1",
     }
     _, v1_headers = codec.encode(TOPIC, KEY, seg_v1())  # a v1 writer: no declaration
@@ -182,12 +184,12 @@ def test_a_v1_reader_projects_a_v2_record_onto_its_fields(codec: Codec) -> None:
 def test_a_v2_reader_upgrades_a_v1_record(codec: Codec) -> None:
     value, headers = codec.encode(TOPIC, KEY, seg_v1())
     new = codec.decode(TOPIC, KEY, value, headers, TypeAdapter(SegmentationDone))
-    assert isinstance(new, SegmentationDone) and new.schema_version == 2
+    assert isinstance(new, SegmentationDone) and new.schema_version == 3
+    assert new.volume is None and new.source_instances == []  # v3 fields: their defaults
     (finding,) = new.findings
     assert finding.diameter_mm == 9.5 and finding.subtype is None and finding.features == {}
-    assert new.model_dump(exclude={"schema_version", "findings"}) == seg_v1().model_dump(
-        exclude={"schema_version", "findings"}
-    )
+    v1_fields = set(SegmentationDoneV1.model_fields) - {"schema_version", "findings"}
+    assert new.model_dump(include=v1_fields) == seg_v1().model_dump(include=v1_fields)
 
 
 def test_alert_v2_and_v1_interoperate_both_ways(codec: Codec) -> None:
@@ -217,9 +219,9 @@ def test_the_version_declaration_is_bound_by_the_envelope(codec: Codec) -> None:
 
 
 # ---- unknown versions ------------------------------------------------------------------------
-def _v3_body(extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def _v4_body(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     body = seg_v2().model_dump(mode="json")
-    body["schema_version"] = 3
+    body["schema_version"] = 4
     body.update(extra or {})
     return body
 
@@ -227,26 +229,26 @@ def _v3_body(extra: dict[str, Any] | None = None) -> dict[str, Any]:
 @pytest.mark.parametrize(
     "headers",
     [
-        {"rs-version": b"3"},  # a breaking version 3
-        {"rs-version": b"3", "rs-min-reader": b"3"},  # readable from version 3 on only
+        {"rs-version": b"4"},  # a breaking version 4
+        {"rs-version": b"4", "rs-min-reader": b"4"},  # readable from version 4 on only
     ],
 )
 def test_an_unknown_version_is_a_schema_poison_in_the_codec(
     codec: Codec, headers: dict[str, bytes]
 ) -> None:
-    value = sealed(codec, _v3_body(), "radstream.segmentation_done", headers)
+    value = sealed(codec, _v4_body(), "radstream.segmentation_done", headers)
     wire = [("rs-schema", b"radstream.segmentation_done"), *headers.items()]
     with pytest.raises(PoisonError) as info:
         codec.decode(TOPIC, KEY, value, wire, TypeAdapter(SegmentationDone))
     assert info.value.reason == Reason.SCHEMA
-    assert "version 3" in info.value.message and "1.2.3" not in info.value.message
+    assert "version 4" in info.value.message and "1.2.3" not in info.value.message
 
 
 def test_body_and_header_versions_must_agree(codec: Codec) -> None:
     body = seg_v1().model_dump(mode="json")  # says version 1 inside...
-    headers = {"rs-version": b"2"}  # ...and 2 outside
+    headers = {"rs-version": b"3"}  # ...and 3 outside
     value = sealed(codec, body, "radstream.segmentation_done", headers)
-    wire = [("rs-schema", b"radstream.segmentation_done"), ("rs-version", b"2")]
+    wire = [("rs-schema", b"radstream.segmentation_done"), ("rs-version", b"3")]
     with pytest.raises(PoisonError) as info:
         codec.decode(TOPIC, KEY, value, wire, TypeAdapter(SegmentationDone))
     assert info.value.reason == "schema"
@@ -255,7 +257,7 @@ def test_body_and_header_versions_must_agree(codec: Codec) -> None:
 def test_projection_is_only_for_newer_versions(codec: Codec) -> None:
     # a record at the reader's own version never has unknown fields, declaration or not
     body = seg_v2().model_dump(mode="json") | {"surprise": "Doe^John"}
-    headers = {"rs-version": b"2", "rs-min-reader": b"1"}
+    headers = {"rs-version": b"3", "rs-min-reader": b"1"}
     value = sealed(codec, body, "radstream.segmentation_done", headers)
     wire = [("rs-schema", b"radstream.segmentation_done"), *headers.items()]
     with pytest.raises(PoisonError) as info:
@@ -285,24 +287,24 @@ def _raw(harness: StageHarness[SegmentationDone], body: dict[str, Any], **header
 def test_unknown_versions_are_dead_lettered_with_reason_schema_by_the_stage(
     alert_stage: StageHarness[SegmentationDone],
 ) -> None:
-    result = _raw(alert_stage, _v3_body(), rs_version=b"3")
+    result = _raw(alert_stage, _v4_body(), rs_version=b"4")
     (letter,) = result.dead_letters
     assert letter.reason == Reason.SCHEMA and letter.stage == "alert"
-    assert "version 3" in letter.message
+    assert "version 4" in letter.message
     assert result.outputs == {}
 
 
-def test_the_alert_stage_reads_v1_records_and_a_future_additive_v3(
+def test_the_alert_stage_reads_v1_records_and_a_future_additive_v4(
     alert_stage: StageHarness[SegmentationDone],
 ) -> None:
     v1 = _raw(alert_stage, seg_v1().model_dump(mode="json"), rs_version=b"1")
     assert [a.rule for a in v1.outputs["alerts"]] == ["large-nodule"]  # type: ignore[attr-defined]
-    future = _v3_body({"new_in_v3": [1, 2]})
+    future = _v4_body({"new_in_v4": [1, 2]})
     future["findings"][0]["also_new"] = "x"
-    v3 = _raw(alert_stage, future, rs_version=b"3", rs_min_reader=b"2")
-    (alert,) = v3.outputs["alerts"]
+    v4 = _raw(alert_stage, future, rs_version=b"4", rs_min_reader=b"2")
+    (alert,) = v4.outputs["alerts"]
     assert isinstance(alert, Alert) and alert.rule == "large-nodule"
-    assert v3.dead_letters == []
+    assert v4.dead_letters == []
 
 
 def test_every_topic_model_writes_its_version_and_declares_additivity_consistently() -> None:
@@ -312,10 +314,11 @@ def test_every_topic_model_writes_its_version_and_declares_additivity_consistent
         assert cls.SCHEMA == schema
         assert cls.model_fields["schema_version"].default == cls.VERSION, schema
         assert cls.MIN_READER is None or 1 <= cls.MIN_READER < cls.VERSION, schema
-    assert (SegmentationDone.VERSION, SegmentationDone.MIN_READER) == (2, 1)
+    assert (SegmentationDone.VERSION, SegmentationDone.MIN_READER) == (3, 1)
     assert (Alert.VERSION, Alert.MIN_READER) == (2, 1)
     # built in Python: the current version; an older one is upgraded, a newer one refused
-    assert seg_v2().schema_version == 2
-    assert SegmentationDone(schema_version=1, **COMMON_SEG).schema_version == 2
-    with pytest.raises(ValueError, match="version 3"):
-        SegmentationDone(schema_version=3, **COMMON_SEG)
+    assert seg_v2().schema_version == 3
+    assert SegmentationDone(schema_version=1, **COMMON_SEG).schema_version == 3
+    assert SegmentationDone(schema_version=2, **COMMON_SEG).schema_version == 3
+    with pytest.raises(ValueError, match="version 4"):
+        SegmentationDone(schema_version=4, **COMMON_SEG)

@@ -11,9 +11,9 @@ import numpy as np
 import pydicom
 
 from services.segmentation import tasks
-from services.segmentation.core import finding_segments
 from shared.dicom import phantom
 from shared.dicom.seg import Algorithm, build_seg, source_headers
+from shared.dicom.segments import finding_segments
 from shared.imaging import ops
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -35,7 +35,7 @@ def test_each_finding_is_a_segment_with_its_confidence_and_features(tmp_path: Pa
     result = tasks.head_ct(vol, geo)
     bleeds = [f for f in result.findings if f["type"] == "haemorrhage"]
     assert bleeds and all(f.get("confidence") is not None for f in bleeds)
-    segments = finding_segments(result, geo)
+    segments = finding_segments(result.masks, result.findings, geo)
     kinds = [s.kind for s in segments]
     assert kinds[0] == "brain" and kinds.count("haemorrhage") == len(bleeds)
     seg_bytes = build_seg(

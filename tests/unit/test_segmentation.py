@@ -22,6 +22,7 @@ from shared.config import PreprocessSettings
 from shared.dicom import phantom
 from shared.imaging import ops
 from shared.imaging.backend import select_backend
+from shared.imaging.masks import unpack_masks
 from shared.imaging.packed import unpack_volume
 from shared.runtime.stage import Context
 from shared.security.envelope import Keyring
@@ -140,13 +141,18 @@ def test_seg_reads_back_references_the_series_matches_masks_and_validates(tmp_pa
     )
     done = SegmentationCore(store, select_backend("cpu")).handle(vp, ctx)
     assert done.task == "chest_ct" and done.seg is not None and done.source_offset == 7
+    # what the results stage builds SEG, SR and pictures from travels with the findings
+    assert (done.volume, done.shape, done.spacing_mm) == (vp.volume, vp.shape, vp.spacing_mm)
+    assert (done.origin_mm, done.direction) == (vp.origin_mm, vp.direction)
+    assert done.source_instances == vp.source_instances
     raw = store.get(done.seg)
     seg = hd.seg.segread(io.BytesIO(raw))
     ds = pydicom.dcmread(io.BytesIO(raw))
     assert ds.Modality == "SEG" and ds.SOPInstanceUID == done.seg_sop_instance_uid
     assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == ph.series_instance_uid
     assert ds.StudyInstanceUID == ph.study_instance_uid
-    masks = np.load(io.BytesIO(store.get(done.masks)))  # type: ignore[arg-type]
+    assert done.masks is not None
+    masks = unpack_masks(store.get(done.masks))
     sop_uids = [ref.sop_instance_uid for ref in vp.source_instances]
     labels = [d.SegmentLabel for d in ds.SegmentSequence]
     names = {"Left lung": "lung_left", "Right lung": "lung_right"}
