@@ -35,7 +35,16 @@ class IngestSettings(BaseModel):
 
     inactivity_timeout_s: float = Field(30.0, description="complete a series with no marker")
     late_quiet_s: float = Field(5.0, description="quiet time before a late revision is sent")
-    retention_s: float = Field(86400.0, description="forget a completed series after this")
+    retention_s: float = Field(
+        86400.0,
+        description="keep a completed series' instance list this long after its last change "
+        "(late and changed instances make a full revision n+1), then only its fingerprint",
+    )
+    fingerprint_retention_s: float = Field(
+        30 * 86400.0,
+        description="keep a completed series' fingerprint (digest-set hash + count, ~200 B) "
+        "this long after it was last seen: re-sends within it are recognised as duplicates",
+    )
     max_instance_bytes: int = Field(64 * 1024 * 1024, description="largest instance accepted")
     max_sequence_depth: int = Field(12, description="deepest sequence nesting accepted")
 
@@ -99,6 +108,11 @@ class AlertSettings(BaseModel):
     pacs_ae_title: str = Field("ORTHANC", max_length=16)
     calling_ae_title: str = Field("RADSTREAM", max_length=16)
     pacs_timeout_s: float = Field(20.0)
+    raised_retention_s: float = Field(
+        90 * 86400.0,
+        description="keep a series' raised alert ids this long after its last alert (no alert "
+        "id is published twice within it); longer than ingest's fingerprint retention",
+    )
 
 
 class Settings(BaseSettings):

@@ -70,10 +70,10 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("ingest", "instances", "series", stateful=True),
+    Stage("ingest", "instances", "series", emits=(AUDIT,), stateful=True),
     Stage("preprocess", "series", "volumes", replay=True),
     Stage("segmentation", "volumes", "findings", replay=True),
-    Stage("alert", "findings", "alerts", emits=(AUDIT,), replay=True),
+    Stage("alert", "findings", "alerts", emits=(AUDIT,), stateful=True, replay=True),
 )
 
 

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from services.alert.raised import RaisedAlerts
 from services.alert.rules import MEASURES, RuleSet
 from shared.dicom.pacs import Pacs, c_store
 from shared.runtime.errors import RetriableError
@@ -53,6 +54,11 @@ class AlertMetrics:
         self.alerts = Counter(
             "radstream_alerts", "Alerts raised", ["severity", "finding"], registry=registry
         )
+        self.duplicates = Counter(
+            "radstream_alert_duplicates",
+            "Alerts not published again: their id was raised before (replay, re-analysis)",
+            registry=registry,
+        )
         self.pacs = Counter(
             "radstream_pacs_deliveries",
             "DICOM SEG objects delivered to the PACS",
@@ -66,6 +72,7 @@ class AlertCore:
     store: BlobStore
     pacs: Pacs | None = None
     metrics: AlertMetrics | None = None
+    raised: RaisedAlerts | None = None  # ids published before (keyed state): never twice
 
     def handle(self, msg: SegmentationDone, ctx: Context) -> HandlerResult:
         out: list[Emit] = []
@@ -92,10 +99,17 @@ class AlertCore:
             )
         now = datetime.now(UTC)
         acquired = _acquisition(msg.acquired_at)
+        series_key = ctx.key_for(msg.series_instance_uid)
+        suppressed = 0
         for finding in msg.findings:
             rule = self.rules.first_match(finding, msg.modality, msg.body_part)
             if rule is None:
                 continue
+            aid = alert_id(msg.series_instance_uid, msg.revision, finding.label, rule.name)
+            if self.raised is not None and ctx.state is not None:
+                if not self.raised.admit(ctx.state, series_key, [aid], now.timestamp()):
+                    suppressed += 1
+                    continue
             measurements = {
                 k: float(getattr(finding, k)) for k in MEASURES if getattr(finding, k) is not None
             }
@@ -109,9 +123,7 @@ class AlertCore:
                 Emit(
                     "alerts",
                     Alert(
-                        alert_id=alert_id(
-                            msg.series_instance_uid, msg.revision, finding.label, rule.name
-                        ),
+                        alert_id=aid,
                         severity=rule.severity,
                         finding=finding.type,
                         finding_label=finding.label,
@@ -138,4 +150,20 @@ class AlertCore:
                     ),
                 )
             )
+        if suppressed:
+            if self.metrics is not None:
+                self.metrics.duplicates.inc(suppressed)
+            audit = AuditEvent(
+                actor="alert",
+                action="alert_duplicate",
+                resource=series_key.decode(),
+                outcome="success",
+            )
+            out.append(Emit("audit", audit))
         return out
+
+    def tick(self, ctx: Context, now: float) -> HandlerResult:
+        """Forget the raised ids of series quiet for the retention."""
+        if self.raised is not None and ctx.state is not None:
+            self.raised.expire(ctx.state, now)
+        return None

@@ -11,6 +11,7 @@ import sys  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 
 from services.alert.core import AlertCore, AlertMetrics  # noqa: E402
+from services.alert.raised import RaisedAlerts  # noqa: E402
 from services.alert.rules import RuleSet  # noqa: E402
 from shared.config import Settings  # noqa: E402
 from shared.dicom.pacs import Pacs  # noqa: E402
@@ -44,6 +45,7 @@ def build(
         BlobStore(LocalDirBackend(settings.blob_path), keyring),
         pacs,
         AlertMetrics(registry) if registry is not None else None,
+        RaisedAlerts(cfg.raised_retention_s),
     )
     return StageSpec(
         name=STAGE.name,
@@ -52,6 +54,8 @@ def build(
         output_topic=STAGE.output,
         handler=core.handle,
         stateful=STAGE.stateful,
+        tick=core.tick,
+        tick_interval_s=60.0,
     )
 
 

@@ -4,32 +4,44 @@ State per series (key: keyed hash of the SeriesInstanceUID) is a versioned
 :class:`~services.ingest.state.SeriesState`; the runtime writes it to the compacted changelog in
 the same transaction as the output, so a crash at any point resumes exactly. Completion: the
 end-of-series marker's count reached, or no new instance for ``inactivity_timeout_s``.
-Duplicates (same SOP Instance UID) change nothing. An instance after completion makes the
-series "dirty"; once quiet for ``late_quiet_s`` it is published again as the next revision.
+
+After completion a series is *idempotent*: the same instances sent again (same SOP Instance
+UIDs, same content digests; what PACS forwards and console re-sends do) publish nothing and
+are audited once per re-send (``series_duplicate`` on ``audit``); an added or changed
+instance makes revision n+1 with every instance, as soon as the re-send's marker closes it,
+or once quiet for ``late_quiet_s``. How long what is kept, and in what form, is
+:mod:`services.ingest.state`'s docstring.
+
+Timers read only the series that are due (:class:`~shared.runtime.timers.KeyTimers`): weeks of
+fingerprints are not loaded once a second.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 
-from services.ingest.state import SeriesState, StoredInstance, load
+from services.ingest.state import Fingerprint, SeriesState, StoredInstance, load
 from shared.config import IngestSettings
 from shared.dicom.safe import InvalidInstance, Limits, inspect_instance
 from shared.runtime.errors import PoisonError
 from shared.runtime.stage import Context, Emit, HandlerResult
 from shared.runtime.state import PartitionState
-from shared.schemas import BlobRef, EndOfSeries, InstanceData, InstanceRef, SeriesReady
+from shared.runtime.timers import KeyTimers
+from shared.schemas import AuditEvent, BlobRef, EndOfSeries, InstanceData, InstanceRef, SeriesReady
 from shared.storage import BlobStore
-from shared.topology import stage
+from shared.topology import AUDIT, stage
 
 log = logging.getLogger("radstream.ingest")
 
 SERIES_TOPIC = stage("ingest").outputs[0]  # the topology's: where completed series go
+ASSEMBLING = "assembling"  # timer tag of a series not yet complete (the in-assembly gauge)
+DUPLICATE_ACTION = "series_duplicate"  # the audit action of an ignored re-send
 
 
 @dataclass
@@ -37,7 +49,12 @@ class IngestCore:
     store: BlobStore
     settings: IngestSettings
     in_assembly: Gauge | None = None  # series not yet complete, per partition
+    duplicates: Counter | None = None  # re-sends of a published series that changed nothing
     _unreadable: set[bytes] = field(default_factory=set)  # state keys reported once
+    timers: KeyTimers = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.timers = KeyTimers(self._due_of)
 
     @property
     def limits(self) -> Limits:
@@ -65,8 +82,17 @@ class IngestCore:
             st.take_geometry(info)
         if info.study_instance_uid != st.study_instance_uid:
             raise PoisonError("series_conflict", "instance names another study than its series")
-        if info.sop_instance_uid in st.instances:
-            return None  # duplicate: idempotent
+        content = content_digest(msg.data)
+        known = st.instances.get(info.sop_instance_uid)
+        if known is not None and _same(known, content, msg.data):
+            if st.revision == 0:
+                return None  # a duplicate within the assembly: idempotent, nothing to keep
+            # the same instance again after completion: part of a re-send, judged at its end
+            st.resend += 1
+            st.last_update = now
+            st.published(msg.sent_at)
+            self._put(state, key, st)
+            return None
         ref = self.store.put(msg.data)
         st.instances[info.sop_instance_uid] = StoredInstance(
             digest=ref.digest,
@@ -74,6 +100,7 @@ class IngestCore:
             key_id=ref.key_id,
             instance_number=info.instance_number,
             position=info.position,
+            content=content,
         )
         if st.geometry_missing:
             st.take_geometry(info)
@@ -81,58 +108,127 @@ class IngestCore:
         st.published(msg.sent_at)
         out: HandlerResult = None
         if st.revision > 0:
-            st.dirty = True
+            st.resend += 1
+            st.dirty = st.dirty or not st.compacted  # compacted: judged when the re-send ends
         elif st.expected_count is not None and len(st.instances) >= st.expected_count:
             out = self._emit(key, st, "marker")
-        state.put(key, st.dump())
+        self._put(state, key, st)
         return out
 
     def on_marker(self, msg: EndOfSeries, ctx: Context, now: float) -> HandlerResult:
         key = self._checked_key(ctx, msg.series_instance_uid)
         state = _state(ctx)
         st = _get(state, key) or SeriesState.new(now, msg.series_instance_uid)
-        st.expected_count = msg.expected_count
         st.published(msg.sent_at)
         out: HandlerResult = None
-        if st.revision == 0 and st.instances and len(st.instances) >= msg.expected_count:
-            out = self._emit(key, st, "marker")
-        state.put(key, st.dump())
+        if st.revision == 0:
+            st.expected_count = msg.expected_count
+            if st.instances and len(st.instances) >= msg.expected_count:
+                out = self._emit(key, st, "marker")
+        elif st.resend > 0 and st.resend >= msg.expected_count:
+            out = self._settle(key, st)  # the re-send this marker closes is all here
+        else:
+            return None  # a marker with nothing (new) to close: the timer settles what came
+        self._put(state, key, st)
         return out
 
     def tick(self, ctx: Context, now: float) -> HandlerResult:
-        """Timers: complete quiet series, publish late revisions, forget old series."""
+        """Timers of the series that are due: complete quiet series, settle re-sends (a new
+        revision or a duplicate), compact published series, forget old fingerprints."""
         state = _state(ctx)
         out: list[Emit] = []
-        open_series = 0
-        for key in list(state.keys()):
+        s = self.settings
+        for key in self.timers.due(state, now):
             try:
                 st = _get(state, key)
             except PoisonError as exc:  # load() refuses a record it cannot read
-                if key not in self._unreadable:  # once per key: a timer must never raise
-                    self._unreadable.add(key)
-                    log.warning("ingest: a series state is left as it is: %s", exc.message)
+                self._report_unreadable(key, exc)
+                self.timers.forget(state, key)
                 continue
             if st is None:
+                self.timers.forget(state, key)
                 continue
             idle = now - st.last_update
-            open_series += st.revision == 0
-            if st.revision == 0:
-                if idle >= self.settings.inactivity_timeout_s:
-                    if st.instances:
-                        out.append(self._emit(key, st, "timeout"))
-                        state.put(key, st.dump())
-                    else:
-                        state.delete(key)  # a marker that never saw an instance
-            elif st.dirty and idle >= self.settings.late_quiet_s:
-                out.append(self._emit(key, st, "late"))
-                state.put(key, st.dump())
-            elif idle >= self.settings.retention_s:
-                state.delete(key)
+            changed = True
+            if st.revision == 0 and idle >= s.inactivity_timeout_s:
+                if not st.instances:  # a marker that never saw an instance
+                    self._delete(state, key)
+                    continue
+                out.append(self._emit(key, st, "timeout"))
+            elif st.revision > 0 and (st.resend > 0 or st.dirty):
+                if idle >= s.late_quiet_s:
+                    out.extend(self._settle(key, st))
+                else:
+                    changed = False
+            elif st.revision > 0 and not st.compacted and idle >= s.retention_s:
+                st.fingerprint = Fingerprint.of(st.instances)  # the last revision's set
+                st.instances, st.compacted, st.expected_count = {}, True, None
+            elif st.revision > 0 and st.compacted and idle >= s.fingerprint_retention_s:
+                self._delete(state, key)
+                continue
+            else:
+                changed = False  # not due after all (the index is a hint): schedule again
+            self._put(state, key, st, written=changed)
         if self.in_assembly is not None:
-            self.in_assembly.labels(str(ctx.partition)).set(open_series)
+            self.in_assembly.labels(str(ctx.partition)).set(self.timers.count(state, ASSEMBLING))
         return out
 
     # ---- helpers ------------------------------------------------------------------------
+    def _settle(self, key: bytes, st: SeriesState) -> list[Emit]:
+        """A re-send of a published series is over: a new revision, or a duplicate."""
+        if st.compacted:
+            assert st.fingerprint is not None
+            same = Fingerprint.of(st.instances, st.fingerprint.basis) == st.fingerprint
+            if not same:
+                st.compacted, st.fingerprint = False, None  # the re-send is revision n+1
+                return [self._emit(key, st, "late")]
+            st.instances = {}
+        elif st.dirty:
+            return [self._emit(key, st, "late")]
+        st.resend = 0
+        if self.duplicates is not None:
+            self.duplicates.inc()
+        log.info("ingest: a re-sent series changed nothing (revision %d kept)", st.revision)
+        audit = AuditEvent(
+            actor="ingest", action=DUPLICATE_ACTION, resource=key.decode(), outcome="success"
+        )
+        return [Emit(AUDIT, audit, key=key)]
+
+    def _due_of(self, key: bytes, state: PartitionState) -> tuple[float, str] | None:
+        """When the timer next needs ``key`` (see :meth:`tick`); None if absent/unreadable."""
+        try:
+            st = _get(state, key)
+        except PoisonError as exc:
+            self._report_unreadable(key, exc)
+            return None
+        return None if st is None else self._due(st)
+
+    def _due(self, st: SeriesState) -> tuple[float, str]:
+        s = self.settings
+        if st.revision == 0:
+            return st.last_update + s.inactivity_timeout_s, ASSEMBLING
+        if st.resend > 0 or st.dirty:
+            return st.last_update + s.late_quiet_s, ""
+        if not st.compacted:
+            return st.last_update + s.retention_s, ""
+        return st.last_update + s.fingerprint_retention_s, ""
+
+    def _put(
+        self, state: PartitionState, key: bytes, st: SeriesState, written: bool = True
+    ) -> None:
+        if written:
+            state.put(key, st.dump())
+        self.timers.schedule(state, key, *self._due(st))
+
+    def _delete(self, state: PartitionState, key: bytes) -> None:
+        state.delete(key)
+        self.timers.forget(state, key)
+
+    def _report_unreadable(self, key: bytes, exc: PoisonError) -> None:
+        if key not in self._unreadable:  # once per key: a timer must never raise
+            self._unreadable.add(key)
+            log.warning("ingest: a series state is left as it is: %s", exc.message)
+
     @staticmethod
     def _checked_key(ctx: Context, series_uid: str) -> bytes:
         key = ctx.key_for(series_uid)
@@ -144,6 +240,7 @@ class IngestCore:
     def _emit(self, key: bytes, st: SeriesState, completed_by: str) -> Emit:
         st.revision += 1
         st.dirty = False
+        st.resend = 0
         refs = [
             InstanceRef(
                 blob=BlobRef(digest=v.digest, size=v.size, key_id=v.key_id),
@@ -186,6 +283,43 @@ def _state(ctx: Context) -> PartitionState:
 def _get(state: PartitionState, key: bytes) -> SeriesState | None:
     raw = state.get(key)
     return None if raw is None else load(raw)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _same(known: StoredInstance, content: str, data: bytes) -> bool:
+    """Is ``data`` (content digest ``content``) the instance already kept? States from before
+    content digests (version 2) compare the whole bytes' digest."""
+    if known.content is not None:
+        return known.content == content
+    return known.digest == _sha256(data)
+
+
+# VRs with a 2-byte reserved field and a 4-byte length in explicit VR little endian
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+
+
+def content_digest(data: bytes) -> str:
+    """SHA-256 of a Part 10 instance without its preamble and file meta group (0002): what a
+    modality, the SDK and the gateway's re-encoding agree on for the same dataset, whoever
+    wrote the meta. Falls back to the whole bytes when the meta group cannot be walked."""
+    pos = 132
+    n = len(data)
+    while pos + 8 <= n and data[pos : pos + 2] == b"\x02\x00":  # group 0002, explicit VR LE
+        vr = data[pos + 4 : pos + 6]
+        if vr in _LONG_VRS:
+            if pos + 12 > n:
+                return _sha256(data)
+            pos += 12 + int.from_bytes(data[pos + 8 : pos + 12], "little")
+        else:
+            pos += 8 + int.from_bytes(data[pos + 6 : pos + 8], "little")
+    if pos > n:
+        return _sha256(data)
+    return hashlib.sha256(memoryview(data)[pos:]).hexdigest()
 
 
 def order_instances(refs: list[InstanceRef], orientation: list[float] | None) -> list[InstanceRef]:

@@ -8,7 +8,7 @@ exit_on_sigterm(__name__)  # first: a SIGTERM during the heavy imports below exi
 
 import sys  # noqa: E402
 
-from prometheus_client import CollectorRegistry, Gauge  # noqa: E402
+from prometheus_client import CollectorRegistry, Counter, Gauge  # noqa: E402
 
 from services.ingest.core import IngestCore  # noqa: E402
 from shared.config import Settings  # noqa: E402
@@ -35,8 +35,20 @@ def build(
         if registry is not None
         else None
     )
+    duplicates = (
+        Counter(
+            "radstream_series_duplicates",
+            "Re-sends of a completed series that changed nothing (no new revision)",
+            registry=registry,
+        )
+        if registry is not None
+        else None
+    )
     core = IngestCore(
-        local_store(settings.blob_path, keyring, registry, STAGE.name), settings.ingest, gauge
+        local_store(settings.blob_path, keyring, registry, STAGE.name),
+        settings.ingest,
+        gauge,
+        duplicates,
     )
     return StageSpec(
         name=STAGE.name,

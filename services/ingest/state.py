@@ -6,7 +6,24 @@ a record:
 
 * 1 (no ``schema_version`` field): the first layout, a dict with short keys and each instance
   as a positional list ``[digest, size, key id, instance number, position]``; upgraded on read;
-* 2: this model.
+* 2: the typed model without re-send tracking; upgraded on read (no content digests: such a
+  series is compared by blob digest, see :class:`Fingerprint`);
+* 3: this model.
+
+The life of a series' state (the timers are ingest's settings):
+
+1. *assembling* (``revision == 0``): every accepted instance, until the end-of-series marker's
+   count or ``inactivity_timeout_s`` of quiet completes revision 1;
+2. *published* (``revision >= 1``, not ``compacted``): the instances of the last revision,
+   kept ``retention_s`` after the last change, so that a late, changed or re-sent instance is
+   compared one by one: a re-send of the same instances (same SOP Instance UIDs, same content
+   digests) is a duplicate; an added or changed one makes revision n+1 with every instance;
+3. *compacted*: only the :class:`Fingerprint` of the last revision (hash of its digest set
+   and its count, ~200 bytes instead of ~250 bytes per instance), kept
+   ``fingerprint_retention_s`` after the series was last seen, then deleted. A re-send is
+   collected (``instances`` then holds just the re-send) and, once complete (its marker, or
+   ``late_quiet_s`` of quiet), compared with the fingerprint as a whole: the same set is a
+   duplicate, anything else is revision n+1 of what was re-sent.
 
 A record of another version (written by a newer ingest, then rolled back) is refused (a
 :class:`~shared.runtime.errors.PoisonError` with reason ``schema``) rather than guessed at.
@@ -14,6 +31,8 @@ A record of another version (written by a newer ingest, then rolled back) is ref
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, Literal
 
@@ -23,7 +42,7 @@ from shared.dicom.safe import InstanceInfo
 from shared.runtime.errors import PoisonError
 from shared.schemas import Reason
 
-VERSION = 2
+VERSION = 3
 
 
 def unreadable(message: str) -> PoisonError:
@@ -43,6 +62,48 @@ class StoredInstance(BaseModel):
     position: tuple[float, float, float] | None = Field(
         None, description="ImagePositionPatient (mm), if given"
     )
+    content: str | None = Field(
+        None,
+        description="SHA-256 of the dataset without its file meta (what re-sends are compared "
+        "by); None in states from before version 3",
+    )
+
+    def same_content(self, other: StoredInstance) -> bool:
+        """The same instance content: by content digest where both have one, else by blob."""
+        if self.content is not None and other.content is not None:
+            return self.content == other.content
+        return self.digest == other.digest
+
+    def compared_by(self, basis: Basis) -> str:
+        return self.content if basis == "content" and self.content is not None else self.digest
+
+
+Basis = Literal["content", "blob"]
+
+
+class Fingerprint(BaseModel):
+    """What is kept of a completed series after ``retention_s``: its digest set's hash and
+    count. No UID in it (a hash), and a fixed size whatever the series' length."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sha256: str = Field(description="SHA-256 over the sorted (SOP Instance UID, digest) pairs")
+    count: int = Field(ge=0, description="instances in the revision")
+    basis: Basis = Field("content", description="which digest of each instance went in")
+
+    @classmethod
+    def of(cls, instances: dict[str, StoredInstance], basis: Basis | None = None) -> Fingerprint:
+        """The fingerprint of ``instances`` (by content digest when every one has one)."""
+        if basis is None:
+            basis = "content" if all(v.content for v in instances.values()) else "blob"
+        return cls(sha256=_digest_set(instances.items(), basis), count=len(instances), basis=basis)
+
+
+def _digest_set(items: Iterable[tuple[str, StoredInstance]], basis: Basis) -> str:
+    h = hashlib.sha256()
+    for sop, digest in sorted((sop, v.compared_by(basis)) for sop, v in items):
+        h.update(f"{sop}\t{digest}\n".encode())
+    return h.hexdigest()
 
 
 class SeriesState(BaseModel):
@@ -50,7 +111,7 @@ class SeriesState(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    schema_version: Literal[2] = Field(2, description="layout of this record (VERSION)")
+    schema_version: Literal[3] = Field(3, description="layout of this record (VERSION)")
     study_instance_uid: str | None = Field(None, description="None until an instance came")
     series_instance_uid: str | None = None
     modality: str | None = None
@@ -62,11 +123,20 @@ class SeriesState(BaseModel):
     orientation: tuple[float, float, float, float, float, float] | None = None
     acquired_at: str | None = Field(None, description="DICOM DA+TM of acquisition")
     instances: dict[str, StoredInstance] = Field(
-        default_factory=dict, description="by SOP Instance UID (duplicates are idempotent)"
+        default_factory=dict,
+        description="by SOP Instance UID: the series in assembly, the last revision (and late "
+        "changes) while published, the re-send being collected once compacted",
     )
     expected_count: int | None = Field(None, description="from the end-of-series marker")
     revision: int = Field(0, ge=0, description="revisions published so far (0: in assembly)")
-    dirty: bool = Field(False, description="instances arrived after the last revision")
+    dirty: bool = Field(False, description="added or changed instances since the last revision")
+    resend: int = Field(
+        0, ge=0, description="instances received since the last revision or duplicate verdict"
+    )
+    compacted: bool = Field(False, description="only the fingerprint of the last revision is kept")
+    fingerprint: Fingerprint | None = Field(
+        None, description="of the last revision, once compacted"
+    )
     first_received: float = Field(description="epoch s of the first message")
     last_update: float = Field(description="epoch s of the last change (timers)")
     last_published_at: datetime | None = Field(
@@ -75,9 +145,7 @@ class SeriesState(BaseModel):
 
     @classmethod
     def new(cls, now: float, series_instance_uid: str | None = None) -> SeriesState:
-        return cls(
-            series_instance_uid=series_instance_uid, first_received=now, last_update=now
-        )
+        return cls(series_instance_uid=series_instance_uid, first_received=now, last_update=now)
 
     @property
     def geometry_missing(self) -> bool:
@@ -112,6 +180,8 @@ def load(doc: Any) -> SeriesState:
     try:
         if version == VERSION:
             return SeriesState.model_validate(doc)
+        if version == 2:
+            return SeriesState.model_validate({**doc, "schema_version": VERSION})
         if version == 1:
             return _from_v1(doc)
     except (ValidationError, KeyError, TypeError, ValueError, IndexError) as exc:

@@ -5,6 +5,10 @@ they are sent to the compacted changelog topic in that same transaction and only
 to the in-memory store. A failed or aborted transaction discards them, so the store always
 equals the committed changelog, and a restart (or a new owner of the partition) restores
 exactly the state that goes with the committed input offsets.
+
+Keys whose pending writes were thrown away (an aborted transaction, a handler attempt rolled
+back, a value restored) are remembered until :meth:`PartitionState.take_discarded`: whatever
+keeps an index beside the state (:class:`shared.runtime.timers.KeyTimers`) re-reads just those.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 _DELETED = object()
+_MISSING = object()
 
 
 def changelog_aad(changelog: str, key: bytes) -> bytes:
@@ -25,6 +30,7 @@ class PartitionState:
     def __init__(self) -> None:
         self._store: dict[bytes, bytes] = {}
         self._pending: dict[bytes, object] = {}
+        self._discarded: set[bytes] = set()
 
     # ---- handler API --------------------------------------------------------------------
     def get(self, key: bytes) -> Any | None:
@@ -60,6 +66,9 @@ class PartitionState:
         return dict(self._pending)
 
     def rollback(self, savepoint: dict[bytes, object]) -> None:
+        self._discarded.update(
+            k for k, v in self._pending.items() if savepoint.get(k, _MISSING) is not v
+        )
         self._pending = savepoint
 
     def pending(self) -> list[tuple[bytes, bytes | None]]:
@@ -75,9 +84,16 @@ class PartitionState:
         self._pending = {}
 
     def abort(self) -> None:
+        self._discarded.update(self._pending)
         self._pending = {}
 
+    def take_discarded(self) -> set[bytes]:
+        """Keys whose pending writes were discarded (or restored) since the last call."""
+        out, self._discarded = self._discarded, set()
+        return out
+
     def restore(self, key: bytes, value: bytes | None) -> None:
+        self._discarded.add(key)
         if value is None:
             self._store.pop(key, None)
         else:

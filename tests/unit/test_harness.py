@@ -375,8 +375,15 @@ def test_alert_rules_through_the_alert_services_build(settings: Settings) -> Non
         ("nodule", "medium", ["worklist"], findings[3].label),
     ]
     assert {p.key for p in result.produced} == {keyring.keyed_hash("1.2.3.4")}
-    # the same revision again: the same alert ids (consumers deduplicate on them)
-    again = harness.send(_segmentation(findings), key="1.2.3.4").outputs["alerts"]
-    assert [a.alert_id for a in again] == [a.alert_id for a in alerts]  # type: ignore[attr-defined]
+    # the same revision again (a replay of findings): the same ids, never published twice
+    again = harness.send(_segmentation(findings), key="1.2.3.4").outputs
+    assert "alerts" not in again
+    (audit,) = again["audit"]
+    assert isinstance(audit, AuditEvent) and audit.action == "alert_duplicate"
+    # a new revision of the series: new ids, alerts again
+    revised = _segmentation(findings).model_copy(update={"revision": 2})
+    new = harness.send(revised, key="1.2.3.4").outputs["alerts"]
+    assert len(new) == 3
+    assert not {a.alert_id for a in new} & {a.alert_id for a in alerts}  # type: ignore[attr-defined]
     # rules are per modality: an MR series raises nothing
     assert harness.send(_segmentation(findings, "MR"), key="1.2.3.4").outputs == {}

@@ -40,7 +40,8 @@ def test_each_stage_writes_only_its_outputs_and_owns_its_ids() -> None:
 def test_only_stateful_stages_have_a_changelog() -> None:
     text = spec("radstream.", 3)
     assert "radstream.ingest.state" in text  # ingest keeps series state
-    assert "radstream.preprocess.state" not in text and "radstream.alert.state" not in text
+    assert "radstream.alert.state" in text  # alert keeps the ids it raised
+    assert "radstream.preprocess.state" not in text and "radstream.segmentation.state" not in text
 
 
 def test_no_wildcards_in_the_matrix() -> None:

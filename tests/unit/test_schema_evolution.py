@@ -301,6 +301,7 @@ def test_the_alert_stage_reads_v1_records_and_a_future_additive_v4(
     assert [a.rule for a in v1.outputs["alerts"]] == ["large-nodule"]  # type: ignore[attr-defined]
     future = _v4_body({"new_in_v4": [1, 2]})
     future["findings"][0]["also_new"] = "x"
+    future["revision"] += 1  # the same revision again would be a duplicate: no alert
     v4 = _raw(alert_stage, future, rs_version=b"4", rs_min_reader=b"2")
     (alert,) = v4.outputs["alerts"]
     assert isinstance(alert, Alert) and alert.rule == "large-nodule"
