@@ -142,13 +142,16 @@ class Reader:
         self._consumer = AIOKafkaConsumer(
             isolation_level="read_committed",
             enable_auto_commit=False,
+            auto_offset_reset="earliest",
             max_partition_fetch_bytes=16 * 1024 * 1024,
             **self.env.kafka(self.principal),
         )
         await self._consumer.start()
         tps = [TopicPartition(full, p) for p in range(self.env.partitions)]
-        self._consumer.assign(tps)
-        await self._consumer.seek_to_beginning(*tps)
+        begin = await self._consumer.beginning_offsets(tps)
+        self._consumer.assign(tps)  # then seek at once: seek_to_beginning races the fetcher
+        for tp in tps:
+            self._consumer.seek(tp, begin[tp])
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 
-from shared.config import Settings
+from shared.config import KafkaSettings, Settings
 from shared.metrics import StageMetrics
 from shared.runtime.state import PartitionState, changelog_aad
 from shared.security.envelope import Keyring
@@ -201,20 +201,9 @@ class Ownership:
 
     async def _restore(self, partition: int, state: PartitionState) -> None:
         assert self._restorer is not None
-        restorer = self._restorer
-        tp = TopicPartition(self.changelog, partition)
-        restorer.assign([tp])
-        end = (await restorer.end_offsets([tp]))[tp]
-        await restorer.seek_to_beginning(tp)
-        count = 0
-        while await restorer.position(tp) < end:
-            batch = await restorer.getmany(tp, timeout_ms=500)
-            for rec in batch.get(tp, []):
-                value = None
-                if rec.value is not None:
-                    value = self.keyring.open(rec.value, changelog_aad(self.changelog, rec.key))
-                state.restore(rec.key, value)
-                count += 1
+        count = await restore_partition(
+            self._restorer, self.changelog, partition, self.keyring, state
+        )
         log.info(
             "stage %s: restored %d state records of partition %d", self.stage, count, partition
         )
@@ -228,6 +217,54 @@ class Ownership:
                 self.metrics.lag.labels(self.stage, str(tp.partition)).set(
                     max(0, end - part.next_offset)
                 )
+
+
+def restorer(kafka: KafkaSettings) -> AIOKafkaConsumer:
+    """The consumer that reads changelogs back (no group; committed records only). Its
+    default reset is *earliest*: a partition it is assigned is never read from its end."""
+    return AIOKafkaConsumer(
+        isolation_level="read_committed",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=kafka.max_message_bytes,
+        **client_kwargs(kafka),
+    )
+
+
+async def restore_partition(
+    consumer: AIOKafkaConsumer,
+    changelog: str,
+    partition: int,
+    keyring: Keyring,
+    state: PartitionState,
+) -> int:
+    """Read one changelog partition from its beginning to its last stable offset into
+    ``state``; returns the records read.
+
+    The offsets are fetched *before* the partition is assigned and the position is set by
+    ``seek`` right after ``assign``, with no await in between. ``seek_to_beginning`` would
+    race the fetcher: ``assign`` starts a reset to the consumer's default strategy, and a
+    ListOffsets(latest) answer arriving after ``seek_to_beginning`` asked for *earliest*
+    is applied to it (aiokafka only checks that a reset is still awaited, not which):
+    the restore then starts at the end and reads nothing. That lost ingest's series state
+    (a re-sent series ran again at revision 1, the same alert raised twice) and the alert
+    stage's raised ids, now and then, after a restart or a rebalance.
+    """
+    tp = TopicPartition(changelog, partition)
+    begin = (await consumer.beginning_offsets([tp]))[tp]
+    end = (await consumer.end_offsets([tp]))[tp]  # read_committed: the last stable offset
+    consumer.assign([tp])
+    consumer.seek(tp, begin)
+    count = 0
+    while await consumer.position(tp) < end:
+        batch = await consumer.getmany(tp, timeout_ms=500)
+        for rec in batch.get(tp, []):
+            value = None
+            if rec.value is not None:
+                value = keyring.open(rec.value, changelog_aad(changelog, rec.key))
+            state.restore(rec.key, value)
+            count += 1
+    return count
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -46,6 +46,7 @@ async def read_topic(
     consumer = AIOKafkaConsumer(
         isolation_level="read_committed",
         enable_auto_commit=False,
+        auto_offset_reset="earliest" if from_beginning else "latest",
         max_partition_fetch_bytes=kafka.max_message_bytes,
         **client_kwargs(kafka),
     )
@@ -56,12 +57,13 @@ async def read_topic(
             await consumer._client._wait_on_metadata(topic)
             parts = consumer.partitions_for_topic(topic) or set()
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        if from_beginning:
-            await consumer.seek_to_beginning(*tps)
-        else:
-            await consumer.seek_to_end(*tps)
+        # offsets first, then assign + seek with no await between: seek_to_* would race the
+        # fetcher's own reset (see shared.runtime.ownership.restore_partition)
         ends = await consumer.end_offsets(tps)
+        starts = await consumer.beginning_offsets(tps) if from_beginning else ends
+        consumer.assign(tps)
+        for tp in tps:
+            consumer.seek(tp, starts[tp])
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             if deadline is not None and time.monotonic() >= deadline:

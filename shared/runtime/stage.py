@@ -40,7 +40,7 @@ from shared.runtime.dispatch import (
     RetryPolicy,
     StageSpec,
 )
-from shared.runtime.ownership import OwnedPartition, Ownership
+from shared.runtime.ownership import OwnedPartition, Ownership, restorer
 from shared.runtime.transaction import Aborted, Fenced, Uncertain, transaction
 from shared.security.envelope import Keyring
 from shared.security.kafka import client_kwargs
@@ -136,12 +136,7 @@ class StageRunner(Generic[In]):
             **common,
         )
         if self.spec.stateful:
-            self._restorer = AIOKafkaConsumer(
-                isolation_level="read_committed",
-                enable_auto_commit=False,
-                max_partition_fetch_bytes=kafka.max_message_bytes,
-                **common,
-            )
+            self._restorer = restorer(kafka)
         self._ownership = Ownership(
             stage=self.spec.name,
             settings=self.settings,

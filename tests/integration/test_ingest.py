@@ -211,7 +211,9 @@ async def test_no_patient_data_in_clear_on_kafka_or_disk(
         str(ds.AccessionNumber).encode(),
     ]
     # every byte on every topic ingest touched, read raw (keys, values, headers)
-    consumer = AIOKafkaConsumer(isolation_level="read_uncommitted", **env.kafka())
+    consumer = AIOKafkaConsumer(
+        isolation_level="read_uncommitted", auto_offset_reset="earliest", **env.kafka()
+    )
     await consumer.start()
     blobs: list[bytes] = []
     try:
