@@ -139,6 +139,27 @@ class Settings(BaseSettings):
     metrics_port: int = Field(0, description="port of the HTTP endpoint; 0 picks a free one")
     batch_max_records: int = Field(500, description="records handled per transaction at most")
     batch_max_bytes: int = Field(16 * 1024 * 1024, description="input bytes per transaction")
+    commit_on_output: bool = Field(
+        True,
+        description="end a transaction right after a record that produced output for the next "
+        "stage (a SeriesReady, a volume, findings, an alert), so it need not wait for the rest "
+        "of the batch; records that only change state or are dead-lettered keep batching",
+    )
+    fetch_max_wait_ms: int = Field(
+        100,
+        description="longest the broker holds a fetch that has less than fetch_min_bytes; a "
+        "committed transaction completes a waiting fetch at once, so this bounds idle polling, "
+        "not latency",
+    )
+    fetch_min_bytes: int = Field(1, description="bytes a fetch waits for (1: any record)")
+    producer_linger_ms: int = Field(
+        0, description="batching delay of the stage's producers (commit flushes anyway)"
+    )
+    producer_retry_backoff_ms: int = Field(
+        20,
+        description="wait before retrying a producer or transaction request (e.g. a new "
+        "transaction's request meeting the previous one's markers: CONCURRENT_TRANSACTIONS)",
+    )
     retry_attempts: int = Field(5, description="attempts for a retriable error before DLQ")
     retry_backoff_s: float = Field(0.2, description="first retry delay; doubles per attempt")
     retry_backoff_max_s: float = Field(5.0, description="largest retry delay")

@@ -52,7 +52,22 @@ class StageMetrics:
         )
         self.transaction_seconds = Histogram(
             "radstream_transaction_seconds",
-            "Time from transaction begin to commit",
+            "Batch handling started → committed (handlers, outputs, commit)",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.commit_seconds = Histogram(
+            "radstream_commit_seconds",
+            "Handler done → transaction committed (outputs, offsets, commit round trips)",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.input_wait_seconds = Histogram(
+            "radstream_input_wait_seconds",
+            "Input record sent upstream → its handler starts here (the upstream's commit, "
+            "broker visibility, the fetch, queueing behind earlier records)",
             ["stage"],
             buckets=LATENCY_BUCKETS,
             registry=registry,

@@ -168,6 +168,7 @@ class Dispatcher(Generic[In]):
         self.input_topic = topic(spec.input_topic)
         self.changelog = topic(f"{spec.name}.state")
         self.deadletter_topic = topic("deadletter")
+        self.audit_topic = topic("audit")
         self._adapter: TypeAdapter[In] = TypeAdapter(spec.input_type)
         self._wait = wait
         self._run_async = run_async
@@ -322,6 +323,12 @@ class Dispatcher(Generic[In]):
 
     def _rejected(self, rec: Incoming, reason: Reason, message: str, attempts: int) -> Outcome:
         return Outcome([self.dead_letter(rec, reason, message, attempts)], reason, attempts)
+
+    def feeds_next(self, outcome: Outcome) -> bool:
+        """Did handling produce a record another stage or party waits for (not a dead letter,
+        a state change or an audit event)?"""
+        quiet = {self.deadletter_topic, self.changelog, self.audit_topic}
+        return any(o.topic not in quiet for o in outcome.outgoing)
 
     # ---- after the commit -----------------------------------------------------------------
     def committed(self, outcomes: Sequence[Outcome], outgoing: Sequence[Outgoing]) -> None:

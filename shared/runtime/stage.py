@@ -133,6 +133,9 @@ class StageRunner(Generic[In]):
             rebalance_timeout_ms=int(self.settings.max_poll_interval_s * 1000),
             max_partition_fetch_bytes=kafka.max_message_bytes,
             fetch_max_bytes=max(kafka.max_message_bytes, 52428800),
+            fetch_max_wait_ms=self.settings.fetch_max_wait_ms,
+            fetch_min_bytes=self.settings.fetch_min_bytes,
+            retry_backoff_ms=self.settings.producer_retry_backoff_ms,
             **common,
         )
         if self.spec.stateful:
@@ -199,24 +202,28 @@ class StageRunner(Generic[In]):
             if part.closed or ownership.get(tp) is not part:
                 return
             records = [r for r in records if r.offset >= part.next_offset]
-            chunk: list[Any] = []
-            size = 0
-            for rec in records:
-                chunk.append(rec)
-                size += len(rec.value or b"")
-                if (
-                    size >= self.settings.batch_max_bytes
-                    or len(chunk) >= self.settings.batch_max_records
-                ):
-                    if not await self._batch(ownership, part, chunk):
-                        return
-                    chunk, size = [], 0
-            if chunk:
-                await self._batch(ownership, part, chunk)
+            while records:
+                done = await self._batch(ownership, part, self._chunk(records))
+                if done is None:
+                    return  # not committed: redone from the last committed offset (or gone)
+                records = records[done:]
 
-    async def _batch(self, ownership: Ownership, part: OwnedPartition, records: list[Any]) -> bool:
-        """Handle ``records`` and commit outputs + offsets atomically. False if not committed
-        (then the batch is redone from the last committed offset, or the partition is gone)."""
+    def _chunk(self, records: list[Any]) -> list[Any]:
+        """The records one transaction may take, by count and bytes (at least one)."""
+        size = 0
+        for n, rec in enumerate(records, 1):
+            size += len(rec.value or b"")
+            if size >= self.settings.batch_max_bytes or n >= self.settings.batch_max_records:
+                return records[:n]
+        return records
+
+    async def _batch(
+        self, ownership: Ownership, part: OwnedPartition, records: list[Any]
+    ) -> int | None:
+        """Handle a prefix of ``records`` and commit its outputs + offsets atomically; returns
+        how many records it took (with ``commit_on_output``, it stops after a record with
+        output for the next stage), or None if nothing was committed (then the batch is redone
+        from the last committed offset, or the partition is gone)."""
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:
@@ -225,22 +232,34 @@ class StageRunner(Generic[In]):
             outcomes = await loop.run_in_executor(self._executor, self._handle, part, records)
         except Interrupted:
             await ownership.rolled_back(part, "stopping", producer_usable=True)
-            return False
+            return None
         outgoing = [o for outcome in outcomes for o in outcome.outgoing]
         outgoing += self.dispatcher.state_changes(part.state, part.tp.partition)
-        next_offset = records[-1].offset + 1
+        next_offset = records[len(outcomes) - 1].offset + 1
+        handled = time.perf_counter()
         if not await self._commit(ownership, part, outgoing, next_offset):
-            return False
+            return None
         part.next_offset = next_offset
-        self.metrics.transaction_seconds.labels(self.spec.name).observe(
-            time.perf_counter() - started
-        )
+        end = time.perf_counter()
+        self.metrics.commit_seconds.labels(self.spec.name).observe(end - handled)
+        self.metrics.transaction_seconds.labels(self.spec.name).observe(end - started)
         self.dispatcher.committed(outcomes, outgoing)
-        return True
+        return len(outcomes)
 
     def _handle(self, part: OwnedPartition, records: list[Incoming]) -> list[Outcome]:
-        """Runs in a handler thread. Raises Interrupted if shutdown interrupts a retry wait."""
-        return [self.dispatcher.handle(rec, part.state) for rec in records]
+        """Runs in a handler thread: handle records in order, up to and including the first
+        whose outputs go to the next stage (``commit_on_output``). Raises Interrupted if
+        shutdown interrupts a retry wait."""
+        out: list[Outcome] = []
+        for rec in records:
+            self.metrics.input_wait_seconds.labels(self.spec.name).observe(
+                max(0.0, time.time() - rec.timestamp / 1000)
+            )
+            outcome = self.dispatcher.handle(rec, part.state)
+            out.append(outcome)
+            if self.settings.commit_on_output and self.dispatcher.feeds_next(outcome):
+                break
+        return out
 
     async def _commit(
         self, ownership: Ownership, part: OwnedPartition, outgoing: list[Outgoing], offset: int
