@@ -69,8 +69,8 @@ def start_service(
         RADSTREAM_KEYRING_FILE=str(keyring_path),
         RADSTREAM_METRICS_PORT=str(free_port()),
         RADSTREAM_INGEST__INACTIVITY_TIMEOUT_S="600",
-        **extra,
     )
+    env.update(extra)  # the caller's settings win (e.g. RADSTREAM_METRICS_PORT)
     with open(broker.home / f"{name}.log", "wb") as log:
         return subprocess.Popen(
             [sys.executable, "-m", f"services.{name}.main"],

@@ -4,7 +4,7 @@ records only, decrypted and validated. Used by the CLI's feeds (dead letters, al
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -38,9 +38,11 @@ async def read_topic(
     follow: bool = False,
     timeout_s: float | None = None,
     from_beginning: bool = True,
+    on_start: Callable[[], None] | None = None,
 ) -> AsyncIterator[Item[Any]]:
     """Yield records of ``topic``. Without ``follow``, stops at the end seen at start; with it,
-    keeps waiting for new records until ``timeout_s`` (forever if None)."""
+    keeps waiting for new records until ``timeout_s`` (forever if None). ``on_start`` is
+    called once the start positions are set (from then on nothing published is missed)."""
     adapter: TypeAdapter[Any] = TypeAdapter(model)
     codec = Codec(keyring)
     consumer = AIOKafkaConsumer(
@@ -64,6 +66,8 @@ async def read_topic(
         consumer.assign(tps)
         for tp in tps:
             consumer.seek(tp, starts[tp])
+        if on_start is not None:
+            on_start()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             if deadline is not None and time.monotonic() >= deadline:

@@ -46,7 +46,7 @@ async def test_every_restore_reads_every_committed_record(env: Env) -> None:
     changelog = env.topic("ingest.state")
     await write_changelog(env, changelog)
     kafka = env.broker.settings_for("ingest")
-    for attempt in range(12):  # a fresh consumer each time, as a restarted stage has
+    for attempt in range(6):  # a fresh consumer each time, as a restarted stage has
         consumer = restorer(kafka)
         await consumer.start()
         try:
