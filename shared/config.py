@@ -96,22 +96,32 @@ class SegmentationSettings(BaseModel):
 
 
 class AlertSettings(BaseModel):
-    """``RADSTREAM_ALERT__*``: rules and result delivery to the PACS."""
+    """``RADSTREAM_ALERT__*``: the rules that turn findings into alerts."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     rules_file: Path = Field(
         Path(__file__).resolve().parents[1] / "deploy" / "alerts" / "rules.yaml"
     )
-    pacs_host: str = Field("", description="PACS for DICOM SEG (C-STORE); empty: no delivery")
-    pacs_port: int = Field(PORTS.orthanc_dicom)
-    pacs_ae_title: str = Field("ORTHANC", max_length=16)
-    calling_ae_title: str = Field("RADSTREAM", max_length=16)
-    pacs_timeout_s: float = Field(20.0)
     raised_retention_s: float = Field(
         90 * 86400.0,
         description="keep a series' raised alert ids this long after its last alert (no alert "
         "id is published twice within it); longer than ingest's fingerprint retention",
+    )
+
+
+class ResultsSettings(BaseModel):
+    """``RADSTREAM_RESULTS__*``: the DICOM SEG, SR and pictures, and their delivery to the PACS."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    pacs_host: str = Field("", description="PACS for the SEG and SR (C-STORE); empty: none")
+    pacs_port: int = Field(PORTS.orthanc_dicom)
+    pacs_ae_title: str = Field("ORTHANC", max_length=16)
+    calling_ae_title: str = Field("RADSTREAM", max_length=16)
+    pacs_timeout_s: float = Field(20.0)
+    seg_max_frames: int = Field(
+        400, ge=1, description="organ segments join the SEG only while it stays this small"
     )
 
 
@@ -130,6 +140,7 @@ class Settings(BaseSettings):
     preprocess: PreprocessSettings = Field(default_factory=PreprocessSettings)
     segmentation: SegmentationSettings = Field(default_factory=SegmentationSettings)
     alert: AlertSettings = Field(default_factory=AlertSettings)
+    results: ResultsSettings = Field(default_factory=ResultsSettings)
     device: Literal["auto", "gpu", "cpu"] = Field(
         "auto", description="RADSTREAM_DEVICE: array backend"
     )

@@ -40,6 +40,7 @@ TOPICS: tuple[Topic, ...] = (
     Topic("volumes", BIG, "VolumePrepared"),
     Topic("findings", BIG, "SegmentationDone"),
     Topic("alerts", "max.message.bytes=1048576", "Alert"),
+    Topic("results", "max.message.bytes=1048576", "ResultsReady"),
     Topic(DEADLETTER, "retention.ms=2592000000", "DeadLetter"),
     Topic(AUDIT, "retention.ms=31536000000", "AuditEvent"),
 )
@@ -58,6 +59,8 @@ class Stage:
     emits: tuple[str, ...] = ()  # other topics the handler sends to (Emit), besides dead letters
     stateful: bool = False  # keyed state in the compacted changelog ``<name>.state``
     replay: bool = False  # an operator may re-run a series from here (writes ``input``)
+    delivers: tuple[str, ...] = ()  # outside systems it sends to ("pacs": the local stack's
+    # Orthanc via RADSTREAM_<NAME>__PACS_HOST/PORT)
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -74,6 +77,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("preprocess", "series", "volumes", replay=True),
     Stage("segmentation", "volumes", "findings", replay=True),
     Stage("alert", "findings", "alerts", emits=(AUDIT,), stateful=True, replay=True),
+    # the paperwork after the alert: DICOM SEG + SR + pictures, delivered to the PACS
+    Stage("results", "findings", "results", emits=(AUDIT,), delivers=("pacs",)),
 )
 
 
@@ -93,8 +98,9 @@ PARTIES: tuple[Party, ...] = (
     Party("gateway", write=("instances", AUDIT)),
     # A scanner or its SDK: may only publish instances. It cannot read anything.
     Party("scanner", write=("instances",)),
-    # Worklist / pager integrations: read the alert feed and nothing else.
-    Party("alert-consumer", read=("alerts",), groups=("alert-consumer",)),
+    # Worklist / pager integrations: read the alert feed and the results records they join to
+    # it (SEG/SR identities, delivery outcome), nothing else.
+    Party("alert-consumer", read=("alerts", "results"), groups=("alert-consumer",)),
     # Operators: read every topic, describe groups for lag, and write the input of a
     # replayable stage to re-run a series from there (a new revision).
     Party(

@@ -329,9 +329,31 @@ def http_ok(port: int, path: str) -> bool:
         return False
 
 
+RECEIVED_LUA = """
+-- Every C-STORE Orthanc receives, duplicates included (the filter runs before its own
+-- de-duplication), appended to a file; while the hold file exists the store waits here.
+function ReceivedInstanceFilter(dicom, origin, info)
+  local f = io.open("%(received)s", "a")
+  f:write(dicom.SOPInstanceUID .. "\\n")
+  f:close()
+  local waited = 0
+  while waited < 1200 do
+    local h = io.open("%(hold)s", "r")
+    if h == nil then break end
+    h:close()
+    os.execute("sleep 0.1")
+    waited = waited + 1
+  end
+  return true
+end
+"""
+
+
 class Orthanc:
     """A real Orthanc (Debian's package) for one test: own storage, free ports, HTTP on
-    127.0.0.1 only with remote access off; DICOM accepts only the configured modalities."""
+    127.0.0.1 only with remote access off; DICOM accepts only the configured modalities.
+    :meth:`received` lists every C-STORE it was sent (a Lua filter records them, duplicates
+    included); :meth:`hold` makes incoming stores wait until :meth:`release`."""
 
     def __init__(self, root: Path, modalities: dict[str, str]) -> None:
         import json
@@ -344,6 +366,11 @@ class Orthanc:
         exe = shutil.which("Orthanc")
         assert exe, "Orthanc not found: 'make setup' installs Debian's orthanc"
         self.exe = exe
+        self.received_file = root / "received.txt"
+        self.hold_file = root / "hold"
+        (root / "received.lua").write_text(
+            RECEIVED_LUA % {"received": self.received_file, "hold": self.hold_file}
+        )
         config = {
             "Name": "radstream-test-pacs",
             "StorageDirectory": str(root / "db"),
@@ -358,6 +385,7 @@ class Orthanc:
             "DicomModalities": {name: [aet, "127.0.0.1", 104] for name, aet in modalities.items()},
             "Plugins": [],
             "StableAge": 1,
+            "LuaScripts": [str(root / "received.lua")],
         }
         (root / "orthanc.json").write_text(json.dumps(config))
         self.proc: subprocess.Popen[bytes] | None = None
@@ -392,7 +420,21 @@ class Orthanc:
         ids = self.get("/instances") or []
         return [self.get(f"/instances/{i}/simplified-tags") for i in ids]
 
+    def received(self) -> list[str]:
+        """SOP Instance UIDs of every C-STORE received so far, in order, duplicates too."""
+        try:
+            return self.received_file.read_text().split()
+        except FileNotFoundError:
+            return []
+
+    def hold(self) -> None:
+        self.hold_file.touch()
+
+    def release(self) -> None:
+        self.hold_file.unlink(missing_ok=True)
+
     def stop(self) -> None:
+        self.release()
         if self.proc is not None:
             self.proc.terminate()
             self.proc.wait(20)
@@ -413,19 +455,13 @@ class Prometheus:
         self.targets = dict(targets)  # service name → /metrics port
         root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        config = {
-            "global": {"scrape_interval": interval, "evaluation_interval": interval},
-            "rule_files": [str(REPO / "deploy" / "prometheus" / "rules.yml")],
-            "scrape_configs": [
-                {
-                    "job_name": "radstream",
-                    "static_configs": [
-                        {"targets": [f"127.0.0.1:{port}"], "labels": {"service": name}}
-                        for name, port in targets.items()
-                    ],
-                }
-            ],
-        }
+        from shared.stack.render import scrape_config
+
+        config = scrape_config(
+            {name: f"127.0.0.1:{port}" for name, port in targets.items()},
+            interval,
+            str(REPO / "deploy" / "prometheus" / "rules.yml"),
+        )
         (root / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.proc: subprocess.Popen[bytes] | None = None
 

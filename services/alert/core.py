@@ -1,6 +1,9 @@
-"""Alert's core: SegmentationDone → one Alert per matching finding (per series revision),
-and the DICOM SEG delivered to the PACS once (its SOP Instance UID is the idempotency key;
-delivery is recorded on ``audit`` in the same transaction as the alerts)."""
+"""Alert's core: SegmentationDone → one Alert per matching finding (per series revision).
+
+Rules and alerts only: the DICOM SEG, SR, pictures and their delivery to the PACS are the
+results stage's (``services/results``), which consumes the same findings independently, so an
+alert never waits for them. Consumers join an alert to its results record by series, revision
+and finding label."""
 
 from __future__ import annotations
 
@@ -12,11 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from services.alert.raised import RaisedAlerts
 from services.alert.rules import MEASURES, RuleSet
-from shared.dicom.pacs import Pacs, c_store
-from shared.runtime.errors import RetriableError
 from shared.runtime.stage import Context, Emit, HandlerResult
 from shared.schemas import Alert, AuditEvent, SegmentationDone
-from shared.storage import BlobError, BlobStore
 
 NAMESPACE = uuid.UUID("6d1c6a0e-5d0b-4c4a-9a77-7f1f4bb2a1e1")
 
@@ -59,44 +59,16 @@ class AlertMetrics:
             "Alerts not published again: their id was raised before (replay, re-analysis)",
             registry=registry,
         )
-        self.pacs = Counter(
-            "radstream_pacs_deliveries",
-            "DICOM SEG objects delivered to the PACS",
-            registry=registry,
-        )
 
 
 @dataclass
 class AlertCore:
     rules: RuleSet
-    store: BlobStore
-    pacs: Pacs | None = None
     metrics: AlertMetrics | None = None
     raised: RaisedAlerts | None = None  # ids published before (keyed state): never twice
 
     def handle(self, msg: SegmentationDone, ctx: Context) -> HandlerResult:
         out: list[Emit] = []
-        if self.pacs is not None and msg.seg is not None and msg.seg_sop_instance_uid is not None:
-            try:
-                data = self.store.get(msg.seg)
-            except BlobError as exc:
-                raise RetriableError(
-                    f"SEG not readable from the blob store ({exc.reason})"
-                ) from None
-            c_store(self.pacs, data)  # RetriableError → retried with backoff by the runtime
-            if self.metrics is not None:
-                self.metrics.pacs.inc()
-            out.append(
-                Emit(
-                    "audit",
-                    AuditEvent(
-                        actor="alert",
-                        action="pacs_delivered",
-                        resource=ctx.keyring.keyed_hash(msg.seg_sop_instance_uid).decode(),
-                        outcome="success",
-                    ),
-                )
-            )
         now = datetime.now(UTC)
         acquired = _acquisition(msg.acquired_at)
         series_key = ctx.key_for(msg.series_instance_uid)

@@ -1,4 +1,4 @@
-"""Alert service: SegmentationDone → Alerts (declarative rules) and SEG → PACS."""
+"""Alert service: SegmentationDone → Alerts (declarative rules); nothing else on the way."""
 
 from __future__ import annotations
 
@@ -14,12 +14,10 @@ from services.alert.core import AlertCore, AlertMetrics  # noqa: E402
 from services.alert.raised import RaisedAlerts  # noqa: E402
 from services.alert.rules import RuleSet  # noqa: E402
 from shared.config import Settings  # noqa: E402
-from shared.dicom.pacs import Pacs  # noqa: E402
 from shared.runtime.service import serve  # noqa: E402
 from shared.runtime.stage import StageSpec  # noqa: E402
 from shared.schemas import SegmentationDone  # noqa: E402
 from shared.security.envelope import Keyring  # noqa: E402
-from shared.storage import BlobStore, LocalDirBackend  # noqa: E402
 from shared.topology import stage  # noqa: E402
 
 STAGE = stage("alert")
@@ -28,24 +26,10 @@ STAGE = stage("alert")
 def build(
     settings: Settings, keyring: Keyring, registry: CollectorRegistry | None = None
 ) -> StageSpec[SegmentationDone]:
-    cfg = settings.alert
-    pacs = (
-        Pacs(
-            cfg.pacs_host,
-            cfg.pacs_port,
-            cfg.pacs_ae_title,
-            cfg.calling_ae_title,
-            cfg.pacs_timeout_s,
-        )
-        if cfg.pacs_host
-        else None
-    )
     core = AlertCore(
-        RuleSet.load(cfg.rules_file),
-        BlobStore(LocalDirBackend(settings.blob_path), keyring),
-        pacs,
+        RuleSet.load(settings.alert.rules_file),
         AlertMetrics(registry) if registry is not None else None,
-        RaisedAlerts(cfg.raised_retention_s),
+        RaisedAlerts(settings.alert.raised_retention_s),
     )
     return StageSpec(
         name=STAGE.name,

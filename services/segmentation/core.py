@@ -1,5 +1,7 @@
-"""Segmentation's core: VolumePrepared → task (by modality/body part) → findings, masks,
-DICOM SEG, overlay PNGs → SegmentationDone. No Kafka here."""
+"""Segmentation's core: VolumePrepared → task (by modality/body part) → findings and masks →
+SegmentationDone, as soon as the task is done. The DICOM SEG, SR and overlay pictures are built
+after the alert by the results stage, from the masks, volume and sources the record names.
+No Kafka here."""
 
 from __future__ import annotations
 
@@ -12,18 +14,17 @@ import numpy as np
 
 from services.segmentation import tasks
 from services.segmentation.onnx_plugin import OnnxSegmenter
-from shared.dicom.seg import Algorithm, build_seg, seg_uid, source_headers
-from shared.dicom.segments import finding_segments
+from shared.dicom.seg import Algorithm
 from shared.imaging.backend import Backend, DeviceRunner
 from shared.imaging.masks import pack_masks
-from shared.imaging.overlay import key_slices
 from shared.imaging.packed import unpack_volume
 from shared.runtime.errors import PoisonError
 from shared.runtime.stage import Context
-from shared.schemas import Finding, NamedBlob, SegmentationDone, VolumePrepared
+from shared.schemas import Finding, SegmentationDone, VolumePrepared
 from shared.storage import BlobError, BlobStore
 
 log = logging.getLogger("radstream.segmentation")
+
 
 def task_for(modality: str, body_part: str | None, depth: int) -> str:
     part = (body_part or "").upper()
@@ -81,33 +82,8 @@ class SegmentationCore:
         findings = [Finding(**_clean(f)) for f in (result.findings if result else [])]
 
         t2 = time.perf_counter()
-        masks_ref = seg_ref = None
-        seg_sop = None
-        overlays: list[NamedBlob] = []
-        if result is not None:
-            masks_ref = self.store.put(pack_masks(result.masks))
-            overlays = [
-                NamedBlob(name=name, blob=self.store.put(png))
-                for name, png in key_slices(task, vol, result.masks, result.findings)
-            ]
-            if task in ("chest_ct", "head_ct") and len(msg.source_instances) == vol.shape[0]:
-                try:
-                    sources = source_headers(
-                        [self.store.get(ref.blob) for ref in msg.source_instances]
-                    )
-                    seg_bytes = build_seg(
-                        sources,
-                        finding_segments(result.masks, result.findings, geo),
-                        series_instance_uid=msg.series_instance_uid,
-                        revision=msg.revision,
-                        algorithm=algorithm,
-                    )
-                    seg_ref = self.store.put(seg_bytes)
-                    seg_sop = seg_uid(msg.series_instance_uid, msg.revision, algorithm)
-                except (ValueError, BlobError) as exc:
-                    log.warning(
-                        "segmentation: no DICOM SEG for this series (%s)", type(exc).__name__
-                    )
+        # the masks, compactly; the SEG, SR and pictures are the results stage's, after the alert
+        masks_ref = self.store.put(pack_masks(result.masks)) if result is not None else None
         timings["outputs"] = time.perf_counter() - t2
         timings["total"] = time.perf_counter() - t0
         return SegmentationDone(
@@ -119,9 +95,6 @@ class SegmentationCore:
             task=task,
             findings=findings,
             masks=masks_ref,
-            seg=seg_ref,
-            seg_sop_instance_uid=seg_sop,
-            overlays=overlays,
             algorithm=algorithm.name,
             algorithm_version=algorithm.version,
             parameters={

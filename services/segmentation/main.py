@@ -1,4 +1,5 @@
-"""Segmentation service: VolumePrepared → findings, DICOM SEG, overlays → SegmentationDone."""
+"""Segmentation service: VolumePrepared → findings and masks → SegmentationDone (the SEG, SR and
+pictures follow from the results service)."""
 
 from __future__ import annotations
 

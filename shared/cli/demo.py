@@ -1,10 +1,12 @@
 """``radstream demo``: the whole pipeline for a newcomer, on the local stack.
 
-Starts the stack (broker, gateway, ingest, preprocess, segmentation, alert, Orthanc when
-installed), publishes a chest CT phantom with nodules, a head CT phantom with a haemorrhage,
-a normal chest CT and real pydicom sample files (one series through the gateway with dcmtk's
-``storescu``), shows alerts as they arrive, then writes ``out/demo/report.html`` (findings,
-overlay pictures, per-stage and end-to-end latency per study). The stack keeps running.
+Starts the stack (broker, gateway, ingest, preprocess, segmentation, alert, results, Orthanc
+when installed), publishes a chest CT phantom with nodules, a head CT phantom with a
+haemorrhage, a normal chest CT and real pydicom sample files (one series through the gateway
+with dcmtk's ``storescu``), shows alerts as they arrive, waits for the results stage's
+paperwork (DICOM SEG, SR, pictures, PACS delivery), then writes ``out/demo/report.html``
+(findings, overlay pictures, SEG/SR and their delivery, per-stage and end-to-end latency per
+study). The stack keeps running.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from shared.config import Settings
 from shared.dicom import phantom
 from shared.ingress.publisher import Publisher
 from shared.runtime.reader import read_topic
-from shared.schemas import Alert, SegmentationDone, SeriesReady, VolumePrepared
+from shared.schemas import Alert, ResultsReady, SegmentationDone, SeriesReady, VolumePrepared
 from shared.security.envelope import Keyring
 from shared.stack.broker import REPO
 from shared.stack.local import LocalStack
@@ -155,13 +157,13 @@ def run_demo(stack: LocalStack, out: Path, console: Console, wait_s: float = 300
     asyncio.run(follow())
 
     async def analysed() -> None:
-        """Every study analysed, those without an alert too (the normal one may finish after
-        the last alert), so the report is complete."""
+        """Every study's results in (SEG, SR and pictures come after the alerts; the normal
+        study may finish after the last alert), so the report is complete."""
         pending = set(wanted)
         async for item in read_topic(
             stack.broker.settings_for("operator"),
-            settings.topic("findings"),
-            SegmentationDone,
+            settings.topic("results"),
+            ResultsReady,
             keyring,
             follow=True,
             timeout_s=max(1.0, wait_s - (time.monotonic() - started)),
@@ -201,6 +203,7 @@ def _collect(
         await read("series", SeriesReady, "series")
         await read("volumes", VolumePrepared, "volume")
         await read("findings", SegmentationDone, "done")
+        await read("results", ResultsReady, "results")
         await read("alerts", Alert, "alerts")
 
     asyncio.run(all_topics())
@@ -225,6 +228,7 @@ def write_report(
     for study in studies:
         rec = data.get(study.series_uid, {})
         done: SegmentationDone | None = rec.get("done")
+        paperwork: ResultsReady | None = rec.get("results")
         series: SeriesReady | None = rec.get("series")
         volume: VolumePrepared | None = rec.get("volume")
         alerts: list[Alert] = rec.get("alerts", [])
@@ -269,7 +273,26 @@ def write_report(
             )
             + "</p>"
         )
-        for overlay in done.overlays:
+        if paperwork is None:
+            parts.append("<p>results (SEG, SR, pictures): not in yet</p>")
+            continue
+        objects = [
+            ("DICOM SEG", paperwork.seg, "seg.dcm", f"{paperwork.seg_frames} frames"),
+            ("DICOM SR (TID 1500)", paperwork.sr, "sr.dcm", "measurements per finding"),
+        ]
+        listed = []
+        for what, ref, suffix, note in objects:
+            if ref is not None:
+                name = f"{study.name}-{suffix}"
+                (out / name).write_bytes(store.get(ref))
+                listed.append(f"<a href='{name}'>{what}</a> ({note})")
+        delivered = ", ".join(f"{d.object} {d.outcome}" for d in paperwork.deliveries)
+        parts.append(
+            f"<p>results: {' · '.join(listed) or 'no DICOM objects for this task'}; PACS: "
+            f"{paperwork.delivery}{f' ({delivered})' if delivered else ''}; built in "
+            f"{paperwork.timings_s.get('total', 0.0):.2f} s after the findings</p>"
+        )
+        for overlay in paperwork.overlays:
             name = f"{study.name}-{overlay.name}"
             (out / name).write_bytes(store.get(overlay.blob))
             parts.append(f"<img src='{name}' alt='{html.escape(overlay.name)}'>")

@@ -440,17 +440,26 @@ def replay(
 def results(
     series_instance_uid: Annotated[str, typer.Argument(help="SeriesInstanceUID of the series")],
     out: Annotated[
-        Path, typer.Option("--out", help="folder to write findings.json, seg.dcm, PNGs")
+        Path,
+        typer.Option(
+            "--out", help="folder to write findings.json, results.json, seg.dcm, sr.dcm, PNGs"
+        ),
     ],
     home: HomeOpt = DEFAULT_HOME,
-    timeout: Annotated[float, typer.Option("--timeout", help="wait up to S seconds for it")] = 0.0,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="wait up to S seconds for the findings and results")
+    ] = 0.0,
 ) -> None:
-    """Findings, DICOM SEG and overlay pictures of a series (latest revision; operator)."""
-    from shared.schemas import SegmentationDone
+    """A series' findings (latest revision) joined to its results: the DICOM SEG, the SR
+    (TID 1500 measurements), the overlay pictures and their delivery to the PACS. Operator.
+    Exits 1 without findings, 3 with findings but no results record (yet)."""
+    import time
+
+    from shared.schemas import ResultsReady, SegmentationDone
     from shared.storage import BlobStore, LocalDirBackend
 
     settings, kafka, keyring = _settings_for(home, "operator")
-
+    started = time.monotonic()
     done: SegmentationDone | None = asyncio.run(
         latest_for_series(
             kafka,
@@ -462,31 +471,58 @@ def results(
         )
     )
     if done is None:
-        err.print("[red]no results for that series (yet)")
+        err.print("[red]no findings for that series (yet)")
         raise typer.Exit(1)
+    paperwork: ResultsReady | None = asyncio.run(
+        latest_for_series(
+            kafka,
+            settings.topic("results"),
+            ResultsReady,
+            keyring,
+            series_instance_uid,
+            wait_s=max(0.0, timeout - (time.monotonic() - started)),
+            revision=done.revision,
+        )
+    )
     store = BlobStore(LocalDirBackend(settings.blob_path), keyring)
     out.mkdir(parents=True, exist_ok=True)
     (out / "findings.json").write_text(done.model_dump_json(indent=2, exclude={"schema_version"}))
     written = ["findings.json"]
-    if done.seg is not None:
-        (out / "seg.dcm").write_bytes(store.get(done.seg))
-        written.append("seg.dcm")
-    for overlay in done.overlays:
-        (out / overlay.name).write_bytes(store.get(overlay.blob))
-        written.append(overlay.name)
-    table = Table("finding", "label", "volume mL", "diameter mm", "centroid (mm)")
+    if paperwork is not None:
+        (out / "results.json").write_text(
+            paperwork.model_dump_json(indent=2, exclude={"schema_version"})
+        )
+        written.append("results.json")
+        for name, ref in (("seg.dcm", paperwork.seg), ("sr.dcm", paperwork.sr)):
+            if ref is not None:
+                (out / name).write_bytes(store.get(ref))
+                written.append(name)
+        for overlay in paperwork.overlays:
+            (out / overlay.name).write_bytes(store.get(overlay.blob))
+            written.append(overlay.name)
+    segments = {r.finding_label: r for r in (paperwork.segments if paperwork else [])}
+    table = Table(
+        "finding", "label", "volume mL", "diameter mm", "centroid (mm)", "SEG segment"
+    )
     for f in done.findings:
+        seg_ref = segments.get(f.label)
         table.add_row(
             f.type,
             f.label,
             f"{f.volume_ml:.2f}" if f.volume_ml is not None else "-",
             f"{f.diameter_mm:.1f}" if f.diameter_mm is not None else "-",
             ", ".join(f"{v:.1f}" for v in f.centroid_mm or []),
+            str(seg_ref.segment_number) if seg_ref and seg_ref.segment_number else "-",
         )
     console.print(table)
     console.print(
         f"revision {done.revision}, task {done.task}: wrote {', '.join(written)} to {out}"
     )
+    if paperwork is None:
+        err.print("[yellow]no results record for this revision yet (SEG, SR, pictures follow)")
+        raise typer.Exit(3)
+    delivered = ", ".join(f"{d.object} {d.outcome}" for d in paperwork.deliveries) or "nothing"
+    console.print(f"PACS: {paperwork.delivery} ({delivered})")
 
 
 def main() -> None:  # pragma: no cover

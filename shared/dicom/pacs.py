@@ -1,20 +1,36 @@
-"""Delivering DICOM objects to a PACS by C-STORE (pynetdicom SCU).
+"""Delivering DICOM objects (SEG, Comprehensive 3D SR) to a PACS: C-FIND, then C-STORE
+(pynetdicom SCU).
 
-Idempotent by construction: the object's SOP Instance UID is its identity, so a retry after
-an unclear outcome stores the same instance again, never a second one.
+Idempotent by construction: an object's SOP Instance UID is its identity (deterministic per
+series revision). :func:`deliver` first asks the PACS whether it holds the instance already
+(C-FIND at IMAGE level) and stores it only if not, so a delivery redone after a crash between
+the store and the Kafka commit does not send the object a second time; a PACS that does not
+answer queries gets the C-STORE again, which stores the same instance, never a second one.
 """
 
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import Literal
 
 import pydicom
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
-from pynetdicom.sop_class import SegmentationStorage  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    Comprehensive3DSRStorage,
+    SegmentationStorage,
+    StudyRootQueryRetrieveInformationModelFind,
+)
 
 from shared.runtime.errors import PoisonError, RetriableError
+from shared.schemas.reasons import Reason
+
+DELIVERABLE = {SegmentationStorage: "SEG", Comprehensive3DSRStorage: "SR"}
+"""SOP classes RadStream delivers, by SOP Class UID."""
+
+Delivered = Literal["delivered", "already_present"]
 
 
 @dataclass(frozen=True)
@@ -26,15 +42,33 @@ class Pacs:
     timeout_s: float = 20.0
 
 
+def _ae(pacs: Pacs) -> AE:
+    ae = AE(ae_title=pacs.calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = pacs.timeout_s
+    return ae
+
+
+def _read(data: bytes) -> Dataset:
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        sop_class = ds.SOPClassUID
+    except (pydicom.errors.InvalidDicomError, AttributeError, ValueError, EOFError) as exc:
+        why = f"not a readable DICOM object ({type(exc).__name__})"
+        raise PoisonError(Reason.MALFORMED, why) from None
+    if sop_class not in DELIVERABLE:
+        raise PoisonError(Reason.UNSUPPORTED_OBJECT, "only DICOM SEG and 3D SR are delivered")
+    return ds
+
+
 def c_store(pacs: Pacs, data: bytes) -> str:
     """Send one Part 10 object; returns its SOP Instance UID. Raises RetriableError when the
     PACS is unreachable or answers a failure status (the runtime retries with backoff)."""
-    ds = pydicom.dcmread(io.BytesIO(data))
-    if ds.SOPClassUID != SegmentationStorage:
-        raise PoisonError("unsupported_object", "only DICOM SEG objects are delivered")
-    ae = AE(ae_title=pacs.calling_ae)
-    ae.add_requested_context(SegmentationStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = pacs.timeout_s
+    return _store(pacs, _read(data))
+
+
+def _store(pacs: Pacs, ds: Dataset) -> str:
+    ae = _ae(pacs)
+    ae.add_requested_context(ds.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     assoc = ae.associate(pacs.host, pacs.port, ae_title=pacs.called_ae)
     if not assoc.is_established:
         raise RetriableError("PACS association not established")
@@ -48,3 +82,48 @@ def c_store(pacs: Pacs, data: bytes) -> str:
     if code not in (0x0000, 0xB000, 0xB006, 0xB007):
         raise RetriableError(f"PACS answered C-STORE status 0x{code:04X}")
     return str(ds.SOPInstanceUID)
+
+
+def holds(pacs: Pacs, study_uid: str, series_uid: str, sop_uid: str) -> bool | None:
+    """Does the PACS hold this instance? C-FIND (study root, IMAGE level). None when it cannot
+    tell (no query service for us); RetriableError when it cannot be reached."""
+    ae = _ae(pacs)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate(pacs.host, pacs.port, ae_title=pacs.called_ae)
+    if not assoc.is_established:
+        raise RetriableError("PACS association not established")
+    query = Dataset()
+    query.QueryRetrieveLevel = "IMAGE"
+    query.StudyInstanceUID = study_uid
+    query.SeriesInstanceUID = series_uid
+    query.SOPInstanceUID = sop_uid
+    found = False
+    try:
+        if not any(
+            cx.abstract_syntax == StudyRootQueryRetrieveInformationModelFind
+            for cx in assoc.accepted_contexts
+        ):
+            return None
+        for status, identifier in assoc.send_c_find(
+            query, StudyRootQueryRetrieveInformationModelFind
+        ):
+            code = getattr(status, "Status", None)
+            if code is None:
+                raise RetriableError("no C-FIND response from the PACS")
+            if code in (0xFF00, 0xFF01) and identifier is not None:
+                found = found or identifier.get("SOPInstanceUID") == sop_uid
+            elif code != 0x0000:
+                return None  # the PACS refuses or cannot answer the query: it cannot tell
+    finally:
+        assoc.release()
+    return found
+
+
+def deliver(pacs: Pacs, data: bytes) -> Delivered:
+    """Store the object unless the PACS holds it already. RetriableError when the PACS cannot
+    be reached or refuses the store; PoisonError for an object RadStream does not deliver."""
+    ds = _read(data)
+    if holds(pacs, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID):
+        return "already_present"
+    _store(pacs, ds)
+    return "delivered"

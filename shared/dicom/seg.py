@@ -1,11 +1,15 @@
 """DICOM Segmentation objects (highdicom), validated when built.
 
-The SEG references its source series (one frame per source slice that has any segment),
-carries one segment per organ mask and one per finding (its label and description give the
-finding's type, size, confidence and the features behind the confidence) with SNOMED CT codes,
-and gets a deterministic SOP Instance UID
-derived from (series, revision, algorithm, version): re-processing the same input makes the
-same object, which is the idempotency key for PACS delivery.
+The SEG references its source series, carries one segment per organ mask and one per finding
+(its label and description give the finding's type, size, confidence and the features behind
+the confidence) with SNOMED CT codes, and gets a deterministic SOP Instance UID derived from
+(series, revision, algorithm, version): re-processing the same input makes the same object,
+which is the idempotency key for PACS delivery.
+
+Small on purpose (viewers refuse SEGs of more than a few hundred frames): BINARY (1 bit per
+pixel, the smallest encoding every viewer reads), one frame per (segment, slice) that has
+pixels of that segment, none for the empty ones; :func:`within_frames` keeps every finding's
+segment and the organ segments only when the SEG stays within a frame budget with them.
 """
 
 from __future__ import annotations
@@ -72,8 +76,34 @@ def seg_uid(
     )
 
 
+def track_uid(series_instance_uid: str, revision: int, algorithm: Algorithm, key: str) -> str:
+    """The Tracking UID of a finding (``key``: its label) or organ: its SEG segment's and its
+    SR measurement group's, so that viewers and readers link the two."""
+    return seg_uid(series_instance_uid, revision, algorithm, f"track-{key}")
+
+
 def source_headers(instances: Sequence[bytes]) -> list[Dataset]:
     return [pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True) for data in instances]
+
+
+def frames(segment: Segment) -> int:
+    """Frames ``segment`` takes in a SEG: its non-empty slices."""
+    return int(np.count_nonzero(segment.mask.reshape(segment.mask.shape[0], -1).any(axis=1)))
+
+
+def is_organ(segment: Segment) -> bool:
+    return bool(SEGMENT_CODES[segment.kind][0] == codes.SCT.Organ)
+
+
+def within_frames(segments: Sequence[Segment], max_frames: int) -> list[Segment]:
+    """``segments`` (their order kept), less the organ segments if together they would take
+    the SEG past ``max_frames`` frames: every finding's segment stays; the organs come all
+    together or not at all (a viewer showing one lung of two misleads)."""
+    lesions = sum(frames(s) for s in segments if not is_organ(s))
+    organs = sum(frames(s) for s in segments if is_organ(s))
+    if lesions + organs <= max_frames:
+        return list(segments)
+    return [s for s in segments if not is_organ(s)]
 
 
 def build_seg(
@@ -84,10 +114,32 @@ def build_seg(
     revision: int,
     algorithm: Algorithm,
 ) -> bytes:
-    """A BINARY SEG over ``sources`` (volume order) with one segment per non-empty mask.
+    """:func:`seg_dataset` as Part 10 bytes."""
+    seg = seg_dataset(
+        sources,
+        masks,
+        series_instance_uid=series_instance_uid,
+        revision=revision,
+        algorithm=algorithm,
+    )
+    buf = io.BytesIO()
+    seg.save_as(buf)
+    return buf.getvalue()
+
+
+def seg_dataset(
+    sources: list[Dataset],
+    masks: dict[str, np.ndarray] | Sequence[Segment],
+    *,
+    series_instance_uid: str,
+    revision: int,
+    algorithm: Algorithm,
+) -> hd.seg.Segmentation:
+    """A BINARY SEG over ``sources`` (volume order) with one segment per non-empty mask, in
+    the given order (segment numbers from 1); frames only where a segment has pixels.
 
     ``masks`` are (z, y, x) booleans aligned with ``sources``, either by kind (one segment
-    each) or as :class:`Segment` s. Returns Part 10 bytes.
+    each) or as :class:`Segment` s.
     """
     if isinstance(masks, dict):
         segments = [Segment(n, m, n) for n, m in masks.items() if n in SEGMENT_CODES]
@@ -117,7 +169,7 @@ def build_seg(
             segmented_property_type=prop,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=ident,
-            tracking_uid=seg_uid(series_instance_uid, revision, algorithm, f"track-{segment.key}"),
+            tracking_uid=track_uid(series_instance_uid, revision, algorithm, segment.key),
             tracking_id=f"{algorithm.name}:{segment.key}"[:64],
         )
         if segment.description:
@@ -138,7 +190,6 @@ def build_seg(
         software_versions=algorithm.version,
         device_serial_number="radstream",
         series_description=f"RadStream {algorithm.name} r{revision}",
+        omit_empty_frames=True,
     )
-    buf = io.BytesIO()
-    seg.save_as(buf)
-    return buf.getvalue()
+    return seg

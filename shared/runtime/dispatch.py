@@ -59,6 +59,12 @@ class Context:
     timestamp_ms: int
     state: PartitionState | None
     keyring: Keyring
+    attempt: int = 1  # this try of the record (retries after a RetriableError count up)
+    attempts: int = 1  # tries the retry policy allows; the last one can report, not raise
+
+    @property
+    def last_attempt(self) -> bool:
+        return self.attempt >= self.attempts
 
     def key_for(self, identity: str) -> bytes:
         return self.keyring.keyed_hash(identity)
@@ -187,6 +193,7 @@ class Dispatcher(Generic[In]):
             timestamp_ms=rec.timestamp,
             state=state if self.spec.stateful else None,
             keyring=self.keyring,
+            attempts=self.retry.attempts,
         )
         try:
             record = self.codec.decode(rec.topic, rec.key, rec.value, rec.headers, self._adapter)
@@ -196,6 +203,7 @@ class Dispatcher(Generic[In]):
         attempt = 0
         while True:
             attempt += 1
+            ctx.attempt = attempt
             savepoint = state.savepoint()
             try:
                 return Outcome(self.outputs(self._call(record, ctx), rec.key), None, attempt)

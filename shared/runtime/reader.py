@@ -96,21 +96,29 @@ async def latest_for_series(
     series_instance_uid: str,
     *,
     wait_s: float = 0.0,
+    revision: int | None = None,
 ) -> Any | None:
-    """The highest revision of ``series_instance_uid`` on ``topic``; when there is none yet and
-    ``wait_s`` > 0, the first one that arrives within ``wait_s`` seconds."""
+    """The highest revision of ``series_instance_uid`` on ``topic`` (or that ``revision``);
+    when there is none yet and ``wait_s`` > 0, the first one that arrives within ``wait_s``
+    seconds."""
+
+    def wanted(rec: Any) -> bool:
+        return bool(
+            rec is not None
+            and rec.series_instance_uid == series_instance_uid
+            and (revision is None or rec.revision == revision)
+        )
+
     latest = None
     async for item in read_topic(kafka, topic, model, keyring):
-        rec = item.record
-        if rec is not None and rec.series_instance_uid == series_instance_uid:
-            if latest is None or rec.revision >= latest.revision:
-                latest = rec
+        rec: Any = item.record
+        if wanted(rec) and (latest is None or rec.revision >= latest.revision):
+            latest = rec
     if latest is not None or wait_s <= 0:
         return latest
     async for item in read_topic(
         kafka, topic, model, keyring, follow=True, timeout_s=wait_s, from_beginning=False
     ):
-        rec = item.record
-        if rec is not None and rec.series_instance_uid == series_instance_uid:
-            return rec
+        if wanted(item.record):
+            return item.record
     return None

@@ -257,9 +257,15 @@ class SegmentationDone(Record):
         description="the boolean masks (z, y, x) by name: shared.imaging.masks format (bit-packed, "
         "zstd; .npz before v3, still read)",
     )
-    seg: BlobRef | None = Field(None, description="DICOM SEG (Part 10)")
-    seg_sop_instance_uid: Uid | None = Field(None, description="idempotency key for PACS")
-    overlays: list[NamedBlob] = Field(default_factory=list, description="PNG key slices")
+    seg: BlobRef | None = Field(
+        None, description="DICOM SEG (Part 10); before v3 only: now on the results record"
+    )
+    seg_sop_instance_uid: Uid | None = Field(
+        None, description="the SEG's identity; before v3 only: now on the results record"
+    )
+    overlays: list[NamedBlob] = Field(
+        default_factory=list, description="PNG key slices; before v3 only: now on results"
+    )
     volume: BlobRef | None = Field(None, description="the analysed volume (VolumePrepared's)")
     shape: tuple[int, int, int] | None = Field(None, description="(z, y, x) voxels of the masks")
     spacing_mm: tuple[float, float, float] | None = Field(None, description="(z, y, x)")
@@ -309,7 +315,11 @@ class Alert(Record):
         default_factory=dict, max_length=48, description="features behind the confidence"
     )
     centroid_mm: list[float] | None = None
-    seg_sop_instance_uid: Uid | None = Field(None, description="the DICOM SEG sent to the PACS")
+    seg_sop_instance_uid: Uid | None = Field(
+        None,
+        description="set by alerts from findings before v3 only: the SEG now follows the alert; "
+        "join the results record (series, revision, finding label)",
+    )
     algorithm: str = Field(max_length=64)
     algorithm_version: str = Field(max_length=32)
     parameters: dict[str, float | str] = Field(default_factory=dict)
@@ -317,6 +327,75 @@ class Alert(Record):
     source_offset: int = Field(ge=0)
     latency_seconds: float = Field(ge=0, description="last instance published → alert created")
     acquisition_latency_seconds: float | None = Field(None, description="acquisition → alert")
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class SegmentRef(BaseModel):
+    """Where one finding is in the results: its SEG segment and SR measurement group."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    finding_label: str = Field(max_length=64, description="the finding's (and its alert's) label")
+    type: str = Field(max_length=32, description="finding type")
+    segment_number: int | None = Field(None, ge=1, description="its segment in the SEG, if any")
+    tracking_uid: Uid | None = Field(
+        None, description="Tracking UID of its SEG segment and SR measurement group"
+    )
+    in_sr: bool = Field(False, description="the SR has a measurement group for it")
+
+
+class Delivery(BaseModel):
+    """What became of one DICOM object sent to the PACS."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    object: Literal["SEG", "SR"]
+    sop_instance_uid: Uid = Field(description="the object's identity (idempotency key)")
+    outcome: Literal["delivered", "already_present", "failed", "not_configured"] = Field(
+        description="stored now; found in the PACS already (a redo); not stored after every "
+        "retry; no PACS configured"
+    )
+    message: str | None = Field(None, max_length=200, description="why it failed, without PHI")
+
+
+class ResultsReady(Record):
+    """``results``: the paperwork of one series revision, after its alerts: the DICOM SEG and
+    SR (TID 1500), the pictures, and their delivery to the PACS. Keyed like the findings and
+    alerts of the series; join on (series_instance_uid, revision) and finding label."""
+
+    SCHEMA: ClassVar[str] = "radstream.results_ready"
+    study_instance_uid: Uid
+    series_instance_uid: Uid
+    revision: int = Field(ge=1)
+    modality: str = Field(max_length=16)
+    body_part: str | None = Field(None, max_length=16)
+    task: str = Field(max_length=32, description="the segmentation task the findings came from")
+    algorithm: str = Field(max_length=64)
+    algorithm_version: str = Field(max_length=32)
+    seg: BlobRef | None = Field(None, description="DICOM SEG (Part 10), BINARY, no empty frames")
+    seg_sop_instance_uid: Uid | None = Field(None, description="the SEG's identity")
+    seg_frames: int = Field(0, ge=0, description="frames in the SEG")
+    sr: BlobRef | None = Field(None, description="DICOM Comprehensive 3D SR, TID 1500 (Part 10)")
+    sr_sop_instance_uid: Uid | None = Field(None, description="the SR's identity")
+    segments: list[SegmentRef] = Field(
+        default_factory=list, description="per finding: its SEG segment and SR group"
+    )
+    organs_left_out: list[str] = Field(
+        default_factory=list,
+        max_length=16,
+        description="organ segments left out to keep the SEG within its frame budget",
+    )
+    not_built: str | None = Field(
+        None,
+        max_length=200,
+        description="why there is no SEG/SR for a task that has them (no PHI)",
+    )
+    overlays: list[NamedBlob] = Field(default_factory=list, description="PNG key slices")
+    deliveries: list[Delivery] = Field(default_factory=list, description="per DICOM object")
+    delivery: Literal["delivered", "failed", "not_configured", "nothing_to_deliver"] = Field(
+        description="all objects in the PACS; one or more not; no PACS; no objects"
+    )
+    source_partition: int = Field(ge=0, description="findings partition it came from")
+    source_offset: int = Field(ge=0)
+    timings_s: dict[str, float] = Field(default_factory=dict, description="build steps, s")
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -368,6 +447,7 @@ RECORD_TYPES: dict[str, type[Record]] = {
         VolumePrepared,
         SegmentationDone,
         Alert,
+        ResultsReady,
         DeadLetter,
         AuditEvent,
         Probe,

@@ -84,5 +84,5 @@ DESCRIPTIONS: dict[Reason, str] = {
     Reason.DUPLICATE_SLICES: "two slices share a position along the normal",
     Reason.INCONSISTENT_SPACING: "slice spacing is uneven (a gap or a missing slice)",
     Reason.VOLUME_TOO_LARGE: "the volume exceeds the configured voxel cap",
-    Reason.UNSUPPORTED_OBJECT: "only DICOM SEG objects are delivered to the PACS",
+    Reason.UNSUPPORTED_OBJECT: "only DICOM SEG and 3D SR objects are delivered to the PACS",
 }

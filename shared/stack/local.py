@@ -172,9 +172,10 @@ class LocalStack:
         env.update(self.broker.env_for(svc.principal))
         if svc.name == "gateway":
             env.setdefault("RADSTREAM_GATEWAY__PORT", str(self.ports.gateway_dicom))
-        if svc.name == "alert" and shutil.which("Orthanc"):
-            env.setdefault("RADSTREAM_ALERT__PACS_HOST", "127.0.0.1")
-            env.setdefault("RADSTREAM_ALERT__PACS_PORT", str(self.ports.orthanc_dicom))
+        if svc.stage is not None and "pacs" in svc.stage.delivers and shutil.which("Orthanc"):
+            section = f"RADSTREAM_{svc.name.upper()}__"
+            env.setdefault(f"{section}PACS_HOST", "127.0.0.1")
+            env.setdefault(f"{section}PACS_PORT", str(self.ports.orthanc_dicom))
         env.update(
             {
                 "RADSTREAM_HOME": str(self.home),

@@ -43,6 +43,11 @@ def test_demo_prints_alerts_and_writes_a_report_with_pictures(tmp_path: Path) ->
         assert "storescu → gateway" in text and "sent" in text
         report = (out / "report.html").read_text()
         assert "haemorrhage" in report and "nodule" in report and "no alert" in report
+        # the results stage's paperwork, after the alerts: SEG and SR per CT study, in the PACS
+        for study in ("chest", "head", "normal"):
+            for obj in ("seg", "sr"):
+                assert (out / f"{study}-{obj}.dcm").read_bytes()[128:132] == b"DICM", study
+        assert report.count("PACS: delivered") == 3, report[-2000:]
         pngs = sorted(out.glob("*.png"))
         assert len(pngs) >= 3
         for png in pngs:

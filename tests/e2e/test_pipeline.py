@@ -1,8 +1,10 @@
 """The whole pipeline, every service a real process, the real broker and a real Orthanc:
-phantoms with lesions yield exactly the expected alerts, the normal study none, each SEG is
-in the PACS exactly once; killing a service mid-run changes nothing. A real Prometheus
-(Debian's) scrapes every stage meanwhile: the end-to-end latency histogram holds one sample
-per alert, every stage has throughput, every target is up."""
+phantoms with lesions yield exactly the expected alerts, the normal study none; the alerts
+come while the results service is still down (the alert never waits for the paperwork), then
+the results service makes each series' SEG and SR, which reach the PACS exactly once and join
+to the alerts by series, revision and finding; killing a service mid-run changes nothing. A
+real Prometheus (Debian's) scrapes every stage meanwhile: the end-to-end latency histogram
+holds one sample per alert, every stage has throughput, every target is up."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import pytest
 
 from shared.dicom import phantom
 from shared.ingress.publisher import Publisher
-from shared.schemas import Alert, SegmentationDone, VolumePrepared
+from shared.schemas import Alert, ResultsReady, SegmentationDone, VolumePrepared
 from shared.topology import STAGE_NAMES
 from tests.helpers import REPO, Env, Orthanc, Prometheus, Reader, StageProcess, wait_until
 
@@ -30,15 +32,18 @@ async def test_pipeline_end_to_end_with_orthanc_and_a_kill(env: Env, tmp_path: P
         "RADSTREAM_DEVICE": "cpu",
         "RADSTREAM_SESSION_TIMEOUT_S": "6",
         "RADSTREAM_INGEST__INACTIVITY_TIMEOUT_S": "600",
-        "RADSTREAM_ALERT__PACS_HOST": "127.0.0.1",
-        "RADSTREAM_ALERT__PACS_PORT": str(pacs.dicom_port),
+        "RADSTREAM_RESULTS__PACS_HOST": "127.0.0.1",
+        "RADSTREAM_RESULTS__PACS_PORT": str(pacs.dicom_port),
     }
     procs = {
         name: StageProcess(
             env.service_env(name, **extra), f"services.{name}.main", tmp_path / f"{name}.log"
-        ).start()
+        )
         for name in SERVICES
     }
+    for name, proc in procs.items():
+        if name != "results":  # the results service comes later: alerts must not need it
+            proc.start()
     prom = Prometheus(tmp_path / "prometheus", {n: p.port for n, p in procs.items()}).start()
     try:
         chest = phantom.chest_ct(
@@ -70,11 +75,18 @@ async def test_pipeline_end_to_end_with_orthanc_and_a_kill(env: Env, tmp_path: P
         async with (
             Reader(env, "findings", SegmentationDone) as done,
             Reader(env, "alerts", Alert) as feed,
+            Reader(env, "results", ResultsReady) as papers,
         ):
             await done.wait_for(3, timeout=240)
             await feed.wait_for(3, timeout=120)
             await feed.drain(3.0)
             await done.drain(1.0)
+            # every alert is out and no SEG or SR exists yet: the results service is down
+            await papers.drain(1.0)
+            assert papers.records == [] and pacs.received() == []
+            procs["results"].start()
+            await papers.wait_for(3, timeout=240)
+            await papers.drain(2.0)
 
         assert sorted(d.series_instance_uid for d in done.records) == sorted(
             p.series_instance_uid for p in (chest, head, normal)
@@ -88,22 +100,42 @@ async def test_pipeline_end_to_end_with_orthanc_and_a_kill(env: Env, tmp_path: P
             ]
         )
         assert len({a.alert_id for a in feed.records}) == 3
-        assert all(a.latency_seconds < 120 and a.seg_sop_instance_uid for a in feed.records)
+        assert all(a.latency_seconds < 120 for a in feed.records)
+        # the findings carry no SEG: it is built after, by the results service
+        assert all(d.seg is None and not d.overlays for d in done.records)
 
-        # each SEG is in the PACS, exactly once
-        seg_uids = sorted(d.seg_sop_instance_uid for d in done.records if d.seg_sop_instance_uid)
-        assert len(seg_uids) == 3
+        # one results record per series; each alert joins to its finding's SEG segment
+        assert sorted(r.series_instance_uid for r in papers.records) == sorted(
+            d.series_instance_uid for d in done.records
+        )
+        by_series = {(r.series_instance_uid, r.revision): r for r in papers.records}
+        for a in feed.records:
+            paper = by_series[(a.series_instance_uid, a.revision)]
+            (ref,) = [s for s in paper.segments if s.finding_label == a.finding_label]
+            assert ref.segment_number and ref.in_sr
+            assert a.created_at < paper.created_at  # the alert before the paperwork
+        # each SEG and SR is in the PACS, and the PACS received each exactly once
+        uids = sorted(
+            u
+            for r in papers.records
+            for u in (r.seg_sop_instance_uid, r.sr_sop_instance_uid)
+            if u is not None
+        )
+        assert len(uids) == 6 and all(r.delivery == "delivered" for r in papers.records)
 
         def in_pacs() -> list[str]:
             return sorted(
-                i["SOPInstanceUID"] for i in pacs.instances() if i and i.get("Modality") == "SEG"
+                i["SOPInstanceUID"]
+                for i in pacs.instances()
+                if i and i.get("Modality") in ("SEG", "SR")
             )
 
         async def delivered() -> bool:
-            return in_pacs() == seg_uids
+            return in_pacs() == uids
 
-        await wait_until(delivered, 60, "SEGs in Orthanc")
-        assert len(pacs.get("/instances")) == 3
+        await wait_until(delivered, 60, "SEGs and SRs in Orthanc")
+        assert len(pacs.get("/instances")) == 6
+        assert sorted(pacs.received()) == uids
 
         # the alert consumer's view
         cli = await asyncio.create_subprocess_exec(

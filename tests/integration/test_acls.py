@@ -105,9 +105,11 @@ async def test_scanner_can_publish_instances_and_read_nothing(env: Env) -> None:
     await denied(produce(env, "scanner", "series"), TopicAuthorizationFailedError)
 
 
-async def test_alert_consumer_reads_alerts_only(env: Env) -> None:
+async def test_alert_consumer_reads_alerts_and_results_only(env: Env) -> None:
     await seed(env, "alerts")
+    await seed(env, "results")
     assert await consume(env, "alert-consumer", "alerts", group="alert-consumer") == 1
+    assert await consume(env, "alert-consumer", "results", group="alert-consumer") == 1
     for topic in ("instances", "series", "volumes", "findings"):
         await denied(consume(env, "alert-consumer", topic), TopicAuthorizationFailedError)
     await denied(produce(env, "alert-consumer", "alerts"), TopicAuthorizationFailedError)

@@ -1,4 +1,5 @@
-"""Segmentation against the real broker: end to end with the results CLI, and kills."""
+"""Segmentation against the real broker: findings first, then the results stage's SEG, SR and
+pictures, read back with the results CLI; kills."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ from pathlib import Path
 import pytest
 
 from services.preprocess.core import PreprocessCore
+from services.results.main import build as build_results
 from services.segmentation.main import build
 from shared.config import PreprocessSettings
 from shared.dicom import phantom
 from shared.imaging.backend import select_backend
 from shared.runtime.stage import Context, StageRunner
-from shared.schemas import SegmentationDone, VolumePrepared
+from shared.schemas import ResultsReady, SegmentationDone, VolumePrepared
 from shared.stack.broker import free_port
 from shared.storage import BlobStore, LocalDirBackend
 from tests.helpers import REPO, Env, Reader, StageProcess, running, wait_until
@@ -31,7 +33,7 @@ def volumes(env: Env, tmp: Path, phantoms: list[phantom.Phantom]) -> list[Volume
     return [core.handle(series_ready(files(ph.files), store, env.keyring), ctx) for ph in phantoms]
 
 
-async def test_findings_seg_and_pictures_end_to_end_with_results_cli(
+async def test_findings_then_seg_sr_and_pictures_end_to_end_with_results_cli(
     env: Env, tmp_path: Path
 ) -> None:
     chest = phantom.chest_ct(tmp_path / "chest", seed=41, size=256, slices=40, nodules_mm=(10.0,))
@@ -51,7 +53,16 @@ async def test_findings_seg_and_pictures_end_to_end_with_results_cli(
     assert (
         len(bleeds) == 1 and abs((bleeds[0].volume_ml or 0) - head.bleed_ml) <= 0.15 * head.bleed_ml
     )
-    assert all(d.seg is not None and d.overlays for d in out.records)
+    # findings leave without the paperwork; the results stage makes it from them
+    assert all(d.seg is None and not d.overlays and d.masks is not None for d in out.records)
+    results = env.settings("results", metrics_port=free_port(), device="cpu")
+    async with running(
+        StageRunner(build_results(results, env.keyring), results, env.keyring)
+    ):
+        async with Reader(env, "results", ResultsReady) as papers:
+            await papers.wait_for(2, timeout=120)
+    assert all(r.seg and r.sr and r.overlays for r in papers.records)
+    assert all(r.delivery == "not_configured" for r in papers.records)
 
     target = tmp_path / "results"
     proc = await asyncio.create_subprocess_exec(
@@ -68,7 +79,10 @@ async def test_findings_seg_and_pictures_end_to_end_with_results_cli(
     assert proc.returncode == 0, stderr.decode()
     data = json.loads((target / "findings.json").read_text())
     assert data["series_instance_uid"] == head.series_instance_uid and data["task"] == "head_ct"
+    paper = json.loads((target / "results.json").read_text())
+    assert (paper["series_instance_uid"], paper["revision"]) == (head.series_instance_uid, 1)
     assert (target / "seg.dcm").read_bytes()[128:132] == b"DICM"
+    assert (target / "sr.dcm").read_bytes()[128:132] == b"DICM"
     pngs = list(target.glob("*.png"))
     assert pngs and all(
         p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000 for p in pngs

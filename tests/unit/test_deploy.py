@@ -133,3 +133,30 @@ def test_kubernetes_manifests() -> None:
         (container,) = patch["spec"]["template"]["spec"]["containers"]
         assert container["name"] == name and container["resources"]["limits"]["nvidia.com/gpu"] == 1
         assert {"name": "RADSTREAM_DEVICE", "value": "gpu"} in container["env"]
+
+
+def test_pacs_delivery_is_the_results_stage_s_in_every_deployment() -> None:
+    """The stage that delivers to the PACS (topology ``delivers``) is the only one configured
+    for it: compose env and Orthanc's allowed peer, the Kubernetes env and egress to 4242."""
+    pacs_stages = {s.name for s in STAGES if "pacs" in s.delivers}
+    assert pacs_stages == {"results"}
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    for name in SERVICES:
+        env = compose[name]["environment"]
+        assert any(k.endswith("__PACS_HOST") for k in env) == (name in pacs_stages), name
+    assert compose["results"]["environment"]["RADSTREAM_RESULTS__PACS_HOST"] == "orthanc"
+    modalities = compose["orthanc"]["environment"]["ORTHANC__DICOM_MODALITIES"]
+    assert '"results"' in modalities and '"alert"' not in modalities
+    base = REPO / "deploy" / "k8s" / "base"
+    deployments = {d["metadata"]["name"]: d for d in _load(base / "deployments.yaml")}
+    policies = {d["metadata"]["name"]: d for d in _load(base / "networkpolicies.yaml")}
+    secrets = _load(base / "secrets.yaml")[0]["stringData"]
+    for name in SERVICES:
+        (container,) = deployments[name]["spec"]["template"]["spec"]["containers"]
+        env = {e["name"] for e in container["env"]}
+        assert any(e.endswith("__PACS_HOST") for e in env) == (name in pacs_stages), name
+        egress_ports = {
+            p["port"] for rule in policies[name]["spec"].get("egress", []) for p in rule["ports"]
+        }
+        assert (4242 in egress_ports) == (name in pacs_stages), name
+        assert f"{name}.password" in secrets

@@ -131,6 +131,12 @@ def test_every_service_is_built_and_serves_metrics(exported: dict[str, set[str]]
     assert "radstream_gateway_instances_total" in exported["gateway"]
     assert "radstream_series_in_assembly" in exported["ingest"]
     assert "radstream_backend_info" in exported["preprocess"]
+    # the results service: PACS deliveries by object and outcome, build time by part
+    assert {
+        "radstream_pacs_deliveries_total",
+        "radstream_results_build_seconds_bucket",
+    } <= exported["results"]
+    assert "radstream_pacs_deliveries_total" not in exported["alert"]  # moved with delivery
 
 
 def test_every_dashboard_and_rule_query_is_exported_by_some_service(

@@ -18,10 +18,10 @@ def test_scanner_can_only_write_instances() -> None:
     assert {name for (_, _, name, op) in g if op == "WRITE"} == {"radstream.instances"}
 
 
-def test_alert_consumer_reads_only_alerts() -> None:
+def test_alert_consumer_reads_only_alerts_and_the_results_they_join_to() -> None:
     g = grants("alert-consumer")
     reads = {name for (rtype, _, name, op) in g if rtype == "TOPIC" and op == "READ"}
-    assert reads == {"radstream.alerts"}
+    assert reads == {"radstream.alerts", "radstream.results"}
     assert not any(op == "WRITE" for (*_, op) in g)
 
 

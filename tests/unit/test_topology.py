@@ -17,7 +17,7 @@ from shared import schemas, topology
 from shared.cli.main import REPLAY
 from shared.config import Settings
 from shared.security.envelope import Keyring
-from shared.stack import local, principals
+from shared.stack import local, principals, render
 from tests.helpers import REPO
 
 
@@ -126,14 +126,45 @@ def test_the_local_stack_runs_every_service_of_the_topology_as_its_principal(
     assert not set(moved.ports.metrics.values()) & set(ports)
 
 
-def test_prometheus_scrapes_the_topology_s_services_on_their_ports() -> None:
-    config = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())
-    targets = {
+def _targets(path: str) -> dict[str, list[str]]:
+    config = yaml.safe_load((REPO / "deploy" / "prometheus" / path).read_text())
+    return {
         sc["labels"]["service"]: sc["targets"]
         for job in config["scrape_configs"]
         for sc in job["static_configs"]
     }
-    assert targets == {s.name: [f"127.0.0.1:{s.metrics_port}"] for s in topology.SERVICES}
+
+
+def test_prometheus_scrapes_the_topology_s_services_on_their_ports() -> None:
+    assert render.stale() == [], "run: python -m shared.stack.render"
+    assert _targets("prometheus.yml") == {
+        s.name: [f"127.0.0.1:{s.metrics_port}"] for s in topology.SERVICES
+    }
+    assert _targets("prometheus-compose.yml") == {
+        s.name: [f"{s.name}:9100"] for s in topology.SERVICES
+    }
+
+
+def test_the_results_stage_is_one_entry_and_everything_follows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    results = topology.stage("results")
+    assert (results.input, results.output, results.delivers) == ("findings", "results", ("pacs",))
+    assert topology.topic("results").carries == "ResultsReady"
+    assert topology.service("results").module == "services.results.main"
+    role = principals.ROLES["results"]
+    assert set(role.read) == {"findings"} and "results" in role.write and role.transactional
+    # alert consumers join alerts to results; they still cannot read findings or images
+    assert set(principals.ROLES["alert-consumer"].read) == {"alerts", "results"}
+    # the local stack points the stage that delivers to the PACS at its Orthanc, and only it
+    monkeypatch.setattr(local.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.delenv("RADSTREAM_STACK_PORTS", raising=False)
+    stack = local.LocalStack(tmp_path)
+    stack.broker.ensure_secrets()
+    for s in topology.SERVICES:
+        env = stack.service_env(s)
+        pacs = {k for k in env if k.endswith("__PACS_HOST")}
+        assert pacs == ({"RADSTREAM_RESULTS__PACS_HOST"} if s.name == "results" else set())
 
 
 def test_cli_replays_exactly_the_replayable_stages_as_the_operator_may() -> None:
@@ -147,7 +178,7 @@ def test_settings_defaults_are_the_topology_s_ports() -> None:
     s = Settings()
     assert s.kafka.bootstrap_servers == f"127.0.0.1:{topology.PORTS.kafka}"
     assert s.gateway.port == topology.PORTS.gateway_dicom
-    assert s.alert.pacs_port == topology.PORTS.orthanc_dicom
+    assert s.results.pacs_port == topology.PORTS.orthanc_dicom
 
 
 def test_lookups_name_what_exists() -> None:
