@@ -1,5 +1,6 @@
-"""Clinical tasks built from the classical blocks: chest CT (lungs, nodules), head CT (brain,
-haemorrhage), radiographs (edges, contours, structures). Pure functions on a volume in HU
+"""Clinical tasks built from the classical blocks: radiographs (edges, contours, structures);
+chest CT lives in :mod:`services.segmentation.chest`, head CT in
+:mod:`services.segmentation.head` (both re-exported here). Pure functions on a volume in HU
 (z, y, x) with its geometry; array code runs on NumPy or CuPy alike."""
 
 from __future__ import annotations
@@ -61,184 +62,6 @@ def _measure(
     return out
 
 
-def _lowres_closing(mask: Any, spacing: tuple[float, float, float], radius_mm: float) -> Any:
-    """What an in-plane closing with a disk of ``radius_mm`` adds to ``mask`` (its concavities),
-    computed at ~3 mm pixels (fast), so nodules attached to the chest wall are searched too."""
-    xp, ndi = namespace(mask)
-    f = max(1, round(3.0 / spacing[1]))
-    small = mask[:, ::f, ::f]
-    r = max(1, round(radius_mm / (spacing[1] * f)))
-    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
-    disk = xp.asarray((yy**2 + xx**2 <= r * r)[None])
-    closed = ndi.binary_closing(xp.pad(small, ((0, 0), (r, r), (r, r))), structure=disk)[
-        :, r:-r, r:-r
-    ]
-    added = closed & ~small
-    # only what the closing added (concavities), not the blocky outline of the coarse mask
-    up = xp.repeat(xp.repeat(added, f, axis=1), f, axis=2)[:, : mask.shape[1], : mask.shape[2]]
-    return up
-
-
-def self_check(
-    comp: Any,
-    sl: tuple[slice, ...],
-    geo: Geometry,
-    min_mm: float,
-    plane: Any,
-    erode_px: int,
-    ndi: Any,
-) -> bool | None:
-    """Is this component a nodule candidate? (size, shape: not a vessel, not a wall rim)."""
-    count = int(comp.sum())
-    diam = (6 * count * geo.voxel_ml * 1000 / math.pi) ** (1 / 3)
-    if diam < min_mm:
-        return None
-    z_extent = (sl[0].stop - sl[0].start) * geo.spacing[0]
-    xy_extent = max(sl[1].stop - sl[1].start, sl[2].stop - sl[2].start) * geo.spacing[1]
-    # vessels run through many slices; nodules are about as tall as they are wide
-    if z_extent > 1.6 * xy_extent + 2 * geo.spacing[0]:
-        return None
-    # blobs, not the thin partial-volume rim along the lung wall: compact and thick
-    box = (sl[0].stop - sl[0].start) * (sl[1].stop - sl[1].start) * (sl[2].stop - sl[2].start)
-    if count / box < 0.3 or xy_extent > 3.0 * diam:
-        return None
-    px = min(sl[1].stop - sl[1].start, sl[2].stop - sl[2].start)
-    if (
-        px >= 5
-        and int(ndi.binary_erosion(comp, structure=plane, iterations=erode_px).sum()) < 0.15 * count
-    ):
-        return None
-    return True
-
-
-def _padded(box: tuple[slice, ...], pad: int, shape: tuple[int, ...]) -> tuple[slice, ...]:
-    """``box`` grown in-plane by ``pad`` voxels (clipped to the volume)."""
-    z, y, x = box
-    return (
-        z,
-        slice(max(0, y.start - pad), min(shape[1], y.stop + pad)),
-        slice(max(0, x.start - pad), min(shape[2], x.stop + pad)),
-    )
-
-
-def chest_ct(
-    vol: Any,
-    geo: Geometry,
-    *,
-    lung_hu: float = -400.0,
-    nodule_hu: float = -410.0,
-    min_nodule_mm: float = 4.0,
-) -> TaskResult:
-    xp, ndi = namespace(vol)
-    body = seg.fill_holes_2d(seg.largest_components(vol > -500.0))
-    air_inside = (vol < lung_hu) & body
-    labels, n = seg.label(air_inside)
-    sizes = xp.bincount(labels[::2, ::2, ::2].ravel(), minlength=n + 1) * 8  # ranks only
-    sizes[0] = 0
-    min_vox = max(10, int(5.0 / geo.voxel_ml))  # 5 mL
-    keep = [int(i) for i in xp.argsort(sizes)[::-1][:2] if int(sizes[int(i)]) >= min_vox]
-    lungs: dict[str, Any] = {}
-    boxes = ndi.find_objects(labels)
-    pad = math.ceil(12.0 / geo.spacing[1])
-    parts: list[tuple[tuple[slice, ...], Any]] = []  # (box, mask inside the box)
-    for k in keep:
-        box = _padded(boxes[k - 1], pad, vol.shape)
-        parts.append((box, labels[box] == k))
-    if len(keep) == 1:  # lungs touching: split at the body's midline
-        box, whole = parts[0]
-        mid = int(xp.argwhere(body[vol.shape[0] // 2]).mean(axis=0)[1]) - box[2].start
-        left_half = xp.zeros_like(whole)
-        left_half[:, :, max(mid, 0) :] = True
-        parts = [(box, whole & left_half), (box, whole & ~left_half)]
-    search = xp.zeros_like(body)
-    lung_boxes: dict[str, tuple[tuple[slice, ...], Any]] = {}
-    mid_x = geo.to_patient((0.0, 0.0, (vol.shape[2] - 1) / 2))[0]
-    for box, part in parts:
-        xs = (
-            float(
-                xp.argwhere(
-                    part[part.shape[0] // 2] if part[part.shape[0] // 2].any() else part.any(axis=0)
-                ).mean(axis=0)[1]
-            )
-            + box[2].start
-        )
-        name = (
-            "lung_left" if geo.to_patient((0.0, 0.0, xs))[0] > mid_x else "lung_right"
-        )  # LPS: +x = patient left
-        filled = seg.fill_holes_2d(part)
-        full = xp.zeros_like(body)
-        full[box] = filled
-        lungs[name] = full
-        lung_boxes[name] = (box, filled)
-        # where nodules are looked for: the lung plus its concavities (wall-attached nodules)
-        search[box] |= filled | (_lowres_closing(filled, geo.spacing, 10.0) & body[box])
-    sbox = ndi.find_objects(search.astype(xp.int8))
-    sbox = sbox[0] if sbox and sbox[0] is not None else tuple(slice(0, d) for d in vol.shape)
-    dense = (vol[sbox] > nodule_hu) & search[sbox]
-    labels, n = seg.label(dense, connectivity=2)
-    findings: list[dict[str, Any]] = []
-    nodules = xp.zeros_like(body)
-    if n:
-        plane = xp.asarray(np.ones((1, 3, 3), bool))
-        erode_px = max(1, round(1.0 / geo.spacing[1]))
-        vessel_r = max(1, math.ceil(4.0 / geo.spacing[1]))
-        yy, xx = np.mgrid[-vessel_r : vessel_r + 1, -vessel_r : vessel_r + 1]
-        disk = xp.asarray((yy**2 + xx**2 <= vessel_r**2)[None])
-        for i, rel in enumerate(ndi.find_objects(labels), start=1):
-            if rel is None:
-                continue
-            comp = labels[rel] == i
-            sl = tuple(
-                slice(b.start + r.start, b.start + r.stop) for b, r in zip(sbox, rel, strict=True)
-            )
-            pieces = [(sl, comp)]
-            z_extent = (sl[0].stop - sl[0].start) * geo.spacing[0]
-            xy_extent = max(sl[1].stop - sl[1].start, sl[2].stop - sl[2].start) * geo.spacing[1]
-            if z_extent > 1.6 * xy_extent + 2 * geo.spacing[0]:
-                # vessel-like: a nodule may sit on the vessel; an in-plane opening wider than
-                # vessels (4 mm) keeps it, then it regains its rim within the component
-                opened = ndi.binary_opening(comp, structure=disk)
-                plabels, _pn = seg.label(opened, connectivity=2)
-                pieces = []
-                for j, psl in enumerate(ndi.find_objects(plabels), start=1):
-                    if psl is None:
-                        continue
-                    piece = xp.zeros_like(comp)
-                    piece[psl] = plabels[psl] == j
-                    piece = ndi.binary_dilation(piece, structure=disk, iterations=1) & comp
-                    local = ndi.find_objects(piece.astype(xp.int32))[0]
-                    abs_sl = tuple(
-                        slice(a.start + b.start, a.start + b.stop)
-                        for a, b in zip(sl, local, strict=True)
-                    )
-                    pieces.append((abs_sl, piece[local]))
-            for psl, pcomp in pieces:
-                finding = self_check(pcomp, psl, geo, min_nodule_mm, plane, erode_px, ndi)
-                if finding is None:
-                    continue
-                full = xp.zeros_like(body)
-                full[psl] = pcomp
-                nodules |= full
-                findings.append(_measure(full, geo, "nodule", f"nodule {len(findings) + 1}", vol))
-    for name, (box, crop) in lung_boxes.items():
-        if bool(crop.any()):
-            f = _measure(crop, geo, "lung", name, box=box)
-            findings.append(
-                {
-                    k: f[k]
-                    for k in ("type", "label", "volume_ml", "centroid_mm", "bbox_mm", "voxels")
-                }
-            )
-    masks: dict[str, Any] = {k: lungs[k] for k in ("lung_left", "lung_right") if k in lungs}
-    masks["nodules"] = nodules
-    return TaskResult(
-        "chest_ct",
-        masks,
-        findings,
-        {"lung_hu": lung_hu, "nodule_hu": nodule_hu, "min_nodule_mm": min_nodule_mm},
-    )
-
-
 def radiograph(img: Any, geo: Geometry, *, sigma: float = 2.0, structures: int = 2) -> TaskResult:
     """Edges (Canny), external contours and the largest dark structures (e.g. lung fields).
 
@@ -286,10 +109,14 @@ def radiograph(img: Any, geo: Geometry, *, sigma: float = 2.0, structures: int =
 
 
 def __getattr__(name: str) -> Any:
-    """``tasks.head_ct`` lives in :mod:`services.segmentation.head` (imported lazily: that
-    module builds on the helpers above)."""
+    """``tasks.head_ct`` lives in :mod:`services.segmentation.head`, ``tasks.chest_ct`` in
+    :mod:`services.segmentation.chest` (imported lazily: they build on the helpers above)."""
     if name == "head_ct":
         from services.segmentation.head import head_ct
 
         return head_ct
+    if name == "chest_ct":
+        from services.segmentation.chest.pipeline import chest_ct
+
+        return chest_ct
     raise AttributeError(name)

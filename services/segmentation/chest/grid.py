@@ -49,29 +49,64 @@ class Grid:
         return Grid(box, factors, spacing, shape)  # type: ignore[arg-type]
 
     def reduce(self, vol: Any) -> Any:
-        """Block means of ``vol[box]`` (float32): less noise, no aliasing of thin structures."""
+        """Block means of ``vol[box]`` (float32) from up to 2 x 2 samples in-plane per block
+        (the middle slice of a block in z): most of the noise reduction of a full block mean
+        at a fraction of the memory traffic (strided views, no float64 temporaries)."""
         xp, _ = namespace(vol)
         fz, fy, fx = self.factors
         nz, ny, nx = self.shape
         z0, y0, x0 = (b.start for b in self.box)
-        crop = vol[z0 : z0 + nz * fz, y0 : y0 + ny * fy, x0 : x0 + nx * fx]
-        if self.factors == (1, 1, 1):
-            return crop.astype(xp.float32)
-        out = crop.reshape(nz, fz, ny * fy, nx * fx).astype(xp.float32).mean(axis=1)
-        out = out.reshape(nz, ny, fy, nx * fx).mean(axis=2)
-        return out.reshape(nz, ny, nx, fx).mean(axis=3)
+
+        def offsets(f: int) -> list[int]:
+            return [0] if f == 1 else [f // 4, (3 * f) // 4] if f >= 3 else [0, 1]
+
+        zs = [fz // 2]
+        views = [
+            vol[z0 + i : z0 + nz * fz : fz, y0 + j : y0 + ny * fy : fy, x0 + k : x0 + nx * fx : fx]
+            for i in zs
+            for j in offsets(fy)
+            for k in offsets(fx)
+        ]
+        out = views[0].astype(xp.float32)
+        for v in views[1:]:
+            out += v
+        if len(views) > 1:
+            out *= xp.float32(1.0 / len(views))
+        return out
 
     def expand(self, mask: Any, full_shape: tuple[int, int, int]) -> Any:
         """Nearest-neighbour expansion of a grid mask to a full-size volume (False outside the
-        box; the remainder of a box that is not a multiple of the factors takes the last
-        block's value)."""
+        box)."""
         xp, _ = namespace(mask)
         out = xp.zeros(full_shape, dtype=bool)
-        idx = [
-            xp.minimum(xp.arange(b.stop - b.start) // f, n - 1)
-            for b, f, n in zip(self.box, self.factors, self.shape, strict=True)
-        ]
-        out[self.box] = mask[idx[0]][:, idx[1]][:, :, idx[2]]
+        crop = self.expand_crop(mask)
+        z0, y0, x0 = (b.start for b in self.box)
+        sz, sy, sx = crop.shape
+        out[z0 : z0 + sz, y0 : y0 + sy, x0 : x0 + sx] = crop
+        return out
+
+    def expand_crop(self, mask: Any) -> Any:
+        """Nearest-neighbour expansion of a grid mask to the full-resolution box (one
+        broadcast write; the remainder of a box that is not a multiple of the factors takes
+        the last block's value)."""
+        xp, _ = namespace(mask)
+        fz, fy, fx = self.factors
+        nz, ny, nx = mask.shape
+        tile = xp.empty((nz, fz, ny, fy, nx, fx), dtype=mask.dtype)
+        tile[...] = mask[:, None, :, None, :, None]
+        tile = tile.reshape(nz * fz, ny * fy, nx * fx)
+        want = tuple(b.stop - b.start for b in self.box)
+        if tile.shape == want:
+            return tile
+        out = xp.empty(want, dtype=mask.dtype)
+        sz, sy, sx = (min(w, t) for w, t in zip(want, tile.shape, strict=True))
+        out[:sz, :sy, :sx] = tile[:sz, :sy, :sx]
+        if sz < want[0]:
+            out[sz:, :sy, :sx] = tile[sz - 1 : sz, :sy, :sx]
+        if sy < want[1]:
+            out[:, sy:, :sx] = out[:, sy - 1 : sy, :sx]
+        if sx < want[2]:
+            out[:, :, sx:] = out[:, :, sx - 1 : sx]
         return out
 
     def to_full(self, zyx: tuple[float, float, float]) -> tuple[float, float, float]:

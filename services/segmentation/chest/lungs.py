@@ -51,6 +51,7 @@ class Lungs:
     airway: Any  # trachea and main bronchi
     superior: int  # +1 when a higher slice index is nearer the head
     midline_x: float  # grid x index of the body's midline
+    low: Any  # the scan on the grid (block means, HU)
     notes: dict[str, float] = field(default_factory=dict)
 
 
@@ -94,6 +95,19 @@ def _ranked(labels: Any, n: int, voxel_ml: float, top: int = 8) -> list[dict[str
             }
         )
     return out
+
+
+def _thick_labels(
+    air: Any, labels: Any, n: int, grid: Grid, sp: tuple[float, float, float]
+) -> set[float]:
+    """Labels of ``air`` components that contain a point deeper than 6 mm (on a ~4 mm grid)."""
+    xp, ndi = namespace(air)
+    full = (slice(0, air.shape[0]), slice(0, air.shape[1]), slice(0, air.shape[2]))
+    g = Grid.over(full, factors_for(sp, 4.0), sp)
+    small = xp.pad(g.reduce(air) >= 0.5, 1)
+    core = (ndi.distance_transform_edt(small, sampling=g.spacing) > 6.0)[1:-1, 1:-1, 1:-1]
+    hit = labels[g.expand(core, air.shape) & air]
+    return {float(v) for v in host(xp.unique(hit)).tolist() if v > 0}
 
 
 def _select_lungs(ranked: list[dict[str, float]], spacing_z: float) -> list[dict[str, float]]:
@@ -266,9 +280,10 @@ def _pleural_search(mask: Any, spacing: tuple[float, float, float], radius_mm: f
     d_out = ndi.distance_transform_edt(~small, sampling=g.spacing)
     dil = d_out <= radius_mm
     d_in = ndi.distance_transform_edt(dil, sampling=g.spacing)
-    closed = (d_in > radius_mm)[pad[0] : -pad[0], pad[1] : -pad[1], pad[2] : -pad[2]]
-    added = g.expand(closed, mask.shape)
-    return mask | added
+    closed = d_in > radius_mm
+    # only what the closing adds on the coarse grid (no blocky rim along convex pleura)
+    added = (closed & ~small)[pad[0] : -pad[0], pad[1] : -pad[1], pad[2] : -pad[2]]
+    return mask | g.expand(added, mask.shape)
 
 
 def segment_lungs(
@@ -288,15 +303,16 @@ def segment_lungs(
     sp = grid.spacing
     vox_ml = sp[0] * sp[1] * sp[2] / 1000.0
     superior = _superior(direction)
-    # body: largest component after an in-plane opening that cuts thin contacts (table, straps)
-    r = max(1, round(5.0 / sp[1]))
-    body = ndi.binary_opening(low > -500.0, structure=xp.asarray(disk(r)))
-    body = seg.fill_holes_2d(seg.largest_components(body))
+    # body: the largest component, holes filled per slice (thin chest walls stay closed)
+    body = seg.fill_holes_2d(seg.largest_components(low > -500.0))
     xprof = host(body.sum(axis=(0, 1))).astype(np.float64)
     midline_x = float((xprof * np.arange(xprof.size)).sum() / max(xprof.sum(), 1.0))
     air = (low < lung_hu) & body
     labels, n = seg.label(air)
-    keep = _select_lungs(_ranked(labels, n, vox_ml), sp[0])
+    # air enclosed between the body and a table, a cushion or the arms is a thin layer; a
+    # lung has a core deeper than 6 mm
+    thick = _thick_labels(air, labels, n, grid, sp)
+    keep = _select_lungs([c for c in _ranked(labels, n, vox_ml) if c["label"] in thick], sp[0])
     lungair = xp.zeros_like(air)
     for c in keep:
         lungair |= labels == int(c["label"])
@@ -344,34 +360,38 @@ def segment_lungs(
             search[name] = _pleural_search(masks[name], sp, pleural_radius_mm) & body & ~other
         else:
             search[name] = masks[name]
-    return Lungs(grid, body, masks, search, airway, superior, midline_x, notes)
+    return Lungs(grid, body, masks, search, airway, superior, midline_x, low, notes)
 
 
 def full_masks(lungs: Lungs, vol: Any, *, lung_hu: float = -400.0) -> dict[str, Any]:
     """Full-resolution lung masks: the grid mask's interior plus the scan's voxels ``< lung_hu``
-    within one grid voxel of its boundary."""
+    within one grid voxel of its boundary (no blocky outline). Both sides in one pass over
+    their common box."""
     xp, ndi = namespace(vol)
     g = lungs.grid
     shape = vol.shape
-    out: dict[str, Any] = {}
+    left, right = lungs.masks[SIDES[0]], lungs.masks[SIDES[1]]
+    box = bbox(left | right, pad=(1, 1, 1))
+    if box is None:
+        return {name: xp.zeros(shape, dtype=bool) for name in SIDES}
     cross = ndi.generate_binary_structure(3, 1)
-    for name in SIDES:
-        m = lungs.masks[name]
-        box = bbox(m, pad=(1, 1, 1))
-        if box is None:
-            out[name] = xp.zeros(shape, dtype=bool)
-            continue
+    airway = ndi.binary_dilation(lungs.airway[box], structure=cross)
+    code = xp.zeros(tuple(b.stop - b.start for b in box), dtype=xp.uint8)
+    for k, (m, other) in enumerate(((left[box], right[box]), (right[box], left[box]))):
         inner = ndi.binary_erosion(m, structure=cross)
-        outer = ndi.binary_dilation(m, structure=cross) & ~lungs.masks[SIDES[1 - SIDES.index(name)]]
-        outer &= ~ndi.binary_dilation(lungs.airway, structure=cross)
-        fbox = tuple(
-            slice(b.start * f, s if b.stop >= n else min(s, b.stop * f))
-            for b, f, s, n in zip(box, g.factors, shape, g.shape, strict=True)
-        )
-        sub = Grid(fbox, g.factors, g.spacing, tuple(b.stop - b.start for b in box))  # type: ignore[arg-type]
-        inner_f = sub.expand(inner[box], shape)[fbox]
-        band_f = sub.expand((outer & ~inner)[box], shape)[fbox]
+        band = ndi.binary_dilation(m, structure=cross) & ~inner & ~other & ~airway
+        code[band] = 2 * k + 2
+        code[inner] = 2 * k + 1
+    fbox = tuple(
+        slice(b.start * f, s if b.stop >= n else min(s, b.stop * f))
+        for b, f, s, n in zip(box, g.factors, shape, g.shape, strict=True)
+    )
+    sub = Grid(fbox, g.factors, g.spacing, code.shape)  # type: ignore[arg-type]
+    out: dict[str, Any] = {}
+    full = sub.expand_crop(code)
+    air = vol[fbox] < lung_hu
+    for k, name in enumerate(SIDES):
         res = xp.zeros(shape, dtype=bool)
-        res[fbox] = inner_f | (band_f & (vol[fbox] < lung_hu))
+        res[fbox] = (full == 2 * k + 1) | ((full == 2 * k + 2) & air)
         out[name] = res
     return out

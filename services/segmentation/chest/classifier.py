@@ -1,0 +1,114 @@
+"""The false-positive classifier at run time: a versioned JSON model, inference in NumPy.
+
+The file (written by ``benchmarks/train_nodule_classifier.py``) holds the feature names, the
+transform of each feature (``log``: log1p of the magnitude, with sign), the standardisation,
+and either logistic-regression coefficients or gradient-boosted trees (feature index,
+threshold, children, leaf values), the training seeds and the held-out metrics. No pickle is
+ever loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MODEL_PATH = Path(__file__).with_name("nodule_classifier.json")
+
+
+@dataclass(frozen=True)
+class Model:
+    version: str
+    kind: str  # "logistic" or "gbt"
+    features: tuple[str, ...]
+    log: tuple[bool, ...]
+    mean: np.ndarray
+    scale: np.ndarray
+    coef: np.ndarray | None
+    intercept: float
+    trees: tuple[dict[str, np.ndarray], ...]
+    learning_rate: float
+    init: float
+    threshold: float  # operating point: candidates below it are not reported
+    meta: dict[str, Any]
+
+    def transform(self, rows: list[dict[str, float]]) -> np.ndarray:
+        x = np.array([[r.get(f, 0.0) for f in self.features] for r in rows], dtype=np.float64)
+        if x.size == 0:
+            return x.reshape(0, len(self.features))
+        lg = np.array(self.log)
+        x[:, lg] = np.sign(x[:, lg]) * np.log1p(np.abs(x[:, lg]))
+        out: np.ndarray = (x - self.mean) / self.scale
+        return out
+
+    def predict(self, rows: list[dict[str, float]]) -> np.ndarray:
+        """Probability that each candidate is a real nodule or mass."""
+        x = self.transform(rows)
+        if x.shape[0] == 0:
+            return np.zeros(0)
+        if self.kind == "logistic":
+            assert self.coef is not None
+            z = x @ self.coef + self.intercept
+        else:
+            z = np.full(x.shape[0], self.init)
+            for t in self.trees:
+                z += self.learning_rate * _tree_value(t, x)
+        prob: np.ndarray = 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
+        return prob
+
+
+def _tree_value(t: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    node = np.zeros(x.shape[0], dtype=np.int64)
+    left, right, feat, thr, value = t["left"], t["right"], t["feature"], t["threshold"], t["value"]
+    for _ in range(64):
+        leaf = left[node] < 0
+        if leaf.all():
+            break
+        f = feat[node]
+        go_left = x[np.arange(x.shape[0]), np.maximum(f, 0)] <= thr[node]
+        nxt = np.where(go_left, left[node], right[node])
+        node = np.where(leaf, node, nxt)
+    out: np.ndarray = value[node]
+    return out
+
+
+def from_dict(d: dict[str, Any]) -> Model:
+    trees = tuple(
+        {
+            k: np.asarray(t[k], dtype=np.float64 if k in ("threshold", "value") else np.int64)
+            for k in t
+        }
+        for t in d.get("trees", [])
+    )
+    return Model(
+        version=str(d["version"]),
+        kind=str(d["kind"]),
+        features=tuple(d["features"]),
+        log=tuple(bool(v) for v in d["log"]),
+        mean=np.asarray(d["mean"], dtype=np.float64),
+        scale=np.asarray(d["scale"], dtype=np.float64),
+        coef=np.asarray(d["coef"], dtype=np.float64) if d.get("coef") is not None else None,
+        intercept=float(d.get("intercept", 0.0)),
+        trees=trees,
+        learning_rate=float(d.get("learning_rate", 1.0)),
+        init=float(d.get("init", 0.0)),
+        threshold=float(d["threshold"]),
+        meta=dict(d.get("meta", {})),
+    )
+
+
+@lru_cache(maxsize=4)
+def load(path: str | None = None) -> Model:
+    p = Path(path) if path else MODEL_PATH
+    d = json.loads(p.read_text())
+    m = from_dict(d)
+    if len(m.log) != len(m.features) or m.mean.shape != (len(m.features),):
+        raise ValueError("nodule classifier file is inconsistent (feature count)")
+    if not 0.0 <= m.threshold <= 1.0 or not all(math.isfinite(v) for v in m.scale):
+        raise ValueError("nodule classifier file is inconsistent (threshold or scale)")
+    return m

@@ -1,0 +1,250 @@
+"""Candidate segmentation and the features the classifier reads.
+
+Each seed is segmented in a small crop of the ~1.3 mm grid (downloaded once: a few thousand
+to a few hundred thousand voxels): a local half-maximum threshold between the lung background
+and the seed's peak (clamped to -750...-350 HU, so ground glass and solid nodules both keep
+their rim), the connected part containing the seed inside the search region (the chest wall is
+outside it), then a morphological opening with a ball of ~0.45 x the seed's radius
+(distance transforms) that cuts attached vessels thinner than the lesion, which regains its
+rim inside the thresholded part.
+
+Features (all floats, named; the classifier's file lists the ones it uses): size (volume,
+equivalent diameter, axes), shape (sphericity, elongation and flatness from the inertia
+eigenvalues, fill of the bounding box), Hessian at the best scale (dot score, eigenvalue
+ratios, scale), intensity (mean, SD, percentiles, solid and calcified fractions, contrast
+against the surrounding lung), surroundings (fraction of the shell on dense tissue inside the
+lung = attached vessels, on the chest wall/mediastinum = pleural contact, fraction cut away by
+the opening), location (distance to the pleura and to the hilum, height in the lung, medial
+position) and the seed's source.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.ndimage as ndi
+
+from services.segmentation.chest.candidates import Pyramid, Seed
+from services.segmentation.chest.grid import Grid, host
+
+FEATURES: tuple[str, ...] = (
+    "volume_ml",
+    "diameter_mm",
+    "long_axis_mm",
+    "short_axis_mm",
+    "z_extent_mm",
+    "slices",
+    "sphericity",
+    "elongation",
+    "flatness",
+    "fill",
+    "dot",
+    "sigma_mm",
+    "eig_ratio_31",
+    "eig_ratio_21",
+    "mean_hu",
+    "sd_hu",
+    "p10_hu",
+    "p50_hu",
+    "p90_hu",
+    "max_hu",
+    "solid_frac",
+    "calcified_frac",
+    "contrast_hu",
+    "attached_frac",
+    "wall_frac",
+    "cut_frac",
+    "border_frac",
+    "dist_pleura_mm",
+    "dist_hilum_mm",
+    "height_rel",
+    "medial_rel",
+    "pleural_seed",
+    "threshold_hu",
+    "background_hu",
+)
+
+
+@dataclass
+class Candidate:
+    seed: Seed
+    grid: Grid  # the pyramid level it was segmented on
+    box: tuple[slice, slice, slice]  # on ``grid``
+    mask: np.ndarray  # lesion inside ``box`` (host)
+    centroid: tuple[float, float, float]  # continuous full-resolution index
+    features: dict[str, float] = field(default_factory=dict)
+
+
+def _surface_mm2(mask: np.ndarray, sp: tuple[float, float, float]) -> float:
+    face = (sp[1] * sp[2], sp[0] * sp[2], sp[0] * sp[1])
+    total = 0.0
+    for a in range(3):
+        m = np.pad(mask, [(1, 1) if b == a else (0, 0) for b in range(3)])
+        total += float(np.count_nonzero(np.diff(m.astype(np.int8), axis=a))) * face[a]
+    return total
+
+
+def level_for(radius_mm: float, pyr: Pyramid) -> int:
+    """The coarsest pyramid level with at least ~3 voxels per lesion radius in-plane."""
+    best = 0
+    for i, g in enumerate(pyr.grids):
+        if max(g.spacing[1:]) <= radius_mm / 3.0:
+            best = i
+    return best
+
+
+def segment_seed(
+    seed: Seed,
+    pyr: Pyramid,
+    lungs_at: Any,
+    *,
+    hila: dict[str, tuple[float, float, float]],
+    lung_z: tuple[float, float],
+    midline_x: float,
+    half_width: float,
+    full_spacing: tuple[float, float, float],
+    superior: int,
+) -> Candidate | None:
+    level = level_for(seed.radius_mm, pyr)
+    g = pyr.grids[level]
+    sp = g.spacing
+    c = [(seed.zyx[a] - g.box[a].start + 0.5) / g.factors[a] - 0.5 for a in range(3)]
+    r = max(seed.radius_mm, 1.5)
+    half = [math.ceil((2.0 * r + 5.0) / s) for s in sp]
+    box = tuple(
+        slice(max(0, round(c[a]) - half[a]), min(g.shape[a], round(c[a]) + half[a] + 1))
+        for a in range(3)
+    )
+    img = host(pyr.images[level][box]).astype(np.float32)
+    search = host(pyr.search[level][box]).astype(bool)
+    lung = host(lungs_at(level)[box]).astype(bool)
+    p = tuple(min(max(round(c[a]) - box[a].start, 0), img.shape[a] - 1) for a in range(3))
+    zz, yy, xx = np.meshgrid(
+        *[(np.arange(img.shape[a]) - p[a]) * sp[a] for a in range(3)], indexing="ij"
+    )
+    dist_seed = np.sqrt(zz**2 + yy**2 + xx**2)
+    sm = ndi.gaussian_filter(img, sigma=[0.5 * min(sp) / s for s in sp])
+    bg_vox = sm[lung & (sm < -500) & (dist_seed > r)]
+    background = float(np.median(bg_vox)) if bg_vox.size > 20 else -850.0
+    near = dist_seed <= max(0.5 * r, 1.01 * max(sp))
+    peak = float(sm[near & search].max()) if (near & search).any() else float(sm[p])
+    thr = float(np.clip(background + 0.5 * (peak - background), -750.0, -350.0))
+    region = (sm > thr) & search
+    labels, n = ndi.label(region)
+    if n == 0:
+        return None
+    hit = labels[p]
+    if hit == 0:  # nearest voxel of the region within the seed's radius
+        cand = np.where(labels > 0, dist_seed, np.inf)
+        k = np.unravel_index(np.argmin(cand), cand.shape)
+        if cand[k] > max(0.6 * r, 2.0 * max(sp)):
+            return None
+        hit = labels[k]
+    comp = labels == hit
+    rho = 0.45 * r
+    lesion = comp
+    if rho >= 0.6 * min(sp[1:]):
+        core = ndi.distance_transform_edt(comp, sampling=sp) > rho
+        clab, cn = ndi.label(core)
+        if cn:
+            # the core part nearest the seed
+            dmin = ndi.minimum(dist_seed, clab, index=np.arange(1, cn + 1))
+            best = int(np.argmin(dmin)) + 1
+            if dmin[best - 1] <= r:
+                keep = clab == best
+                lesion = (
+                    ndi.distance_transform_edt(~keep, sampling=sp) <= rho + 0.5 * min(sp)
+                ) & comp
+    n_vox = int(lesion.sum())
+    if n_vox < 2:
+        return None
+    vox_mm3 = sp[0] * sp[1] * sp[2]
+    vol_mm3 = n_vox * vox_mm3
+    idx = np.argwhere(lesion)
+    cen = idx.mean(axis=0)
+    cen_full = g.to_full(tuple(float(cen[a] + box[a].start) for a in range(3)))  # type: ignore[arg-type]
+    pts = (idx - cen) * np.array(sp)
+    cov = pts.T @ pts / max(n_vox, 1)
+    ev = np.sort(np.linalg.eigvalsh(cov))[::-1].clip(min=1e-6)
+    ext = [(int(idx[:, a].max()) - int(idx[:, a].min()) + 1) for a in range(3)]
+    # in-plane axes on the slice of largest area
+    areas = lesion.sum(axis=(1, 2))
+    zs = int(np.argmax(areas))
+    pl = np.argwhere(lesion[zs]) * np.array(sp[1:])
+    if pl.shape[0] >= 3:
+        pc = pl - pl.mean(axis=0)
+        e2 = np.sort(np.linalg.eigvalsh(pc.T @ pc / pl.shape[0]))[::-1].clip(min=0)
+        long_ax = 4 * math.sqrt(e2[0]) + min(sp[1:])
+        short_ax = 4 * math.sqrt(e2[1]) + min(sp[1:])
+    else:
+        long_ax = short_ax = math.sqrt(max(pl.shape[0], 1) * sp[1] * sp[2])
+    shell = ndi.binary_dilation(lesion, iterations=2) & ~lesion
+    shell_n = max(int(shell.sum()), 1)
+    vals = sm[lesion]
+    ring = shell & lung & (sm < thr)
+    contrast = float(vals.mean() - (sm[ring].mean() if ring.any() else background))
+    border = np.zeros_like(lesion)
+    border[[0, -1], :, :] = True
+    border[:, [0, -1], :] = True
+    border[:, :, [0, -1]] = True
+    surf = _surface_mm2(lesion, sp)
+    sphericity = (math.pi ** (1 / 3) * (6 * vol_mm3) ** (2 / 3)) / max(surf, 1e-6)
+    # distance to the pleura: to the nearest voxel outside the search region in the crop
+    # (capped by the crop's size)
+    outside = np.argwhere(~search)
+    d_pl = (
+        float(np.sqrt((((outside - cen) * np.array(sp)) ** 2).sum(axis=1)).min())
+        if len(outside)
+        else float(min(h * s for h, s in zip(half, sp, strict=True)))
+    )
+    side = seed.side or (min(hila, key=lambda k: abs(hila[k][2] - cen_full[2])) if hila else "")
+    hil = hila.get(side)
+    dist_hilum = (
+        float(np.linalg.norm((np.array(cen_full) - np.array(hil)) * np.array(full_spacing)))
+        if hil is not None
+        else 100.0
+    )
+    z0, z1 = lung_z
+    height = (cen_full[0] - z0) / max(z1 - z0, 1.0)
+    if superior < 0:
+        height = 1.0 - height
+    f = {
+        "volume_ml": vol_mm3 / 1000.0,
+        "diameter_mm": (6 * vol_mm3 / math.pi) ** (1 / 3),
+        "long_axis_mm": long_ax,
+        "short_axis_mm": short_ax,
+        "z_extent_mm": ext[0] * sp[0],
+        "slices": ext[0] * sp[0] / full_spacing[0],
+        "sphericity": sphericity,
+        "elongation": math.sqrt(ev[2] / ev[0]),
+        "flatness": math.sqrt(ev[1] / ev[0]),
+        "fill": n_vox / float(ext[0] * ext[1] * ext[2]),
+        "dot": seed.score if seed.source != "pleural" else 0.0,
+        "sigma_mm": seed.sigma_mm,
+        "eig_ratio_31": seed.eig[2] / seed.eig[0] if seed.eig[0] < 0 else 0.0,
+        "eig_ratio_21": seed.eig[1] / seed.eig[0] if seed.eig[0] < 0 else 0.0,
+        "mean_hu": float(vals.mean()),
+        "sd_hu": float(vals.std()),
+        "p10_hu": float(np.percentile(vals, 10)),
+        "p50_hu": float(np.percentile(vals, 50)),
+        "p90_hu": float(np.percentile(vals, 90)),
+        "max_hu": float(vals.max()),
+        "solid_frac": float((vals > -300).mean()),
+        "calcified_frac": float((vals > 200).mean()),
+        "contrast_hu": contrast,
+        "attached_frac": float((shell & search & (sm > thr)).sum()) / shell_n,
+        "wall_frac": float((shell & ~search).sum()) / shell_n,
+        "cut_frac": 1.0 - n_vox / max(int(comp.sum()), 1),
+        "border_frac": float((lesion & border).sum()) / max(n_vox, 1),
+        "dist_pleura_mm": d_pl,
+        "dist_hilum_mm": dist_hilum,
+        "height_rel": float(height),
+        "medial_rel": abs(cen_full[2] - midline_x) / max(half_width, 1.0),
+        "pleural_seed": {"blob": 0.0, "blob_edge": 0.5}.get(seed.source, 1.0),
+        "threshold_hu": thr,
+        "background_hu": background,
+    }
+    return Candidate(seed, g, box, lesion, cen_full, {k: round(float(v), 4) for k, v in f.items()})  # type: ignore[arg-type]

@@ -1,0 +1,222 @@
+"""``chest_ct``: lungs -> candidates -> segmentation and features -> classifier -> findings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from services.segmentation.chest import classifier
+from services.segmentation.chest.candidates import (
+    Pyramid,
+    blob_seeds,
+    lung_box,
+    merge_seeds,
+    pleural_seeds,
+    pyramid,
+    resample_mask,
+)
+from services.segmentation.chest.features import Candidate, segment_seed
+from services.segmentation.chest.grid import Grid, bbox, host
+from services.segmentation.chest.lungs import SIDES, Lungs, full_masks, segment_lungs
+from shared.imaging.backend import namespace
+
+if TYPE_CHECKING:  # tasks re-exports chest_ct: import it at call time, not at import time
+    from services.segmentation.tasks import Geometry, TaskResult
+
+VERSION = "2.0.0"
+MASS_MM = 30.0
+CALCIFIED_FRAC = 0.3
+
+
+@dataclass
+class Analysis:
+    lungs: Lungs
+    pyramid: Pyramid | None
+    candidates: list[Candidate]
+
+
+def _hila(lungs: Lungs) -> dict[str, tuple[float, float, float]]:
+    """Per side, the hilum (full-resolution index): where the tracked main bronchus ends, or
+    the medial third of the lung at mid-height when no airway was found."""
+    g = lungs.grid
+    out: dict[str, tuple[float, float, float]] = {}
+    air = host(lungs.airway) if bool(host(lungs.airway.any())) else None
+    for name in SIDES:
+        m = lungs.masks[name]
+        b = bbox(m)
+        if b is None:
+            continue
+        cx = (b[2].start + b[2].stop) / 2
+        if air is not None:
+            pts = np.argwhere(air)
+            pts = pts[(pts[:, 2] - lungs.midline_x) * (cx - lungs.midline_x) > 0]
+            if len(pts):
+                zlow = pts[:, 0].min() if lungs.superior > 0 else pts[:, 0].max()
+                end = pts[np.abs(pts[:, 0] - zlow) <= 2].mean(axis=0)
+                out[name] = g.to_full((float(end[0]), float(end[1]), float(end[2])))
+                continue
+        zc = (b[0].start + b[0].stop) / 2
+        medial = (
+            b[2].stop - 0.2 * (b[2].stop - b[2].start)
+            if cx < lungs.midline_x
+            else (b[2].start + 0.2 * (b[2].stop - b[2].start))
+        )
+        out[name] = g.to_full((zc, (b[1].start + b[1].stop) / 2, medial))
+    return out
+
+
+def analyse(vol: Any, geo: Geometry, *, lung_hu: float = -400.0, max_seeds: int = 150) -> Analysis:
+    """Lungs and every candidate with its segmentation and features (no classification)."""
+    lungs = segment_lungs(vol, spacing=geo.spacing, direction=geo.direction, lung_hu=lung_hu)
+    box = lung_box(lungs, vol.shape)
+    if box is None:
+        return Analysis(lungs, None, [])
+    pyr = pyramid(vol, lungs, box, geo.spacing)
+    seeds = merge_seeds(blob_seeds(pyr) + pleural_seeds(lungs), geo.spacing, max_seeds=max_seeds)
+    union = lungs.masks[SIDES[0]] | lungs.masks[SIDES[1]]
+    cache: dict[int, Any] = {}
+
+    def lungs_at(level: int) -> Any:
+        if level not in cache:
+            cache[level] = resample_mask(union, lungs.grid, pyr.grids[level])
+        return cache[level]
+
+    hila = _hila(lungs)
+    lb = bbox(lungs.masks[SIDES[0]] | lungs.masks[SIDES[1]])
+    g = lungs.grid
+    lung_z = (
+        (g.to_full((lb[0].start, 0, 0))[0], g.to_full((lb[0].stop - 1, 0, 0))[0])
+        if lb
+        else (0.0, 1.0)
+    )
+    bb = bbox(lungs.body)
+    half_width = (bb[2].stop - bb[2].start) * g.factors[2] / 2 if bb else vol.shape[2] / 2
+    midline = g.to_full((0.0, 0.0, lungs.midline_x))[2]
+    cands = []
+    for s in seeds:
+        c = segment_seed(
+            s,
+            pyr,
+            lungs_at,
+            hila=hila,
+            lung_z=lung_z,
+            midline_x=midline,
+            half_width=half_width,
+            full_spacing=geo.spacing,
+            superior=lungs.superior,
+        )
+        if c is not None:
+            cands.append(c)
+    return Analysis(lungs, pyr, cands)
+
+
+def _subtype(f: dict[str, float]) -> str:
+    if f["calcified_frac"] >= CALCIFIED_FRAC or f["p90_hu"] > 300:
+        return "calcified"
+    if f["solid_frac"] < 0.15:
+        return "ground_glass"
+    if f["solid_frac"] < 0.6 and f["diameter_mm"] >= 6:
+        return "part_solid"
+    return "solid"
+
+
+def _dedupe(cands: list[Candidate], probs: np.ndarray, spacing: tuple[float, ...]) -> list[int]:
+    """Highest probability first; a candidate whose centroid lies within another kept
+    candidate's radius is the same lesion."""
+    order = np.argsort(-probs)
+    kept: list[int] = []
+    sp = np.array(spacing)
+    for i in order:
+        ci = np.array(cands[i].centroid) * sp
+        ri = cands[i].features["diameter_mm"] / 2
+        if any(
+            np.linalg.norm(ci - np.array(cands[k].centroid) * sp)
+            < max(ri, cands[k].features["diameter_mm"] / 2, 2.0)
+            for k in kept
+        ):
+            continue
+        kept.append(int(i))
+    return kept
+
+
+def chest_ct(
+    vol: Any,
+    geo: Geometry,
+    *,
+    lung_hu: float = -400.0,
+    model_path: str | None = None,
+    threshold: float | None = None,
+) -> TaskResult:
+    from services.segmentation.tasks import TaskResult, _measure
+
+    xp, _ = namespace(vol)
+    model = classifier.load(model_path)
+    op = model.threshold if threshold is None else threshold
+    an = analyse(vol, geo, lung_hu=lung_hu)
+    lungs = an.lungs
+    full = full_masks(lungs, vol, lung_hu=lung_hu)
+    rows = [c.features for c in an.candidates]
+    probs = model.predict(rows)  # host: a few hundred rows of features
+    findings: list[dict[str, Any]] = []
+    nodules = xp.zeros(vol.shape, dtype=bool)
+    keep = [i for i in _dedupe(an.candidates, probs, geo.spacing) if probs[i] >= op]
+    keep.sort(key=lambda i: -probs[i])
+    for i in keep:
+        c = an.candidates[i]
+        cg = c.grid
+        sub = Grid(
+            tuple(  # type: ignore[arg-type]
+                slice(
+                    cg.box[a].start + b.start * cg.factors[a],
+                    cg.box[a].start + b.stop * cg.factors[a],
+                )
+                for a, b in enumerate(c.box)
+            ),
+            cg.factors,
+            cg.spacing,
+            (c.mask.shape[0], c.mask.shape[1], c.mask.shape[2]),
+        )
+        lesion = sub.expand(xp.asarray(c.mask), vol.shape)
+        f = c.features
+        big = max(f["long_axis_mm"], f["diameter_mm"]) >= MASS_MM
+        kind = "mass" if big else "nodule"
+        subtype = _subtype(f)
+        side = c.seed.side or ""
+        nodules |= lesion
+        if side in full:
+            full[side] |= lesion
+        m = _measure(lesion, geo, kind, f"{kind} {len(findings) + 1}", vol)
+        m.update(
+            {
+                "subtype": subtype,
+                "location": side or None,
+                "confidence": round(float(probs[i]), 4),
+                "likely_benign": subtype == "calcified",
+                "features": {k: float(v) for k, v in f.items()},
+                "long_axis_mm": round(f["long_axis_mm"], 1),
+                "short_axis_mm": round(f["short_axis_mm"], 1),
+                "diameter_mm": round(f["diameter_mm"], 2),
+            }
+        )
+        findings.append(m)
+    for name in SIDES:
+        if bool(host(full[name].any())):
+            f2 = _measure(full[name], geo, "lung", name)
+            findings.append(
+                {
+                    k: f2[k]
+                    for k in ("type", "label", "volume_ml", "centroid_mm", "bbox_mm", "voxels")
+                }
+            )
+    masks: dict[str, Any] = {k: full[k] for k in SIDES}
+    masks["nodules"] = nodules
+    params: dict[str, Any] = {
+        "lung_hu": lung_hu,
+        "classifier": model.version,
+        "operating_threshold": op,
+        "candidates": float(len(an.candidates)),
+        **{k: float(v) for k, v in lungs.notes.items()},
+    }
+    return TaskResult("chest_ct", masks, findings, params)
