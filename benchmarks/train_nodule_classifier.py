@@ -101,6 +101,39 @@ def synth_case(seed: int, quick: bool = False) -> tuple[np.ndarray, Geometry, di
     return case.vol, geo, truth
 
 
+def phantom_case(seed: int, quick: bool = False) -> tuple[np.ndarray, Geometry, dict[str, Any]]:
+    """A case of the procedural phantom (shared/phantoms): its random lesion mix, or, for a
+    fifth of the seeds, the lesion-free twin."""
+    from shared.phantoms import chest_case  # type: ignore[import-not-found,unused-ignore]
+
+    rng = np.random.default_rng(seed)
+    case = chest_case(
+        seed,
+        size=192 if quick else int(rng.choice([256, 320, 384])),
+        thickness_mm=float(rng.choice([0.625, 1.0, 1.25, 2.0, 2.5, 3.0, 5.0])),
+        contrast=bool(rng.random() < 0.5),
+        normal=bool(rng.random() < 0.2),
+        tree_points=2000 if quick else None,
+    )
+    geo = Geometry(tuple(case.spacing), tuple(case.origin), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    truth = {
+        "lung_left": case.truth["lung_left"],
+        "lung_right": case.truth["lung_right"],
+        "lesion_labels": case.truth["lesions"],
+        "geometry": geo,
+        "lesions": [
+            {
+                "centre_mm": les["center_mm"],
+                "diameter_mm": les.get("nominal_diameter_mm", les.get("diameter_mm")),
+                "kind": les["kind"],
+                "label": les["label"],
+            }
+            for les in case.lesions
+        ],
+    }
+    return case.hu.astype(np.float32), geo, truth
+
+
 def label_candidates(an: Analysis, geo: Geometry, truth: dict[str, Any]) -> list[int]:
     """Index of the truth lesion each candidate hits (-1: none)."""
     labels = truth["lesion_labels"]
@@ -125,40 +158,64 @@ def label_candidates(an: Analysis, geo: Geometry, truth: dict[str, Any]) -> list
     return out
 
 
-def run_cases(seeds: list[int], source: str, quick: bool) -> list[dict[str, Any]]:
-    rows = []
+def run_case(s: int, source: str, quick: bool) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    vol, geo, truth = (phantom_case if source == "phantom" else synth_case)(s, quick)
+    t1 = time.perf_counter()
+    an = analyse(vol, geo)
+    t2 = time.perf_counter()
+    full = full_masks(an.lungs, vol)
+    hits = label_candidates(an, geo, truth)
+    print(
+        f"  seed {s}: {len(an.candidates)} candidates, {sum(h >= 0 for h in hits)} on lesions, "
+        f"{len(truth['lesions'])} lesions, gen {t1 - t0:.1f}s, analyse {t2 - t1:.1f}s",
+        file=sys.stderr,
+        flush=True,
+    )
+    return {
+        "seed": s,
+        "features": [c.features for c in an.candidates],
+        "hits": hits,
+        "centroids": [list(geo.to_patient(c.centroid)) for c in an.candidates],
+        "truth": {"lesions": truth["lesions"]},
+        "dice": {
+            side: float(
+                2 * (full[side] & truth[side]).sum() / max(full[side].sum() + truth[side].sum(), 1)
+            )
+            for side in SIDES
+        },
+        "seconds": round(t2 - t1, 2),
+    }
+
+
+def run_cases(
+    seeds: list[int], source: str, quick: bool, cache: Path | None, workers: int = 1
+) -> list[dict[str, Any]]:
+    """One JSON per case in ``cache`` (reused when present: restarts and parallel runs)."""
+
+    def path(s: int) -> Path | None:
+        return cache / f"{source}-{'q' if quick else 'f'}-{s}.json" if cache else None
+
+    todo = [s for s in seeds if not ((p := path(s)) and p.exists())]
+    if todo:
+        if workers > 1:
+            import multiprocessing as mp
+
+            with mp.get_context("fork").Pool(workers) as pool:
+                rows = pool.starmap(run_case, [(s, source, quick) for s in todo])
+        else:
+            rows = [run_case(s, source, quick) for s in todo]
+        for r in rows:
+            if (p := path(r["seed"])) is not None:
+                p.write_text(json.dumps(r))
+        done = {r["seed"]: r for r in rows}
+    else:
+        done = {}
+    out = []
     for s in seeds:
-        t0 = time.perf_counter()
-        vol, geo, truth = synth_case(s, quick)
-        t1 = time.perf_counter()
-        an = analyse(vol, geo)
-        t2 = time.perf_counter()
-        full = full_masks(an.lungs, vol)
-        hits = label_candidates(an, geo, truth)
-        rows.append(
-            {
-                "seed": s,
-                "features": [c.features for c in an.candidates],
-                "hits": hits,
-                "centroids": [list(geo.to_patient(c.centroid)) for c in an.candidates],
-                "truth": {k: truth[k] for k in ("lesions",)},
-                "dice": {
-                    side: float(
-                        2
-                        * (full[side] & truth[side]).sum()
-                        / max(full[side].sum() + truth[side].sum(), 1)
-                    )
-                    for side in SIDES
-                },
-                "seconds": round(t2 - t1, 2),
-            }
-        )
-        print(
-            f"  seed {s}: {len(an.candidates)} candidates, {sum(h >= 0 for h in hits)} on lesions, "
-            f"{len(truth['lesions'])} lesions, gen {t1 - t0:.1f}s, analyse {t2 - t1:.1f}s",
-            file=sys.stderr,
-        )
-    return rows
+        p = path(s)
+        out.append(done[s] if s in done else json.loads(p.read_text()))  # type: ignore[union-attr]
+    return out
 
 
 def findings_at(case: dict[str, Any], probs: np.ndarray, threshold: float) -> list[dict[str, Any]]:
@@ -233,9 +290,10 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=40)
     ap.add_argument("--val", type=int, default=12)
     ap.add_argument("--test", type=int, default=20)
-    ap.add_argument("--source", choices=["synth"], default="synth")
+    ap.add_argument("--source", choices=["synth", "phantom"], default="synth")
     ap.add_argument("--max-fp", type=float, default=1.0, help="operating point: FP per scan")
-    ap.add_argument("--cache", type=Path, help="reuse/stash the candidate features (JSON)")
+    ap.add_argument("--cache", type=Path, help="folder: one JSON of candidate features per case")
+    ap.add_argument("--workers", type=int, default=1, help="cases generated in parallel")
     ap.add_argument("--out", type=Path, default=clf_mod.MODEL_PATH)
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
@@ -248,15 +306,12 @@ def main() -> None:
         "val": list(range(base + args.cases, base + args.cases + args.val)),
         "test": list(range(base + args.cases + args.val, base + args.cases + args.val + args.test)),
     }
-    data: dict[str, list[dict[str, Any]]] = {}
-    if args.cache and args.cache.exists():
-        data = json.loads(args.cache.read_text())
-    for name, seeds in splits.items():
-        if [c["seed"] for c in data.get(name, [])] != seeds:
-            print(f"{name}: {len(seeds)} cases", file=sys.stderr)
-            data[name] = run_cases(seeds, args.source, args.quick)
     if args.cache:
-        args.cache.write_text(json.dumps(data))
+        args.cache.mkdir(parents=True, exist_ok=True)
+    data: dict[str, list[dict[str, Any]]] = {}
+    for name, seeds in splits.items():
+        print(f"{name}: {len(seeds)} cases", file=sys.stderr)
+        data[name] = run_cases(seeds, args.source, args.quick, args.cache, args.workers)
     x, y = matrix(data["train"])
     mean, scale = x.mean(axis=0), x.std(axis=0)
     scale[scale < 1e-9] = 1.0

@@ -2,7 +2,8 @@
 held-out report.
 
 ``case_truth``: ``lung_left``/``lung_right`` (bool arrays, optional), ``lesions``: a list of
-``{"centre_mm": [x, y, z] (patient), "diameter_mm": d, "kind": str}`` and optionally
+``{"centre_mm": [x, y, z] (patient), "diameter_mm": d, "kind": str}`` (the procedural
+phantom's records work as they are: ``center_mm``, ``nominal_diameter_mm``) and optionally
 ``lesion_labels`` (int array, value ``label`` of each lesion) with ``geometry`` (``Geometry``),
 so a centroid *inside* the truth lesion counts as a hit even when it is off centre.
 
@@ -57,8 +58,8 @@ def evaluate_chest(
     used: set[int] = set()
     hits: list[bool] = []
     for les in lesions:
-        c = np.asarray(les["centre_mm"], float)
-        r = float(les["diameter_mm"]) / 2
+        c = np.asarray(_centre(les), float)
+        r = _diameter(les) / 2
         hit = False
         for k, f in enumerate(reports):
             if k in used:
@@ -78,13 +79,17 @@ def evaluate_chest(
         (les, h) for les, h in zip(lesions, hits, strict=True) if les.get("kind") == "calcified"
     ]
     for name, lo, hi in BINS:
-        sel = [h for les, h in nod if lo <= les["diameter_mm"] < hi and les.get("kind") != "mass"]
+        sel = [h for les, h in nod if lo <= _diameter(les) < hi and les.get("kind") != "mass"]
         out[f"nodules_{name}"] = len(sel)
         out[f"hits_{name}"] = int(sum(sel))
-    masses = [h for les, h in nod if les.get("kind") == "mass" or les["diameter_mm"] >= 30.0]
+    masses = [h for les, h in nod if les.get("kind") == "mass" or _diameter(les) >= 30.0]
     out["masses"] = len(masses)
     out["mass_hits"] = int(sum(masses))
-    big = [h for les, h in nod if les["diameter_mm"] >= 6.0]
+    big = [
+        h
+        for les, h in nod
+        if 6.0 <= _diameter(les) < 30.0 and les.get("kind") != "mass"
+    ]
     out["nodules_6mm_plus"] = len(big)
     out["hits_6mm_plus"] = int(sum(big))
     out["calcified"] = len(calc)
@@ -94,6 +99,19 @@ def evaluate_chest(
     if severities is not None:
         out["high_alerts"] = sum(1 for s in severities if s in ALERT)
     return out
+
+
+def _centre(les: Mapping[str, Any]) -> list[float]:
+    """The lesion's centre (patient mm): ``centre_mm``, ``center_mm`` or ``centroid_mm``."""
+    for k in ("centre_mm", "center_mm", "centroid_mm"):
+        if k in les:
+            return [float(v) for v in les[k]]
+    raise KeyError("lesion without a centre (centre_mm/center_mm/centroid_mm)")
+
+
+def _diameter(les: Mapping[str, Any]) -> float:
+    """Nominal diameter when the truth has one (``nominal_diameter_mm``), else ``diameter_mm``."""
+    return float(les.get("nominal_diameter_mm", les.get("diameter_mm", 0.0)))
 
 
 def _index(geo: Any, p: np.ndarray, shape: tuple[int, ...]) -> tuple[int, int, int] | None:

@@ -112,6 +112,41 @@ def analyse(vol: Any, geo: Geometry, *, lung_hu: float = -400.0, max_seeds: int 
     return Analysis(lungs, pyr, cands)
 
 
+def measure(
+    mask: Any, geo: Geometry, kind: str, label: str, vol: Any = None
+) -> dict[str, Any]:
+    """Volume, equivalent diameter, centroid and box of a mask in patient coordinates; only
+    per-axis profiles and a scalar or two are downloaded (no ``find_objects``: CuPy has none)."""
+    xp, _ = namespace(mask)
+    box = bbox(mask)
+    if box is None:
+        return {"type": kind, "label": label, "volume_ml": 0.0, "voxels": 0}
+    crop = mask[box]
+    cen = []
+    n = 0
+    for axis in range(3):
+        prof = host(crop.sum(axis=tuple(a for a in range(3) if a != axis))).astype(np.float64)
+        n = int(prof.sum())
+        cen.append(float((prof * np.arange(prof.size)).sum() / max(n, 1)) + box[axis].start)
+    lo = geo.to_patient((box[0].start, box[1].start, box[2].start))
+    hi = geo.to_patient((box[0].stop - 1, box[1].stop - 1, box[2].stop - 1))
+    volume_ml = n * geo.voxel_ml
+    out: dict[str, Any] = {
+        "type": kind,
+        "label": label,
+        "volume_ml": round(volume_ml, 3),
+        "diameter_mm": round((6 * volume_ml * 1000 / np.pi) ** (1 / 3), 2),
+        "centroid_mm": list(geo.to_patient((cen[0], cen[1], cen[2]))),
+        "bbox_mm": [min(a, b) for a, b in zip(lo, hi, strict=True)]
+        + [max(a, b) for a, b in zip(lo, hi, strict=True)],
+        "slice_index": round(cen[0]),
+        "voxels": n,
+    }
+    if vol is not None:
+        out["mean_value"] = round(float(host(vol[box][crop].mean())), 1)
+    return out
+
+
 def _subtype(f: dict[str, float]) -> str:
     if f["calcified_frac"] >= CALCIFIED_FRAC or f["p90_hu"] > 300:
         return "calcified"
@@ -149,7 +184,7 @@ def chest_ct(
     model_path: str | None = None,
     threshold: float | None = None,
 ) -> TaskResult:
-    from services.segmentation.tasks import TaskResult, _measure
+    from services.segmentation.tasks import TaskResult
 
     xp, _ = namespace(vol)
     model = classifier.load(model_path)
@@ -187,7 +222,7 @@ def chest_ct(
         nodules |= lesion
         if side in full:
             full[side] |= lesion
-        m = _measure(lesion, geo, kind, f"{kind} {len(findings) + 1}", vol)
+        m = measure(lesion, geo, kind, f"{kind} {len(findings) + 1}", vol)
         m.update(
             {
                 "subtype": subtype,
@@ -203,7 +238,7 @@ def chest_ct(
         findings.append(m)
     for name in SIDES:
         if bool(host(full[name].any())):
-            f2 = _measure(full[name], geo, "lung", name)
+            f2 = measure(full[name], geo, "lung", name)
             findings.append(
                 {
                     k: f2[k]

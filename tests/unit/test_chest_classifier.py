@@ -1,0 +1,123 @@
+"""The shipped classifier file, NumPy inference equal to scikit-learn's, and evaluate_chest."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.ensemble import GradientBoostingClassifier
+from sklearn.linear_model import LogisticRegression
+
+from services.segmentation.chest import classifier
+from services.segmentation.chest.evaluate import evaluate_chest, summarise
+from services.segmentation.chest.features import FEATURES
+
+RNG = np.random.default_rng(0)
+
+
+def _data() -> tuple[np.ndarray, np.ndarray]:
+    x = RNG.normal(size=(400, 4))
+    y = (x[:, 0] + 0.5 * x[:, 1] ** 2 - x[:, 2] + RNG.normal(0, 0.5, 400) > 0.5).astype(int)
+    return x, y
+
+
+def _common() -> dict[str, object]:
+    return {
+        "version": "t",
+        "features": ["a", "b", "c", "d"],
+        "log": [False] * 4,
+        "mean": [0.0] * 4,
+        "scale": [1.0] * 4,
+        "threshold": 0.5,
+    }
+
+
+def _rows(x: np.ndarray) -> list[dict[str, float]]:
+    return [dict(zip("abcd", map(float, r), strict=True)) for r in x]
+
+
+def test_logistic_inference_matches_scikit_learn() -> None:
+    x, y = _data()
+    lr = LogisticRegression().fit(x, y)
+    m = classifier.from_dict(
+        {**_common(), "kind": "logistic", "coef": lr.coef_[0].tolist(), "intercept": float(lr.intercept_[0])}
+    )
+    np.testing.assert_allclose(m.predict(_rows(x)), lr.predict_proba(x)[:, 1], atol=1e-9)
+
+
+def test_tree_inference_matches_scikit_learn() -> None:
+    x, y = _data()
+    gb = GradientBoostingClassifier(n_estimators=30, max_depth=3, random_state=0).fit(x, y)
+    prior = y.mean()
+    trees = [
+        {
+            "left": e.tree_.children_left.tolist(),
+            "right": e.tree_.children_right.tolist(),
+            "feature": e.tree_.feature.tolist(),
+            "threshold": e.tree_.threshold.tolist(),
+            "value": e.tree_.value[:, 0, 0].tolist(),
+        }
+        for e in gb.estimators_[:, 0]
+    ]
+    m = classifier.from_dict(
+        {
+            **_common(),
+            "kind": "gbt",
+            "trees": trees,
+            "learning_rate": gb.learning_rate,
+            "init": float(np.log(prior / (1 - prior))),
+        }
+    )
+    np.testing.assert_allclose(m.predict(_rows(x)), gb.predict_proba(x)[:, 1], atol=1e-9)
+
+
+def test_the_shipped_model_is_versioned_json_with_its_provenance() -> None:
+    raw = json.loads(classifier.MODEL_PATH.read_text())
+    m = classifier.load()
+    assert set(m.features) <= set(FEATURES) and 0 < m.threshold < 1
+    meta = raw["meta"]
+    assert {"seed", "train_seeds", "test_seeds", "test", "command"} <= set(meta)
+    # test seeds never overlap the training seeds
+    assert meta["test_seeds"][0] > meta["train_seeds"][1]
+    probs = m.predict([{f: 0.0 for f in m.features}])
+    assert probs.shape == (1,) and 0.0 <= probs[0] <= 1.0
+
+
+def test_a_damaged_model_file_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    d = json.loads(classifier.MODEL_PATH.read_text())
+    d["mean"] = d["mean"][:-1]
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(d))
+    with pytest.raises(ValueError):
+        classifier.load(str(p))
+
+
+def test_evaluate_chest_counts_hits_by_size_false_positives_and_masses() -> None:
+    truth = {
+        "lesions": [
+            {"centre_mm": [0, 0, 0], "diameter_mm": 5.0, "kind": "solid"},
+            {"centre_mm": [50, 0, 0], "diameter_mm": 8.0, "kind": "juxtavascular"},
+            {"centre_mm": [0, 50, 0], "diameter_mm": 20.0, "kind": "solid"},
+            {"centre_mm": [0, 0, 80], "diameter_mm": 45.0, "kind": "mass"},
+            {"centre_mm": [-50, 0, 0], "diameter_mm": 4.0, "kind": "calcified"},
+        ],
+        "lung_left": np.ones((2, 2, 2), bool),
+    }
+    findings = [
+        {"type": "nodule", "centroid_mm": [0.5, 0.5, 0]},  # hits the 5 mm
+        {"type": "nodule", "centroid_mm": [0, 58, 0]},  # within 10 mm of the 20 mm
+        {"type": "mass", "centroid_mm": [10, 0, 80]},  # hits the mass
+        {"type": "nodule", "centroid_mm": [-50, 0, 0.5]},  # the calcified granuloma
+        {"type": "nodule", "centroid_mm": [100, 100, 100]},  # false positive
+        {"type": "lung", "centroid_mm": [0, 0, 0]},  # not a lesion report
+    ]
+    masks = {"lung_left": np.ones((2, 2, 2), bool)}
+    r = evaluate_chest(truth, {"findings": findings, "masks": masks})
+    assert r["hits_4-6"] == 1 and r["nodules_4-6"] == 1
+    assert r["hits_6-10"] == 0 and r["nodules_6-10"] == 1
+    assert r["hits_10-30"] == 1 and r["mass_hits"] == 1 and r["masses"] == 1
+    assert r["calcified_hits"] == 1 and r["false_positives"] == 1
+    assert r["dice_lung_left"] == 1.0
+    s = summarise([r, r])
+    assert s["sensitivity_6mm_plus"] == pytest.approx(1 / 2) and s["fp_per_scan"] == 1.0

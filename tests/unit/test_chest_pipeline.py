@@ -1,0 +1,77 @@
+"""chest_ct end to end on synthetic worst cases: findings carry confidence and features, a
+pleural mass is a mass, a calcified granuloma is likely benign, lungs include their lesions,
+and a normal chest gives no confident finding."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from services.segmentation import tasks
+from services.segmentation.chest import chest_ct, evaluate_chest
+from services.segmentation.chest.features import FEATURES
+from shared.schemas import Finding
+from tests import chest_synth as cs
+
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def _run(case: cs.Case) -> tasks.TaskResult:
+    geo = tasks.Geometry(case.spacing, case.origin, IDENTITY)
+    return chest_ct(case.vol, geo)
+
+
+def _truth(case: cs.Case) -> dict[str, object]:
+    return {
+        "lung_left": case.truth["lung_left"],
+        "lung_right": case.truth["lung_right"],
+        "lesions": [
+            {"centre_mm": list(les.centre_mm), "diameter_mm": les.diameter_mm, "kind": les.kind}
+            for les in case.lesions
+        ],
+    }
+
+
+def test_tasks_reexports_the_chest_pipeline() -> None:
+    assert tasks.chest_ct is chest_ct
+
+
+def test_lesions_are_found_typed_and_explained() -> None:
+    case = cs.chest(
+        seed=21,
+        size=192,
+        thickness=2.5,
+        z_mm=230,
+        lesions=(("solid", 12.0), ("mass", 48.0), ("calcified", 6.0), ("juxtavascular", 9.0)),
+    )
+    res = _run(case)
+    ev = evaluate_chest(_truth(case), res)
+    assert ev["mass_hits"] == 1 and ev["hits_10-30"] == 1
+    assert ev["dice_lung_left"] >= 0.95 and ev["dice_lung_right"] >= 0.95
+    lesions = [f for f in res.findings if f["type"] in ("nodule", "mass")]
+    for f in lesions:
+        Finding(**{k: v for k, v in f.items() if k in Finding.model_fields})  # schema-valid
+        assert 0.0 <= f["confidence"] <= 1.0
+        assert set(f["features"]) == set(FEATURES)
+        assert f["long_axis_mm"] >= f["short_axis_mm"] > 0
+    (mass,) = [f for f in lesions if f["type"] == "mass"]
+    assert mass["diameter_mm"] >= 30 and mass["location"] in ("lung_left", "lung_right")
+    # the pleural mass is inside its lung mask (boundary correction)
+    zyx = (
+        round((mass["centroid_mm"][2] - case.origin[2]) / case.spacing[0]),
+        round((mass["centroid_mm"][1] - case.origin[1]) / case.spacing[1]),
+        round((mass["centroid_mm"][0] - case.origin[0]) / case.spacing[2]),
+    )
+    assert res.masks[mass["location"]][zyx]
+    calcified = [f for f in lesions if f.get("subtype") == "calcified"]
+    assert all(f["likely_benign"] for f in calcified)
+    assert res.masks["nodules"].any() and res.params["classifier"]
+
+
+def test_a_normal_chest_gives_at_most_one_confident_finding() -> None:
+    case = cs.chest(seed=22, size=160, thickness=2.5, z_mm=220, lesions=())
+    res = _run(case)
+    confident = [
+        f for f in res.findings if f["type"] in ("nodule", "mass") and f["confidence"] >= 0.8
+    ]
+    assert len(confident) <= 1
+    assert {f["label"] for f in res.findings if f["type"] == "lung"} == {"lung_left", "lung_right"}
