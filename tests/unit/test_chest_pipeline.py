@@ -4,8 +4,6 @@ and a normal chest gives no confident finding."""
 
 from __future__ import annotations
 
-import numpy as np
-
 from services.segmentation import tasks
 from services.segmentation.chest import chest_ct, evaluate_chest
 from services.segmentation.chest.features import FEATURES

@@ -177,69 +177,126 @@ def pyramid(vol: Any, lungs: Lungs, box: Box, spacing: tuple[float, float, float
 
 
 def blob_seeds(
-    pyr: Pyramid, *, min_peak_hu: float = -750.0, min_score: float = 25.0, per_scale: int = 400
+    pyr: Pyramid,
+    *,
+    min_peak_hu: float = -750.0,
+    min_score: float = 25.0,
+    faint_hu: float = -450.0,
+    min_faint_score: float = 8.0,
+    per_scale: int = 400,
 ) -> list[Seed]:
-    xp, ndi = namespace(pyr.images[0])
+    """Blob seeds over the pyramid. A second, *faint* pass on levels 1-2 looks at the scan
+    with everything denser than ``faint_hu`` replaced by lung: a ground-glass nodule crossed
+    by a vessel then has its own peak, found at a lower score threshold; its seeds compete in
+    their own budget (``merge_seeds``)."""
+    xp, _ = namespace(pyr.images[0])
     seeds: list[Seed] = []
-    for (_target, sigmas), g, img, srch, side in zip(
-        LEVELS, pyr.grids, pyr.images, pyr.search, pyr.side, strict=True
+    for level, ((_target, sigmas), g, img, srch, side) in enumerate(
+        zip(LEVELS, pyr.grids, pyr.images, pyr.search, pyr.side, strict=True)
     ):
         if min(img.shape) < 3:
             continue
-        for sigma in sigmas:
-            if sigma < 0.8 * min(g.spacing[1:]):
-                continue
-            gs = _gaussian(img, sigma, g.spacing)
-            peaks = (ndi.maximum_filter(gs, size=3) == gs) & srch & (gs > min_peak_hu)
-            pts = xp.argwhere(peaks)
-            n = int(pts.shape[0])
-            if n == 0:
-                continue
-            vals = gs[pts[:, 0], pts[:, 1], pts[:, 2]]
-            if n > 4 * per_scale:  # brightest first: bounded work on noisy scans
-                keep = xp.argsort(-vals)[: 4 * per_scale]
-                pts, vals = pts[keep], vals[keep]
-            h = hessian_at(gs, pts, g.spacing) * sigma**2
-            eig = np.linalg.eigvalsh(h)  # ascending: l1 <= l2 <= l3
-            score = dot_score(eig)
-            ok = np.flatnonzero(score >= min_score)
-            if ok.size > per_scale:
-                ok = ok[np.argsort(-score[ok])[:per_scale]]
-            pts_h = host(pts[xp.asarray(ok)]) if ok.size else np.zeros((0, 3), np.int64)
-            vals_h = host(vals[xp.asarray(ok)]) if ok.size else np.zeros(0)
-            sides_h = (
-                host(side[tuple(xp.asarray(pts_h[:, a]) for a in range(3))])
-                if ok.size
-                else np.zeros(0)
-            )
-            g0 = pyr.grids[0]
-            at0 = [
-                np.clip(
-                    ((g.box[a].start + (pts_h[:, a] + 0.5) * g.factors[a]) - g0.box[a].start)
-                    // g0.factors[a],
-                    0,
-                    g0.shape[a] - 1,
-                ).astype(np.int64)
-                for a in range(3)
-            ]
-            deep_h = (
-                host(pyr.deep[tuple(xp.asarray(v) for v in at0)]) if ok.size else np.zeros(0, bool)
-            )
-            for k, i in enumerate(ok):
-                zyx = g.to_full(tuple(float(v) for v in pts_h[k]))  # type: ignore[arg-type]
-                seeds.append(
-                    Seed(
-                        zyx,
-                        sigma * math.sqrt(3.0),
-                        "blob" if bool(deep_h[k]) else "blob_edge",
-                        float(score[i]),
-                        sigma,
-                        (float(eig[i, 0]), float(eig[i, 1]), float(eig[i, 2])),
-                        float(vals_h[k]),
-                        _side_name(int(sides_h[k])),
-                    )
+        passes: list[tuple[Any, float | None]] = [(img, None)]
+        if level in (1, 2):
+            # solid tissue (vessels) replaced by lung: a ground-glass nodule on a vessel
+            # becomes an isolated blob, the vessels' partial-volume rims thin tubes
+            passes.append((xp.where(img > faint_hu, xp.float32(-850.0), img), faint_hu))
+        for image, clip in passes:
+            for sigma in sigmas:
+                if sigma < 0.8 * min(g.spacing[1:]):
+                    continue
+                seeds += _scan(
+                    pyr,
+                    g,
+                    image,
+                    srch,
+                    side,
+                    sigma,
+                    low=min_peak_hu,
+                    high=clip,
+                    min_score=min_score if clip is None else min_faint_score,
+                    per_scale=per_scale,
+                    faint_hu=faint_hu,
+                    min_faint_score=min_faint_score,
                 )
     return seeds
+
+
+def _scan(
+    pyr: Pyramid,
+    g: Grid,
+    img: Any,
+    srch: Any,
+    side: Any,
+    sigma: float,
+    *,
+    low: float,
+    high: float | None,
+    min_score: float,
+    per_scale: int,
+    faint_hu: float,
+    min_faint_score: float,
+) -> list[Seed]:
+    xp, ndi = namespace(img)
+    gs = _gaussian(img, sigma, g.spacing)
+    peaks = (ndi.maximum_filter(gs, size=3) == gs) & srch & (gs > low)
+    if high is not None:  # faint pass: plateaus of clipped tissue are no peaks
+        peaks &= gs < high - 30.0
+    pts = xp.argwhere(peaks)
+    n = int(pts.shape[0])
+    if n == 0:
+        return []
+    vals = gs[pts[:, 0], pts[:, 1], pts[:, 2]]
+    if n > 4 * per_scale:  # brightest first: bounded work on noisy scans
+        keep = xp.argsort(-vals)[: 4 * per_scale]
+        pts, vals = pts[keep], vals[keep]
+    h = hessian_at(gs, pts, g.spacing) * sigma**2
+    eig = np.linalg.eigvalsh(h)  # ascending: l1 <= l2 <= l3
+    score = dot_score(eig)
+    vals_all = host(vals)
+    # faint peaks (ground glass: ~4x less contrast than solid tissue) pass at a lower score
+    faint = vals_all < faint_hu
+    ok = np.flatnonzero((score >= min_score) | (faint & (score >= min_faint_score)))
+    if ok.size > per_scale:
+        ok = ok[np.argsort(-score[ok])[:per_scale]]
+    if ok.size == 0:
+        return []
+    pts_h = host(pts[xp.asarray(ok)])
+    vals_h = vals_all[ok]
+    sides_h = host(side[tuple(xp.asarray(pts_h[:, a]) for a in range(3))])
+    g0 = pyr.grids[0]
+    at0 = [
+        np.clip(
+            ((g.box[a].start + (pts_h[:, a] + 0.5) * g.factors[a]) - g0.box[a].start)
+            // g0.factors[a],
+            0,
+            g0.shape[a] - 1,
+        ).astype(np.int64)
+        for a in range(3)
+    ]
+    deep_h = host(pyr.deep[tuple(xp.asarray(v) for v in at0)])
+    out = []
+    for k, i in enumerate(ok):
+        zyx = g.to_full((float(pts_h[k, 0]), float(pts_h[k, 1]), float(pts_h[k, 2])))
+        if not bool(deep_h[k]):
+            source = "blob_edge"
+        elif vals_h[k] < faint_hu:
+            source = "blob_faint"
+        else:
+            source = "blob"
+        out.append(
+            Seed(
+                zyx,
+                sigma * math.sqrt(3.0),
+                source,
+                float(score[i]),
+                sigma,
+                (float(eig[i, 0]), float(eig[i, 1]), float(eig[i, 2])),
+                float(vals_h[k]),
+                _side_name(int(sides_h[k])),
+            )
+        )
+    return out
 
 
 def _side_name(code: int) -> str:
@@ -309,10 +366,10 @@ def merge_seeds(
     seeds: list[Seed], spacing: tuple[float, float, float], *, max_seeds: int = 150
 ) -> list[Seed]:
     """Strongest first; a seed within the radius of a kept one of the same source is dropped.
-    Budgets per source: interior blobs 60 %, blobs at the search region's edge 20 %, pleural
-    concavities 20 % (each scored on its own scale)."""
+    Budgets per source: interior blobs 50 %, faint interior blobs (ground glass) 15 %, blobs at
+    the search region's edge 15 %, pleural concavities 20 % (each scored on its own scale)."""
     sp = np.array(spacing)
-    budget = {"blob": 0.6, "blob_edge": 0.2, "pleural": 0.2}
+    budget = {"blob": 0.5, "blob_faint": 0.15, "blob_edge": 0.15, "pleural": 0.2}
     out: list[Seed] = []
     for source, share in budget.items():
         kept: list[Seed] = []

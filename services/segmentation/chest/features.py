@@ -243,7 +243,7 @@ def segment_seed(
         "dist_hilum_mm": dist_hilum,
         "height_rel": float(height),
         "medial_rel": abs(cen_full[2] - midline_x) / max(half_width, 1.0),
-        "pleural_seed": {"blob": 0.0, "blob_edge": 0.5}.get(seed.source, 1.0),
+        "pleural_seed": {"blob": 0.0, "blob_faint": 0.0, "blob_edge": 0.5}.get(seed.source, 1.0),
         "threshold_hu": thr,
         "background_hu": background,
     }

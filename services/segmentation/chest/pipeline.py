@@ -117,7 +117,6 @@ def measure(
 ) -> dict[str, Any]:
     """Volume, equivalent diameter, centroid and box of a mask in patient coordinates; only
     per-axis profiles and a scalar or two are downloaded (no ``find_objects``: CuPy has none)."""
-    xp, _ = namespace(mask)
     box = bbox(mask)
     if box is None:
         return {"type": kind, "label": label, "volume_ml": 0.0, "voxels": 0}
