@@ -102,20 +102,30 @@ def synth_case(seed: int, quick: bool = False) -> tuple[np.ndarray, Geometry, di
 
 
 def phantom_case(seed: int, quick: bool = False) -> tuple[np.ndarray, Geometry, dict[str, Any]]:
-    """A case of the procedural phantom (shared/phantoms): its random lesion mix, or, for a
-    fifth of the seeds, the lesion-free twin."""
-    from shared.phantoms import chest_case  # type: ignore[import-not-found,unused-ignore]
+    """A case of the procedural phantom (shared/phantoms, seeds below 30000: the quality
+    benchmark holds out 30000 and up): its random lesion mix, or for a fifth of the seeds the
+    lesion-free twin; prepared as the service prepares a chest CT (the preprocess chain,
+    int16 HU)."""
+    from services.preprocess.core import DEFAULT_CHAINS, apply_step, chain_for
+    from shared.phantoms import chest_case
 
+    if seed >= 30000:
+        raise ValueError("phantom seeds >= 30000 are the quality benchmark's held-out set")
     rng = np.random.default_rng(seed)
     case = chest_case(
         seed,
-        size=192 if quick else int(rng.choice([256, 320, 384])),
+        size=192 if quick else int(rng.choice([256, 320, 384, 512], p=[0.3, 0.3, 0.25, 0.15])),
         thickness_mm=float(rng.choice([0.625, 1.0, 1.25, 2.0, 2.5, 3.0, 5.0])),
         contrast=bool(rng.random() < 0.5),
         normal=bool(rng.random() < 0.2),
         tree_points=2000 if quick else None,
     )
-    geo = Geometry(tuple(case.spacing), tuple(case.origin), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    img: Any = case.hu.astype(np.float32)
+    spacing = tuple(case.spacing)
+    for step in chain_for("CT", "CHEST", DEFAULT_CHAINS):
+        img, spacing = apply_step(img, step, spacing)
+    vol = np.rint(np.asarray(img)).clip(-32768, 32767).astype(np.int16).astype(np.float32)
+    geo = Geometry(spacing, tuple(case.origin), (1, 0, 0, 0, 1, 0, 0, 0, 1))  # type: ignore[arg-type]
     truth = {
         "lung_left": case.truth["lung_left"],
         "lung_right": case.truth["lung_right"],
@@ -123,20 +133,22 @@ def phantom_case(seed: int, quick: bool = False) -> tuple[np.ndarray, Geometry, 
         "geometry": geo,
         "lesions": [
             {
-                "centre_mm": les["center_mm"],
-                "diameter_mm": les.get("nominal_diameter_mm", les.get("diameter_mm")),
+                "centre_mm": les.get("centroid_mm", les["center_mm"]),
+                "diameter_mm": les.get("equivalent_diameter_mm") or les.get("diameter_mm"),
                 "kind": les["kind"],
                 "label": les["label"],
             }
             for les in case.lesions
         ],
     }
-    return case.hu.astype(np.float32), geo, truth
+    return vol, geo, truth
 
 
 def label_candidates(an: Analysis, geo: Geometry, truth: dict[str, Any]) -> list[int]:
     """Index of the truth lesion each candidate hits (-1: none)."""
-    labels = truth["lesion_labels"]
+    import scipy.ndimage as ndi
+
+    labels = ndi.grey_dilation(truth["lesion_labels"], size=(3, 3, 3))
     out = []
     for c in an.candidates:
         p = np.array(geo.to_patient(c.centroid))
@@ -148,9 +160,8 @@ def label_candidates(an: Analysis, geo: Geometry, truth: dict[str, Any]) -> list
         )
         hit = -1
         for k, les in enumerate(truth["lesions"]):
-            if (
-                inside == les["label"]
-                or np.linalg.norm(p - np.array(les["centre_mm"])) <= les["diameter_mm"] / 2 + 1.5
+            if inside == les["label"] or np.linalg.norm(p - np.array(les["centre_mm"])) <= max(
+                3.0, les["diameter_mm"] / 2
             ):
                 hit = k
                 break

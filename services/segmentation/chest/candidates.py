@@ -212,6 +212,7 @@ def blob_seeds(
                     srch,
                     side,
                     sigma,
+                    original=img,
                     low=min_peak_hu,
                     high=clip,
                     min_score=min_score if clip is None else min_faint_score,
@@ -230,6 +231,7 @@ def _scan(
     side: Any,
     sigma: float,
     *,
+    original: Any,
     low: float,
     high: float | None,
     min_score: float,
@@ -249,6 +251,22 @@ def _scan(
     vals = gs[pts[:, 0], pts[:, 1], pts[:, 2]]
     if n > 4 * per_scale:  # brightest first: bounded work on noisy scans
         keep = xp.argsort(-vals)[: 4 * per_scale]
+        pts, vals = pts[keep], vals[keep]
+    if high is not None:
+        # faint pass: the scan itself must be faint there (not the inside of a solid lesion
+        # whose partial-volume rim made a faint shell): mean of the 27 neighbours
+        acc = xp.zeros(pts.shape[0], dtype=xp.float32)
+        for dz in (-1, 0, 1):
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    acc += original[
+                        xp.clip(pts[:, 0] + dz, 0, original.shape[0] - 1),
+                        xp.clip(pts[:, 1] + dy, 0, original.shape[1] - 1),
+                        xp.clip(pts[:, 2] + dx, 0, original.shape[2] - 1),
+                    ]
+        keep = xp.flatnonzero(acc / 27.0 < high)
+        if int(keep.shape[0]) == 0:
+            return []
         pts, vals = pts[keep], vals[keep]
     h = hessian_at(gs, pts, g.spacing) * sigma**2
     eig = np.linalg.eigvalsh(h)  # ascending: l1 <= l2 <= l3
@@ -280,7 +298,7 @@ def _scan(
         zyx = g.to_full((float(pts_h[k, 0]), float(pts_h[k, 1]), float(pts_h[k, 2])))
         if not bool(deep_h[k]):
             source = "blob_edge"
-        elif vals_h[k] < faint_hu:
+        elif high is not None or (vals_h[k] < faint_hu and max(g.spacing[1:]) < 3.0):
             source = "blob_faint"
         else:
             source = "blob"

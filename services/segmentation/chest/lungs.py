@@ -110,6 +110,67 @@ def _thick_labels(
     return {float(v) for v in host(xp.unique(hit)).tolist() if v > 0}
 
 
+def _domes(
+    filled: Any, air: Any, sp: tuple[float, float, float], min_contact_mm2: float = 400.0
+) -> Any:
+    """Per-slice holes of the lungs wider than a vessel (>= 300 mm2) whose 3D component rests
+    on tissue outside the lungs over more than ``min_contact_mm2`` (the slice above or below
+    is neither lung nor hole there): diaphragm domes. Nodules and masses inside the lung are
+    capped by lung."""
+    xp, ndi = namespace(filled)
+    holes = filled & ~air
+    # only in-plane holes wider than a vessel's cross-section (>= 300 mm2) can be domes
+    planar = xp.zeros((3, 3, 3), dtype=bool)
+    planar[1] = xp.asarray(ndi.generate_binary_structure(2, 1))
+    plabels, pn = ndi.label(holes, structure=planar)
+    if int(pn) == 0:
+        return None
+    area = xp.bincount(plabels.ravel(), minlength=int(pn) + 1) * (sp[1] * sp[2])
+    area[0] = 0
+    holes = (area >= 300.0)[plabels]
+    labels, n = seg.label(holes)
+    if n == 0:
+        return None
+    outside = ~filled
+    touch = xp.zeros_like(holes)
+    touch[1:] |= holes[1:] & outside[:-1]
+    touch[:-1] |= holes[:-1] & outside[1:]
+    contact = host(xp.bincount(labels[touch], minlength=n + 1)).astype(np.float64)
+    contact *= sp[1] * sp[2]
+    contact[0] = 0.0
+    big = np.flatnonzero(contact >= min_contact_mm2)
+    if big.size == 0:
+        return None
+    table = xp.zeros(n + 1, dtype=bool)
+    table[xp.asarray(big)] = True
+    return table[labels]
+
+
+def _near_skin(body: Any, sp: tuple[float, float, float], wall_mm: float) -> Any:
+    """Voxels within ``wall_mm`` of the body's outline (on a ~4 mm grid): the chest wall zone."""
+    xp, ndi = namespace(body)
+    full = (slice(0, body.shape[0]), slice(0, body.shape[1]), slice(0, body.shape[2]))
+    g = Grid.over(full, factors_for(sp, 4.0), sp)
+    small = g.reduce(body) >= 0.5
+    deep = xp.zeros_like(small)
+    for z in range(small.shape[0]):  # per slice: distance to the outline in-plane
+        if bool(host(small[z].any())):
+            deep[z] = ndi.distance_transform_edt(small[z], sampling=g.spacing[1:]) > wall_mm
+    return body & ~g.expand(deep, body.shape)
+
+
+def _touching(added: Any, zone: Any) -> Any:
+    """Components of ``added`` that reach into ``zone``."""
+    xp, _ = namespace(added)
+    labels, n = seg.label(added)
+    if n == 0:
+        return added
+    hit = host(xp.bincount(labels[zone & added], minlength=n + 1))
+    hit[0] = 0
+    table = xp.asarray(hit > 0)
+    return table[labels]
+
+
 def _select_lungs(ranked: list[dict[str, float]], spacing_z: float) -> list[dict[str, float]]:
     if not ranked:
         return []
@@ -295,6 +356,7 @@ def segment_lungs(
     airway_hu: float = -950.0,
     work_mm: float = 2.0,
     pleural_radius_mm: float = 40.0,
+    wall_mm: float = 45.0,
 ) -> Lungs:
     xp, ndi = namespace(vol)
     full: Box = (slice(0, vol.shape[0]), slice(0, vol.shape[1]), slice(0, vol.shape[2]))
@@ -354,10 +416,21 @@ def segment_lungs(
     for name in SIDES:
         m = seg.fill_holes_2d(sides[name]) if bool(host(sides[name].any())) else sides[name]
         masks[name] = m
+    # a diaphragm dome (liver, spleen) cut by the lung base is a hole in those slices: per
+    # slice it looks like a mass inside the lung; in 3D it sits on tissue outside the lungs
+    domes = _domes(masks[SIDES[0]] | masks[SIDES[1]], sides[SIDES[0]] | sides[SIDES[1]], sp)
+    if domes is not None:
+        for name in SIDES:
+            masks[name] = masks[name] & ~domes
+        notes["dome_ml"] = round(float(host(domes.sum())) * vox_ml, 1)
+    near_wall = _near_skin(body, sp, wall_mm)
     for name in SIDES:
         other = masks[SIDES[1 - SIDES.index(name)]]
         if bool(host(masks[name].any())):
-            search[name] = _pleural_search(masks[name], sp, pleural_radius_mm) & body & ~other
+            closed = _pleural_search(masks[name], sp, pleural_radius_mm) & body & ~other
+            # concavities that reach the chest wall zone (pleural-based lesions); the hilum and
+            # deep mediastinal notches do not
+            search[name] = masks[name] | _touching(closed & ~masks[name], near_wall)
         else:
             search[name] = masks[name]
     return Lungs(grid, body, masks, search, airway, superior, midline_x, low, notes)

@@ -156,23 +156,26 @@ def _subtype(f: dict[str, float]) -> str:
     return "solid"
 
 
-def _dedupe(cands: list[Candidate], probs: np.ndarray, spacing: tuple[float, ...]) -> list[int]:
-    """Highest probability first; a candidate whose centroid lies within another kept
-    candidate's radius is the same lesion."""
+def _groups(
+    cands: list[Candidate], probs: np.ndarray, spacing: tuple[float, ...]
+) -> list[list[int]]:
+    """Candidates on one lesion, highest probability first: a candidate whose centroid lies
+    within a group leader's radius (or the leader's within its own) joins that group."""
     order = np.argsort(-probs)
-    kept: list[int] = []
+    groups: list[list[int]] = []
     sp = np.array(spacing)
     for i in order:
         ci = np.array(cands[i].centroid) * sp
         ri = cands[i].features["diameter_mm"] / 2
-        if any(
-            np.linalg.norm(ci - np.array(cands[k].centroid) * sp)
-            < max(ri, cands[k].features["diameter_mm"] / 2, 2.0)
-            for k in kept
-        ):
-            continue
-        kept.append(int(i))
-    return kept
+        for grp in groups:
+            k = grp[0]
+            rk = cands[k].features["diameter_mm"] / 2
+            if np.linalg.norm(ci - np.array(cands[k].centroid) * sp) < max(ri, rk, 2.0):
+                grp.append(int(i))
+                break
+        else:
+            groups.append([int(i)])
+    return groups
 
 
 def chest_ct(
@@ -195,9 +198,16 @@ def chest_ct(
     probs = model.predict(rows)  # host: a few hundred rows of features
     findings: list[dict[str, Any]] = []
     nodules = xp.zeros(vol.shape, dtype=bool)
-    keep = [i for i in _dedupe(an.candidates, probs, geo.spacing) if probs[i] >= op]
-    keep.sort(key=lambda i: -probs[i])
-    for i in keep:
+    # one finding per lesion: its confidence is the group's best; its mask and measurements
+    # those of the largest member above the operating point (a juxtapleural mass is often
+    # seeded by a small blob and by its pleural concavity: the concavity has it whole)
+    picks = []
+    for grp in _groups(an.candidates, probs, geo.spacing):
+        above = [i for i in grp if probs[i] >= max(op, probs[grp[0]] - 0.2)]
+        if above:
+            big = max(above, key=lambda i: an.candidates[i].features["volume_ml"])
+            picks.append((big, float(probs[grp[0]])))
+    for i, conf in picks:
         c = an.candidates[i]
         cg = c.grid
         sub = Grid(
@@ -226,7 +236,7 @@ def chest_ct(
             {
                 "subtype": subtype,
                 "location": side or None,
-                "confidence": round(float(probs[i]), 4),
+                "confidence": round(conf, 4),
                 "likely_benign": subtype == "calcified",
                 "features": {k: float(v) for k, v in f.items()},
                 "long_axis_mm": round(f["long_axis_mm"], 1),
