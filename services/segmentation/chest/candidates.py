@@ -381,13 +381,14 @@ def pleural_seeds(
 
 
 def merge_seeds(
-    seeds: list[Seed], spacing: tuple[float, float, float], *, max_seeds: int = 150
+    seeds: list[Seed], spacing: tuple[float, float, float], *, max_seeds: int = 240
 ) -> list[Seed]:
     """Strongest first; a seed within the radius of a kept one of the same source is dropped.
-    Budgets per source: interior blobs 50 %, faint interior blobs (ground glass) 15 %, blobs at
-    the search region's edge 15 %, pleural concavities 20 % (each scored on its own scale)."""
+    Budgets per source: interior blobs 45 %, faint interior blobs (ground glass) 15 %, blobs at
+    the search region's edge (juxtapleural, near the mediastinum) 25 %, pleural concavities
+    15 % (each scored on its own scale)."""
     sp = np.array(spacing)
-    budget = {"blob": 0.5, "blob_faint": 0.15, "blob_edge": 0.15, "pleural": 0.2}
+    budget = {"blob": 0.45, "blob_faint": 0.15, "blob_edge": 0.25, "pleural": 0.15}
     out: list[Seed] = []
     for source, share in budget.items():
         kept: list[Seed] = []

@@ -63,6 +63,8 @@ class Model:
 
 
 def _tree_value(t: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    # scikit-learn's trees compare float32 features with float64 thresholds: do the same
+    x = x.astype(np.float32).astype(np.float64)
     node = np.zeros(x.shape[0], dtype=np.int64)
     left, right, feat, thr, value = t["left"], t["right"], t["feature"], t["threshold"], t["value"]
     for _ in range(64):

@@ -146,31 +146,6 @@ def _domes(
     return table[labels]
 
 
-def _near_skin(body: Any, sp: tuple[float, float, float], wall_mm: float) -> Any:
-    """Voxels within ``wall_mm`` of the body's outline (on a ~4 mm grid): the chest wall zone."""
-    xp, ndi = namespace(body)
-    full = (slice(0, body.shape[0]), slice(0, body.shape[1]), slice(0, body.shape[2]))
-    g = Grid.over(full, factors_for(sp, 4.0), sp)
-    small = g.reduce(body) >= 0.5
-    deep = xp.zeros_like(small)
-    for z in range(small.shape[0]):  # per slice: distance to the outline in-plane
-        if bool(host(small[z].any())):
-            deep[z] = ndi.distance_transform_edt(small[z], sampling=g.spacing[1:]) > wall_mm
-    return body & ~g.expand(deep, body.shape)
-
-
-def _touching(added: Any, zone: Any) -> Any:
-    """Components of ``added`` that reach into ``zone``."""
-    xp, _ = namespace(added)
-    labels, n = seg.label(added)
-    if n == 0:
-        return added
-    hit = host(xp.bincount(labels[zone & added], minlength=n + 1))
-    hit[0] = 0
-    table = xp.asarray(hit > 0)
-    return table[labels]
-
-
 def _select_lungs(ranked: list[dict[str, float]], spacing_z: float) -> list[dict[str, float]]:
     if not ranked:
         return []
@@ -356,7 +331,6 @@ def segment_lungs(
     airway_hu: float = -950.0,
     work_mm: float = 2.0,
     pleural_radius_mm: float = 40.0,
-    wall_mm: float = 45.0,
 ) -> Lungs:
     xp, ndi = namespace(vol)
     full: Box = (slice(0, vol.shape[0]), slice(0, vol.shape[1]), slice(0, vol.shape[2]))
@@ -423,14 +397,12 @@ def segment_lungs(
         for name in SIDES:
             masks[name] = masks[name] & ~domes
         notes["dome_ml"] = round(float(host(domes.sum())) * vox_ml, 1)
-    near_wall = _near_skin(body, sp, wall_mm)
     for name in SIDES:
         other = masks[SIDES[1 - SIDES.index(name)]]
         if bool(host(masks[name].any())):
-            closed = _pleural_search(masks[name], sp, pleural_radius_mm) & body & ~other
-            # concavities that reach the chest wall zone (pleural-based lesions); the hilum and
-            # deep mediastinal notches do not
-            search[name] = masks[name] | _touching(closed & ~masks[name], near_wall)
+            # every concavity: pleural, mediastinal and hilar lesions are searched; the heart
+            # border and hilar vessels found there are the classifier's to reject
+            search[name] = _pleural_search(masks[name], sp, pleural_radius_mm) & body & ~other
         else:
             search[name] = masks[name]
     return Lungs(grid, body, masks, search, airway, superior, midline_x, low, notes)

@@ -67,7 +67,7 @@ def _hila(lungs: Lungs) -> dict[str, tuple[float, float, float]]:
     return out
 
 
-def analyse(vol: Any, geo: Geometry, *, lung_hu: float = -400.0, max_seeds: int = 150) -> Analysis:
+def analyse(vol: Any, geo: Geometry, *, lung_hu: float = -400.0, max_seeds: int = 240) -> Analysis:
     """Lungs and every candidate with its segmentation and features (no classification)."""
     lungs = segment_lungs(vol, spacing=geo.spacing, direction=geo.direction, lung_hu=lung_hu)
     box = lung_box(lungs, vol.shape)
