@@ -31,7 +31,7 @@ from services.segmentation.chest import classifier as clf_mod
 from services.segmentation.chest.evaluate import evaluate_chest, summarise
 from services.segmentation.chest.features import FEATURES
 from services.segmentation.chest.lungs import SIDES, full_masks
-from services.segmentation.chest.pipeline import MASS_MM, Analysis, analyse
+from services.segmentation.chest.pipeline import MASS_MM, MIN_REPORT_MM, Analysis, analyse
 from services.segmentation.tasks import Geometry
 
 LOG_FEATURES = {
@@ -238,6 +238,8 @@ def findings_at(case: dict[str, Any], probs: np.ndarray, threshold: float) -> li
     for i in order:
         if probs[i] < threshold:
             break
+        if feats[i]["diameter_mm"] < MIN_REPORT_MM:
+            continue
         ri = feats[i]["diameter_mm"] / 2
         if any(
             np.linalg.norm(cents[i] - cents[k]) < max(ri, feats[k]["diameter_mm"] / 2, 2.0)
@@ -308,7 +310,8 @@ def main() -> None:
     ap.add_argument(
         "--extra-train",
         type=Path,
-        help="folder of cached cases (other seeds) added to the training split only",
+        nargs="*",
+        help="folders of cached cases (other seeds or sources) added to the training split only",
     )
     ap.add_argument("--out", type=Path, default=clf_mod.MODEL_PATH)
     ap.add_argument("--quick", action="store_true")
@@ -331,7 +334,7 @@ def main() -> None:
     extra: list[dict[str, Any]] = []
     if args.extra_train:
         held = set(splits["val"]) | set(splits["test"])
-        for f in sorted(args.extra_train.glob(f"{args.source}-f-*.json")):
+        for f in sorted(p for d in args.extra_train for p in d.glob("*-f-*.json")):
             row = json.loads(f.read_text())
             if row["seed"] not in held and row["seed"] < 30000:
                 extra.append(row)

@@ -146,6 +146,31 @@ def _domes(
     return table[labels]
 
 
+def _fov_clipped(body: Any, tissue: Any, low: Any) -> Any:
+    """A body wider than the reconstruction circle: the lungs reach the padding outside the
+    field of view (the same value, <= -1020 HU, in every slice) and are no holes. Regions
+    that the padding closes are added when they are bounded mostly by tissue (a clipped lung),
+    not mostly by the padding (room air between the body and a small circle)."""
+    xp, ndi = namespace(body)
+    pad2d = (low <= -1020.0).all(axis=0)
+    if int(host(pad2d.sum())) < 0.005 * pad2d.size:
+        return body
+    pad = xp.broadcast_to(pad2d, body.shape)
+    extra = seg.fill_holes_2d(body | pad) & ~pad & ~body
+    labels, n = seg.label(extra)
+    if n == 0:
+        return body
+    planar = xp.zeros((3, 3, 3), dtype=bool)
+    planar[1] = True
+    near_pad = extra & ndi.binary_dilation(pad, structure=planar)
+    near_tissue = extra & ndi.binary_dilation(tissue, structure=planar)
+    by_pad = host(xp.bincount(labels[near_pad], minlength=n + 1)).astype(np.float64)
+    by_tissue = host(xp.bincount(labels[near_tissue], minlength=n + 1)).astype(np.float64)
+    ok = by_pad < 0.35 * (by_pad + by_tissue + 1e-9)
+    ok[0] = False
+    return body | xp.asarray(ok)[labels]
+
+
 def _select_lungs(ranked: list[dict[str, float]], spacing_z: float) -> list[dict[str, float]]:
     if not ranked:
         return []
@@ -293,12 +318,25 @@ def _split(
             break
     if not cores:  # one lung (or no junction found): one mask, named by its side
         return lung, xp.zeros_like(lung), -1.0
-    seeds = xp.zeros(small.shape, dtype=xp.int8)
-    seeds[cores[0]] = 1
-    seeds[cores[1]] = 2
-    _, idx = ndi.distance_transform_edt(seeds == 0, sampling=g.spacing, return_indices=True)
-    nearest = seeds[idx[0], idx[1], idx[2]][1:-1, 1:-1, 1:-1] == 1
+    # geodesic growth of the two cores inside the lungs (equal speed, so they meet at the
+    # junction; never across the mediastinum or the spine as a straight-line nearest core would)
+    one, two = cores[0], cores[1]
+    cross = ndi.generate_binary_structure(3, 1)
+    for _ in range(200):
+        free = small & ~one & ~two
+        if not bool(host(free.any())):
+            break
+        grow1 = ndi.binary_dilation(one, structure=cross) & free
+        grow2 = ndi.binary_dilation(two, structure=cross) & free & ~grow1
+        if not bool(host((grow1 | grow2).any())):
+            break
+        one, two = one | grow1, two | grow2
+    nearest = one[1:-1, 1:-1, 1:-1]
     a = lung & g.expand(nearest, lung.shape)
+    # the junction is near the midline: a lung never reaches more than ~20 mm across it
+    xs = xp.arange(lung.shape[2])[None, None, :] * spacing[2]
+    mid_mm = midline_x * spacing[2]
+    a = (a & (xs < mid_mm + 20.0)) | (lung & (xs < mid_mm - 20.0))
     return a, lung & ~a, depth
 
 
@@ -340,7 +378,9 @@ def segment_lungs(
     vox_ml = sp[0] * sp[1] * sp[2] / 1000.0
     superior = _superior(direction)
     # body: the largest component, holes filled per slice (thin chest walls stay closed)
-    body = seg.fill_holes_2d(seg.largest_components(low > -500.0))
+    tissue = seg.largest_components(low > -500.0)
+    body = seg.fill_holes_2d(tissue)
+    body = _fov_clipped(body, tissue, low)
     xprof = host(body.sum(axis=(0, 1))).astype(np.float64)
     midline_x = float((xprof * np.arange(xprof.size)).sum() / max(xprof.sum(), 1.0))
     air = (low < lung_hu) & body

@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # tasks re-exports chest_ct: import it at call time, not at i
 
 VERSION = "2.0.0"
 MASS_MM = 30.0
+MIN_REPORT_MM = 4.0  # below this nothing is reported (no reporting guideline acts on it)
 CALCIFIED_FRAC = 0.3
 
 
@@ -203,7 +204,12 @@ def chest_ct(
     # seeded by a small blob and by its pleural concavity: the concavity has it whole)
     picks = []
     for grp in _groups(an.candidates, probs, geo.spacing):
-        above = [i for i in grp if probs[i] >= max(op, probs[grp[0]] - 0.2)]
+        above = [
+            i
+            for i in grp
+            if probs[i] >= max(op, probs[grp[0]] - 0.2)
+            and an.candidates[i].features["diameter_mm"] >= MIN_REPORT_MM
+        ]
         if above:
             big = max(above, key=lambda i: an.candidates[i].features["volume_ml"])
             picks.append((big, float(probs[grp[0]])))
