@@ -276,6 +276,7 @@ def _split(
     labels, n = seg.label(lung)
     ranked = _ranked(labels, n, vox_ml, top=4)
     total = sum(c["ml"] for c in ranked) or 1.0
+    apart: tuple[Any, Any, float] | None = None
     if (
         len(ranked) >= 2
         and ranked[1]["ml"] >= 0.1 * total
@@ -289,7 +290,14 @@ def _split(
             xs = xp.arange(lung.shape[2])[None, None, :]
             a = a | (rest & (xs < midline_x))
             b = b | (rest & (xs >= midline_x))
-        return a, b, 0.0
+        apart = (a, b, 0.0)
+        if ranked[1]["ml"] >= 0.3 * ranked[0]["ml"]:
+            return apart
+    # touching, or a second component much smaller than the first (air trapped by an arm or
+    # a cushion, or a small lung): try parting the largest component; if it holds both lungs,
+    # the smaller component is no lung
+    if ranked:
+        lung = labels == int(ranked[0]["label"])
     # touching: erode (distance transform on a ~4 mm grid over the lungs) until two cores
     box = bbox(lung)
     if box is None:
@@ -317,6 +325,8 @@ def _split(
             cores = [clab == int(cr[first]["label"]), clab == int(cr[1 - first]["label"])]
             break
     if not cores:  # one lung (or no junction found): one mask, named by its side
+        if apart is not None:
+            return apart
         return lung, xp.zeros_like(lung), -1.0
     # geodesic growth of the two cores inside the lungs (equal speed, so they meet at the
     # junction; never across the mediastinum or the spine as a straight-line nearest core would)
