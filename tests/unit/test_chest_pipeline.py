@@ -65,11 +65,12 @@ def test_lesions_are_found_typed_and_explained() -> None:
     assert res.masks["nodules"].any() and res.params["classifier"]
 
 
-def test_a_normal_chest_gives_at_most_one_confident_finding() -> None:
-    case = cs.chest(seed=22, size=160, thickness=2.5, z_mm=220, lesions=())
+def test_a_normal_chest_gives_at_most_two_findings() -> None:
+    """The operating target (<= 2 false findings per scan; the cartoon-tuned code reported 13
+    on a real scan), on a synthetic normal chest at a clinical pixel size (1.6 mm)."""
+    case = cs.chest(seed=22, size=224, thickness=2.5, z_mm=220, lesions=())
     res = _run(case)
-    confident = [
-        f for f in res.findings if f["type"] in ("nodule", "mass") and f["confidence"] >= 0.8
-    ]
-    assert len(confident) <= 1
+    lesions = [f for f in res.findings if f["type"] in ("nodule", "mass")]
+    assert len(lesions) <= 2
+    assert all(f["features"]["diameter_mm"] >= 4.0 for f in lesions)
     assert {f["label"] for f in res.findings if f["type"] == "lung"} == {"lung_left", "lung_right"}

@@ -85,11 +85,7 @@ def evaluate_chest(
     masses = [h for les, h in nod if les.get("kind") == "mass" or _diameter(les) >= 30.0]
     out["masses"] = len(masses)
     out["mass_hits"] = int(sum(masses))
-    big = [
-        h
-        for les, h in nod
-        if 6.0 <= _diameter(les) < 30.0 and les.get("kind") != "mass"
-    ]
+    big = [h for les, h in nod if 6.0 <= _diameter(les) < 30.0 and les.get("kind") != "mass"]
     out["nodules_6mm_plus"] = len(big)
     out["hits_6mm_plus"] = int(sum(big))
     out["calcified"] = len(calc)

@@ -27,7 +27,9 @@ if TYPE_CHECKING:  # tasks re-exports chest_ct: import it at call time, not at i
 
 VERSION = "2.0.0"
 MASS_MM = 30.0
-MIN_REPORT_MM = 4.0  # below this nothing is reported (no reporting guideline acts on it)
+MIN_REPORT_MM = (
+    4.0  # below this nothing is reported (under the 6 mm follow-up size of the guidelines)
+)
 CALCIFIED_FRAC = 0.3
 
 
@@ -113,9 +115,7 @@ def analyse(vol: Any, geo: Geometry, *, lung_hu: float = -400.0, max_seeds: int 
     return Analysis(lungs, pyr, cands)
 
 
-def measure(
-    mask: Any, geo: Geometry, kind: str, label: str, vol: Any = None
-) -> dict[str, Any]:
+def measure(mask: Any, geo: Geometry, kind: str, label: str, vol: Any = None) -> dict[str, Any]:
     """Volume, equivalent diameter, centroid and box of a mask in patient coordinates; only
     per-axis profiles and a scalar or two are downloaded (no ``find_objects``: CuPy has none)."""
     box = bbox(mask)
