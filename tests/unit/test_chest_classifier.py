@@ -41,7 +41,12 @@ def test_logistic_inference_matches_scikit_learn() -> None:
     x, y = _data()
     lr = LogisticRegression().fit(x, y)
     m = classifier.from_dict(
-        {**_common(), "kind": "logistic", "coef": lr.coef_[0].tolist(), "intercept": float(lr.intercept_[0])}
+        {
+            **_common(),
+            "kind": "logistic",
+            "coef": lr.coef_[0].tolist(),
+            "intercept": float(lr.intercept_[0]),
+        }
     )
     np.testing.assert_allclose(m.predict(_rows(x)), lr.predict_proba(x)[:, 1], atol=1e-9)
 
