@@ -66,22 +66,28 @@ def finding_segments(
         if union is not None and union in masks and f.get("centroid_mm") is not None:
             groups.setdefault(union, []).append(f)
     for union, members in groups.items():
-        labels, n = ndimage.label(
-            np.asarray(masks[union], bool), structure=np.ones((3, 3, 3), bool)
-        )
-        if n == 0:
+        full = np.asarray(masks[union], bool)
+        box = _bounding_box(full)
+        if box is None:
             continue
-        centres = np.array(
-            ndimage.center_of_mass(np.ones(labels.shape, np.int8), labels, range(1, n + 1))
-        ).reshape(n, 3)
+        # label inside the lesions' bounding box only: the volume is mostly empty
+        labels, n = ndimage.label(full[box], structure=np.ones((3, 3, 3), bool))
+        offset = np.array([sl.start for sl in box], float)
+        centres: np.ndarray | None = None  # only needed for a centroid outside its mask
         owners: dict[int, list[Mapping[str, Any]]] = {}
         for f in members:
             z, y, x = geo.to_index(f["centroid_mm"])
-            idx = tuple(
-                min(max(round(v), 0), s - 1) for v, s in zip((z, y, x), labels.shape, strict=True)
-            )
-            cid = int(labels[idx])
+            idx = tuple(round(v) - int(o) for v, o in zip((z, y, x), offset, strict=True))
+            inside = all(0 <= i < s for i, s in zip(idx, labels.shape, strict=True))
+            cid = int(labels[idx]) if inside else 0
             if cid == 0:  # a centroid outside its own (concave) mask: the nearest piece
+                if centres is None:
+                    centres = (
+                        np.array(
+                            ndimage.center_of_mass(labels > 0, labels, range(1, n + 1))
+                        ).reshape(n, 3)
+                        + offset
+                    )
                 d = (centres - np.array([z, y, x])) * np.array(geo.spacing)
                 cid = int(np.argmin((d**2).sum(axis=1))) + 1
             owners.setdefault(cid, []).append(f)
@@ -90,10 +96,12 @@ def finding_segments(
             label, text = describe(main)
             if len(fs) > 1:
                 text = "; ".join([text, *(describe(f)[1] for f in fs if f is not main)])
+            piece = np.zeros(full.shape, bool)
+            piece[box] = labels == cid
             segments.append(
                 Segment(
                     str(main["type"]),
-                    labels == cid,
+                    piece,
                     str(main["label"]),
                     label,
                     text,
@@ -101,3 +109,14 @@ def finding_segments(
                 )
             )
     return segments
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box holding every True voxel of ``mask``; None when there is none."""
+    box = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hits.size == 0:
+            return None
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
