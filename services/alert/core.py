@@ -39,6 +39,7 @@ def _acquisition(value: str | None) -> datetime | None:
     return None
 
 
+ALERT_KINDS = frozenset({"nodule", "mass", "haemorrhage", "midline_shift"})  # bounded labels
 E2E_BUCKETS = (0.5, 1, 1.5, 2, 3, 4, 5, 7.5, 10, 15, 20, 30, 60, 120, 300)
 
 
@@ -88,7 +89,7 @@ class AlertCore:
             latency = max(0.0, (now - msg.last_published_at).total_seconds())
             if self.metrics is not None:
                 # observed when handled; a transaction that aborts and is redone observes twice
-                kind = finding.type if finding.type in ("nodule", "haemorrhage") else "other"
+                kind = finding.type if finding.type in ALERT_KINDS else "other"
                 self.metrics.e2e.labels(rule.severity).observe(latency)
                 self.metrics.alerts.labels(rule.severity, kind).inc()
             out.append(
@@ -107,6 +108,9 @@ class AlertCore:
                         modality=msg.modality,
                         body_part=msg.body_part,
                         measurements=measurements,
+                        subtype=finding.subtype,
+                        confidence=finding.confidence,
+                        features=dict(finding.features),
                         centroid_mm=finding.centroid_mm,
                         seg_sop_instance_uid=msg.seg_sop_instance_uid,
                         algorithm=msg.algorithm,
