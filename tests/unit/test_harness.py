@@ -332,7 +332,10 @@ def test_ingest_inactivity_timeout_through_the_harness(tmp_path: Path) -> None:
 
 def _finding(kind: str, **measures: float) -> Finding:
     return Finding(
-        type=kind, label=f"{kind}-{len(measures)}-{sorted(measures.items())}", **measures
+        type=kind,
+        label=f"{kind}-{len(measures)}-{sorted(measures.items())}",
+        confidence=0.9,  # above the default rules' operating point
+        **measures,
     )  # type: ignore[arg-type]
 
 
@@ -359,10 +362,10 @@ def test_alert_rules_through_the_alert_services_build(settings: Settings) -> Non
     harness = StageHarness(build(settings, keyring, CollectorRegistry()), settings, keyring)
     findings = [
         _finding("haemorrhage", volume_ml=1.2),  # critical: pager + worklist
-        _finding("haemorrhage", volume_ml=0.2),  # below every threshold
+        _finding("haemorrhage", volume_ml=0.2),  # below the paging size: worklist, low
         _finding("nodule", diameter_mm=9.0),  # large-nodule, high
         _finding("nodule", diameter_mm=7.0),  # nodule, medium
-        _finding("nodule", diameter_mm=4.0),  # none
+        _finding("nodule", diameter_mm=4.0),  # worklist, low
         _finding("lung", volume_ml=2500.0),  # not alertable
     ]
     result = harness.send(_segmentation(findings), key="1.2.3.4")
@@ -371,8 +374,10 @@ def test_alert_rules_through_the_alert_services_build(settings: Settings) -> Non
     got = [(a.rule, a.severity, a.routes, a.finding_label) for a in alerts]  # type: ignore[attr-defined]
     assert got == [
         ("acute-haemorrhage", "critical", ["pager", "worklist"], findings[0].label),
+        ("haemorrhage-review", "low", ["worklist"], findings[1].label),
         ("large-nodule", "high", ["worklist"], findings[2].label),
         ("nodule", "medium", ["worklist"], findings[3].label),
+        ("nodule-review", "low", ["worklist"], findings[4].label),
     ]
     assert {p.key for p in result.produced} == {keyring.keyed_hash("1.2.3.4")}
     # the same revision again (a replay of findings): the same ids, never published twice
@@ -383,7 +388,7 @@ def test_alert_rules_through_the_alert_services_build(settings: Settings) -> Non
     # a new revision of the series: new ids, alerts again
     revised = _segmentation(findings).model_copy(update={"revision": 2})
     new = harness.send(revised, key="1.2.3.4").outputs["alerts"]
-    assert len(new) == 3
+    assert len(new) == 5
     assert not {a.alert_id for a in new} & {a.alert_id for a in alerts}  # type: ignore[attr-defined]
     # rules are per modality: an MR series raises nothing
     assert harness.send(_segmentation(findings, "MR"), key="1.2.3.4").outputs == {}

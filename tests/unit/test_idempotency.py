@@ -332,8 +332,8 @@ def _findings(revision: int = 1) -> SegmentationDone:
         modality="CT",
         task="chest_ct",
         findings=[
-            Finding(type="haemorrhage", label="bleed-1", volume_ml=1.5),
-            Finding(type="nodule", label="nodule-1", diameter_mm=9.0),
+            Finding(type="haemorrhage", label="bleed-1", volume_ml=1.5, confidence=0.9),
+            Finding(type="nodule", label="nodule-1", diameter_mm=9.0, confidence=0.9),
         ],
         algorithm="test",
         algorithm_version="1",
