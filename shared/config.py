@@ -46,7 +46,23 @@ class IngestSettings(BaseModel):
         "this long after it was last seen: re-sends within it are recognised as duplicates",
     )
     max_instance_bytes: int = Field(64 * 1024 * 1024, description="largest instance accepted")
+    max_inflated_bytes: int = Field(
+        64 * 1024 * 1024, description="largest Deflated dataset once inflated (streamed, capped)"
+    )
+    max_elements: int = Field(200_000, description="most data elements in one instance")
+    max_items: int = Field(100_000, description="most sequence items + pixel fragments")
     max_sequence_depth: int = Field(12, description="deepest sequence nesting accepted")
+    max_frame_pixels: int = Field(
+        32 * 1024 * 1024, description="largest frame (Rows x Columns) accepted"
+    )
+    max_series_instances: int = Field(
+        10_000,
+        description="most instances in one series: past it the series is refused "
+        "(series_too_large), so its state stays far below the broker's message cap",
+    )
+    max_series_bytes: int = Field(
+        8 * 1024**3, description="most instance bytes in one series (series_too_large past it)"
+    )
 
 
 class GatewaySettings(BaseModel):
@@ -78,7 +94,13 @@ class PreprocessSettings(BaseModel):
     gpu_memory_limit_bytes: int = Field(8 * 1024**3, description="CuPy memory pool cap")
     threads: int = Field(2, description="CPU threads for decoding and slab-wise filtering")
     warmup_shapes: str = Field("512x512", description="in-plane shapes to warm GPU kernels for")
-    max_voxels: int = Field(600 * 512 * 512, description="largest volume accepted")
+    max_voxels: int = Field(
+        600 * 512 * 512,
+        description="largest volume accepted, judged from the headers before any decode",
+    )
+    max_frame_pixels: int = Field(
+        32 * 1024 * 1024, description="largest frame (Rows x Columns) decoded"
+    )
     compression_level: int = Field(1, description="zstd level of the stored volume")
 
 

@@ -58,9 +58,14 @@ class IngestCore:
 
     @property
     def limits(self) -> Limits:
+        s = self.settings
         return Limits(
-            max_bytes=self.settings.max_instance_bytes,
-            max_sequence_depth=self.settings.max_sequence_depth,
+            max_bytes=s.max_instance_bytes,
+            max_inflated_bytes=s.max_inflated_bytes,
+            max_elements=s.max_elements,
+            max_items=s.max_items,
+            max_sequence_depth=s.max_sequence_depth,
+            max_frame_pixels=s.max_frame_pixels,
         )
 
     # ---- handler ------------------------------------------------------------------------
@@ -80,10 +85,14 @@ class IngestCore:
         if st is None:
             st = SeriesState.new(now)
             st.take_geometry(info)
+        if st.refused:
+            raise PoisonError("series_too_large", "the series was refused: past its caps")
         if info.study_instance_uid != st.study_instance_uid:
             raise PoisonError("series_conflict", "instance names another study than its series")
         content = content_digest(msg.data)
         known = st.instances.get(info.sop_instance_uid)
+        if known is None:
+            self._within_caps(state, key, st, len(msg.data), now)
         if known is not None and _same(known, content, msg.data):
             if st.revision == 0:
                 return None  # a duplicate within the assembly: idempotent, nothing to keep
@@ -119,6 +128,8 @@ class IngestCore:
         key = self._checked_key(ctx, msg.series_instance_uid)
         state = _state(ctx)
         st = _get(state, key) or SeriesState.new(now, msg.series_instance_uid)
+        if st.refused:
+            return None  # nothing of it is published
         st.published(msg.sent_at)
         out: HandlerResult = None
         if st.revision == 0:
@@ -150,7 +161,12 @@ class IngestCore:
                 continue
             idle = now - st.last_update
             changed = True
-            if st.revision == 0 and idle >= s.inactivity_timeout_s:
+            if st.refused:
+                if idle >= s.retention_s:
+                    self._delete(state, key)
+                    continue
+                changed = False
+            elif st.revision == 0 and idle >= s.inactivity_timeout_s:
                 if not st.instances:  # a marker that never saw an instance
                     self._delete(state, key)
                     continue
@@ -174,6 +190,29 @@ class IngestCore:
         return out
 
     # ---- helpers ------------------------------------------------------------------------
+    def _within_caps(
+        self, state: PartitionState, key: bytes, st: SeriesState, size: int, now: float
+    ) -> None:
+        """Refuse an instance that takes its series past ``max_series_instances`` or
+        ``max_series_bytes``. A series in assembly is refused as a whole (marked, its instance
+        list dropped: the state stays small, nothing is ever published, later instances are
+        refused at once); a published one refuses just this late instance."""
+        s = self.settings
+        count = len(st.instances) + 1
+        total = sum(v.size for v in st.instances.values()) + size
+        if count <= s.max_series_instances and total <= s.max_series_bytes:
+            return
+        why = f"the series passes its cap ({s.max_series_instances} instances, " + (
+            f"{s.max_series_bytes} bytes)"
+        )
+        if st.revision > 0:
+            raise PoisonError("series_too_large", why + ": a late instance refused")
+        st.refused, st.instances, st.expected_count = True, {}, None
+        st.last_update = now
+        self._put(state, key, st)
+        log.warning("ingest: a series passed its caps and is refused")
+        raise PoisonError("series_too_large", why + ": the series is refused", keep_state=True)
+
     def _settle(self, key: bytes, st: SeriesState) -> list[Emit]:
         """A re-send of a published series is over: a new revision, or a duplicate."""
         if st.compacted:
@@ -205,6 +244,8 @@ class IngestCore:
 
     def _due(self, st: SeriesState) -> tuple[float, str]:
         s = self.settings
+        if st.refused:
+            return st.last_update + s.retention_s, ""
         if st.revision == 0:
             return st.last_update + s.inactivity_timeout_s, ASSEMBLING
         if st.resend > 0 or st.dirty:

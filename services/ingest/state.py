@@ -8,7 +8,8 @@ a record:
   as a positional list ``[digest, size, key id, instance number, position]``; upgraded on read;
 * 2: the typed model without re-send tracking; upgraded on read (no content digests: such a
   series is compared by blob digest, see :class:`Fingerprint`);
-* 3: this model.
+* 3: without ``refused``; upgraded on read;
+* 4: this model.
 
 The life of a series' state (the timers are ingest's settings):
 
@@ -24,6 +25,10 @@ The life of a series' state (the timers are ingest's settings):
    collected (``instances`` then holds just the re-send) and, once complete (its marker, or
    ``late_quiet_s`` of quiet), compared with the fingerprint as a whole: the same set is a
    duplicate, anything else is revision n+1 of what was re-sent.
+
+A series that passes ingest's instance or byte cap is *refused*: its instances are dropped from
+the state, it is never published, and every instance of it is dead-lettered
+(``series_too_large``) until the state is deleted ``retention_s`` after the refusal.
 
 A record of another version (written by a newer ingest, then rolled back) is refused (a
 :class:`~shared.runtime.errors.PoisonError` with reason ``schema``) rather than guessed at.
@@ -42,7 +47,7 @@ from shared.dicom.safe import InstanceInfo
 from shared.runtime.errors import PoisonError
 from shared.schemas import Reason
 
-VERSION = 3
+VERSION = 4
 
 
 def unreadable(message: str) -> PoisonError:
@@ -111,7 +116,7 @@ class SeriesState(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    schema_version: Literal[3] = Field(3, description="layout of this record (VERSION)")
+    schema_version: Literal[4] = Field(4, description="layout of this record (VERSION)")
     study_instance_uid: str | None = Field(None, description="None until an instance came")
     series_instance_uid: str | None = None
     modality: str | None = None
@@ -136,6 +141,9 @@ class SeriesState(BaseModel):
     compacted: bool = Field(False, description="only the fingerprint of the last revision is kept")
     fingerprint: Fingerprint | None = Field(
         None, description="of the last revision, once compacted"
+    )
+    refused: bool = Field(
+        False, description="past the series caps: never published, its instances refused"
     )
     first_received: float = Field(description="epoch s of the first message")
     last_update: float = Field(description="epoch s of the last change (timers)")
@@ -180,7 +188,7 @@ def load(doc: Any) -> SeriesState:
     try:
         if version == VERSION:
             return SeriesState.model_validate(doc)
-        if version == 2:
+        if version in (2, 3):
             return SeriesState.model_validate({**doc, "schema_version": VERSION})
         if version == 1:
             return _from_v1(doc)

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
@@ -193,14 +194,25 @@ class PreprocessCore:
     def handle(self, msg: SeriesReady, ctx: Context) -> VolumePrepared:
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
+        declared = msg.rows * msg.columns * len(msg.instances)
+        if declared > self.settings.max_voxels:  # before a byte is fetched or decoded
+            raise ImagingError(
+                "volume_too_large", f"{declared} voxels declared exceed the configured cap"
+            )
         try:
             blobs = [self.store.get(ref.blob) for ref in msg.instances]
         except BlobError as exc:
             raise PoisonError(
                 exc.reason, "a referenced instance is missing or corrupt in the blob store"
             ) from None
+        one = partial(
+            decode,
+            max_voxels=self.settings.max_voxels,
+            max_frame_pixels=self.settings.max_frame_pixels,
+            shape=(msg.rows, msg.columns) if msg.rows > 0 and msg.columns > 0 else None,
+        )
         with ThreadPoolExecutor(max(1, self.settings.threads)) as pool:
-            slices: list[Slice] = list(pool.map(decode, blobs))
+            slices: list[Slice] = list(pool.map(one, blobs))
         del blobs
         timings["decode"] = time.perf_counter() - t0
 

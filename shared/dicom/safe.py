@@ -1,33 +1,44 @@
 """Judge an untrusted DICOM instance before anything trusts it.
 
-Headers are parsed first (pixel data deferred, never decoded here); sizes, nesting, required
-attributes, UIDs and the transfer syntax are checked; the declared pixel data length is
-checked against what the image geometry implies and against the bytes actually present.
+The encoding is checked first without pydicom (:mod:`shared.dicom.bounded`: a Deflated
+dataset inflated as a stream with an output cap; element and item counts, sequence nesting and
+every length checked by a walk that builds nothing), then the header is parsed (pixel data
+deferred, never decoded here); required attributes, UIDs and the transfer syntax are checked;
+the declared pixel data length is checked against what the image geometry implies and against
+the bytes actually present, and a compressed frame's codestream header against Rows and
+Columns (:mod:`shared.dicom.codestream`), so that the decoded size is known before any decode.
 Every rejection is an :class:`InvalidInstance` with a documented reason code (the dead-letter
 reason) and a message that never quotes a value from the file (values may be PHI).
 
 Reason codes: ``empty``, ``too_large``, ``not_dicom``, ``malformed``, ``sequence_too_deep``,
-``missing_attribute``, ``invalid_uid``, ``unsupported_transfer_syntax``, ``truncated``,
-``pixel_size_mismatch``, ``pixel_size_implausible``.
+``inflated_too_large``, ``too_many_elements``, ``too_many_items``, ``missing_attribute``,
+``invalid_uid``, ``unsupported_transfer_syntax``, ``truncated``, ``pixel_size_mismatch``,
+``pixel_size_implausible``, ``codestream_mismatch``.
 """
 
 from __future__ import annotations
 
-import io
 import re
 from dataclasses import dataclass
 from typing import Any
 
 import pydicom
-from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.sequence import Sequence
+
+from shared.dicom import bounded
+from shared.dicom.bounded import Bounds, InvalidInstance
+
+__all__ = [
+    "InstanceInfo",
+    "InvalidInstance",
+    "Limits",
+    "image_geometry",
+    "inspect_instance",
+    "series_uid_or_none",
+]
+from shared.dicom.codestream import check_frames
 
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-PIXEL_DATA = 0x7FE00010
-UNDEFINED_LENGTH = 0xFFFFFFFF
 
 SUPPORTED_TRANSFER_SYNTAXES = frozenset(
     {
@@ -62,18 +73,12 @@ REQUIRED_IMAGE = (
 )
 
 
-class InvalidInstance(Exception):
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
-
-
 @dataclass(frozen=True)
-class Limits:
-    max_bytes: int = 64 * 1024 * 1024
+class Limits(Bounds):
+    """:class:`~shared.dicom.bounded.Bounds` and the largest decoded pixel size accepted."""
+
     max_pixel_bytes: int = 1024 * 1024 * 1024  # decoded size; guards decompression bombs
-    max_sequence_depth: int = 12
+    max_frame_pixels: int = 32 * 1024 * 1024  # Rows x Columns of one frame
 
 
 @dataclass(frozen=True)
@@ -97,50 +102,6 @@ class InstanceInfo:
     slice_thickness: float | None
     acquisition: str | None  # DICOM DA+TM of acquisition (or content / series) if given
     body_part: str | None
-
-
-def _depth(ds: Dataset, limit: int) -> int:
-    """Deepest sequence nesting, iteratively (never recursion on untrusted structure).
-
-    Only elements that can hold a sequence are converted: text elements are left raw, so
-    pydicom never decodes (and never warns about) values this check does not need.
-    """
-    deepest = 0
-    stack: list[tuple[Dataset, int]] = [(ds, 0)]
-    while stack:
-        current, depth = stack.pop()
-        deepest = max(deepest, depth)
-        if deepest > limit:
-            return deepest
-        for tag in list(current.keys()):
-            raw = current.get_item(tag, keep_deferred=True)
-            if raw is None or tag == PIXEL_DATA or not _may_be_sequence(raw):
-                continue
-            elem = current[tag]  # converts this element only; pixel data stays deferred
-            if elem.VR == "SQ" and isinstance(elem.value, Sequence):
-                stack.extend((item, depth + 1) for item in elem.value)
-    return deepest
-
-
-ITEM_TAGS = (b"\xfe\xff\x00\xe0", b"\xff\xfe\xe0\x00")  # (FFFE,E000), little / big endian
-
-
-def _may_be_sequence(elem: Any) -> bool:
-    """Could converting ``elem`` yield a sequence? Explicit SQ, or an implicit / UN element
-    whose bytes open with an item tag (deferred ones: when the dictionary says SQ or does not
-    know the tag)."""
-    if isinstance(elem, DataElement):
-        return isinstance(elem.value, Sequence)
-    if elem.VR == "SQ":
-        return True
-    if elem.VR not in (None, "UN"):
-        return False
-    if elem.value is None:  # deferred: its bytes are not at hand
-        try:
-            return bool(dictionary_VR(elem.tag) == "SQ")
-        except KeyError:
-            return True
-    return bytes(elem.value[:4]) in ITEM_TAGS
 
 
 def _get(ds: Dataset, name: str) -> Any:
@@ -180,6 +141,40 @@ def _floats(ds: Dataset, name: str, n: int) -> tuple[float, ...] | None:
     return tuple(seq)
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """The image size a header declares (what a decoder of its pixel data will produce)."""
+
+    rows: int
+    columns: int
+    frames: int
+    samples: int
+    bits_allocated: int
+    native_bytes: int  # the decoded pixel data's size
+
+
+def image_geometry(ds: Dataset) -> Geometry:
+    """The declared geometry of an image, checked for presence and sanity."""
+    for name in REQUIRED_IMAGE:
+        if _get(ds, name) in (None, ""):
+            raise InvalidInstance(
+                "missing_attribute", f"required image attribute {name} is missing"
+            )
+    rows = _int(ds, "Rows") or 0
+    columns = _int(ds, "Columns") or 0
+    frames = _int(ds, "NumberOfFrames", 1) or 1
+    spp = _int(ds, "SamplesPerPixel", 1) or 1
+    bits = _int(ds, "BitsAllocated") or 0
+    if rows <= 0 or columns <= 0 or frames <= 0 or bits not in (1, 8, 16, 32, 64):
+        raise InvalidInstance("malformed", "image geometry is invalid")
+    if spp not in (1, 3, 4):
+        raise InvalidInstance("malformed", "image geometry is invalid")
+    expected = (rows * columns * frames * spp * bits + 7) // 8
+    if str(_get(ds, "PhotometricInterpretation") or "").strip() == "YBR_FULL_422":
+        expected = expected * 2 // 3  # chroma subsampled 4:2:2 in native encoding
+    return Geometry(rows, columns, frames, spp, bits, expected)
+
+
 def inspect_instance(data: bytes, limits: Limits = Limits()) -> InstanceInfo:
     """Validate ``data`` as a DICOM Part 10 instance; raise :class:`InvalidInstance` if not."""
     return _inspect(data, limits)
@@ -192,42 +187,15 @@ def _inspect(data: bytes, limits: Limits) -> InstanceInfo:
         raise InvalidInstance(
             "too_large", f"{len(data)} bytes exceed the {limits.max_bytes} byte cap"
         )
-    if len(data) < 132 or data[128:132] != b"DICM":
-        raise InvalidInstance("not_dicom", "no DICOM Part 10 preamble (DICM at offset 128)")
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), defer_size=256)
-    except RecursionError:
-        raise InvalidInstance("sequence_too_deep", "sequences nested too deep to parse") from None
-    except (InvalidDicomError, EOFError) as exc:
-        raise InvalidInstance(
-            "malformed", f"cannot parse the header ({type(exc).__name__})"
-        ) from None
-    except Exception as exc:  # noqa: BLE001 - any parser failure on untrusted bytes is a rejection
-        raise InvalidInstance(
-            "malformed", f"cannot parse the header ({type(exc).__name__})"
-        ) from None
-
-    try:
-        depth = _depth(ds, limits.max_sequence_depth)
-    except RecursionError:
-        raise InvalidInstance("sequence_too_deep", "sequences nested too deep") from None
-    except Exception as exc:  # noqa: BLE001
-        raise InvalidInstance(
-            "malformed", f"cannot walk the dataset ({type(exc).__name__})"
-        ) from None
-    if depth > limits.max_sequence_depth:
-        raise InvalidInstance(
-            "sequence_too_deep", f"sequence nesting exceeds {limits.max_sequence_depth}"
-        )
-
-    meta = ds.file_meta
-    tsuid = str(meta.get("TransferSyntaxUID", "") or "")
+    _, tsuid = bounded.read_meta(data)
     if not tsuid:
         raise InvalidInstance("missing_attribute", "file meta lacks TransferSyntaxUID")
     if tsuid not in SUPPORTED_TRANSFER_SYNTAXES:
         raise InvalidInstance(
             "unsupported_transfer_syntax", f"transfer syntax {tsuid} is not supported"
         )
+    lay = bounded.layout(data, limits)
+    ds, _ = bounded.read(data, limits, checked=lay)
 
     values: dict[str, str] = {}
     for name in REQUIRED:
@@ -243,48 +211,35 @@ def _inspect(data: bytes, limits: Limits) -> InstanceInfo:
     if len(modality) > 16 or not re.match(r"^[A-Z0-9_ ]+$", modality):
         raise InvalidInstance("malformed", "Modality is not a valid code string")
 
-    pixel = ds.get_item(PIXEL_DATA, keep_deferred=True) if PIXEL_DATA in ds else None
+    pixel = lay.scan.pixel
     is_image = pixel is not None
     rows = columns = frames = 0
-    if is_image:
-        for name in REQUIRED_IMAGE:
-            if _get(ds, name) in (None, ""):
-                raise InvalidInstance(
-                    "missing_attribute", f"required image attribute {name} is missing"
-                )
-        rows = _int(ds, "Rows") or 0
-        columns = _int(ds, "Columns") or 0
-        frames = _int(ds, "NumberOfFrames", 1) or 1
-        spp = _int(ds, "SamplesPerPixel", 1) or 1
-        bits = _int(ds, "BitsAllocated") or 0
-        if (
-            rows <= 0
-            or columns <= 0
-            or frames <= 0
-            or bits not in (1, 8, 16, 32, 64)
-            or spp not in (1, 3, 4)
-        ):
-            raise InvalidInstance("malformed", "image geometry is invalid")
-        expected = (rows * columns * frames * spp * bits + 7) // 8
-        if str(_get(ds, "PhotometricInterpretation") or "").strip() == "YBR_FULL_422":
-            expected = expected * 2 // 3  # chroma subsampled 4:2:2 in native encoding
-        if expected > limits.max_pixel_bytes:
+    if pixel is not None:
+        geometry = image_geometry(ds)
+        rows, columns, frames = geometry.rows, geometry.columns, geometry.frames
+        expected = geometry.native_bytes
+        if expected > limits.max_pixel_bytes or rows * columns > limits.max_frame_pixels:
             raise InvalidInstance(
                 "pixel_size_implausible", f"declared geometry implies {expected} bytes of pixels"
             )
-        assert pixel is not None
-        length, tell = _length_and_offset(pixel)
-        if length != UNDEFINED_LENGTH:
-            deflated = tsuid == "1.2.840.10008.1.2.1.99"  # offsets are in the inflated stream
-            if tell is not None and not deflated and tell + length > len(data):
-                raise InvalidInstance("truncated", "pixel data is shorter than its declared length")
-            if tsuid in NATIVE and length < expected:
+        if pixel.length is not None:
+            if tsuid in NATIVE and pixel.length < expected:
                 raise InvalidInstance(
                     "pixel_size_mismatch",
-                    f"pixel data holds {length} bytes, geometry implies {expected}",
+                    f"pixel data holds {pixel.length} bytes, geometry implies {expected}",
                 )
         elif tsuid in NATIVE:
             raise InvalidInstance("malformed", "native pixel data with undefined length")
+        else:
+            check_frames(
+                lay.body,
+                pixel,
+                tsuid,
+                rows=rows,
+                columns=columns,
+                samples=geometry.samples,
+                bits_allocated=geometry.bits_allocated,
+            )
 
     acq = None
     for date_name, time_name in (
@@ -326,22 +281,7 @@ def _inspect(data: bytes, limits: Limits) -> InstanceInfo:
     )
 
 
-def _length_and_offset(elem: Any) -> tuple[int, int | None]:
-    if isinstance(elem, RawDataElement):
-        return int(elem.length), int(elem.value_tell)
-    value = elem.value
-    if value is None:
-        return 0, None
-    return len(value), None
-
-
 def series_uid_or_none(data: bytes) -> str | None:
-    """Best-effort SeriesInstanceUID of a file (for keying by a publisher); None if unreadable."""
-    try:
-        ds = pydicom.dcmread(
-            io.BytesIO(data), stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]
-        )
-        uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
-    except Exception:  # noqa: BLE001 - the publisher sends unreadable files anyway
-        return None
-    return uid if uid and UID_RE.match(uid) and len(uid) <= 64 else None
+    """SeriesInstanceUID of a file (for keying by a publisher) read from a bounded prefix
+    without pydicom; None if not found there or unreadable (the publisher sends it anyway)."""
+    return bounded.series_uid(data)

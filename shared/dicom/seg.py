@@ -20,10 +20,13 @@ from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
+
+from shared.dicom import bounded
+from shared.dicom.bounded import DEFAULT_BOUNDS, Bounds, InvalidInstance
+from shared.runtime.errors import PoisonError
 
 # segment kind → (category, type, default label)
 SEGMENT_CODES = {
@@ -82,8 +85,16 @@ def track_uid(series_instance_uid: str, revision: int, algorithm: Algorithm, key
     return seg_uid(series_instance_uid, revision, algorithm, f"track-{key}")
 
 
-def source_headers(instances: Sequence[bytes]) -> list[Dataset]:
-    return [pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True) for data in instances]
+def source_headers(instances: Sequence[bytes], bounds: Bounds = DEFAULT_BOUNDS) -> list[Dataset]:
+    """The source instances' headers, each read within ``bounds`` (a bomb that reached the
+    blob store before ingest's caps is refused with its reason, not parsed)."""
+    out: list[Dataset] = []
+    for data in instances:
+        try:
+            out.append(bounded.read(data, bounds, stop_before_pixels=True)[0])
+        except InvalidInstance as exc:
+            raise PoisonError(exc.reason, f"a source instance is refused: {exc.message}") from None
+    return out
 
 
 def frames(segment: Segment) -> int:

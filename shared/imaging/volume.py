@@ -9,18 +9,22 @@ interpolated across). A single multi-frame instance becomes a volume of its fram
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
-import pydicom
 
 import shared.dicom  # noqa: F401 - configures pydicom once for the process
+from shared.dicom import bounded
+from shared.dicom.bounded import DEFAULT_BOUNDS, Bounds, InvalidInstance
+from shared.dicom.codestream import check_frames
+from shared.dicom.safe import image_geometry
 from shared.imaging.errors import ImagingError
+from shared.runtime.errors import PoisonError
 
 ORIENTATION_TOL = 1e-3
 DUPLICATE_TOL_MM = 1e-3
 GAP_RATIO = 1.5
+MAX_FRAME_PIXELS = 32 * 1024 * 1024  # one frame: well above a 4k x 5k mammogram
 
 
 @dataclass
@@ -48,15 +52,52 @@ class Volume:
     modality: str
 
 
-def decode(data: bytes) -> Slice:
-    """Decode one instance's pixels (every grayscale transfer syntax pydicom's plugins read)."""
+def decode(
+    data: bytes,
+    *,
+    bounds: Bounds = DEFAULT_BOUNDS,
+    max_voxels: int | None = None,
+    max_frame_pixels: int = MAX_FRAME_PIXELS,
+    shape: tuple[int, int] | None = None,
+) -> Slice:
+    """Decode one instance's pixels (every grayscale transfer syntax pydicom's plugins read).
+
+    Nothing is decoded before the decoded size is known and allowed: the encoding is read
+    within ``bounds`` (:mod:`shared.dicom.bounded`), the declared frame (Rows x Columns) must
+    be at most ``max_frame_pixels`` (``pixel_size_implausible``) and ``shape`` when given (the
+    series', ``mixed_geometry``), its frames at most ``max_voxels`` (``volume_too_large``),
+    and every compressed frame's codestream header must say the same size
+    (``codestream_mismatch``)."""
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
-        if "PixelData" not in ds:
+        ds, lay = bounded.read(data, bounds)
+        pixel = lay.scan.pixel
+        if pixel is None:
             raise ImagingError("not_an_image", "instance has no pixel data")
+        geometry = image_geometry(ds)
+        if geometry.rows * geometry.columns > max_frame_pixels:
+            raise PoisonError(
+                "pixel_size_implausible",
+                f"a {geometry.rows}x{geometry.columns} frame exceeds {max_frame_pixels} pixels",
+            )
+        if shape is not None and (geometry.rows, geometry.columns) != shape:
+            raise ImagingError("mixed_geometry", "an instance's size differs from its series'")
+        voxels = geometry.rows * geometry.columns * geometry.frames
+        if max_voxels is not None and voxels > max_voxels:
+            raise ImagingError("volume_too_large", f"{voxels} voxels exceed the configured cap")
+        if pixel.length is None:
+            check_frames(
+                lay.body,
+                pixel,
+                lay.transfer_syntax,
+                rows=geometry.rows,
+                columns=geometry.columns,
+                samples=geometry.samples,
+                bits_allocated=geometry.bits_allocated,
+            )
+    except InvalidInstance as exc:
+        raise PoisonError(exc.reason, exc.message) from None
+    try:
         arr = ds.pixel_array
-    except ImagingError:
-        raise
     except Exception as exc:  # noqa: BLE001 - every decoder failure is this input's fault
         raise ImagingError(
             "undecodable", f"pixel data cannot be decoded ({type(exc).__name__})"

@@ -217,7 +217,8 @@ class Dispatcher(Generic[In]):
                 if self._wait(delay):
                     raise Interrupted() from None
             except PoisonError as exc:
-                state.rollback(savepoint)
+                if not exc.keep_state:
+                    state.rollback(savepoint)
                 return self._rejected(rec, exc.reason, exc.message, attempt)
             except Exception as exc:  # noqa: BLE001 - a handler bug must not kill the stage
                 state.rollback(savepoint)

@@ -21,9 +21,14 @@ class PoisonError(StageError):
     string raises ``ValueError`` here (the runtime then dead-letters the input as
     ``handler_error``), so a label or a dead letter never carries free text.
     ``message`` must not contain PHI: it is written to the dead-letter topic and logs.
+
+    The handler's state writes for the record are rolled back, unless ``keep_state``: a
+    handler that refuses a record *and* records the refusal (ingest marking a series too large
+    so that its later instances are refused too) keeps what it wrote.
     """
 
-    def __init__(self, reason: Reason | str, message: str) -> None:
+    def __init__(self, reason: Reason | str, message: str, *, keep_state: bool = False) -> None:
         self.reason = Reason(reason)
         self.message = message
+        self.keep_state = keep_state
         super().__init__(f"{self.reason}: {message}")

@@ -29,14 +29,19 @@ class Reason(StrEnum):
     NOT_DICOM = "not_dicom"
     MALFORMED = "malformed"
     SEQUENCE_TOO_DEEP = "sequence_too_deep"
+    INFLATED_TOO_LARGE = "inflated_too_large"
+    TOO_MANY_ELEMENTS = "too_many_elements"
+    TOO_MANY_ITEMS = "too_many_items"
     UNSUPPORTED_TRANSFER_SYNTAX = "unsupported_transfer_syntax"
     MISSING_ATTRIBUTE = "missing_attribute"
     INVALID_UID = "invalid_uid"
     TRUNCATED = "truncated"
     PIXEL_SIZE_MISMATCH = "pixel_size_mismatch"
     PIXEL_SIZE_IMPLAUSIBLE = "pixel_size_implausible"
+    CODESTREAM_MISMATCH = "codestream_mismatch"
     KEY_MISMATCH = "key_mismatch"
     SERIES_CONFLICT = "series_conflict"
+    SERIES_TOO_LARGE = "series_too_large"
     # blob store (claim checks)
     BLOB_MISSING = "blob_missing"
     BLOB_INTEGRITY = "blob_integrity"
@@ -66,14 +71,21 @@ DESCRIPTIONS: dict[Reason, str] = {
     Reason.NOT_DICOM: "no DICOM Part 10 preamble",
     Reason.MALFORMED: "the DICOM header or a value cannot be parsed",
     Reason.SEQUENCE_TOO_DEEP: "sequences nested deeper than the configured limit",
+    Reason.INFLATED_TOO_LARGE: "a Deflated dataset inflates past the configured cap (a bomb)",
+    Reason.TOO_MANY_ELEMENTS: "more data elements than the configured cap (a parser bomb)",
+    Reason.TOO_MANY_ITEMS: "more sequence items or pixel fragments than the configured cap",
     Reason.UNSUPPORTED_TRANSFER_SYNTAX: "a transfer syntax the decoders do not support",
     Reason.MISSING_ATTRIBUTE: "a required attribute is missing",
     Reason.INVALID_UID: "a UID is not a valid DICOM UID",
     Reason.TRUNCATED: "pixel data shorter than its declared length",
     Reason.PIXEL_SIZE_MISMATCH: "pixel data length differs from what the geometry implies",
     Reason.PIXEL_SIZE_IMPLAUSIBLE: "the declared geometry implies an implausible pixel size",
+    Reason.CODESTREAM_MISMATCH: "a compressed frame's own header disagrees with Rows/Columns/"
+    "samples/bits (it would decode to another size)",
     Reason.KEY_MISMATCH: "the Kafka key is not the keyed hash of the record's series",
     Reason.SERIES_CONFLICT: "an instance names another study than its series",
+    Reason.SERIES_TOO_LARGE: "the series passes the configured instance or byte cap (its "
+    "instances are refused and nothing is published)",
     Reason.BLOB_MISSING: "a referenced blob is not in the blob store",
     Reason.BLOB_INTEGRITY: "a referenced blob fails authentication or its digest",
     Reason.NOT_AN_IMAGE: "an instance of the series has no pixel data",

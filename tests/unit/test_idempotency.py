@@ -248,7 +248,7 @@ def test_a_version_2_state_is_upgraded_and_compares_by_blob_digest(
     state.restore(ingest.key, json.dumps(v2).encode())
     assert ingest.send(ingest.datas, marker=n) == []
     assert len(ingest.duplicates_audited()) == 1
-    assert ingest.state()["schema_version"] == 3
+    assert ingest.state()["schema_version"] == 4
     ingest.harness.advance(RETENTION_S + 2)
     assert ingest.state()["fingerprint"]["basis"] == "blob"  # type: ignore[index]
     assert ingest.send(ingest.datas, marker=n) == []

@@ -178,11 +178,11 @@ def test_state_is_a_versioned_model_in_the_changelog_and_v1_records_are_upgraded
     ph = phantom.chest_ct(tmp_path / "v", seed=5, size=16, slices=3, nodules_mm=())
     files = [f.read_bytes() for f in ph.files]
     key = ring.keyed_hash(ph.series_instance_uid)
-    # what this ingest writes: schema_version 3, read back as the same model
+    # what this ingest writes: schema_version 4, read back as the same model
     state = PartitionState()
     ingest.on_instance(InstanceData(source="t", data=files[0]), ctx(ring, state, key), 1.0)
     ((_, raw),) = state.pending()
-    assert raw is not None and b'"schema_version":3' in raw
+    assert raw is not None and b'"schema_version":4' in raw
     st = load(state.get(key))
     assert isinstance(st, SeriesState) and len(st.instances) == 1 and st.revision == 0
     assert load(st.dump()) == st
@@ -202,7 +202,7 @@ def test_state_is_a_versioned_model_in_the_changelog_and_v1_records_are_upgraded
     assert [r.instance_number for r in ready.instances] == [1, 2, 3]
     assert ready.series_instance_uid == ph.series_instance_uid
     assert ready.first_received_at.timestamp() == 10.0
-    assert load(old.get(key)).schema_version == 3  # rewritten at the current version
+    assert load(old.get(key)).schema_version == 4  # rewritten at the current version
 
 
 def test_unreadable_state_dead_letters_its_series_but_never_stops_the_timer(
