@@ -245,18 +245,25 @@ def publish(
             ) as progress:
                 task = progress.add_task("publish", total=len(files))
                 groups: dict[str | None, list[Path]] = {}
+                cap = kafka.max_message_bytes
                 for f in files:
-                    uid = pub.key_for(
-                        f.read_bytes()[: 1 << 20]
-                        if f.stat().st_size > (64 << 20)
-                        else f.read_bytes()
-                    )[0]
+                    if f.stat().st_size > cap:  # never read: it could not be sent anyway
+                        failed += 1
+                        err.print(f"[red]too large to publish ({cap} byte cap): {f.name}")
+                        progress.advance(task)
+                        continue
+                    with f.open("rb") as fh:  # the key from a bounded prefix
+                        uid = pub.key_for(fh.read(4 << 20))[0]
                     groups.setdefault(uid, []).append(f)
                 for uid, group in groups.items():
                     sent = 0
                     for f in group:
                         try:
-                            await pub.publish(f.read_bytes())
+                            with f.open("rb") as fh:
+                                data = fh.read(cap + 1)  # the file may have grown
+                            if len(data) > cap:
+                                raise PublishError(f"larger than the {cap} byte cap")
+                            await pub.publish(data)
                             sent += 1
                         except PublishError as exc:
                             failed += 1
