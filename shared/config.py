@@ -147,6 +147,22 @@ class ResultsSettings(BaseModel):
     )
 
 
+class NotifySettings(BaseModel):
+    """``RADSTREAM_NOTIFY__*``: where alerts are delivered (webhooks, FHIR, HL7 v2 over MLLP)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    targets_file: Path = Field(
+        Path(__file__).resolve().parents[1] / "deploy" / "notify" / "targets.yaml",
+        description="YAML: the endpoints and the rule routes each serves (secrets by file)",
+    )
+    timeout_s: float = Field(10.0, gt=0, description="connect + answer timeout of one attempt")
+    delivered_retention_s: float = Field(
+        90 * 86400.0,
+        description="remember an alert's delivered targets this long (no re-send within it)",
+    )
+
+
 class Settings(BaseSettings):
     """Everything a RadStream process needs; secrets are ``SecretStr`` and never logged."""
 
@@ -163,6 +179,7 @@ class Settings(BaseSettings):
     segmentation: SegmentationSettings = Field(default_factory=SegmentationSettings)
     alert: AlertSettings = Field(default_factory=AlertSettings)
     results: ResultsSettings = Field(default_factory=ResultsSettings)
+    notify: NotifySettings = Field(default_factory=NotifySettings)
     device: Literal["auto", "gpu", "cpu"] = Field(
         "auto", description="RADSTREAM_DEVICE: array backend"
     )

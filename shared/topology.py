@@ -60,7 +60,8 @@ class Stage:
     stateful: bool = False  # keyed state in the compacted changelog ``<name>.state``
     replay: bool = False  # an operator may re-run a series from here (writes ``input``)
     delivers: tuple[str, ...] = ()  # outside systems it sends to ("pacs": the local stack's
-    # Orthanc via RADSTREAM_<NAME>__PACS_HOST/PORT)
+    # Orthanc via RADSTREAM_<NAME>__PACS_HOST/PORT; "webhook", "fhir", "hl7": endpoints named
+    # in RADSTREAM_NOTIFY__TARGETS_FILE)
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -79,6 +80,11 @@ STAGES: tuple[Stage, ...] = (
     Stage("alert", "findings", "alerts", emits=(AUDIT,), stateful=True, replay=True),
     # the paperwork after the alert: DICOM SEG + SR + pictures, delivered to the PACS
     Stage("results", "findings", "results", emits=(AUDIT,), delivers=("pacs",)),
+    # notifications that reach people: each alert to the webhooks, FHIR servers and HL7
+    # interface engines its rule's routes name (services/notify); delivered ids are its state
+    Stage(
+        "notify", "alerts", None, emits=(AUDIT,), stateful=True, delivers=("webhook", "fhir", "hl7")
+    ),
 )
 
 

@@ -56,6 +56,9 @@ class Reason(StrEnum):
     VOLUME_TOO_LARGE = "volume_too_large"
     # delivery to the PACS
     UNSUPPORTED_OBJECT = "unsupported_object"
+    # notifications (webhooks, FHIR, HL7 v2 over MLLP)
+    NOTIFICATION_FAILED = "notification_failed"
+    NOTIFICATION_REJECTED = "notification_rejected"
 
 
 DESCRIPTIONS: dict[Reason, str] = {
@@ -97,4 +100,8 @@ DESCRIPTIONS: dict[Reason, str] = {
     Reason.INCONSISTENT_SPACING: "slice spacing is uneven (a gap or a missing slice)",
     Reason.VOLUME_TOO_LARGE: "the volume exceeds the configured voxel cap",
     Reason.UNSUPPORTED_OBJECT: "only DICOM SEG and 3D SR objects are delivered to the PACS",
+    Reason.NOTIFICATION_FAILED: "a notification endpoint failed through every attempt "
+    "(HTTP 5xx/408/429, timeout, refused, HL7 AE)",
+    Reason.NOTIFICATION_REJECTED: "a notification endpoint refused the alert for good "
+    "(HTTP 4xx, HL7 AR, a FHIR resource that does not validate)",
 }

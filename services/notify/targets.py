@@ -1,0 +1,128 @@
+"""Where alerts go: the notification targets and the rule routes each one serves.
+
+A rule names routes (``deploy/alerts/rules.yaml``: ``pager``, ``worklist``, ``webhook:<name>``);
+the targets file (``RADSTREAM_NOTIFY__TARGETS_FILE``, default ``deploy/notify/targets.yaml``)
+says which endpoints serve which routes::
+
+    targets:
+      - name: oncall                  # [a-z0-9-]: a metric-safe, PHI-free name
+        channel: webhook
+        routes: [pager]               # alerts whose rule routes to pager
+        min_severity: high            # optional: and only high or critical ones
+        url: https://pager.example.org/hooks/radstream
+        secret_file: /secrets/oncall.webhook   # HMAC key, read at start, never logged
+      - name: ehr
+        channel: fhir
+        routes: [worklist, pager]
+        base_url: https://fhir.example.org/r4  # a Bundle transaction is POSTed here
+        token_file: /secrets/ehr.token         # optional bearer token
+      - name: ris
+        channel: hl7
+        routes: [pager]
+        host: ie.example.org
+        port: 2575
+
+A target also serves the route ``<channel>:<name>`` (``webhook:oncall``) without listing it.
+Secrets live in files and are read once, into ``SecretStr``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from shared.schemas import Alert
+
+SEVERITY_RANK = {"low": 0, "medium": 1, "high": 2, "critical": 3}
+
+
+def read_secret(path: Path) -> SecretStr:
+    """A secret from a file (trailing whitespace dropped); the path, never the value, in errors."""
+    try:
+        value = path.read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read secret file {path}: {type(exc).__name__}") from None
+    if not value:
+        raise ValueError(f"secret file {path} is empty")
+    return SecretStr(value)
+
+
+class _Target(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,31}$", description="metric-safe name")
+    routes: list[str] = Field(default_factory=list, description="rule routes it serves")
+    min_severity: Literal["low", "medium", "high", "critical"] = "low"
+    ca_file: Path | None = Field(None, description="PEM CA bundle for an https endpoint")
+
+    def serves(self, alert: Alert, channel: str) -> bool:
+        if SEVERITY_RANK[alert.severity] < SEVERITY_RANK[self.min_severity]:
+            return False
+        own = f"{channel}:{self.name}"
+        return any(r == own or r in self.routes for r in alert.routes)
+
+
+class WebhookTarget(_Target):
+    channel: Literal["webhook"]
+    url: str = Field(pattern=r"^https?://", description="the receiver's URL")
+    secret_file: Path = Field(description="file holding the HMAC-SHA256 key")
+    secret: SecretStr = Field(SecretStr(""), exclude=True, description="read from secret_file")
+
+    @model_validator(mode="after")
+    def _load_secret(self) -> WebhookTarget:
+        if not self.secret.get_secret_value():
+            object.__setattr__(self, "secret", read_secret(self.secret_file))
+        return self
+
+
+class FhirTarget(_Target):
+    channel: Literal["fhir"]
+    base_url: str = Field(pattern=r"^https?://", description="FHIR R4 base; transactions go here")
+    token_file: Path | None = Field(None, description="file holding a bearer token")
+    token: SecretStr | None = Field(None, exclude=True, description="read from token_file")
+
+    @model_validator(mode="after")
+    def _load_token(self) -> FhirTarget:
+        if self.token is None and self.token_file is not None:
+            object.__setattr__(self, "token", read_secret(self.token_file))
+        return self
+
+
+class Hl7Target(_Target):
+    channel: Literal["hl7"]
+    host: str
+    port: int = Field(ge=1, le=65535)
+    sending_application: str = Field("RADSTREAM", pattern=r"^[A-Za-z0-9_.-]{1,20}$")
+    sending_facility: str = Field("RADSTREAM", pattern=r"^[A-Za-z0-9_.-]{1,20}$")
+    receiving_application: str = Field("", pattern=r"^[A-Za-z0-9_.-]{0,20}$")
+    receiving_facility: str = Field("", pattern=r"^[A-Za-z0-9_.-]{0,20}$")
+
+
+Target = Annotated[WebhookTarget | FhirTarget | Hl7Target, Field(discriminator="channel")]
+
+
+class Targets(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    targets: list[Target] = Field(default_factory=list)
+
+    @field_validator("targets")
+    @classmethod
+    def _unique(cls, targets: list[Target]) -> list[Target]:
+        names = [t.name for t in targets]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"target names must be unique (delivery state uses them): {dupes}")
+        return targets
+
+    @classmethod
+    def load(cls, path: Path) -> Targets:
+        raw = yaml.safe_load(path.read_text()) or {}
+        return cls.model_validate(raw)
+
+    def for_alert(self, alert: Alert) -> list[Target]:
+        """The targets this alert goes to, in file order."""
+        return [t for t in self.targets if t.serves(alert, t.channel)]
