@@ -91,8 +91,11 @@ class Attempts:
                 self._seen.popitem(last=False)
 
     def done(self, alert_id: str) -> None:
+        """The alert's attempts are over: forget its refusals (a later replay asks again).
+        Its deliveries stay (bounded): if the transaction that records them aborts and the
+        alert is handled again, they are still not re-sent from this process."""
         with self._lock:
-            for key in [k for k in self._seen if k[0] == alert_id]:
+            for key in [k for k, v in self._seen.items() if k[0] == alert_id and v is not None]:
                 del self._seen[key]
 
 

@@ -137,6 +137,11 @@ def test_every_service_is_built_and_serves_metrics(exported: dict[str, set[str]]
         "radstream_results_build_seconds_bucket",
     } <= exported["results"]
     assert "radstream_pacs_deliveries_total" not in exported["alert"]  # moved with delivery
+    # the notify service: deliveries by channel and outcome, attempt time by channel
+    assert {
+        "radstream_notifications_total",
+        "radstream_notification_seconds_bucket",
+    } <= exported["notify"]
 
 
 def test_every_dashboard_and_rule_query_is_exported_by_some_service(
