@@ -12,12 +12,20 @@
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
+import ssl
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from fhir.resources.R4B.bundle import Bundle
 from hl7apy.core import Message
 from hl7apy.mllp import AbstractHandler, MLLPServer
@@ -32,8 +40,66 @@ from shared.security.webhook import (
 )
 
 
+def tls_server(tmp: Path) -> tuple[Path, ssl.SSLContext]:
+    """A throw-away CA (its PEM path, for the client's ``ca_file``) and a server context whose
+    certificate it signed for 127.0.0.1."""
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("notify test CA"))
+        .issuer_name(name("notify test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name("127.0.0.1"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .add_extension(x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.SERVER_AUTH]), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_path, cert_path, key_path = tmp / "ca.pem", tmp / "server.pem", tmp / "server.key"
+    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_path, key_path)
+    return ca_path, context
+
+
 class _Http:
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls
         self.lock = threading.Lock()
         peer = self
 
@@ -51,12 +117,15 @@ class _Http:
                 return
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.server.server_address[1]}/"
 
     def handle(self, headers: dict[str, str], body: bytes) -> tuple[int, bytes, str]:
         raise NotImplementedError
@@ -72,8 +141,15 @@ class _Http:
 
 
 class WebhookReceiver(_Http):
-    def __init__(self, secret: bytes, *, fail_first: int = 0, always_fail: bool = False) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        secret: bytes,
+        *,
+        fail_first: int = 0,
+        always_fail: bool = False,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        super().__init__(tls)
         self.secret = secret
         self.fail_first = fail_first
         self.always_fail = always_fail
@@ -130,7 +206,7 @@ class FhirServer(_Http):
 class MllpPeer:
     """hl7apy's MLLPServer answering every ORU^R01 with an ACK of code ``ack_code``."""
 
-    def __init__(self, ack_code: str = "AA") -> None:
+    def __init__(self, ack_code: str = "AA", tls: ssl.SSLContext | None = None) -> None:
         self.received: list[Message] = []
         self.lock = threading.Lock()
         peer = self
@@ -154,6 +230,8 @@ class MllpPeer:
 
         handlers = {t: (OruHandler,) for t in ("ORU^R01^ORU_R01", "ORU^R01")}
         self.server = MLLPServer("127.0.0.1", 0, handlers, timeout=5)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 

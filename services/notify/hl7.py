@@ -22,7 +22,7 @@ from hl7apy.exceptions import HL7apyException
 from hl7apy.parser import parse_message
 
 from services.notify.targets import Hl7Target
-from services.notify.transport import DeliveryFailed, mllp_exchange
+from services.notify.transport import DeliveryFailed, mllp_exchange, tls_context
 from shared.schemas import Alert
 
 VERSION = "2.5"
@@ -119,5 +119,11 @@ def check_ack(raw: bytes, expected_control_id: str, host: str) -> None:
 
 def deliver(target: Hl7Target, alert: Alert, *, timeout_s: float) -> None:
     message = oru(alert, target)
-    answer = mllp_exchange(target.host, target.port, er7(message), timeout_s=timeout_s)
+    answer = mllp_exchange(
+        target.host,
+        target.port,
+        er7(message),
+        timeout_s=timeout_s,
+        tls=tls_context(target.ca_file) if target.tls else None,
+    )
     check_ack(answer, control_id(alert, target), target.host)

@@ -21,15 +21,20 @@ says which endpoints serve which routes::
         routes: [pager]
         host: ie.example.org
         port: 2575
+        tls: true                     # MLLP inside TLS (ca_file: a private CA bundle)
 
 A target also serves the route ``<channel>:<name>`` (``webhook:oncall``) without listing it.
-Secrets live in files and are read once, into ``SecretStr``.
+Secrets live in files and are read once, into ``SecretStr``. Alerts carry study identities, so
+plain ``http://`` and MLLP without TLS are refused beyond loopback unless the target says
+``allow_plaintext: true`` (an interface engine on a closed hospital network).
 """
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -37,6 +42,24 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from shared.schemas import Alert
 
 SEVERITY_RANK = {"low": 0, "medium": 1, "high": 2, "critical": 3}
+
+
+def loopback(host: str | None) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
+
+
+def _check_url(url: str, allow_plaintext: bool) -> None:
+    """Alerts carry study identities: plain http only to this machine, or when a site says so."""
+    parts = urlsplit(url)
+    if parts.scheme == "http" and not loopback(parts.hostname) and not allow_plaintext:
+        raise ValueError(
+            f"{parts.hostname}: plain http beyond loopback needs allow_plaintext: true (use https)"
+        )
 
 
 def read_secret(path: Path) -> SecretStr:
@@ -56,7 +79,10 @@ class _Target(BaseModel):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,31}$", description="metric-safe name")
     routes: list[str] = Field(default_factory=list, description="rule routes it serves")
     min_severity: Literal["low", "medium", "high", "critical"] = "low"
-    ca_file: Path | None = Field(None, description="PEM CA bundle for an https endpoint")
+    ca_file: Path | None = Field(None, description="PEM CA bundle for an https/TLS endpoint")
+    allow_plaintext: bool = Field(
+        False, description="permit http:// or MLLP without TLS to a host other than loopback"
+    )
 
     def serves(self, alert: Alert, channel: str) -> bool:
         if SEVERITY_RANK[alert.severity] < SEVERITY_RANK[self.min_severity]:
@@ -73,6 +99,7 @@ class WebhookTarget(_Target):
 
     @model_validator(mode="after")
     def _load_secret(self) -> WebhookTarget:
+        _check_url(self.url, self.allow_plaintext)
         if not self.secret.get_secret_value():
             object.__setattr__(self, "secret", read_secret(self.secret_file))
         return self
@@ -86,6 +113,7 @@ class FhirTarget(_Target):
 
     @model_validator(mode="after")
     def _load_token(self) -> FhirTarget:
+        _check_url(self.base_url, self.allow_plaintext)
         if self.token is None and self.token_file is not None:
             object.__setattr__(self, "token", read_secret(self.token_file))
         return self
@@ -95,10 +123,19 @@ class Hl7Target(_Target):
     channel: Literal["hl7"]
     host: str
     port: int = Field(ge=1, le=65535)
+    tls: bool = Field(False, description="MLLP inside TLS (verified against ca_file or the system)")
     sending_application: str = Field("RADSTREAM", pattern=r"^[A-Za-z0-9_.-]{1,20}$")
     sending_facility: str = Field("RADSTREAM", pattern=r"^[A-Za-z0-9_.-]{1,20}$")
     receiving_application: str = Field("", pattern=r"^[A-Za-z0-9_.-]{0,20}$")
     receiving_facility: str = Field("", pattern=r"^[A-Za-z0-9_.-]{0,20}$")
+
+    @model_validator(mode="after")
+    def _secure(self) -> Hl7Target:
+        if not self.tls and not loopback(self.host) and not self.allow_plaintext:
+            raise ValueError(
+                f"{self.host}: MLLP without TLS beyond loopback needs allow_plaintext: true"
+            )
+        return self
 
 
 Target = Annotated[WebhookTarget | FhirTarget | Hl7Target, Field(discriminator="channel")]

@@ -52,9 +52,8 @@ def post(
         path += "?" + parts.query
     conn: http.client.HTTPConnection
     if parts.scheme == "https":
-        context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
         conn = http.client.HTTPSConnection(
-            parts.hostname, parts.port, timeout=timeout_s, context=context
+            parts.hostname, parts.port, timeout=timeout_s, context=tls_context(ca_file)
         )
     else:
         conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout_s)
@@ -72,20 +71,44 @@ def post(
     raise DeliveryFailed(retriable, f"HTTP {answer.status} from {parts.hostname}")
 
 
-def mllp_exchange(host: str, port: int, message: bytes, *, timeout_s: float) -> bytes:
-    """Send one MLLP-framed message and return the framed answer's content (the ACK)."""
+def _exchange(sock: socket.socket, message: bytes, host: str) -> bytes:
+    sock.sendall(MLLP_START + message + MLLP_END)
+    received = b""
+    while not received.endswith(MLLP_END):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+        if len(received) > MAX_ANSWER_BYTES:
+            raise DeliveryFailed(True, f"MLLP answer from {host} exceeds the cap")
+    return received
+
+
+def tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    """Verifying client context: the CA bundle given, else the system's."""
+    return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+
+
+def mllp_exchange(
+    host: str,
+    port: int,
+    message: bytes,
+    *,
+    timeout_s: float,
+    tls: ssl.SSLContext | None = None,
+) -> bytes:
+    """Send one MLLP-framed message (inside TLS if ``tls``) and return the framed answer's
+    content (the ACK)."""
     try:
-        with socket.create_connection((host, port), timeout=timeout_s) as sock:
-            sock.sendall(MLLP_START + message + MLLP_END)
-            received = b""
-            while not received.endswith(MLLP_END):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                received += chunk
-                if len(received) > MAX_ANSWER_BYTES:
-                    raise DeliveryFailed(True, f"MLLP answer from {host} exceeds the cap")
-    except OSError as exc:
+        raw = socket.create_connection((host, port), timeout=timeout_s)
+        try:
+            sock = tls.wrap_socket(raw, server_hostname=host) if tls is not None else raw
+        except BaseException:
+            raw.close()
+            raise
+        with sock:
+            received = _exchange(sock, message, host)
+    except OSError as exc:  # ssl.SSLError included: a failed handshake is retried
         raise DeliveryFailed(True, f"{type(exc).__name__} talking MLLP to {host}") from None
     start = received.find(MLLP_START)
     if start < 0 or not received.endswith(MLLP_END):

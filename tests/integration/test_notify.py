@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
+from aiokafka.errors import TopicAuthorizationFailedError
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.observation import Observation
 from prometheus_client import CollectorRegistry
@@ -23,6 +24,7 @@ from shared.schemas import Alert, AuditEvent, DeadLetter
 from shared.schemas.reasons import Reason
 from shared.security.webhook import IDEMPOTENCY_HEADER, sign
 from tests.helpers import Env, Reader, group_caught_up, running, wait_until
+from tests.integration.test_acls import consume, denied, produce
 from tests.notify_peers import FhirServer, MllpPeer, WebhookReceiver
 
 pytestmark = pytest.mark.integration
@@ -195,3 +197,12 @@ async def test_an_always_failing_endpoint_produces_a_dead_letter_with_its_reason
         "radstream_deadletters_total", {"stage": "notify", "reason": "notification_failed"}
     )
     assert dl == 2
+
+
+async def test_notify_reads_alerts_and_nothing_upstream(env: Env) -> None:
+    """Its own principal: the alert feed, never images or findings; it cannot forge alerts."""
+    await produce(env, "admin", "alerts")
+    assert await consume(env, "notify", "alerts", group="notify") == 1
+    for topic in ("instances", "volumes", "findings", "results"):
+        await denied(consume(env, "notify", topic), TopicAuthorizationFailedError)
+    await denied(produce(env, "notify", "alerts"), TopicAuthorizationFailedError)

@@ -28,7 +28,7 @@ from shared.schemas import Alert, AuditEvent
 from shared.schemas.reasons import Reason
 from shared.security.envelope import Keyring
 from shared.security.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, verify
-from tests.notify_peers import FhirServer, MllpPeer, WebhookReceiver
+from tests.notify_peers import FhirServer, MllpPeer, WebhookReceiver, tls_server
 
 STUDY, SERIES = "1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2"
 SECRET = b"0123456789abcdef0123456789abcdef"
@@ -182,7 +182,7 @@ def test_targets_serve_the_routes_and_severities_they_name(tmp_path: Path) -> No
                 "routes": ["worklist"],
                 "base_url": "https://fhir.invalid/r4",
             },
-            {"name": "ris", "channel": "hl7", "host": "ie.invalid", "port": 2575},
+            {"name": "ris", "channel": "hl7", "host": "ie.invalid", "port": 2575, "tls": True},
         ]
     }
     path = tmp_path / "targets.yaml"
@@ -325,3 +325,80 @@ def test_an_always_failing_endpoint_is_dead_lettered_with_its_reason(tmp_path: P
             "radstream_deadletters_total", {"stage": "notify", "reason": "notification_failed"}
         )
         assert sample == 1
+
+
+def test_tls_endpoints_are_verified_and_plaintext_stays_on_loopback(tmp_path: Path) -> None:
+    ca, server_tls = tls_server(tmp_path)
+    with WebhookReceiver(SECRET, tls=server_tls) as hook, MllpPeer(tls=server_tls) as ie:
+        key = str(_secret(tmp_path, "k"))
+        harness, registry = _stage(
+            tmp_path,
+            [
+                {
+                    "name": "hook",
+                    "channel": "webhook",
+                    "routes": ["pager"],
+                    "url": hook.url,
+                    "secret_file": key,
+                    "ca_file": str(ca),
+                },
+                {
+                    "name": "ie",
+                    "channel": "hl7",
+                    "routes": ["pager"],
+                    "host": "127.0.0.1",
+                    "port": ie.port,
+                    "tls": True,
+                    "ca_file": str(ca),
+                },
+                # the same receiver, but its CA not trusted: the handshake fails every attempt
+                {
+                    "name": "untrusted",
+                    "channel": "webhook",
+                    "routes": ["worklist"],
+                    "url": hook.url,
+                    "secret_file": key,
+                },
+            ],
+        )
+        assert hook.url.startswith("https://")
+        ok = harness.send(alert(1, routes=("pager",)), key=SERIES)
+        assert ok.dead_letters == []
+        assert dict(hook.delivered) == {alert(1).alert_id: 1} and len(ie.received) == 1
+        bad = harness.send(alert(2, routes=("worklist",)), key=SERIES)
+        (letter,) = bad.dead_letters
+        assert letter.reason == Reason.NOTIFICATION_FAILED and "SSL" in letter.message
+        assert alert(2).alert_id not in hook.attempts  # nothing reached the receiver
+        assert _count(registry, "webhook", "failed") == 4
+    # plain http / MLLP without TLS beyond loopback is refused unless a site allows it
+    with pytest.raises(ValidationError, match="allow_plaintext"):
+        Targets.model_validate(
+            {
+                "targets": [
+                    {
+                        "name": "x",
+                        "channel": "webhook",
+                        "url": "http://ris.example.org/h",
+                        "secret_file": key,
+                    }
+                ]
+            }
+        )
+    with pytest.raises(ValidationError, match="allow_plaintext"):
+        Targets.model_validate(
+            {"targets": [{"name": "x", "channel": "hl7", "host": "10.1.2.3", "port": 2575}]}
+        )
+    allowed = Targets.model_validate(
+        {
+            "targets": [
+                {
+                    "name": "x",
+                    "channel": "hl7",
+                    "host": "10.1.2.3",
+                    "port": 2575,
+                    "allow_plaintext": True,
+                }
+            ]
+        }
+    )
+    assert allowed.targets[0].channel == "hl7"
