@@ -172,7 +172,20 @@ class Settings(BaseSettings):
 
     home: Path = Field(Path(".radstream"), description="state, data, logs and secrets folder")
     topic_prefix: str = Field("radstream.", description="prefix of every topic, group, txn id")
-    keyring_file: Path | None = Field(None, description="keyring JSON; default <home>/secrets")
+    keyring_file: Path | None = Field(
+        None,
+        description="this principal's key file (0600; shared/security/keyfile.py); default "
+        "<home>/secrets/keyring.json",
+    )
+    kek: Literal["file", "kms"] = Field(
+        "file",
+        description="who opens with the private keys: the key file's own, or a KMS "
+        "(shared/security/kek.py) that keeps them",
+    )
+    kms_socket: Path | None = Field(None, description="the KMS's Unix socket (kek=kms)")
+    kms_token_file: Path | None = Field(
+        None, description="file with this principal's KMS token (0600; kek=kms)"
+    )
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     preprocess: PreprocessSettings = Field(default_factory=PreprocessSettings)

@@ -27,22 +27,34 @@ AUDIT = "audit"
 BIG = "max.message.bytes=16777216"
 
 
+# Key purposes: each has its own key pairs (shared/security/envelope.py). A principal holds
+# the public key of every purpose it writes (it can seal, never open) and the private key of
+# every purpose it reads; shared/stack/principals.py derives both from what follows.
+INSTANCES = "instances"  # raw DICOM: the instances topic, instance blobs, ingest's state
+SERIES = "series"  # SeriesReady records (UIDs, geometry, instance references)
+VOLUMES = "volumes"  # VolumePrepared records and the volume blobs (pixels, no headers)
+FINDINGS = "findings"  # findings records, masks, SEG, SR and overlay blobs
+ALERTS = "alerts"  # alerts and results records (what the worklist and pagers read)
+PURPOSES: tuple[str, ...] = (INSTANCES, SERIES, VOLUMES, FINDINGS, ALERTS, DEADLETTER, AUDIT)
+
+
 @dataclass(frozen=True)
 class Topic:
     name: str
     config: str  # broker topic config, "key=value,key=value"
     carries: str  # the record type (a name in shared.schemas) or what it holds
+    purpose: str  # the key purpose its records are sealed for
 
 
 TOPICS: tuple[Topic, ...] = (
-    Topic("instances", f"{BIG},retention.ms=604800000", "InstancesRecord"),
-    Topic("series", BIG, "SeriesReady"),
-    Topic("volumes", BIG, "VolumePrepared"),
-    Topic("findings", BIG, "SegmentationDone"),
-    Topic("alerts", "max.message.bytes=1048576", "Alert"),
-    Topic("results", "max.message.bytes=1048576", "ResultsReady"),
-    Topic(DEADLETTER, "retention.ms=2592000000", "DeadLetter"),
-    Topic(AUDIT, "retention.ms=31536000000", "AuditEvent"),
+    Topic("instances", f"{BIG},retention.ms=604800000", "InstancesRecord", INSTANCES),
+    Topic("series", BIG, "SeriesReady", SERIES),
+    Topic("volumes", BIG, "VolumePrepared", VOLUMES),
+    Topic("findings", BIG, "SegmentationDone", FINDINGS),
+    Topic("alerts", "max.message.bytes=1048576", "Alert", ALERTS),
+    Topic("results", "max.message.bytes=1048576", "ResultsReady", ALERTS),
+    Topic(DEADLETTER, "retention.ms=2592000000", "DeadLetter", DEADLETTER),
+    Topic(AUDIT, "retention.ms=31536000000", "AuditEvent", AUDIT),
 )
 CHANGELOG_CONFIG = f"cleanup.policy=compact,{BIG}"
 
@@ -62,6 +74,9 @@ class Stage:
     delivers: tuple[str, ...] = ()  # outside systems it sends to ("pacs": the local stack's
     # Orthanc via RADSTREAM_<NAME>__PACS_HOST/PORT; "webhook", "fhir", "hl7": endpoints named
     # in RADSTREAM_NOTIFY__TARGETS_FILE)
+    state_purpose: str | None = None  # key purpose of its changelog (stateful stages)
+    blobs_read: tuple[str, ...] = ()  # purposes of the blobs it reads (claim checks)
+    blobs_written: tuple[str, ...] = ()  # purposes of the blobs it stores
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -74,16 +89,55 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("ingest", "instances", "series", emits=(AUDIT,), stateful=True),
-    Stage("preprocess", "series", "volumes", replay=True),
-    Stage("segmentation", "volumes", "findings", replay=True),
-    Stage("alert", "findings", "alerts", emits=(AUDIT,), stateful=True, replay=True),
-    # the paperwork after the alert: DICOM SEG + SR + pictures, delivered to the PACS
-    Stage("results", "findings", "results", emits=(AUDIT,), delivers=("pacs",)),
+    Stage(
+        "ingest",
+        "instances",
+        "series",
+        emits=(AUDIT,),
+        stateful=True,
+        state_purpose=INSTANCES,
+        blobs_written=(INSTANCES,),
+    ),
+    Stage(
+        "preprocess",
+        "series",
+        "volumes",
+        replay=True,
+        blobs_read=(INSTANCES,),
+        blobs_written=(VOLUMES,),
+    ),
+    Stage(
+        "segmentation",
+        "volumes",
+        "findings",
+        replay=True,
+        blobs_read=(VOLUMES,),
+        blobs_written=(FINDINGS,),
+    ),
+    # Not replayable: re-evaluating rules is a replay from segmentation (the operator never
+    # writes findings).
+    Stage("alert", "findings", "alerts", emits=(AUDIT,), stateful=True, state_purpose=ALERTS),
+    # the paperwork after the alert: DICOM SEG + SR + pictures, delivered to the PACS; the SEG
+    # and SR copy the source instances' patient and study attributes, so it reads them
+    Stage(
+        "results",
+        "findings",
+        "results",
+        emits=(AUDIT,),
+        delivers=("pacs",),
+        blobs_read=(INSTANCES, VOLUMES, FINDINGS),
+        blobs_written=(FINDINGS,),
+    ),
     # notifications that reach people: each alert to the webhooks, FHIR servers and HL7
     # interface engines its rule's routes name (services/notify); delivered ids are its state
     Stage(
-        "notify", "alerts", None, emits=(AUDIT,), stateful=True, delivers=("webhook", "fhir", "hl7")
+        "notify",
+        "alerts",
+        None,
+        emits=(AUDIT,),
+        stateful=True,
+        delivers=("webhook", "fhir", "hl7"),
+        state_purpose=ALERTS,
     ),
 )
 
@@ -97,25 +151,41 @@ class Party:
     write: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()  # consumer groups it may join (prefixed match)
     describe_all: bool = False  # may describe every topic and group (lag, status)
+    blobs_read: tuple[str, ...] = ()  # purposes of the blobs it reads
+    keyed: bool = False  # makes Kafka keys / keyed hashes of UIDs (holds the HMAC key)
 
 
 PARTIES: tuple[Party, ...] = (
     # DICOM gateway: publishes instances for modalities (idempotent, not transactional)
-    Party("gateway", write=("instances", AUDIT)),
+    Party("gateway", write=("instances", AUDIT), keyed=True),
     # A scanner or its SDK: may only publish instances. It cannot read anything.
-    Party("scanner", write=("instances",)),
+    Party("scanner", write=("instances",), keyed=True),
     # Worklist / pager integrations: read the alert feed and the results records they join to
     # it (SEG/SR identities, delivery outcome), nothing else.
-    Party("alert-consumer", read=("alerts", "results"), groups=("alert-consumer",)),
-    # Operators: read every topic, describe groups for lag, and write the input of a
-    # replayable stage to re-run a series from there (a new revision).
+    Party("alert-consumer", read=("alerts", "results"), write=(AUDIT,), groups=("alert-consumer",)),
+    # Operators: read the stages' records (never the raw instances), describe groups for lag,
+    # and write the input of a replayable stage to re-run a series from there (a new
+    # revision). They read the SEG, SR and pictures (findings blobs), not images.
     Party(
         "operator",
-        read=tuple(t.name for t in TOPICS),
+        read=tuple(t.name for t in TOPICS if t.name not in ("instances", AUDIT)),
         write=(*(s.input for s in STAGES if s.replay), AUDIT),
         groups=("operator",),
         describe_all=True,
+        blobs_read=(FINDINGS,),
+        keyed=True,
     ),
+    # Research export (radstream export --deidentify): reads a series' findings and results
+    # and the source instances and SEG/SR from the blob store, writes de-identified copies.
+    Party(
+        "exporter",
+        read=("findings", "results"),
+        write=(AUDIT,),
+        blobs_read=(INSTANCES, FINDINGS),
+        keyed=True,
+    ),
+    # Auditors: read (and verify) the audit trail, nothing else.
+    Party("auditor", read=(AUDIT,), groups=("auditor",)),
 )
 
 
@@ -193,6 +263,29 @@ def topic(name: str) -> Topic:
         if t.name == name:
             return t
     raise KeyError(f"no topic {name!r}")
+
+
+def _purposes_by_name() -> dict[str, str]:
+    out = {t.name: t.purpose for t in TOPICS}
+    for s in STAGES:
+        if s.changelog:
+            out[s.changelog] = s.state_purpose or s.name
+    return out
+
+
+def purpose_of(topic_name: str) -> str:
+    """The key purpose of a topic, by its logical name or its full name under any prefix
+    (``radstream.alert.state`` → ``alerts``); KeyError for a topic RadStream does not know."""
+    names = _purposes_by_name()
+    longest_first = sorted(names, key=len, reverse=True)
+    for name in longest_first:
+        if topic_name == name or topic_name.endswith("." + name):
+            return names[name]
+    # a sub-topic of a known one (``radstream.audit.in.ingest``, ``...deadletter.review``)
+    for name in longest_first:
+        if f".{name}." in f".{topic_name}.":
+            return names[name]
+    raise KeyError(f"no key purpose for topic {topic_name!r}")
 
 
 TOPIC_NAMES: tuple[str, ...] = tuple(t.name for t in TOPICS)

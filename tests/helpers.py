@@ -75,6 +75,15 @@ class Env:
             **overrides,
         )
 
+    def key_file(self, principal: str) -> Path:
+        """``principal``'s own key file, issued from this test's master keyring: a process
+        started with :meth:`service_env` holds only the keys its role needs, as deployed."""
+        from shared.security.keyfile import issue_all, principal_key_file
+
+        root = self.home / "secrets" / "principals"
+        issue_all(self.keyring_path, root)
+        return principal_key_file(root, principal)
+
     def service_env(self, principal: str, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RADSTREAM_")}
         env.update(self.broker.env_for(principal))
@@ -82,7 +91,7 @@ class Env:
             {
                 "RADSTREAM_HOME": str(self.home),
                 "RADSTREAM_TOPIC_PREFIX": self.prefix,
-                "RADSTREAM_KEYRING_FILE": str(self.keyring_path),
+                "RADSTREAM_KEYRING_FILE": str(self.key_file(principal)),
                 "RADSTREAM_METRICS_PORT": str(free_port()),
                 "PYTHONUNBUFFERED": "1",
             }

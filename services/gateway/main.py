@@ -19,6 +19,7 @@ from shared.ingress.publisher import Publisher  # noqa: E402
 from shared.metrics import HealthServer  # noqa: E402
 from shared.runtime.service import configure_process  # noqa: E402
 from shared.security.envelope import Keyring  # noqa: E402
+from shared.security.kek import keyring_for  # noqa: E402
 from shared.topology import party  # noqa: E402
 
 OUTPUT = party("gateway").write[0]  # the topic the gateway publishes instances to
@@ -72,7 +73,7 @@ def build(settings: Settings, keyring: Keyring, registry: CollectorRegistry) -> 
 
 
 async def serve(settings: Settings) -> None:
-    svc = build(settings, Keyring.from_file(settings.keyring_path), CollectorRegistry())
+    svc = build(settings, keyring_for(settings), CollectorRegistry())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

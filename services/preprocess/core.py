@@ -34,6 +34,7 @@ from shared.runtime.errors import PoisonError
 from shared.runtime.stage import Context
 from shared.schemas import SeriesReady, VolumePrepared
 from shared.storage import BlobError, BlobStore
+from shared.topology import VOLUMES
 
 Step = dict[str, Any]
 log = logging.getLogger("radstream.preprocess")
@@ -231,7 +232,7 @@ class PreprocessCore:
 
         t3 = time.perf_counter()
         ref = self.store.put(
-            pack_volume(out, self.settings.compression_level, self.settings.threads)
+            pack_volume(out, self.settings.compression_level, self.settings.threads), VOLUMES
         )
         timings["store"] = time.perf_counter() - t3
         timings["total"] = time.perf_counter() - t0

@@ -53,7 +53,7 @@ from shared.schemas import (
     SegmentRef,
 )
 from shared.storage import BlobError, BlobStore
-from shared.topology import AUDIT
+from shared.topology import AUDIT, FINDINGS
 
 log = logging.getLogger("radstream.results")
 
@@ -150,7 +150,7 @@ class ResultsCore:
             t = time.perf_counter()
             vol = unpack_volume(self._get(msg.volume, "volume"))
             built.overlays = [
-                NamedBlob(name=name, blob=self.store.put(png))
+                NamedBlob(name=name, blob=self.store.put(png, FINDINGS))
                 for name, png in key_slices(msg.task, vol, masks, findings)
             ]
             built.timings["overlays"] = self._timed("overlays", t)
@@ -201,7 +201,7 @@ class ResultsCore:
                 algorithm=algorithm,
             )
             built.seg, built.seg_uid = to_bytes(seg), str(seg.SOPInstanceUID)
-            built.seg_ref = self.store.put(built.seg)
+            built.seg_ref = self.store.put(built.seg, FINDINGS)
             built.seg_frames = sum(frames(s) for s in kept)
         built.timings["seg"] = self._timed("seg", t)
         segment_of = {
@@ -221,7 +221,7 @@ class ResultsCore:
         )
         if sr is not None:
             built.sr, built.sr_uid = to_bytes(sr), str(sr.SOPInstanceUID)
-            built.sr_ref = self.store.put(built.sr)
+            built.sr_ref = self.store.put(built.sr, FINDINGS)
         built.timings["sr"] = self._timed("sr", t)
         built.segments = [
             SegmentRef(

@@ -22,6 +22,7 @@ from shared.runtime.errors import PoisonError
 from shared.runtime.stage import Context
 from shared.schemas import Finding, SegmentationDone, VolumePrepared
 from shared.storage import BlobError, BlobStore
+from shared.topology import FINDINGS
 
 log = logging.getLogger("radstream.segmentation")
 
@@ -83,7 +84,9 @@ class SegmentationCore:
 
         t2 = time.perf_counter()
         # the masks, compactly; the SEG, SR and pictures are the results stage's, after the alert
-        masks_ref = self.store.put(pack_masks(result.masks)) if result is not None else None
+        masks_ref = (
+            self.store.put(pack_masks(result.masks), FINDINGS) if result is not None else None
+        )
         timings["outputs"] = time.perf_counter() - t2
         timings["total"] = time.perf_counter() - t0
         return SegmentationDone(

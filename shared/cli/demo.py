@@ -57,7 +57,10 @@ def run_demo(stack: LocalStack, out: Path, console: Console, wait_s: float = 300
         for line in stack.up():
             console.print(f"  [green]✓[/] {line}")
     settings = Settings(home=stack.home)
-    keyring = Keyring.from_file(stack.keyring_path)
+    # each step as the party that does it, with that party's keys only
+    keyring = Keyring.from_file(stack.key_file("operator"))
+    scanner_keys = Keyring.from_file(stack.key_file("scanner"))
+    pager_keys = Keyring.from_file(stack.key_file("alert-consumer"))
     work = stack.home / "demo"
     shutil.rmtree(work, ignore_errors=True)
     # pixels from fixed seeds (the same findings on every run), UIDs fresh on every run (so a
@@ -89,7 +92,7 @@ def run_demo(stack: LocalStack, out: Path, console: Console, wait_s: float = 300
     async def publish() -> None:
         async with Publisher(
             stack.broker.settings_for("scanner"),
-            keyring,
+            scanner_keys,
             source="demo",
             topic=settings.topic("instances"),
         ) as pub:
@@ -138,7 +141,7 @@ def run_demo(stack: LocalStack, out: Path, console: Console, wait_s: float = 300
             stack.broker.settings_for("alert-consumer"),
             settings.topic("alerts"),
             Alert,
-            keyring,
+            pager_keys,
             follow=True,
             timeout_s=wait_s,
         ):

@@ -16,13 +16,22 @@ from rich.table import Table
 from shared.config import KafkaSettings, Settings
 from shared.runtime.reader import latest_for_series, read_topic
 from shared.schemas import DeadLetter
-from shared.security.envelope import Keyring, init_keyring_file, rotate_keyring_file
+from shared.security.envelope import (
+    KeyFileError,
+    Keyring,
+    init_keyring_file,
+    rotate_keyring_file,
+)
+from shared.security.kek import keyring_for
+from shared.security.keyfile import issue_all, retire, rotate_hmac
 from shared.stack.local import DEFAULT_HOME, READY_TIMEOUT_S, LocalStack, StackError, dump
 from shared.topology import STAGES
 
 app = typer.Typer(no_args_is_help=True, help="RadStream: near-real-time scan analysis on Kafka.")
 stack_app = typer.Typer(no_args_is_help=True, help="The local stack: broker and services.")
-keys_app = typer.Typer(no_args_is_help=True, help="The payload encryption keyring.")
+keys_app = typer.Typer(
+    no_args_is_help=True, help="Keys: per-purpose key pairs, key files, rotation, passwords."
+)
 app.add_typer(stack_app, name="stack")
 app.add_typer(keys_app, name="keys")
 
@@ -41,22 +50,30 @@ HomeOpt = Annotated[Path, typer.Option("--home", envvar="RADSTREAM_HOME", help="
 
 
 def _settings_for(home: Path, principal: str) -> tuple[Settings, KafkaSettings, Keyring]:
-    """Settings of an outside party: from RADSTREAM_KAFKA__* if given, else the local stack's."""
+    """Settings of an outside party: from RADSTREAM_KAFKA__* if given, else the local stack's;
+    its own key file (RADSTREAM_KEYRING_FILE, else the local stack's file for it)."""
     settings = Settings(home=home)
     kafka = settings.kafka
+    stack = LocalStack(home)
     if not kafka.username:
-        stack = LocalStack(home)
         if not (stack.home / "secrets" / "credentials.json").exists():
             err.print(
                 f"[red]no credentials: set RADSTREAM_KAFKA__* or run 'radstream stack up' ({home})"
             )
             raise typer.Exit(2)
         kafka = stack.broker.settings_for(principal)
-    keyring_path = settings.keyring_path
-    if not keyring_path.exists():
-        err.print(f"[red]no keyring at {keyring_path}: run 'radstream keys init'")
+    if settings.keyring_file is None:
+        settings = settings.model_copy(update={"keyring_file": stack.key_file(principal)})
+    settings = settings.model_copy(update={"kafka": kafka})
+    if not settings.keyring_path.exists():
+        err.print(f"[red]no key file at {settings.keyring_path}: run 'radstream keys init'")
         raise typer.Exit(2)
-    return settings, kafka, Keyring.from_file(keyring_path)
+    try:
+        keyring = keyring_for(settings)
+    except KeyFileError as exc:
+        err.print(f"[red]{exc}")
+        raise typer.Exit(2) from None
+    return settings, kafka, keyring
 
 
 @stack_app.command("up")
@@ -134,24 +151,174 @@ def _yn(ok: bool) -> str:
     return "[green]yes[/]" if ok else "[red]no[/]"
 
 
+MasterOpt = Annotated[
+    Path | None,
+    typer.Option("--master", help="master keyring (default: the local stack's)"),
+]
+
+
+def _master(home: Path, master: Path | None, must_exist: bool = True) -> tuple[LocalStack, Path]:
+    stack = LocalStack(home)
+    path = master or stack.keyring_path
+    if must_exist and not path.exists():
+        err.print(f"[red]no master keyring at {path}: run 'radstream keys init'")
+        raise typer.Exit(2)
+    return stack, path
+
+
+def _issue(stack: LocalStack, master: Path) -> None:
+    files = issue_all(master, stack.broker.principals_dir)
+    console.print(f"  key files of {len(files)} principals in {stack.broker.principals_dir}")
+
+
 @keys_app.command("init")
-def keys_init(home: HomeOpt = DEFAULT_HOME) -> None:
-    """Create the keyring (one active key-encryption key and the key-hash key)."""
-    path = Settings(home=home).keyring_path
+def keys_init(home: HomeOpt = DEFAULT_HOME, master: MasterOpt = None) -> None:
+    """Create the master keyring (a key pair per purpose, the key-hash and blob naming keys)
+    and every principal's key file (only the keys its role needs)."""
+    stack, path = _master(home, master, must_exist=False)
     existed = path.exists()
-    data = init_keyring_file(path)
-    console.print(f"keyring {'kept' if existed else 'created'}: {path} (active key {data.active})")
+    material = init_keyring_file(path)
+    console.print(f"master keyring {'kept' if existed else 'created'}: {path}")
+    for purpose, pk in material.purposes.items():
+        console.print(f"  {purpose:11} active {pk.active}")
+    _issue(stack, path)
 
 
 @keys_app.command("rotate")
-def keys_rotate(home: HomeOpt = DEFAULT_HOME) -> None:
-    """Add a new active key; older keys stay for decryption. Services pick it up live."""
-    path = Settings(home=home).keyring_path
-    if not path.exists():
-        err.print(f"[red]no keyring at {path}: run 'radstream keys init'")
+def keys_rotate(
+    home: HomeOpt = DEFAULT_HOME,
+    master: MasterOpt = None,
+    purpose: Annotated[
+        list[str] | None, typer.Option("--purpose", help="only these purposes (repeat)")
+    ] = None,
+) -> None:
+    """A new active key pair per purpose; old keys stay for opening. Principals' key files are
+    issued again (services re-read them live). Then: 'keys rewrap', later 'keys retire'."""
+    stack, path = _master(home, master)
+    try:
+        new = rotate_keyring_file(path, tuple(purpose) if purpose else None)
+    except KeyFileError as exc:
+        err.print(f"[red]{exc}")
+        raise typer.Exit(2) from None
+    for name, kid in new.items():
+        console.print(f"  {name:11} new active key {kid}")
+    _issue(stack, path)
+
+
+@keys_app.command("rotate-hmac")
+def keys_rotate_hmac(
+    home: HomeOpt = DEFAULT_HOME,
+    master: MasterOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="rotate even with records still in flight")
+    ] = False,
+) -> None:
+    """A new key-hash (HMAC) key for Kafka keys. A series' key, and so its partition, changes:
+    drain first (no series in assembly, every stage's lag 0; docs/keys.md). Refused while the
+    local stack shows lag, unless --force."""
+    stack, path = _master(home, master)
+    if not force and stack.broker.is_running():
+        lag = stack.status().get("lag", {})
+        waiting = {name: info["total"] for name, info in lag.items() if info["total"]}
+        if waiting:
+            err.print(f"[red]records in flight (lag {waiting}): drain first, or --force")
+            raise typer.Exit(1)
+    hid = rotate_hmac(path)
+    console.print(f"new active key-hash key {hid} (older ones are still recognised)")
+    _issue(stack, path)
+
+
+@keys_app.command("rewrap")
+def keys_rewrap(home: HomeOpt = DEFAULT_HOME, master: MasterOpt = None) -> None:
+    """Wrap every blob's data key for the active key of its purpose (content not decrypted)."""
+    from shared.security.rotation import rewrap_blobs
+    from shared.storage import LocalDirBackend
+
+    _, path = _master(home, master)
+    report = rewrap_blobs(LocalDirBackend(Settings(home=home).blob_path), Keyring.from_file(path))
+    failed = f", [red]failed {report.failed}" if report.failed else ""
+    console.print(
+        f"{report.scanned} blobs: {report.rewrapped} re-wrapped, {report.current} current, "
+        f"{report.legacy} legacy (RSE1){failed}"
+    )
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@keys_app.command("status")
+def keys_status(home: HomeOpt = DEFAULT_HOME, master: MasterOpt = None) -> None:
+    """Each purpose's keys (active, old) and how many blobs each seals."""
+    from shared.security.keyfile import read_key_file
+    from shared.security.rotation import blob_key_usage
+    from shared.storage import LocalDirBackend
+
+    _, path = _master(home, master)
+    material = read_key_file(path)
+    usage = blob_key_usage(LocalDirBackend(Settings(home=home).blob_path))
+    table = Table("purpose", "key id", "state", "blobs")
+    for name, pk in material.purposes.items():
+        for kid in pk.keys:
+            state = "active" if kid == pk.active else "old"
+            table.add_row(name, kid, state, str(usage.get(kid, 0)))
+    for kid in material.hmac_keys or {}:
+        table.add_row("key-hash", kid, "active" if kid == material.hmac_active else "old", "-")
+    for kid in material.legacy or {}:
+        table.add_row("legacy", kid, "open only", str(usage.get(kid, 0)))
+    console.print(table)
+
+
+@keys_app.command("retire")
+def keys_retire(
+    key_id: Annotated[str, typer.Argument(help="an old key id (keys status)")],
+    home: HomeOpt = DEFAULT_HOME,
+    master: MasterOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="even if blobs still use it (they become unreadable)")
+    ] = False,
+) -> None:
+    """Remove an old key from the master keyring and every principal's key file. Refused while
+    blobs are still sealed under it (run 'keys rewrap' first)."""
+    from shared.security.rotation import blob_key_usage
+    from shared.storage import LocalDirBackend
+
+    stack, path = _master(home, master)
+    in_use = blob_key_usage(LocalDirBackend(Settings(home=home).blob_path)).get(key_id, 0)
+    if in_use and not force:
+        err.print(f"[red]{in_use} blobs are still sealed under {key_id}: run 'keys rewrap' first")
+        raise typer.Exit(1)
+    try:
+        kind = retire(path, key_id)
+    except KeyFileError as exc:
+        err.print(f"[red]{exc}")
+        raise typer.Exit(2) from None
+    console.print(f"retired {kind} key {key_id}")
+    _issue(stack, path)
+
+
+@keys_app.command("rotate-password")
+def keys_rotate_password(
+    principal: Annotated[str, typer.Argument(help="the principal (service or party)")],
+    home: HomeOpt = DEFAULT_HOME,
+) -> None:
+    """A new random SCRAM password for PRINCIPAL: changed on the running broker (through a
+    0600 file, never a command line), then in its password file. Its open connections stay;
+    its next ones use the new password (services read the file at every client start)."""
+    import secrets
+
+    from shared.stack.broker import BrokerError
+
+    stack = LocalStack(home)
+    if not stack.broker.is_running():
+        err.print("[red]the broker is not running: 'radstream stack up' first")
         raise typer.Exit(2)
-    kid = rotate_keyring_file(path)
-    console.print(f"new active key {kid}; {len(Keyring.from_file(path).key_ids)} keys in {path}")
+    try:
+        stack.broker.set_password(principal, secrets.token_urlsafe(24))
+    except BrokerError as exc:
+        err.print(f"[red]{exc}")
+        raise typer.Exit(1) from None
+    console.print(
+        f"new password for {principal} in {stack.broker.password_file(principal)} (0600)"
+    )
 
 
 @app.command("deadletters")

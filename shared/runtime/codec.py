@@ -1,7 +1,9 @@
 """Wire format of every RadStream record.
 
 * key: keyed hash (HMAC) of the series identity, never a UID in clear;
-* value: AES-256-GCM envelope (see :mod:`shared.security.envelope`) around the record's JSON;
+* value: AES-256-GCM envelope (see :mod:`shared.security.envelope`) around the record's JSON,
+  sealed for the key purpose of its topic (:func:`shared.topology.purpose_of`): the writer
+  needs only that purpose's public key, a reader its private key;
 * headers: ``rs-schema`` and ``rs-version`` (no PHI), for routing and observability, and
   ``rs-min-reader`` when the writer's version is an additive change: the oldest reader version
   that can read the record (projecting it onto the fields it knows);
@@ -27,6 +29,7 @@ from shared.runtime.errors import PoisonError
 from shared.schemas.models import ReadContext
 from shared.schemas.reasons import Reason
 from shared.security.envelope import EnvelopeError, Keyring
+from shared.topology import purpose_of
 
 T = TypeVar("T")
 
@@ -82,7 +85,10 @@ class Codec:
         if oldest is not None and oldest < number:  # additive: older readers can project it
             min_reader = str(oldest).encode()
             headers.append((MIN_READER, min_reader))
-        value = self.keyring.seal(pack(record), aad(topic, key, schema, version, min_reader))
+        plaintext = pack(record)
+        value = self.keyring.seal(
+            plaintext, aad(topic, key, schema, version, min_reader), purpose_of(topic)
+        )
         return value, headers
 
     def decode(

@@ -22,7 +22,7 @@ from pydantic import BaseModel, TypeAdapter
 from shared.metrics import StageMetrics
 from shared.runtime.codec import Codec
 from shared.runtime.errors import PoisonError, RetriableError
-from shared.runtime.state import PartitionState, changelog_aad
+from shared.runtime.state import PartitionState, changelog_aad, state_purpose
 from shared.schemas import DeadLetter
 from shared.schemas.reasons import Reason
 from shared.security.envelope import Keyring
@@ -173,6 +173,7 @@ class Dispatcher(Generic[In]):
         self.metrics = metrics
         self.input_topic = topic(spec.input_topic)
         self.changelog = topic(f"{spec.name}.state")
+        self.state_purpose = state_purpose(self.changelog) if spec.stateful else ""
         self.deadletter_topic = topic("deadletter")
         self.audit_topic = topic("audit")
         self._adapter: TypeAdapter[In] = TypeAdapter(spec.input_type)
@@ -305,7 +306,7 @@ class Dispatcher(Generic[In]):
         out: list[Outgoing] = []
         for key, value in state.pending():
             aad = changelog_aad(self.changelog, key)
-            sealed = None if value is None else self.keyring.seal(value, aad)
+            sealed = None if value is None else self.keyring.seal(value, aad, self.state_purpose)
             out.append(Outgoing(self.changelog, key, sealed, [], partition))
         return out
 

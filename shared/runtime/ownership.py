@@ -9,7 +9,8 @@ Exactly once on aiokafka's (pre-KIP-447) transaction protocol rests on these rul
 * only then is the committed offset of *p* read and the consumer sought to it; the partition
   stays paused until then, so nothing is fetched from a stale position;
 * a stateful stage restores the partition's state from its compacted changelog (read
-  committed) before the first record is handled;
+  committed) before the first record is handled; a value sealed under a rotated-out key is
+  written again, sealed with the active key, with the partition's next transaction;
 * revocation waits for the partition's in-flight transaction before giving it up;
 * a rolled-back transaction discards pending state and seeks back to the last committed
   offset; one whose commit outcome is unknown is re-acquired from scratch (new producer,
@@ -257,14 +258,19 @@ async def restore_partition(
     consumer.assign([tp])
     consumer.seek(tp, begin)
     count = 0
+    latest: dict[bytes, bytes | None] = {}  # only the last value of a key is opened: an
+    # older one, not compacted away yet, may be sealed under a key retired since
     while await consumer.position(tp) < end:
         batch = await consumer.getmany(tp, timeout_ms=500)
         for rec in batch.get(tp, []):
-            value = None
-            if rec.value is not None:
-                value = keyring.open(rec.value, changelog_aad(changelog, rec.key))
-            state.restore(rec.key, value)
+            latest.pop(rec.key, None)
+            latest[rec.key] = rec.value
             count += 1
+    for key, sealed in latest.items():
+        value = None if sealed is None else keyring.open(sealed, changelog_aad(changelog, key))
+        state.restore(key, value)
+        if sealed is not None and not keyring.is_current(sealed):
+            state.reseal(key)  # re-wrapped with the next commit after a key rotation
     return count
 
 

@@ -19,6 +19,7 @@ from shared.config import Settings
 from shared.dicom.config import configure_pydicom, library_loggers
 from shared.runtime.stage import StageRunner, StageSpec
 from shared.security.envelope import Keyring
+from shared.security.kek import keyring_for
 
 
 class _JsonFormatter(logging.Formatter):
@@ -109,7 +110,7 @@ def run_stage(
     builder taking the keyring and the metrics registry (for services with own metrics)."""
     configure_process()
     settings = settings or Settings()
-    keyring = Keyring.from_file(settings.keyring_path)
+    keyring = keyring_for(settings)
     registry = CollectorRegistry()
     built = spec if isinstance(spec, StageSpec) else spec(keyring, registry)
     runner = StageRunner(built, settings, keyring, registry)

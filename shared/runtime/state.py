@@ -26,6 +26,18 @@ def changelog_aad(changelog: str, key: bytes) -> bytes:
     return b"\x00".join((changelog.encode(), key, b"radstream.state", b"1"))
 
 
+def state_purpose(changelog: str) -> str:
+    """The key purpose a changelog's values are sealed for (the stage's ``state_purpose`` in
+    the topology); a stage the topology does not know (tests, the pass-through canary under
+    its own name) seals its state for its dead letters' purpose: only operators open it."""
+    from shared.topology import DEADLETTER, purpose_of
+
+    try:
+        return purpose_of(changelog)
+    except KeyError:
+        return DEADLETTER
+
+
 class PartitionState:
     def __init__(self) -> None:
         self._store: dict[bytes, bytes] = {}
@@ -98,3 +110,9 @@ class PartitionState:
             self._store.pop(key, None)
         else:
             self._store[key] = value
+
+    def reseal(self, key: bytes) -> None:
+        """Write the stored value again with the next transaction (sealed with the active key:
+        re-wrapping a value restored from under a rotated-out key)."""
+        if key in self._store and key not in self._pending:
+            self._pending[key] = self._store[key]

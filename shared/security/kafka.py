@@ -7,6 +7,7 @@ from typing import Any
 from aiokafka.helpers import create_ssl_context
 
 from shared.config import KafkaSettings
+from shared.security.keyfile import read_secret_file
 
 
 def client_kwargs(kafka: KafkaSettings) -> dict[str, Any]:
@@ -23,6 +24,8 @@ def client_kwargs(kafka: KafkaSettings) -> dict[str, Any]:
         kwargs["sasl_plain_username"] = kafka.username
         password = kafka.password.get_secret_value()
         if kafka.password_file is not None:
-            password = kafka.password_file.read_text().strip()
+            # re-read at every client start: a rotated password is used by the next client;
+            # refused when others may read the file (shared/security/keyfile.py)
+            password = read_secret_file(kafka.password_file)
         kwargs["sasl_plain_password"] = password
     return kwargs

@@ -3,8 +3,14 @@
 Everything lives under one home folder::
 
     <home>/kafka/        server.properties, data, broker.log, broker.pid
-    <home>/secrets/      0700: credentials.json (SCRAM passwords, 0600), keyring.json,
-                         tls/ (development CA and broker keystore), admin.properties
+    <home>/secrets/      0700: credentials.json (every SCRAM password: the administrator's,
+                         0600), keyring.json (the master keyring), tls/ (development CA and
+                         broker keystore), admin.properties, and principals/<name>/ with one
+                         principal's own password and key file (0600 each)
+
+No password is ever put on a command line or in a service's environment: the storage tool gets
+salted SCRAM credentials, services read ``RADSTREAM_KAFKA__PASSWORD_FILE``, a password change
+(:meth:`LocalBroker.set_password`) reaches the broker in a 0600 file.
 
 Listeners: SASL_SSL (SCRAM-SHA-512) on 127.0.0.1 for every client; the KRaft controller
 listener is PLAINTEXT on 127.0.0.1 only (its ANONYMOUS principal must be a super user).
@@ -27,6 +33,8 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from shared.config import KafkaSettings
+from shared.security.keyfile import write_private
+from shared.security.scram import salted_credential
 from shared.stack import principals
 
 REPO = Path(__file__).resolve().parents[2]
@@ -174,6 +182,58 @@ class LocalBroker:
             _write_secret(path, json.dumps(creds, indent=2))
         return creds
 
+    @property
+    def principals_dir(self) -> Path:
+        return self.secrets_dir / "principals"
+
+    def password_file(self, principal: str) -> Path:
+        """The file a service running as ``principal`` reads its password from (0600)."""
+        path = self.principals_dir / principal / "password"
+        password = self.credentials()[principal]
+        try:
+            current = path.read_text()
+        except FileNotFoundError:
+            current = None
+        if current != password:
+            write_private(path, password)
+        return path
+
+    def set_password(self, principal: str, password: str) -> None:
+        """Change a principal's SCRAM password on the running broker (as the administrator;
+        the new password travels in a 0600 file, never on a command line), then in the
+        stack's store and the principal's password file. Connections already open stay up;
+        new ones need the new password."""
+        if principal == principals.ADMIN:
+            raise BrokerError("the administrator's password is set at format time only")
+        creds = self.credentials()
+        if principal not in creds:
+            raise BrokerError(f"no principal {principal!r}")
+        config = self.secrets_dir / f".scram-{principal}.properties"
+        write_private(config, f"SCRAM-SHA-512=[iterations=8192,password={password}]\n")
+        try:
+            cmd = self._java(
+                "kafka.admin.ConfigCommand",
+                "--bootstrap-server",
+                self.bootstrap_servers,
+                "--command-config",
+                str(self._admin_properties()),
+                "--alter",
+                "--entity-type",
+                "users",
+                "--entity-name",
+                principal,
+                "--add-config-file",
+                str(config),
+            )
+            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        finally:
+            config.unlink(missing_ok=True)
+        if res.returncode != 0:
+            raise BrokerError(f"changing the SCRAM password failed: {res.stderr[-2000:]}")
+        creds[principal] = password
+        _write_secret(self.secrets_dir / "credentials.json", json.dumps(creds, indent=2))
+        self.password_file(principal)
+
     def _store_password(self) -> str:
         path = self.tls_dir / "store.password"
         if not path.exists():
@@ -200,11 +260,12 @@ class LocalBroker:
         )
 
     def env_for(self, principal: str) -> dict[str, str]:
-        """``RADSTREAM_KAFKA__*`` variables for a service process running as ``principal``."""
+        """``RADSTREAM_KAFKA__*`` variables for a service process running as ``principal``:
+        the password is in a 0600 file the variables name, never in the environment."""
         return {
             "RADSTREAM_KAFKA__BOOTSTRAP_SERVERS": self.bootstrap_servers,
             "RADSTREAM_KAFKA__USERNAME": principal,
-            "RADSTREAM_KAFKA__PASSWORD": self.credentials()[principal],
+            "RADSTREAM_KAFKA__PASSWORD_FILE": str(self.password_file(principal)),
             "RADSTREAM_KAFKA__CA_FILE": str(self.ca_file),
         }
 
@@ -291,7 +352,8 @@ class LocalBroker:
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         scram = []
         for name, pw in self.credentials().items():
-            scram += ["--add-scram", f"SCRAM-SHA-512=[name={name},password={pw}]"]
+            # salted (RFC 5802 SaltedPassword): the passwords themselves never reach argv
+            scram += ["--add-scram", salted_credential(name, pw)]
         cmd = self._java(
             "kafka.tools.StorageTool",
             "format",

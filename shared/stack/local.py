@@ -34,6 +34,7 @@ from shared import topology
 from shared.config import KafkaSettings
 from shared.security.envelope import init_keyring_file
 from shared.security.kafka import client_kwargs
+from shared.security.keyfile import issue_all, principal_key_file
 from shared.stack.broker import REPO, LocalBroker, _pid_alive, free_port, spawn_detached, terminate
 from shared.topology import Service
 
@@ -146,7 +147,17 @@ class LocalStack:
 
     @property
     def keyring_path(self) -> Path:
+        """The master keyring: the key administrator's, never given to a service."""
         return self.home / "secrets" / "keyring.json"
+
+    def key_file(self, principal: str) -> Path:
+        """``principal``'s own key file (what its role may open and seal, 0600)."""
+        return principal_key_file(self.broker.principals_dir, principal)
+
+    def issue_keys(self) -> None:
+        """The master keyring (created once), then every principal's key file from it."""
+        init_keyring_file(self.keyring_path)
+        issue_all(self.keyring_path, self.broker.principals_dir)
 
     def _pid_file(self, svc: Service) -> Path:
         return self.home / "run" / f"{svc.name}.pid"
@@ -170,6 +181,7 @@ class LocalStack:
         env = dict(svc.env)
         env.update({k: v for k, v in os.environ.items() if not k.startswith("RADSTREAM_KAFKA__")})
         env.update(self.broker.env_for(svc.principal))
+        env["RADSTREAM_KEYRING_FILE"] = str(self.key_file(svc.principal))
         if svc.name == "gateway":
             env.setdefault("RADSTREAM_GATEWAY__PORT", str(self.ports.gateway_dicom))
         if svc.stage is not None and "pacs" in svc.stage.delivers and shutil.which("Orthanc"):
@@ -197,7 +209,7 @@ class LocalStack:
         was_running = self.broker.is_running()
         self.broker.start()
         actions.append("broker already running" if was_running else "broker started")
-        init_keyring_file(self.keyring_path)
+        self.issue_keys()
         if not was_running:
             self.broker.bootstrap(self.prefix, PARTITIONS)
             actions.append("topics and ACLs in place")

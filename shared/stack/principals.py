@@ -26,18 +26,35 @@ class Role:
     groups: tuple[str, ...] = ()  # consumer groups it may join (prefixed match)
     transactional: bool = False  # may use transactional ids "<prefix><name>."
     describe_all: bool = False  # may describe every topic and group (lag, status)
+    # its key file (shared/security/keyfile.py): purposes it may open (private keys) and
+    # seal (public keys), whether it holds the Kafka-key HMAC keys and the blob naming key
+    opens: frozenset[str] = frozenset()
+    seals: frozenset[str] = frozenset()
+    hmac: bool = False
+    blob_names: bool = False
+
+
+def _purposes(topics: tuple[str, ...]) -> set[str]:
+    return {topology.purpose_of(t) for t in topics}
 
 
 def _stage_role(stage: topology.Stage) -> Role:
     """Read the input (and own changelog), write outputs + dead letters + audit (+ changelog),
-    own the group and the transactional ids."""
+    own the group and the transactional ids. Keys: open what it reads (input, own state,
+    blobs it reads), seal what it writes."""
     own = (stage.changelog,) if stage.changelog else ()
+    read = (stage.input, *own)
+    write = tuple(dict.fromkeys((*stage.outputs, DEADLETTER, AUDIT, *own)))
     return Role(
         name=stage.name,
-        read=(stage.input, *own),
-        write=tuple(dict.fromkeys((*stage.outputs, DEADLETTER, AUDIT, *own))),
+        read=read,
+        write=write,
         groups=(stage.name,),
         transactional=True,
+        opens=frozenset(_purposes(read) | set(stage.blobs_read)),
+        seals=frozenset(_purposes(write) | set(stage.blobs_written)),
+        hmac=True,
+        blob_names=bool(stage.blobs_read or stage.blobs_written),
     )
 
 
@@ -48,6 +65,10 @@ def _party_role(party: topology.Party) -> Role:
         write=party.write,
         groups=party.groups,
         describe_all=party.describe_all,
+        opens=frozenset(_purposes(party.read) | set(party.blobs_read)),
+        seals=frozenset(_purposes(party.write)),
+        hmac=party.keyed,
+        blob_names=bool(party.blobs_read),
     )
 
 

@@ -1,13 +1,14 @@
 """Encrypted, content-addressed blob store.
 
 An object is addressed by the SHA-256 of its plaintext; on disk its name is a keyed hash of
-that digest (so a file name never confirms content), its bytes an AES-256-GCM envelope whose
-associated data is the digest. Writes are atomic (temp file, fsync, rename, fsync of the
-folder) and idempotent: writing the same content twice stores it once. Reads verify both the
-envelope and the digest.
+that digest (so a file name never confirms content; the blob naming key, not the Kafka-key
+HMAC, so rotating that never renames blobs), its bytes an AES-256-GCM envelope sealed for the
+object's key purpose (instances, volumes, findings) whose associated data is the digest.
+Writes are atomic (temp file, fsync, rename, fsync of the folder) and idempotent: writing the
+same content twice stores it once. Reads verify both the envelope and the digest.
 
-The backend is a small interface (put/get/exists/delete of opaque names), a local directory by
-default; an object-storage backend implements the same four calls.
+The backend is a small interface (put/get/exists/delete/replace/names of opaque names), a
+local directory by default; an object-storage backend implements the same calls.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import hashlib
 import os
 import secrets
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter
@@ -47,6 +48,14 @@ class BlobBackend(ABC):
     @abstractmethod
     def delete(self, name: str) -> None: ...
 
+    @abstractmethod
+    def replace(self, name: str, data: bytes) -> None:
+        """Overwrite an existing object atomically (re-wrapping after a key rotation)."""
+
+    @abstractmethod
+    def names(self) -> Iterator[str]:
+        """Every stored object's name."""
+
 
 class LocalDirBackend(BlobBackend):
     def __init__(self, root: Path) -> None:
@@ -62,8 +71,21 @@ class LocalDirBackend(BlobBackend):
         path = self._path(name)
         if path.exists():
             return False
+        self._write(path, data)
+        return True
+
+    def replace(self, name: str, data: bytes) -> None:
+        self._write(self._path(name), data)
+
+    def names(self) -> Iterator[str]:
+        for path in self.root.glob("??/*"):
+            if not path.name.startswith("."):
+                yield path.name
+
+    @staticmethod
+    def _write(path: Path, data: bytes) -> None:
         path.parent.mkdir(exist_ok=True, mode=0o700)
-        tmp = path.parent / f".{name}.{secrets.token_hex(4)}.tmp"
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -79,7 +101,6 @@ class LocalDirBackend(BlobBackend):
             os.fsync(dfd)
         finally:
             os.close(dfd)
-        return True
 
     def get(self, name: str) -> bytes:
         try:
@@ -112,18 +133,19 @@ class BlobStore:
         self._on_write = on_write
 
     def _name(self, digest: str) -> str:
-        return self.keyring.keyed_hash("blob:" + digest).decode()
+        return self.keyring.blob_name(digest)
 
-    def put(self, data: bytes) -> BlobRef:
+    def put(self, data: bytes, purpose: str) -> BlobRef:
+        """Store ``data`` sealed for ``purpose`` (a key purpose of shared.topology)."""
         digest = hashlib.sha256(data).hexdigest()
         name = self._name(digest)
         if self.backend.exists(name):
             kid = self._stored_key_id(name)
         else:
-            sealed = self.keyring.seal(data, digest.encode())
+            sealed = self.keyring.seal(data, digest.encode(), purpose)
             if self.backend.put(name, sealed) and self._on_write is not None:
                 self._on_write(len(sealed))
-            kid = self.keyring.active_key_id
+            kid = self.keyring.key_id_of(sealed)
         return BlobRef(digest=digest, size=len(data), key_id=kid)
 
     def _stored_key_id(self, name: str) -> str:

@@ -125,6 +125,20 @@ async def test_operator_reads_but_does_not_write(env: Env) -> None:
     await denied(produce(env, "operator", "instances"), TopicAuthorizationFailedError)
 
 
+async def test_operator_cannot_read_raw_instances_or_write_findings(env: Env) -> None:
+    """The attack (issue 14, low): an operator's credential reads the raw DICOM on
+    ``instances`` and forges findings (alerts without analysis). Both are refused; what the
+    operator needs stays: replays write ``series`` / ``volumes``, it reads findings."""
+    await seed(env, "instances")
+    await seed(env, "findings")
+    await denied(consume(env, "operator", "instances"), TopicAuthorizationFailedError)
+    await denied(produce(env, "operator", "findings"), TopicAuthorizationFailedError)
+    await denied(produce(env, "operator", "alerts"), TopicAuthorizationFailedError)
+    assert await consume(env, "operator", "findings") == 1
+    await produce(env, "operator", "series")
+    await produce(env, "operator", "volumes")
+
+
 async def test_unauthenticated_and_plaintext_clients_are_refused(env: Env) -> None:
     settings = env.broker.settings_for("operator")
     base = {"bootstrap_servers": settings.bootstrap_servers, "request_timeout_ms": 5000}

@@ -31,11 +31,11 @@ async def write_changelog(env: Env, changelog: str) -> None:
                     for i in range(chunk * KEYS // 4, (chunk + 1) * KEYS // 4):
                         key = f"p{partition}-k{i}".encode()
                         value = json.dumps({"n": i}).encode()
-                        sealed = env.keyring.seal(value, changelog_aad(changelog, key))
+                        sealed = env.keyring.seal(value, changelog_aad(changelog, key), "instances")
                         await producer.send(changelog, sealed, key=key, partition=partition)
             await producer.begin_transaction()  # an aborted write is never restored
             key = f"p{partition}-aborted".encode()
-            sealed = env.keyring.seal(b"{}", changelog_aad(changelog, key))
+            sealed = env.keyring.seal(b"{}", changelog_aad(changelog, key), "instances")
             await producer.send(changelog, sealed, key=key, partition=partition)
             await producer.abort_transaction()
     finally:

@@ -103,12 +103,13 @@ async def test_tampered_and_foreign_envelopes_are_rejected(
 
 
 async def test_rotated_out_key_still_decrypts(env: Env, stage: StageRunner[Probe]) -> None:
-    old_kid = env.keyring.active_key_id
+    old_kid = env.keyring.active_key_id("series")
     await env.produce("series", [(b"k", Probe(id="before-rotation", seq=0))])
-    new_kid = rotate_keyring_file(env.keyring_path)
-    assert new_kid != old_kid
+    new = rotate_keyring_file(env.keyring_path)
+    assert new["series"] != old_kid
+    new_kid = new["volumes"]  # what the stage's output is sealed for
     rotated = Keyring.from_file(env.keyring_path)
-    assert rotated.active_key_id == new_kid and old_kid in rotated.key_ids
+    assert rotated.active_key_id("series") == new["series"] and old_kid in rotated.key_ids
     env.keyring = rotated
     await env.produce("series", [(b"k", Probe(id="after-rotation", seq=1))])
     async with Reader(env, "volumes", Probe) as out:

@@ -36,8 +36,9 @@ def _sealed_json(
     codec: Codec, body: bytes, schema: bytes = b"radstream.probe"
 ) -> tuple[bytes, list[tuple[str, bytes]]]:
     from shared.runtime.codec import aad
+    from shared.topology import purpose_of
 
-    return codec.keyring.seal(b"J" + body, aad(TOPIC, b"k", schema, b"1")), [
+    return codec.keyring.seal(b"J" + body, aad(TOPIC, b"k", schema, b"1"), purpose_of(TOPIC)), [
         ("rs-schema", schema),
         ("rs-version", b"1"),
     ]

@@ -258,7 +258,7 @@ def test_bad_input_on_the_gpu_path_still_dead_letters_with_its_reason(
     assert sum(fallbacks(registry, "preprocess").values()) == 0.0
     seg, seg_registry = stage("segmentation", settings, keyring)
     corrupt = VolumePrepared.model_validate(
-        {**_volume(store, keyring, tmp_path).model_dump(), "volume": store.put(b"not a volume")}
+        {**_volume(store, keyring, tmp_path).model_dump(), "volume": store.put(b"not a volume", "volumes")}
     )
     (letter,) = seg.send(corrupt, key=corrupt.series_instance_uid).dead_letters
     assert letter.reason == "undecodable" and letter.stage == "segmentation"

@@ -118,8 +118,8 @@ def test_blob_store_is_content_addressed_encrypted_and_verified(tmp_path: Path) 
     ring = Keyring.generate()
     backend = LocalDirBackend(tmp_path / "b")
     store = BlobStore(backend, ring)
-    a = store.put(b"PATIENT^NAME pixel bytes")
-    assert store.put(b"PATIENT^NAME pixel bytes") == a  # idempotent
+    a = store.put(b"PATIENT^NAME pixel bytes", "instances")
+    assert store.put(b"PATIENT^NAME pixel bytes", "instances") == a  # idempotent
     assert backend.usage()[0] == 1
     (path,) = [p for p in (tmp_path / "b").rglob("*") if p.is_file()]
     assert b"PATIENT" not in path.read_bytes() and a.digest not in path.name
@@ -151,7 +151,7 @@ def _v1_state(ph: phantom.Phantom, files: list[bytes], store: BlobStore) -> dict
                 i.instance_number,
                 list(i.position) if i.position else None,
             ]
-            for i, ref in ((i, store.put(d)) for i, d in zip(infos, files, strict=True))
+            for i, ref in ((i, store.put(d, "instances")) for i, d in zip(infos, files, strict=True))
         },
         "expected": None,
         "revision": 0,

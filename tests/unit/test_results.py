@@ -261,7 +261,7 @@ def test_masks_written_in_the_old_format_are_still_read(world: dict[str, Any]) -
     assert done.masks is not None
     buf = io.BytesIO()
     np.savez_compressed(buf, **unpack_masks(store.get(done.masks)))
-    old = done.model_copy(update={"masks": store.put(buf.getvalue())})
+    old = done.model_copy(update={"masks": store.put(buf.getvalue(), "findings")})
     (new,) = ResultsCore(store).handle(done, world["ctx"])
     (record,) = ResultsCore(store).handle(old, world["ctx"])
     assert isinstance(record, ResultsReady) and isinstance(new, ResultsReady)
@@ -286,8 +286,8 @@ def test_bad_input_is_dead_lettered_with_a_known_reason(world: dict[str, Any]) -
     done: SegmentationDone = world["done"]["head"]
     harness = _harness(world)
     store: BlobStore = world["store"]
-    missing = store.put(b"x").model_copy(update={"digest": "0" * 64})
-    garbage = store.put(b"neither format")
+    missing = store.put(b"x", "findings").model_copy(update={"digest": "0" * 64})
+    garbage = store.put(b"neither format", "findings")
     for masks, reason in ((missing, Reason.BLOB_MISSING), (garbage, Reason.UNDECODABLE)):
         result = harness.send(done.model_copy(update={"masks": masks}), key="series")
         (letter,) = result.dead_letters
@@ -323,7 +323,7 @@ def test_an_unreachable_pacs_is_retried_then_recorded_as_failed(world: dict[str,
 def test_findings_that_were_not_segmented_give_an_empty_record(world: dict[str, Any]) -> None:
     done: SegmentationDone = world["done"]["head"]
     nothing = done.model_copy(update={"task": "none", "masks": None, "findings": []})
-    no_masks = done.model_copy(update={"masks": world["store"].put(pack_masks({}))})
+    no_masks = done.model_copy(update={"masks": world["store"].put(pack_masks({}), "findings")})
     for msg in (nothing, no_masks):
         result = _harness(world).send(msg, key="series")
         (record,) = result.outputs["results"]

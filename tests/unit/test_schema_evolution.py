@@ -25,6 +25,7 @@ from shared.runtime.harness import StageHarness
 from shared.schemas import Alert, Finding, Reason, SegmentationDone
 from shared.schemas.models import BlobRef, NamedBlob, Record, Uid, utcnow
 from shared.security.envelope import Keyring
+from shared.topology import purpose_of
 
 TOPIC = "radstream.findings"
 KEY = b"series-key"
@@ -154,7 +155,8 @@ def sealed(codec: Codec, body: dict[str, Any], schema: str, headers: dict[str, b
     """A record as some other writer would seal it (version headers as given)."""
     extra = (headers["rs-min-reader"],) if "rs-min-reader" in headers else ()
     context = aad(TOPIC, KEY, schema.encode(), headers["rs-version"], *extra)
-    return codec.keyring.seal(b"J" + json.dumps(body, default=str).encode(), context)
+    body_bytes = b"J" + json.dumps(body, default=str).encode()
+    return codec.keyring.seal(body_bytes, context, purpose_of(TOPIC))
 
 
 @pytest.fixture
@@ -279,7 +281,7 @@ def _raw(harness: StageHarness[SegmentationDone], body: dict[str, Any], **header
     hdrs = {k.replace("_", "-"): v for k, v in headers.items()}
     topic = harness.dispatcher.input_topic
     context = aad(topic, KEY, b"radstream.segmentation_done", *hdrs.values())
-    value = harness.keyring.seal(b"J" + json.dumps(body).encode(), context)
+    value = harness.keyring.seal(b"J" + json.dumps(body).encode(), context, purpose_of(topic))
     wire = [("rs-schema", b"radstream.segmentation_done"), *hdrs.items()]
     return harness.send_raw(value, wire, key=KEY)
 

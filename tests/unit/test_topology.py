@@ -171,7 +171,9 @@ def test_cli_replays_exactly_the_replayable_stages_as_the_operator_may() -> None
     assert {s.name: s.input for s in topology.STAGES if s.replay} == REPLAY
     operator = topology.party("operator")
     assert set(operator.write) == {*REPLAY.values(), topology.AUDIT}
-    assert set(operator.read) == set(topology.TOPIC_NAMES)
+    # never the raw instances, never the findings (rules are re-run from segmentation)
+    assert "findings" not in operator.write and "alert" not in REPLAY
+    assert set(operator.read) == set(topology.TOPIC_NAMES) - {"instances", topology.AUDIT}
 
 
 def test_settings_defaults_are_the_topology_s_ports() -> None:
