@@ -208,26 +208,21 @@ class LocalBroker:
         creds = self.credentials()
         if principal not in creds:
             raise BrokerError(f"no principal {principal!r}")
-        config = self.secrets_dir / f".scram-{principal}.properties"
-        write_private(config, f"SCRAM-SHA-512=[iterations=8192,password={password}]\n")
-        try:
-            cmd = self._java(
-                "kafka.admin.ConfigCommand",
-                "--bootstrap-server",
-                self.bootstrap_servers,
-                "--command-config",
-                str(self._admin_properties()),
-                "--alter",
-                "--entity-type",
-                "users",
-                "--entity-name",
-                principal,
-                "--add-config-file",
-                str(config),
-            )
-            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        finally:
-            config.unlink(missing_ok=True)
+        # the password travels in a 0600 java argument file, never on a command line
+        res = self._run_java_secret(
+            "kafka.admin.ConfigCommand",
+            "--bootstrap-server",
+            self.bootstrap_servers,
+            "--command-config",
+            str(self._admin_properties()),
+            "--alter",
+            "--entity-type",
+            "users",
+            "--entity-name",
+            principal,
+            "--add-config",
+            f"SCRAM-SHA-512=[iterations=8192,password={password}]",
+        )
         if res.returncode != 0:
             raise BrokerError(f"changing the SCRAM password failed: {res.stderr[-2000:]}")
         creds[principal] = password
@@ -343,6 +338,19 @@ class LocalBroker:
             *args,
         ]
 
+    def _run_java_secret(self, main: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run a Kafka tool whose arguments carry secrets: main class and arguments go in a 0600
+        java argument file (``java @file``), so ``/proc/<pid>/cmdline`` (readable by every
+        local user) shows the file's name, never a password or salted password."""
+        argfile = self.secrets_dir / f".args-{os.urandom(4).hex()}"
+        quoted = ('"' + a.replace("\\", "\\\\").replace('"', '\\"') + '"' for a in (main, *args))
+        write_private(argfile, "\n".join(quoted) + "\n")
+        try:
+            cmd = [*self._java(), f"@{argfile}"]
+            return subprocess.run(cmd, capture_output=True, text=True, check=False)
+        finally:
+            argfile.unlink(missing_ok=True)
+
     def format_storage(self) -> None:
         props = self.kafka_dir / "server.properties"
         self.kafka_dir.mkdir(parents=True, exist_ok=True)
@@ -354,7 +362,7 @@ class LocalBroker:
         for name, pw in self.credentials().items():
             # salted (RFC 5802 SaltedPassword): the passwords themselves never reach argv
             scram += ["--add-scram", salted_credential(name, pw)]
-        cmd = self._java(
+        res = self._run_java_secret(
             "kafka.tools.StorageTool",
             "format",
             f"--cluster-id={cluster_id}",
@@ -362,7 +370,6 @@ class LocalBroker:
             str(props),
             *scram,
         )
-        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if res.returncode != 0:
             # never echo the command: it carries passwords
             raise BrokerError(f"formatting KRaft storage failed: {res.stderr[-2000:]}")

@@ -6,6 +6,7 @@ Each test bootstraps its own copy of the whole access matrix (own prefix) on the
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from collections.abc import Awaitable
 from typing import Any
@@ -188,3 +189,63 @@ async def test_unauthenticated_and_plaintext_clients_are_refused(env: Env) -> No
         ),
         KafkaError,
     )
+
+
+async def test_a_rotated_scram_password_replaces_the_old_one_and_never_travels_in_env(
+    env: Env,
+) -> None:
+    """``radstream keys rotate-password``: the broker takes the new password (through a 0600
+    file, not a command line), the old one is refused from then on, and what a service process
+    gets is a mode-checked file name, never the password itself."""
+    from shared.security.kafka import client_kwargs
+
+    principal = "auditor"  # a party no other test of this session authenticates as
+    old = env.broker.credentials()[principal]
+    new = "rotated-" + old[::-1]
+    env.broker.set_password(principal, new)
+    service_env = env.broker.env_for(principal)
+    assert not any(old in v or new in v for v in service_env.values())
+    password_file = service_env["RADSTREAM_KAFKA__PASSWORD_FILE"]
+    assert oct(os.stat(password_file).st_mode & 0o777) == "0o600"
+    assert not list(env.broker.secrets_dir.glob(".args-*"))  # the argument file is gone
+
+    settings = env.broker.settings_for(principal)
+    ctx = create_ssl_context(cafile=str(settings.ca_file))
+
+    async def topics(password: str) -> None:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.bootstrap_servers,
+            request_timeout_ms=5000,
+            security_protocol="SASL_SSL",
+            ssl_context=ctx,
+            sasl_mechanism="SCRAM-SHA-512",
+            sasl_plain_username=principal,
+            sasl_plain_password=password,
+        )
+        try:
+            await consumer.start()
+            await consumer.topics()
+        finally:
+            await consumer.stop()
+
+    # the change reaches the broker through the controller's metadata log: wait for it
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:
+        try:
+            await topics(new)
+            break
+        except (SaslAuthenticationFailed, KafkaConnectionError):
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+    await denied(topics(old), SaslAuthenticationFailed, KafkaConnectionError)
+    # a service reading its password file gets the new one
+    from shared.config import KafkaSettings
+
+    from_file = KafkaSettings(
+        bootstrap_servers=settings.bootstrap_servers,
+        username=principal,
+        password_file=password_file,
+        ca_file=settings.ca_file,
+    )
+    assert client_kwargs(from_file)["sasl_plain_password"] == new
