@@ -3,19 +3,23 @@
 
 from __future__ import annotations
 
-import sys
+from shared.runtime.graceful import exit_on_sigterm
 
-from prometheus_client import CollectorRegistry
+exit_on_sigterm(__name__)  # first: a SIGTERM during the heavy imports below exits 0
 
-from services.alert.raised import RaisedAlerts
-from services.notify.core import NotifyCore, NotifyMetrics
-from services.notify.targets import Targets
-from shared.config import Settings
-from shared.runtime.service import serve
-from shared.runtime.stage import StageSpec
-from shared.schemas import Alert
-from shared.security.envelope import Keyring
-from shared.topology import stage
+import sys  # noqa: E402
+
+from prometheus_client import CollectorRegistry  # noqa: E402
+
+from services.alert.raised import RaisedAlerts  # noqa: E402
+from services.notify.core import NotifyCore, NotifyMetrics  # noqa: E402
+from services.notify.targets import Targets  # noqa: E402
+from shared.config import Settings  # noqa: E402
+from shared.runtime.service import serve  # noqa: E402
+from shared.runtime.stage import StageSpec  # noqa: E402
+from shared.schemas import Alert  # noqa: E402
+from shared.security.envelope import Keyring  # noqa: E402
+from shared.topology import stage  # noqa: E402
 
 STAGE = stage("notify")
 

@@ -5,7 +5,9 @@ that always fails."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
+import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from shared.runtime.stage import StageRunner
 from shared.schemas import Alert, AuditEvent, DeadLetter
 from shared.schemas.reasons import Reason
 from shared.security.webhook import IDEMPOTENCY_HEADER, sign
-from tests.helpers import Env, Reader, group_caught_up, running, wait_until
+from tests.helpers import Env, Reader, StageProcess, group_caught_up, running, wait_until
 from tests.integration.test_acls import consume, denied, produce
 from tests.notify_peers import FhirServer, MllpPeer, WebhookReceiver
 
@@ -170,21 +172,45 @@ async def test_each_alert_reaches_each_target_once_across_retries_restart_and_re
 async def test_an_always_failing_endpoint_produces_a_dead_letter_with_its_reason(
     env: Env, tmp_path: Path
 ) -> None:
+    """The service as its own process (``python -m services.notify.main``, as deployed)."""
     batch = alerts(env, "broken", 2)
+    (tmp_path / "hook.key").write_bytes(SECRET)
     with WebhookReceiver(SECRET, always_fail=True) as down:
-        targets = [
-            {
-                "name": "down",
-                "channel": "webhook",
-                "routes": ["broken"],
-                "url": down.url,
-                "secret_file": str(tmp_path / "hook.key"),
-            }
-        ]
-        await env.produce("alerts", batch)
-        runner, registry = stage(env, tmp_path, targets)
-        async with running(runner), Reader(env, "deadletter", DeadLetter) as dead:
-            letters = await dead.wait_for(2, 90)
+        targets = tmp_path / "targets.yaml"
+        target = {
+            "name": "down",
+            "channel": "webhook",
+            "routes": ["broken"],
+            "url": down.url,
+            "secret_file": str(tmp_path / "hook.key"),
+        }
+        targets.write_text(yaml.safe_dump({"targets": [target]}))
+        proc = StageProcess(
+            env.service_env(
+                "notify",
+                RADSTREAM_NOTIFY__TARGETS_FILE=str(targets),
+                RADSTREAM_RETRY_ATTEMPTS="4",
+                RADSTREAM_RETRY_BACKOFF_S="0.05",
+            ),
+            "services.notify.main",
+            tmp_path / "notify.log",
+        ).start()
+        try:
+            await env.produce("alerts", batch)
+            async with Reader(env, "deadletter", DeadLetter) as dead:
+                letters = await dead.wait_for(2, 120)
+            # the counters move right after the commit that made the dead letters visible
+            dead_counted = (
+                'radstream_deadletters_total{reason="notification_failed",stage="notify"} 2.0'
+            )
+
+            async def counted() -> bool:
+                return dead_counted in await asyncio.to_thread(scrape, proc.port)
+
+            await wait_until(counted, 30, "the dead letters counted in /metrics")
+            metrics = await asyncio.to_thread(scrape, proc.port)
+        finally:
+            assert proc.terminate(30) == 0
     assert {d.reason for d in letters} == {Reason.NOTIFICATION_FAILED}
     for d in letters:
         assert d.stage == "notify" and d.attempts == 4
@@ -192,11 +218,18 @@ async def test_an_always_failing_endpoint_produces_a_dead_letter_with_its_reason
         assert "webhook:down: HTTP 503" in d.message and "1.2.826" not in d.message
     assert dict(down.attempts) == dict.fromkeys((a.alert_id for _, a in batch), 4)
     assert not down.delivered
-    assert count(registry, "webhook", "failed") == 8
-    dl = registry.get_sample_value(
-        "radstream_deadletters_total", {"stage": "notify", "reason": "notification_failed"}
-    )
-    assert dl == 2
+    assert 'radstream_notifications_total{channel="webhook",outcome="failed"} 8.0' in metrics
+    assert 'radstream_deadletters_total{reason="notification_failed",stage="notify"} 2.0' in metrics
+    # no alert content in the service's log: no UID, no alert id, no key material
+    log = (tmp_path / "notify.log").read_text()
+    assert "dead letter notification_failed" in log
+    assert "1.2.826" not in log and batch[0][1].alert_id not in log
+    assert SECRET.decode() not in log
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return str(r.read().decode())
 
 
 async def test_notify_reads_alerts_and_nothing_upstream(env: Env) -> None:
