@@ -21,8 +21,11 @@ def series_ready(datas: list[bytes], store: BlobStore, ring: Keyring) -> SeriesR
     core = IngestCore(store, IngestSettings())
     state = PartitionState()
     ctx = Context("offline.instances", 0, 0, ring.keyed_hash(uid), 0, state, ring)
-    for data in datas:
-        core.on_instance(InstanceData(source="offline", data=data), ctx, 1.0)
+    emit = None
+    for data in datas:  # an enhanced multi-frame instance completes its series by itself
+        emit = core.on_instance(InstanceData(source="offline", data=data), ctx, 1.0) or emit
+    if emit is not None:
+        return emit.record  # type: ignore[union-attr,return-value]
     emit = core.on_marker(
         EndOfSeries(source="offline", series_instance_uid=uid, expected_count=len(datas)), ctx, 2.0
     )

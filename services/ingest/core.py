@@ -3,7 +3,8 @@
 State per series (key: keyed hash of the SeriesInstanceUID) is a versioned
 :class:`~services.ingest.state.SeriesState`; the runtime writes it to the compacted changelog in
 the same transaction as the output, so a crash at any point resumes exactly. Completion: the
-end-of-series marker's count reached, or no new instance for ``inactivity_timeout_s``.
+end-of-series marker's count reached, or no new instance for ``inactivity_timeout_s``, or at
+once for an enhanced multi-frame (Enhanced CT/MR) instance, which holds the whole series.
 
 After completion a series is *idempotent*: the same instances sent again (same SOP Instance
 UIDs, same content digests; what PACS forwards and console re-sends do) publish nothing and
@@ -121,6 +122,10 @@ class IngestCore:
             st.dirty = st.dirty or not st.compacted  # compacted: judged when the re-send ends
         elif st.expected_count is not None and len(st.instances) >= st.expected_count:
             out = self._emit(key, st, "marker")
+        elif info.enhanced and len(st.instances) == 1:
+            # an enhanced multi-frame instance holds the whole series: complete at once (a
+            # marker that follows closes nothing; the same instance again is a re-send)
+            out = self._emit(key, st, "instance")
         self._put(state, key, st)
         return out
 

@@ -269,9 +269,22 @@ class PreprocessCore:
         asm = assemble(slices)
         ordered, spacing, origin, direction = asm.slices, asm.spacing, asm.origin, asm.direction
         first = ordered[0]
+        planes: list[tuple[np.ndarray, float, float]]  # (stored plane, slope, intercept)
         if first.stored.ndim == 3:  # one multi-frame instance
-            stored = first.stored
-            slopes = [(first.slope, first.intercept)]
+            if first.stored.size > self.settings.max_voxels:
+                raise ImagingError(
+                    "volume_too_large", f"{first.stored.size} voxels exceed the configured cap"
+                )
+            geo = first.frames
+            if asm.frames is not None and geo is not None:  # enhanced: per-frame rescale
+                stored = first.stored[asm.frames]  # volume order (along the normal)
+                planes = [
+                    (stored[z], float(geo.slopes[i]), float(geo.intercepts[i]))
+                    for z, i in enumerate(asm.frames)
+                ]
+            else:
+                stored = first.stored
+                planes = [(plane, first.slope, first.intercept) for plane in stored]
         else:
             voxels = len(ordered) * first.stored.size
             if voxels > self.settings.max_voxels:
@@ -279,11 +292,8 @@ class PreprocessCore:
             stored = np.empty((len(ordered), *first.stored.shape), first.stored.dtype)
             for i, s in enumerate(ordered):
                 stored[i] = s.stored
-            slopes = list({(s.slope, s.intercept) for s in ordered})
-        if stored.size > self.settings.max_voxels:
-            raise ImagingError(
-                "volume_too_large", f"{stored.size} voxels exceed the configured cap"
-            )
+            planes = [(stored[i], s.slope, s.intercept) for i, s in enumerate(ordered)]
+        slopes = list({(slope, intercept) for _, slope, intercept in planes})
         if len(slopes) == 1:
             slope, intercept = slopes[0]
             if slope == 1.0 and float(intercept).is_integer() and stored.dtype.kind in "iu":
@@ -304,10 +314,8 @@ class PreprocessCore:
                     list(pool.map(calibrate, range(stored.shape[0])))
             else:
                 data = ops.rescale(stored, slope=slope, intercept=intercept)
-        else:  # per-slice rescale
-            data = np.stack(
-                [ops.rescale(s.stored, slope=s.slope, intercept=s.intercept) for s in ordered]
-            )
+        else:  # per-slice (per-frame) rescale
+            data = np.stack([ops.rescale(p, slope=sl, intercept=ic) for p, sl, ic in planes])
         return Volume(data, spacing, origin, direction, msg.modality), asm
 
     def _run_chain(

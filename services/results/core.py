@@ -27,6 +27,7 @@ from shared.dicom.pacs import Pacs, deliver
 from shared.dicom.seg import (
     Algorithm,
     Segment,
+    frame_order,
     frames,
     is_organ,
     seg_dataset,
@@ -36,6 +37,7 @@ from shared.dicom.seg import (
 )
 from shared.dicom.segments import finding_segments
 from shared.dicom.sr import reported, sr_dataset, to_bytes
+from shared.imaging.errors import ImagingError
 from shared.imaging.geometry import Geometry
 from shared.imaging.masks import unpack_masks
 from shared.imaging.overlay import LESIONS as PICTURED
@@ -159,13 +161,23 @@ class ResultsCore:
         if geo is None or not msg.source_instances:
             built.not_built = "the findings record carries no geometry or source instances"
             return built
-        if any(m.shape[0] != len(msg.source_instances) for m in masks.values()):
+        single = len(msg.source_instances) > 1
+        if single and any(m.shape[0] != len(msg.source_instances) for m in masks.values()):
             built.not_built = "the masks and the source instances differ in slice count"
             return built
         t = time.perf_counter()
         instances = [self._get(r.blob, "source instance") for r in msg.source_instances]
         sources = source_headers(instances)
         built.timings["sources"] = time.perf_counter() - t
+        try:
+            order = frame_order(sources)  # one enhanced instance: its frames, volume order
+        except ImagingError as exc:  # preprocess built a volume from it: not expected
+            built.not_built = f"the source's frames do not make a volume ({exc.reason})"
+            return built
+        planes = len(order) if order is not None else len(sources)
+        if any(m.shape[0] != planes for m in masks.values()):
+            built.not_built = "the masks and the source instances differ in slice count"
+            return built
         algorithm = Algorithm(msg.algorithm, msg.algorithm_version)
         try:
             self._dicom(built, msg, sources, masks, findings, geo, algorithm)

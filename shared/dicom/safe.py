@@ -37,6 +37,7 @@ __all__ = [
     "series_uid_or_none",
 ]
 from shared.dicom.codestream import check_frames
+from shared.imaging.frames import ENHANCED_IMAGE_STORAGE
 
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -102,6 +103,7 @@ class InstanceInfo:
     slice_thickness: float | None
     acquisition: str | None  # DICOM DA+TM of acquisition (or content / series) if given
     body_part: str | None
+    enhanced: bool = False  # an Enhanced CT/MR image: one instance holding the whole series
 
 
 def _get(ds: Dataset, name: str) -> Any:
@@ -251,10 +253,19 @@ def _inspect(data: bytes, limits: Limits) -> InstanceInfo:
         if d:
             acq = f"{d}{t or ''}"
             break
+    enhanced = is_image and values["SOPClassUID"] in ENHANCED_IMAGE_STORAGE
     position = _floats(ds, "ImagePositionPatient", 3)
     orientation = _floats(ds, "ImageOrientationPatient", 6)
     spacing = _floats(ds, "PixelSpacing", 2)
     thickness = _get(ds, "SliceThickness")
+    if enhanced:  # geometry lives in the shared functional groups (frames: preprocess's job)
+        plane = _shared_group(ds, "PlaneOrientationSequence")
+        measures = _shared_group(ds, "PixelMeasuresSequence")
+        if orientation is None and plane is not None:
+            orientation = _floats(plane, "ImageOrientationPatient", 6)
+        if measures is not None:
+            spacing = spacing or _floats(measures, "PixelSpacing", 2)
+            thickness = thickness or _get(measures, "SliceThickness")
     try:
         thickness_f = float(thickness) if thickness not in (None, "") else None
     except (TypeError, ValueError):
@@ -278,7 +289,17 @@ def _inspect(data: bytes, limits: Limits) -> InstanceInfo:
         slice_thickness=thickness_f,
         acquisition=acq,
         body_part=str(body_part)[:16] if body_part else None,
+        enhanced=enhanced,
     )
+
+
+def _shared_group(ds: Dataset, name: str) -> Dataset | None:
+    """The item of functional group ``name`` shared by every frame, if there is one."""
+    shared = _get(ds, "SharedFunctionalGroupsSequence")
+    if not shared:
+        return None
+    group = _get(shared[0], name)
+    return group[0] if group else None
 
 
 def series_uid_or_none(data: bytes) -> str | None:

@@ -26,6 +26,7 @@ from pydicom.uid import generate_uid
 
 from shared.dicom import bounded
 from shared.dicom.bounded import DEFAULT_BOUNDS, Bounds, InvalidInstance
+from shared.imaging.frames import assemble_frames, frame_geometry, is_enhanced
 from shared.runtime.errors import PoisonError
 
 # segment kind → (category, type, default label)
@@ -97,6 +98,15 @@ def source_headers(instances: Sequence[bytes], bounds: Bounds = DEFAULT_BOUNDS) 
     return out
 
 
+def frame_order(sources: Sequence[Dataset]) -> list[int] | None:
+    """For one enhanced multi-frame source (the whole series in one instance): its frames
+    (0-based) in volume order, as preprocess sorted them (along the normal, from the same
+    functional groups); None for a series of single-frame instances."""
+    if len(sources) != 1 or not is_enhanced(sources[0]):
+        return None
+    return assemble_frames(frame_geometry(sources[0])).order
+
+
 def frames(segment: Segment) -> int:
     """Frames ``segment`` takes in a SEG: its non-empty slices."""
     return int(np.count_nonzero(segment.mask.reshape(segment.mask.shape[0], -1).any(axis=1)))
@@ -149,8 +159,11 @@ def seg_dataset(
     """A BINARY SEG over ``sources`` (volume order) with one segment per non-empty mask, in
     the given order (segment numbers from 1); frames only where a segment has pixels.
 
-    ``masks`` are (z, y, x) booleans aligned with ``sources``, either by kind (one segment
-    each) or as :class:`Segment` s.
+    ``masks`` are (z, y, x) booleans in volume order, either by kind (one segment each) or as
+    :class:`Segment` s: slice z is ``sources[z]``, or, for one enhanced multi-frame source, its
+    frame at position z along the normal (:func:`frame_order`); the SEG's frames reference
+    their source frame (Referenced Frame Number in the Derivation Image and Source Image
+    Sequences).
     """
     if isinstance(masks, dict):
         segments = [Segment(n, m, n) for n, m in masks.items() if n in SEGMENT_CODES]
@@ -159,13 +172,15 @@ def seg_dataset(
     segments = [s for s in segments if s.mask.any()]
     if not segments:
         raise ValueError("no non-empty mask to encode")
+    order = frame_order(sources)
+    planes = len(order) if order is not None else len(sources)
     for segment in segments:
         if segment.kind not in SEGMENT_CODES:
             raise ValueError(f"segment kind {segment.kind!r} has no codes")
-        if segment.mask.shape[0] != len(sources):
+        if segment.mask.shape[0] != planes:
             raise ValueError(
                 f"segment {segment.key} has {segment.mask.shape[0]} slices "
-                f"for {len(sources)} sources"
+                f"for {planes} source {'frames' if order is not None else 'instances'}"
             )
     ident = hd.AlgorithmIdentificationSequence(
         name=algorithm.name, version=algorithm.version, family=codes.DCM.ImageProcessing
@@ -187,6 +202,11 @@ def seg_dataset(
             description.SegmentDescription = segment.description[:MAX_DESCRIPTION]
         descriptions.append(description)
     stack = np.stack([s.mask for s in segments], axis=-1).astype(bool)
+    if order is not None:  # volume order -> the source's frame order (frame k of the SEG's
+        # pixel array is source frame k + 1: highdicom references it by that number)
+        in_source = np.zeros_like(stack)
+        in_source[order] = stack
+        stack = in_source
     seg = hd.seg.Segmentation(
         source_images=sources,
         pixel_array=stack,

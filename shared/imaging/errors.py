@@ -8,7 +8,9 @@ message never quotes a value from the data. Reason codes:
   (packed) volume cannot be unpacked;
 * ``empty_series``, ``mixed_geometry``, ``bad_geometry``, ``duplicate_slices``,
   ``inconsistent_spacing``: the slices do not make one volume;
-* ``volume_too_large``: more voxels than the configured cap.
+* ``missing_functional_groups``: an enhanced multi-frame instance whose functional groups do
+  not describe each of its frames;
+* ``volume_too_large``: more voxels (or frames) than the configured cap.
 
 Every code is also a member of the stages' one closed set of dead-letter reasons.
 """
@@ -27,6 +29,7 @@ REASONS = frozenset(
         "duplicate_slices",
         "inconsistent_spacing",
         "volume_too_large",
+        "missing_functional_groups",
     }
 )
 

@@ -3,8 +3,10 @@
 Slices are sorted along the slice normal (from ImageOrientationPatient and
 ImagePositionPatient, never by instance number). The series must be consistent: one size,
 one orientation, no two slices at the same position, even spacing (gaps are rejected, not
-interpolated across). A single multi-frame instance becomes a volume of its frames; a single
-2D image (radiograph) a volume of one slice.
+interpolated across). An enhanced multi-frame instance (Enhanced CT/MR: the whole series in
+one instance) becomes a volume of its frames sorted and checked by their functional groups
+(:mod:`shared.imaging.frames`); another multi-frame instance a volume of its frames in file
+order; a single 2D image (radiograph) a volume of one slice.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from shared.dicom.bounded import DEFAULT_BOUNDS, Bounds, InvalidInstance
 from shared.dicom.codestream import check_frames
 from shared.dicom.safe import image_geometry
 from shared.imaging.errors import ImagingError
+from shared.imaging.frames import FrameGeometry, assemble_frames, frame_geometry, is_enhanced
 from shared.runtime.errors import PoisonError
 
 ORIENTATION_TOL = 1e-3
@@ -38,6 +41,7 @@ class Slice:
     thickness: float | None
     between: float | None  # SpacingBetweenSlices
     modality: str
+    frames: FrameGeometry | None = None  # an enhanced multi-frame instance's per-frame geometry
 
 
 @dataclass
@@ -67,7 +71,10 @@ def decode(
     be at most ``max_frame_pixels`` (``pixel_size_implausible``) and ``shape`` when given (the
     series', ``mixed_geometry``), its frames at most ``max_voxels`` (``volume_too_large``),
     and every compressed frame's codestream header must say the same size
-    (``codestream_mismatch``)."""
+    (``codestream_mismatch``). An enhanced multi-frame instance must give every frame's
+    geometry in its functional groups (:func:`~shared.imaging.frames.frame_geometry`), judged
+    before decoding too."""
+    frames: FrameGeometry | None = None
     try:
         ds, lay = bounded.read(data, bounds)
         pixel = lay.scan.pixel
@@ -94,6 +101,8 @@ def decode(
                 samples=geometry.samples,
                 bits_allocated=geometry.bits_allocated,
             )
+        if is_enhanced(ds):
+            frames = frame_geometry(ds)
     except InvalidInstance as exc:
         raise PoisonError(exc.reason, exc.message) from None
     try:
@@ -119,6 +128,8 @@ def decode(
             arr = arr[..., 0] * 0.299 + arr[..., 1] * 0.587 + arr[..., 2] * 0.114
     if not arr.dtype.isnative:
         arr = arr.astype(arr.dtype.newbyteorder("="))
+    if frames is not None and arr.ndim == 2:
+        arr = arr[np.newaxis]  # one frame: still a stack of frames
 
     def floats(name: str) -> tuple[float, ...] | None:
         v = ds.get(name)
@@ -138,6 +149,7 @@ def decode(
         if ds.get("SpacingBetweenSlices") not in (None, "")
         else None,
         modality=str(ds.get("Modality", "OT")),
+        frames=frames,
     )
 
 
@@ -158,6 +170,7 @@ class Assembled:
     spacing: tuple[float, float, float]
     origin: tuple[float, float, float]
     direction: tuple[float, ...]
+    frames: list[int] | None = None  # one enhanced instance: its frames (0-based), volume order
 
 
 def _longest_regular_run(dist: np.ndarray) -> tuple[int, int]:
@@ -187,6 +200,17 @@ def assemble(slices: list[Slice]) -> Assembled:
     if not slices:
         raise ImagingError("empty_series", "the series has no instances")
     first = slices[0]
+    if first.frames is not None and len(slices) > 1:
+        raise ImagingError("mixed_geometry", "an enhanced multi-frame instance among others")
+    if len(slices) == 1 and first.frames is not None:
+        if first.stored.ndim != 3 or first.stored.shape[0] != first.frames.count:
+            raise ImagingError(
+                "missing_functional_groups", "pixel data and functional groups differ in frames"
+            )
+        layout = assemble_frames(first.frames)
+        return Assembled(
+            slices, [0], [], layout.spacing, layout.origin, layout.direction, layout.order
+        )
     if len(slices) == 1:
         dz = first.between or first.thickness or 1.0
         ori = first.orientation or (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)

@@ -134,6 +134,13 @@ class SeriesReady(Record):
     """``series``: ingest assembled a complete series revision."""
 
     SCHEMA: ClassVar[str] = "radstream.series_ready"
+    # 2: completed_by "instance" (an enhanced multi-frame instance is a whole series). Additive
+    # for every other record; a v1 reader dead-letters an "instance" one with reason schema.
+    VERSION: ClassVar[int] = 2
+    MIN_READER: ClassVar[int | None] = 1
+    schema_version: int = Field(
+        2, validate_default=True, description="version of this schema (the class's VERSION)"
+    )
     study_instance_uid: Uid
     series_instance_uid: Uid
     revision: int = Field(ge=1, description="1 for the first completion, +1 per late change")
@@ -142,7 +149,10 @@ class SeriesReady(Record):
     instances: list[InstanceRef] = Field(description="accepted instances, ordered by position")
     instance_count: int = Field(ge=0)
     expected_count: int | None = Field(None, description="count the end-of-series marker gave")
-    completed_by: Literal["marker", "timeout", "late"] = Field(description="what closed it")
+    completed_by: Literal["marker", "timeout", "late", "instance"] = Field(
+        description="what closed it: the end-of-series marker, inactivity, a late change, or "
+        "the instance itself (an enhanced multi-frame instance holds the whole series)"
+    )
     rows: int = Field(0, ge=0)
     columns: int = Field(0, ge=0)
     pixel_spacing_mm: tuple[float, float] | None = None

@@ -54,6 +54,7 @@ class Reason(StrEnum):
     DUPLICATE_SLICES = "duplicate_slices"
     INCONSISTENT_SPACING = "inconsistent_spacing"
     VOLUME_TOO_LARGE = "volume_too_large"
+    MISSING_FUNCTIONAL_GROUPS = "missing_functional_groups"
     # delivery to the PACS
     UNSUPPORTED_OBJECT = "unsupported_object"
     # notifications (webhooks, FHIR, HL7 v2 over MLLP)
@@ -99,6 +100,8 @@ DESCRIPTIONS: dict[Reason, str] = {
     Reason.DUPLICATE_SLICES: "two slices share a position along the normal",
     Reason.INCONSISTENT_SPACING: "slice spacing is uneven (a gap or a missing slice)",
     Reason.VOLUME_TOO_LARGE: "the volume exceeds the configured voxel cap",
+    Reason.MISSING_FUNCTIONAL_GROUPS: "an enhanced multi-frame instance lacks the per-frame "
+    "functional groups that give each frame's geometry",
     Reason.UNSUPPORTED_OBJECT: "only DICOM SEG and 3D SR objects are delivered to the PACS",
     Reason.NOTIFICATION_FAILED: "a notification endpoint failed through every attempt "
     "(HTTP 5xx/408/429, timeout, refused, HL7 AE)",
