@@ -105,20 +105,18 @@ def _values(item: Dataset | None, name: str, n: int, what: str) -> tuple[float, 
     return out
 
 
-def frame_geometry(ds: Dataset, *, max_frames: int | None = None) -> FrameGeometry:
+def frame_geometry(ds: Dataset) -> FrameGeometry:
     """The per-frame geometry of an enhanced multi-frame ``ds`` (pixels untouched).
 
     Reasons: ``missing_functional_groups`` (no per-frame functional groups, or not one item per
-    frame), ``volume_too_large`` (more frames than ``max_frames``), ``bad_geometry`` (a frame
-    without position, orientation or pixel spacing, or with values that are not numbers)."""
+    frame), ``bad_geometry`` (a frame without position, orientation or pixel spacing, or with
+    values that are not numbers)."""
     try:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
     except (TypeError, ValueError):
         raise ImagingError("missing_functional_groups", "NumberOfFrames is not a number") from None
     if frames < 1:
         raise ImagingError("missing_functional_groups", "NumberOfFrames is not positive")
-    if max_frames is not None and frames > max_frames:
-        raise ImagingError("volume_too_large", f"{frames} frames exceed the {max_frames} frame cap")
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if per_frame is None or len(per_frame) == 0:
         raise ImagingError(
