@@ -19,6 +19,7 @@ from typing import Any
 
 import highdicom as hd
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
@@ -103,6 +104,40 @@ def _sites(task: str, finding: Mapping[str, Any]) -> list[hd.sr.FindingSite]:
     return [hd.sr.FindingSite(anatomic_location=site, laterality=side)]
 
 
+def referenced_segment(seg: Dataset, number: int) -> hd.sr.ReferencedSegment:
+    """Segment ``number`` of ``seg`` with the source images it was derived from. For a
+    multi-frame source (an enhanced CT/MR) every source frame the segment lies on is named:
+    highdicom's ``from_segmentation`` keeps the first frame of each source instance only."""
+    sources: dict[str, tuple[str, list[int]]] = {}
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        if int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber) != number:
+            continue
+        for derivation in frame.get("DerivationImageSequence", []):
+            for src in derivation.get("SourceImageSequence", []):
+                _, frames = sources.setdefault(
+                    str(src.ReferencedSOPInstanceUID), (str(src.ReferencedSOPClassUID), [])
+                )
+                if "ReferencedFrameNumber" in src:
+                    value = src.ReferencedFrameNumber
+                    many = value if isinstance(value, MultiValue) else [value]
+                    frames.extend(int(v) for v in many if int(v) not in frames)
+    if not any(frames for _, frames in sources.values()):
+        return hd.sr.ReferencedSegment.from_segmentation(seg, segment_number=number)
+    return hd.sr.ReferencedSegment(
+        sop_class_uid=str(seg.SOPClassUID),
+        sop_instance_uid=str(seg.SOPInstanceUID),
+        segment_number=number,
+        source_images=[
+            hd.sr.SourceImageForSegmentation(
+                referenced_sop_class_uid=cls,
+                referenced_sop_instance_uid=uid,
+                referenced_frame_numbers=sorted(frames) or None,
+            )
+            for uid, (cls, frames) in sources.items()
+        ],
+    )
+
+
 def sr_dataset(
     sources: Sequence[Dataset],
     seg: Dataset | None,
@@ -158,9 +193,7 @@ def sr_dataset(
         if seg is not None and number is not None:
             groups.append(
                 hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                    referenced_segment=hd.sr.ReferencedSegment.from_segmentation(
-                        seg, segment_number=number
-                    ),
+                    referenced_segment=referenced_segment(seg, number),
                     **common,
                 )
             )

@@ -360,7 +360,42 @@ def test_enhanced_twin_gives_the_same_findings_and_a_seg_on_its_frames(
         assert np.array_equal(by_frame[k, ..., 0], masks["lung_left"][z])
         assert np.array_equal(by_frame[k, ..., 1], masks["lung_right"][z])
     assert by_frame.any()
+    # the SR's groups reference their segment and, as the source images for it, the very
+    # frames of the enhanced instance that the segment lies on
+    seg_frames: dict[int, set[int]] = {}
+    for frame in obj.PerFrameFunctionalGroupsSequence:
+        number = int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        ref = frame.DerivationImageSequence[0].SourceImageSequence[0]
+        seg_frames.setdefault(number, set()).add(int(ref.ReferencedFrameNumber))
     sr = hd.sr.srread(io.BytesIO(sr_bytes))
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    assert len(groups) == len(record.segments)
+    for group in groups:
+        segment, frames_of = _references(group, sop)
+        assert segment is not None and frames_of == seg_frames[segment]
     evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
     refs = {r.ReferencedSOPInstanceUID for s in evidence for r in s.ReferencedSOPSequence}
     assert sop in refs and record.seg_sop_instance_uid in refs
+
+
+def _references(group: Any, sop: str) -> tuple[int | None, set[int]]:
+    """The segment a measurement group (a sequence of content items) references and the
+    frames of ``sop`` it names, anywhere below it."""
+    segment: int | None = None
+    frames_of: set[int] = set()
+    stack = list(group)
+    while stack:
+        node = stack.pop()
+        for ref in node.get("ReferencedSOPSequence", []):
+            if "ReferencedSegmentNumber" in ref:
+                segment = int(ref.ReferencedSegmentNumber)
+            if ref.ReferencedSOPInstanceUID == sop:
+                frames_of |= {int(n) for n in _many(ref.get("ReferencedFrameNumber"))}
+        stack.extend(node.get("ContentSequence", []))
+    return segment, frames_of
+
+
+def _many(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, pydicom.multival.MultiValue) else [value]
