@@ -161,6 +161,13 @@ class NotifySettings(BaseModel):
         90 * 86400.0,
         description="remember an alert's delivered targets this long (no re-send within it)",
     )
+    breaker_failures: int = Field(
+        3,
+        ge=0,
+        description="alerts in a row that gave up on a target before it is skipped for the "
+        "cool-down (its alerts dead-lettered at once, not retried); 0: never skipped",
+    )
+    breaker_cooldown_s: float = Field(60.0, gt=0, description="how long a failing target rests")
 
 
 class Settings(BaseSettings):

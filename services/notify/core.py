@@ -13,7 +13,10 @@ Delivery is at least once, keyed by the alert id:
   that already took the alert in an earlier attempt are not sent to again (remembered in
   :class:`Attempts` until the alert is done). After the last attempt the alert is
   dead-lettered: ``notification_failed`` (the endpoint kept failing) or
-  ``notification_rejected`` (it refused for good: HTTP 4xx, HL7 AR, an invalid resource).
+  ``notification_rejected`` (it refused for good: HTTP 4xx, HL7 AR, an invalid resource);
+* a target that made several alerts in a row give up is skipped for a cool-down
+  (:class:`Breaker`): its alerts are dead-lettered at once rather than retried, so the alerts
+  behind them on the partition are not held up by an endpoint that is down.
 
 Every target is tried on every attempt, so one endpoint that is down never keeps the alert
 from the others. Logs, metrics, audit events and dead letters name the channel and the
@@ -42,7 +45,7 @@ from shared.schemas import Alert, AuditEvent
 from shared.schemas.reasons import Reason
 
 CHANNELS = ("webhook", "fhir", "hl7")
-OUTCOMES = ("delivered", "failed", "rejected", "duplicate")
+OUTCOMES = ("delivered", "failed", "rejected", "duplicate", "circuit_open")
 
 
 class NotifyMetrics:
@@ -50,7 +53,8 @@ class NotifyMetrics:
         self.notifications = Counter(
             "radstream_notifications",
             "Notification attempts by channel and outcome: delivered, failed (retried or "
-            "dead-lettered), rejected (refused for good), duplicate (delivered before)",
+            "dead-lettered), rejected (refused for good), duplicate (delivered before), "
+            "circuit_open (the target kept failing: not contacted, dead-lettered at once)",
             ["channel", "outcome"],
             registry=registry,
         )
@@ -99,6 +103,38 @@ class Attempts:
                 del self._seen[key]
 
 
+class Breaker:
+    """A circuit breaker per target: after ``failures`` alerts in a row gave up on a target
+    (every retry failed), the target is not contacted for ``cooldown_s``; its alerts are
+    dead-lettered at once instead of retried, so one endpoint that is down does not hold up
+    the alerts behind it on the partition for the whole retry schedule. After the cool-down
+    the next alert tries it again: a delivery closes the circuit, a give-up opens it again.
+    ``failures`` 0 disables it. Guarded for the stage's handler threads."""
+
+    def __init__(self, failures: int, cooldown_s: float) -> None:
+        self.failures = failures
+        self.cooldown_s = cooldown_s
+        self._gave_up: dict[str, int] = {}
+        self._open_until: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def closed(self, target: str, now: float) -> bool:
+        with self._lock:
+            return now >= self._open_until.get(target, 0.0)
+
+    def gave_up(self, target: str, now: float) -> None:
+        with self._lock:
+            count = self._gave_up.get(target, 0) + 1
+            self._gave_up[target] = count
+            if self.failures and count >= self.failures:
+                self._open_until[target] = now + self.cooldown_s
+
+    def delivered(self, target: str) -> None:
+        with self._lock:
+            self._gave_up.pop(target, None)
+            self._open_until.pop(target, None)
+
+
 @dataclass
 class NotifyCore:
     targets: Targets
@@ -107,6 +143,7 @@ class NotifyCore:
     metrics: NotifyMetrics | None = None
     clock: Callable[[], float] = time.time
     attempts: Attempts = field(default_factory=Attempts)
+    breaker: Breaker = field(default_factory=lambda: Breaker(3, 60.0))
 
     def _send(self, target: Target, alert: Alert) -> None:
         """One attempt at one target; raises DeliveryFailed."""
@@ -150,7 +187,9 @@ class NotifyCore:
         key = ctx.key_for(f"notify|{alert.alert_id}")
         now = self.clock()
         audits: list[Emit] = []
-        failed: list[str] = []
+        failed: list[str] = []  # retriable failures of this attempt
+        failing: list[str] = []  # their targets
+        broken: list[str] = []  # targets whose circuit is open: not contacted, not retried
         rejected: list[str] = []
         for target in targets:
             label = f"{target.channel}:{target.name}"
@@ -166,6 +205,10 @@ class NotifyCore:
             if known:  # delivered in an earlier attempt: recorded above, not re-sent
                 audits.append(self._audit(label, key))
                 continue
+            if not self.breaker.closed(target.name, now):
+                self._count(target.channel, "circuit_open")
+                broken.append(f"{label}: circuit open (gave up on its last alerts)")
+                continue
             started = time.perf_counter()
             try:
                 self._send(target, alert)
@@ -174,21 +217,25 @@ class NotifyCore:
                 if exc.retriable:
                     self._count(target.channel, "failed", elapsed)
                     failed.append(f"{label}: {exc.message}")
+                    failing.append(target.name)
                 else:
                     self._count(target.channel, "rejected", elapsed)
                     self.attempts.put(alert.alert_id, target.name, f"{label}: {exc.message}")
                     rejected.append(f"{label}: {exc.message}")
                 continue
             self._count(target.channel, "delivered", time.perf_counter() - started)
+            self.breaker.delivered(target.name)
             self.attempts.put(alert.alert_id, target.name, None)
             audits.append(self._audit(label, key))
         if failed and not ctx.last_attempt:
-            raise RetriableError("; ".join(failed + rejected))
+            raise RetriableError("; ".join(failed + broken + rejected))
         self.attempts.done(alert.alert_id)
-        if failed:
+        for name in failing:  # every retry failed: one more give-up for the breaker
+            self.breaker.gave_up(name, self.clock())
+        if failed or broken:
             raise PoisonError(
                 Reason.NOTIFICATION_FAILED,
-                f"after {ctx.attempt} attempts: " + "; ".join(failed + rejected),
+                f"after {ctx.attempt} attempts: " + "; ".join(failed + broken + rejected),
             )
         if rejected:
             raise PoisonError(Reason.NOTIFICATION_REJECTED, "; ".join(rejected))

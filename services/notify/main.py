@@ -8,11 +8,13 @@ from shared.runtime.graceful import exit_on_sigterm
 exit_on_sigterm(__name__)  # first: a SIGTERM during the heavy imports below exits 0
 
 import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 
 from prometheus_client import CollectorRegistry  # noqa: E402
 
 from services.alert.raised import RaisedAlerts  # noqa: E402
-from services.notify.core import NotifyCore, NotifyMetrics  # noqa: E402
+from services.notify.core import Breaker, NotifyCore, NotifyMetrics  # noqa: E402
 from services.notify.targets import Targets  # noqa: E402
 from shared.config import Settings  # noqa: E402
 from shared.runtime.service import serve  # noqa: E402
@@ -25,7 +27,11 @@ STAGE = stage("notify")
 
 
 def build(
-    settings: Settings, keyring: Keyring, registry: CollectorRegistry | None = None
+    settings: Settings,
+    keyring: Keyring,
+    registry: CollectorRegistry | None = None,
+    *,
+    clock: Callable[[], float] = time.time,
 ) -> StageSpec[Alert]:
     del keyring  # the runtime decrypts the alerts; delivery needs no key of ours
     c = settings.notify
@@ -34,6 +40,8 @@ def build(
         c.timeout_s,
         RaisedAlerts(c.delivered_retention_s),
         NotifyMetrics(registry) if registry is not None else None,
+        clock=clock,
+        breaker=Breaker(c.breaker_failures, c.breaker_cooldown_s),
     )
     return StageSpec(
         name=STAGE.name,

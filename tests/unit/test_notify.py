@@ -23,7 +23,7 @@ from services.notify import fhir, hl7, main, webhook
 from services.notify.targets import Hl7Target, Targets
 from services.notify.transport import DeliveryFailed
 from shared.config import NotifySettings, Settings
-from shared.runtime.harness import StageHarness
+from shared.runtime.harness import FakeClock, StageHarness
 from shared.schemas import Alert, AuditEvent
 from shared.schemas.reasons import Reason
 from shared.security.envelope import Keyring
@@ -210,19 +210,21 @@ def test_the_default_targets_file_loads() -> None:
 
 
 # ---- the stage in memory against real local peers -----------------------------------------
-def _stage(tmp: Path, targets: list[dict[str, Any]]) -> tuple[StageHarness[Alert], Any]:
+def _stage(
+    tmp: Path, targets: list[dict[str, Any]], **notify: Any
+) -> tuple[StageHarness[Alert], Any]:
     path = tmp / "targets.yaml"
     path.write_text(yaml.safe_dump({"targets": targets}))
     settings = Settings(
         home=tmp,
         device="cpu",
-        retry_attempts=4,
+        retry_attempts=notify.pop("retry_attempts", 4),
         retry_backoff_s=0.01,
-        notify=NotifySettings(targets_file=path, timeout_s=5.0),
+        notify=NotifySettings(targets_file=path, timeout_s=5.0, **notify),
     )
-    keyring, registry = Keyring.generate(), CollectorRegistry()
-    spec = main.build(settings, keyring, registry)
-    return StageHarness(spec, settings, keyring, registry=registry), registry
+    keyring, registry, clock = Keyring.generate(), CollectorRegistry(), FakeClock()
+    spec = main.build(settings, keyring, registry, clock=clock.time)
+    return StageHarness(spec, settings, keyring, registry=registry, clock=clock), registry
 
 
 def _count(registry: CollectorRegistry, channel: str, outcome: str) -> float:
@@ -402,3 +404,48 @@ def test_tls_endpoints_are_verified_and_plaintext_stays_on_loopback(tmp_path: Pa
         }
     )
     assert allowed.targets[0].channel == "hl7"
+
+
+def test_a_target_that_keeps_failing_is_skipped_for_a_cool_down(tmp_path: Path) -> None:
+    """After two alerts gave up on it, the broken webhook is not contacted for 30 s: its
+    alerts are dead-lettered at once (no retry schedule holding up the partition) and the
+    healthy target still gets every alert; after the cool-down it is tried again."""
+    with WebhookReceiver(SECRET, always_fail=True) as down, MllpPeer() as ie:
+        harness, registry = _stage(
+            tmp_path,
+            [
+                {
+                    "name": "down",
+                    "channel": "webhook",
+                    "routes": ["pager"],
+                    "url": down.url,
+                    "secret_file": str(_secret(tmp_path, "k")),
+                },
+                {
+                    "name": "ie",
+                    "channel": "hl7",
+                    "routes": ["pager"],
+                    "host": "127.0.0.1",
+                    "port": ie.port,
+                },
+            ],
+            retry_attempts=3,
+            breaker_failures=2,
+            breaker_cooldown_s=30.0,
+        )
+        for n in (1, 2):
+            (letter,) = harness.send(alert(n), key=SERIES).dead_letters
+            assert letter.attempts == 3 and down.attempts[alert(n).alert_id] == 3
+        waits = len(harness.clock.waits)
+        (letter,) = harness.send(alert(3), key=SERIES).dead_letters
+        assert letter.reason == Reason.NOTIFICATION_FAILED and letter.attempts == 1
+        assert "webhook:down: circuit open" in letter.message
+        assert alert(3).alert_id not in down.attempts and len(harness.clock.waits) == waits
+        assert len(ie.received) == 3  # the healthy target got every alert, once
+        assert _count(registry, "webhook", "circuit_open") == 1
+        harness.clock.advance(31.0)
+        (letter,) = harness.send(alert(4), key=SERIES).dead_letters
+        assert letter.attempts == 3 and down.attempts[alert(4).alert_id] == 3  # tried again
+        (letter,) = harness.send(alert(5), key=SERIES).dead_letters
+        assert letter.attempts == 1  # and open again at once after one more give-up
+        assert len(ie.received) == 5
