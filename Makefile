@@ -16,13 +16,15 @@ realdata: $(STAMP)
 	@$(PY) -m shared.evaluation.realdata fetch
 
 # Debian packages the tests and demo use as real peers (dcmtk: storescu/echoscu;
-# dicom3tools: dciodvfy, an independent DICOM validator; orthanc: a real PACS; prometheus:
+# dicom3tools: dciodvfy, an independent DICOM validator; orthanc: a real PACS, with
+# orthanc-dicomweb: its DICOMweb server and STOW-RS client; prometheus:
 # the server and promtool). Installed with
 # services kept from auto-starting (policy-rc.d): the project starts Orthanc itself.
 debs:
 	@missing=""; command -v storescu >/dev/null || missing="$$missing dcmtk"; \
 	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
 	command -v Orthanc >/dev/null || missing="$$missing orthanc"; \
+	dpkg -s orthanc-dicomweb >/dev/null 2>&1 || missing="$$missing orthanc-dicomweb"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \

@@ -65,8 +65,52 @@ class IngestSettings(BaseModel):
     )
 
 
+class StowSender(BaseModel):
+    """One DICOMweb sender allowed to STOW-RS to the gateway. It authenticates with a bearer
+    token (only its SHA-256 is configured), with a client certificate (mutual TLS, matched by
+    the certificate's subject common name), or with both when both are set."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9._-]+$", description="sender name")
+    token_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the sender's bearer token"
+    )
+    client_cn: str | None = Field(
+        None, max_length=256, description="subject CN of the sender's client certificate"
+    )
+    rate_per_s: float = Field(5.0, gt=0, description="requests per second, sustained")
+    burst: int = Field(20, ge=1, description="requests allowed at once above the rate")
+
+
+class StowSettings(BaseModel):
+    """``RADSTREAM_GATEWAY__STOW__*``: the DICOMweb STOW-RS endpoint (HTTPS) of the gateway."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    port: int | None = Field(None, description="HTTPS port of POST /dicom-web/studies; unset: off")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    tls_cert: Path | None = Field(None, description="PEM server certificate (required)")
+    tls_key: Path | None = Field(None, description="PEM private key for tls_cert")
+    client_ca: Path | None = Field(
+        None, description="PEM CA bundle of client certificates: enables mutual TLS"
+    )
+    senders: list[StowSender] = Field(
+        default_factory=list, description='JSON list: [{"name", "token_sha256", "client_cn"}]'
+    )
+    max_request_bytes: int = Field(512 * 1024 * 1024, ge=1, description="largest request body")
+    max_part_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1,
+        description="largest instance (part); also capped by the Kafka message size",
+    )
+    max_parts: int = Field(10000, ge=1, description="most instances in one request")
+    max_sequence_depth: int = Field(12, description="deepest sequence nesting accepted")
+    window: int = Field(16, ge=1, description="instances of a request in flight to Kafka at once")
+
+
 class GatewaySettings(BaseModel):
-    """``RADSTREAM_GATEWAY__*``: the DICOM C-STORE gateway."""
+    """``RADSTREAM_GATEWAY__*``: the DICOM C-STORE gateway (and its STOW-RS endpoint)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -79,6 +123,7 @@ class GatewaySettings(BaseModel):
     tls_key: Path | None = Field(None, description="PEM private key for tls_cert")
     source: str = Field("gateway", max_length=64, description="source name put on instances")
     ack_timeout_s: float = Field(30.0, description="longest wait for Kafka before failing")
+    stow: StowSettings = Field(default_factory=StowSettings)
 
 
 class PreprocessSettings(BaseModel):

@@ -156,8 +156,9 @@ class Party:
 
 
 PARTIES: tuple[Party, ...] = (
-    # DICOM gateway: publishes instances for modalities (idempotent, not transactional)
-    Party("gateway", write=("instances", AUDIT), keyed=True),
+    # DICOM gateway: publishes instances for modalities (idempotent, not transactional), and
+    # dead-letters the STOW-RS parts it refuses itself
+    Party("gateway", write=("instances", DEADLETTER, AUDIT), keyed=True),
     # A scanner or its SDK: may only publish instances. It cannot read anything.
     Party("scanner", write=("instances",), keyed=True),
     # Worklist / pager integrations: read the alert feed and the results records they join to

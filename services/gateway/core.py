@@ -140,14 +140,9 @@ class Gateway:
             if cx.abstract_syntax is not None:
                 ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
-        allowed = parse_list(self.settings.allowed_ae_titles)
-        if not allowed:
-            log.warning(
-                "no calling AE titles allowed (RADSTREAM_GATEWAY__ALLOWED_AE_TITLES): "
-                "every association is rejected"
-            )
-            allowed = ["\x00no-such-ae\x00"]
-        ae.require_calling_aet = allowed
+        # start() does not listen without allowed titles (pynetdicom takes an empty list as
+        # "any calling AE title", and refuses a title no peer could send)
+        ae.require_calling_aet = parse_list(self.settings.allowed_ae_titles)
         ae.maximum_pdu_size = 0
         return ae
 
@@ -163,6 +158,12 @@ class Gateway:
         return ctx
 
     def start(self) -> None:
+        if not parse_list(self.settings.allowed_ae_titles):
+            log.warning(
+                "no calling AE titles allowed (RADSTREAM_GATEWAY__ALLOWED_AE_TITLES): "
+                "the DICOM SCP does not listen"
+            )
+            return
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self.on_store),
             (evt.EVT_C_ECHO, self.on_echo),

@@ -1,4 +1,5 @@
-"""Gateway service: DICOM C-STORE SCP → ``instances`` (as the gateway principal)."""
+"""Gateway service: DICOM C-STORE SCP and DICOMweb STOW-RS → ``instances`` (as the gateway
+principal), both through one publisher."""
 
 from __future__ import annotations
 
@@ -14,21 +15,22 @@ from dataclasses import dataclass, field  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 
 from services.gateway.core import Gateway, GatewayMetrics  # noqa: E402
+from services.gateway.stow import StowCore, StowMetrics, StowServer  # noqa: E402
 from shared.config import Settings  # noqa: E402
 from shared.ingress.publisher import Publisher  # noqa: E402
 from shared.metrics import HealthServer  # noqa: E402
 from shared.runtime.service import configure_process  # noqa: E402
 from shared.security.envelope import Keyring  # noqa: E402
 from shared.security.kek import keyring_for  # noqa: E402
-from shared.topology import party  # noqa: E402
+from shared.topology import AUDIT, DEADLETTER, party  # noqa: E402
 
 OUTPUT = party("gateway").write[0]  # the topic the gateway publishes instances to
 
 
 @dataclass
 class GatewayService:
-    """What the gateway process runs: /metrics + /healthz + /readyz, the Kafka publisher and
-    the DICOM SCP. Ready once the SCP listens."""
+    """What the gateway process runs: /metrics + /healthz + /readyz, the Kafka publisher, the
+    DICOM SCP and (when a port is set) the STOW-RS endpoint. Ready once both listen."""
 
     settings: Settings
     publisher: Publisher
@@ -36,6 +38,7 @@ class GatewayService:
     metrics: GatewayMetrics = field(init=False)
     http: HealthServer = field(init=False)
     gateway: Gateway | None = field(default=None, init=False)
+    stow: StowServer | None = field(default=None, init=False)
     ready: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
@@ -54,12 +57,26 @@ class GatewayService:
             self.settings.gateway, self.publisher, asyncio.get_running_loop(), self.metrics
         )
         await asyncio.to_thread(self.gateway.start)
+        if self.settings.gateway.stow.port is not None:
+            self.stow = StowServer(
+                StowCore(
+                    self.settings.gateway.stow,
+                    self.publisher,
+                    deadletter_topic=self.settings.topic(DEADLETTER),
+                    audit_topic=self.settings.topic(AUDIT),
+                    max_message_bytes=self.settings.kafka.max_message_bytes,
+                    metrics=StowMetrics(self.registry),
+                )
+            )
+            await self.stow.start()
         self.ready = True
 
     async def stop(self) -> None:
         self.ready = False
         if self.gateway is not None:
             await asyncio.to_thread(self.gateway.stop)  # waits for open associations' handlers
+        if self.stow is not None:
+            await self.stow.stop()  # finishes requests in flight
         await self.publisher.stop()
         await self.http.stop()
 

@@ -26,7 +26,7 @@ from aiokafka.errors import KafkaError
 from shared.config import KafkaSettings
 from shared.dicom.safe import series_uid_or_none
 from shared.runtime.codec import Codec
-from shared.schemas import EndOfSeries, InstanceData
+from shared.schemas import EndOfSeries, InstanceData, Record
 from shared.security.envelope import Keyring
 from shared.security.kafka import client_kwargs
 
@@ -83,16 +83,17 @@ class Publisher:
             return uid, self.keyring.keyed_hash(uid)
         return None, self.keyring.keyed_hash("bytes:" + hashlib.sha256(data).hexdigest())
 
-    async def _send(self, key: bytes, record: InstanceData | EndOfSeries) -> None:
+    async def _send(self, key: bytes, record: Record, topic: str | None = None) -> None:
         assert self._producer is not None, "start() the publisher first"
+        topic = topic or self.topic
         codec = Codec(self.keyring)
-        value, headers = codec.encode(self.topic, key, record)
+        value, headers = codec.encode(topic, key, record)
         if len(value) > self.kafka.max_message_bytes:
             raise PublishError(
                 f"message of {len(value)} bytes exceeds the {self.kafka.max_message_bytes} cap"
             )
         try:
-            fut = await self._producer.send(self.topic, value, key=key, headers=headers)
+            fut = await self._producer.send(topic, value, key=key, headers=headers)
             await fut
         except KafkaError as exc:
             raise PublishError(f"broker did not acknowledge: {type(exc).__name__}") from exc
@@ -120,3 +121,8 @@ class Publisher:
             source=self.source, series_instance_uid=series_instance_uid, expected_count=count
         )
         await self._send(key, marker)
+
+    async def emit(self, topic: str, key: bytes, record: Record) -> None:
+        """Send one record to another topic the principal may write (the gateway: dead
+        letters and audit), on the same producer; acknowledged before it returns."""
+        await self._send(key, record, topic)

@@ -60,6 +60,9 @@ class Reason(StrEnum):
     # notifications (webhooks, FHIR, HL7 v2 over MLLP)
     NOTIFICATION_FAILED = "notification_failed"
     NOTIFICATION_REJECTED = "notification_rejected"
+    # the gateway's DICOMweb STOW-RS endpoint: a part of a request
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    STUDY_MISMATCH = "study_mismatch"
 
 
 DESCRIPTIONS: dict[Reason, str] = {
@@ -107,4 +110,6 @@ DESCRIPTIONS: dict[Reason, str] = {
     "(HTTP 5xx/408/429, timeout, refused, HL7 AE)",
     Reason.NOTIFICATION_REJECTED: "a notification endpoint refused the alert for good "
     "(HTTP 4xx, HL7 AR, a FHIR resource that does not validate)",
+    Reason.UNSUPPORTED_MEDIA_TYPE: "a STOW-RS part is not application/dicom",
+    Reason.STUDY_MISMATCH: "a STOW-RS instance names another study than the request's URL",
 }

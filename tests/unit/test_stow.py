@@ -1,0 +1,102 @@
+"""STOW-RS without a network: who is let in, how fast, what a part is judged, and the PS3.18
+response (tags, FailureReason, 200/202/409)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import pydicom
+from pydicom.data import get_testdata_file
+
+from services.gateway.stow import RateLimiter, authenticate, bearer, judge
+from shared.config import StowSender
+from shared.dicom.safe import Limits
+from shared.dicomweb.stow import (
+    CANNOT_UNDERSTAND,
+    DOES_NOT_MATCH,
+    OUT_OF_RESOURCES,
+    PartResult,
+    encode_multipart,
+    failed_in,
+    failure_reason,
+    is_stow_content_type,
+    response_dataset,
+    response_status,
+    stored_in,
+)
+from shared.schemas.reasons import Reason
+
+CT = str(get_testdata_file("CT_small.dcm", download=False))
+
+
+def sender(name: str, token: str | None = None, cn: str | None = None) -> StowSender:
+    digest = hashlib.sha256(token.encode()).hexdigest() if token else None
+    return StowSender(name=name, token_sha256=digest, client_cn=cn, rate_per_s=1.0, burst=2)
+
+
+def test_bearer_token_or_certificate_or_both_authenticate_a_sender() -> None:
+    senders = [sender("a", token="tok-a"), sender("b", cn="mod-b"), sender("c", "tok-c", "mod-c")]
+    assert bearer("Bearer tok-a") == "tok-a" and bearer("Basic abc") is None and bearer("") is None
+    assert authenticate(senders, "tok-a", None) == senders[0]
+    assert authenticate(senders, None, "mod-b") == senders[1]
+    assert authenticate(senders, "tok-c", "mod-c") == senders[2]
+    assert authenticate(senders, "tok-c", None) is None  # c needs both
+    assert authenticate(senders, None, "mod-c") is None
+    assert authenticate(senders, "tok-b", None) is None
+    assert authenticate(senders, None, None) is None
+    assert authenticate([StowSender(name="open")], None, None) is None  # no credentials: never
+
+
+def test_rate_limiter_allows_the_burst_then_the_rate() -> None:
+    now = [100.0]
+    rate = RateLimiter(clock=lambda: now[0])
+    s = sender("a", token="t")
+    assert rate.take(s) == 0.0 and rate.take(s) == 0.0  # burst 2
+    assert rate.take(s) > 0.0
+    now[0] += 1.0  # one request per second comes back
+    assert rate.take(s) == 0.0
+    assert rate.take(s) > 0.0
+
+
+def test_judge_uses_ingest_checks_media_type_and_study() -> None:
+    data = Path(CT).read_bytes()
+    ds = pydicom.dcmread(io.BytesIO(data))
+    limits = Limits()
+    ok = judge(0, data, "application/dicom", str(ds.StudyInstanceUID), limits)
+    assert ok.refused is None and ok.sop_instance_uid == str(ds.SOPInstanceUID)
+    assert judge(1, data, "application/dicom", "1.2.3", limits).refused == Reason.STUDY_MISMATCH
+    assert judge(2, data, "text/plain", None, limits).refused == Reason.UNSUPPORTED_MEDIA_TYPE
+    assert judge(3, b"x" * 200, "application/dicom", None, limits).refused == Reason.NOT_DICOM
+    small = Limits(max_bytes=1000)
+    assert judge(4, data, "application/dicom", None, small).refused == Reason.TOO_LARGE
+
+
+def test_response_follows_ps3_18() -> None:
+    ok = PartResult("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4")
+    bad = PartResult("1.2.840.10008.5.1.4.1.1.2", "1.2.3.5", failure_reason(Reason.NOT_DICOM))
+    body = response_dataset([ok, bad])
+    assert body["00081199"]["vr"] == "SQ" and body["00081198"]["vr"] == "SQ"
+    assert body["00081198"]["Value"][0]["00081197"] == {"vr": "US", "Value": [CANNOT_UNDERSTAND]}
+    assert stored_in(body) == ["1.2.3.4"] and failed_in(body) == {"1.2.3.5": CANNOT_UNDERSTAND}
+    assert pydicom.Dataset.from_json(body).ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
+        "1.2.3.4"
+    )
+    assert response_status([ok]) == 200
+    assert response_status([ok, bad]) == 202
+    assert response_status([bad]) == 409
+    assert failure_reason(None) == OUT_OF_RESOURCES
+    assert failure_reason(Reason.STUDY_MISMATCH) == DOES_NOT_MATCH
+    assert failure_reason(Reason.TOO_LARGE) == OUT_OF_RESOURCES
+
+
+def test_multipart_body_is_a_stow_request() -> None:
+    body, ctype = encode_multipart([b"one", b"two"])
+    assert is_stow_content_type(ctype)
+    assert not is_stow_content_type("multipart/related; boundary=x")  # no type=application/dicom
+    assert not is_stow_content_type('multipart/related; type="application/dicom"')  # no boundary
+    boundary = ctype.rsplit("=", 1)[1]
+    assert body.count(f"--{boundary}\r\n".encode()) == 2 and body.endswith(
+        f"--{boundary}--\r\n".encode()
+    )
