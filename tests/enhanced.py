@@ -11,9 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from shared.schemas import SegmentationDone
 
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
 ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
@@ -196,3 +199,19 @@ def from_series(paths: Sequence[Path], **options: object) -> bytes:
     }
     kwargs.update(options)
     return enhanced(hu, **kwargs)  # type: ignore[arg-type]
+
+
+def assert_same_findings(single: SegmentationDone, multi: SegmentationDone) -> None:
+    """The enhanced twin's findings are its single-frame series': the same volume geometry,
+    the same findings (type, label, subtype, side) in the same order, sizes within 2 %."""
+    assert len(multi.source_instances) == 1 and multi.shape == single.shape
+    assert multi.spacing_mm == pytest.approx(single.spacing_mm, abs=1e-3)
+    assert multi.origin_mm == pytest.approx(single.origin_mm, abs=1e-3)
+    key = [(f.type, f.label, f.subtype, f.location) for f in single.findings]
+    assert [(f.type, f.label, f.subtype, f.location) for f in multi.findings] == key
+    for a, b in zip(single.findings, multi.findings, strict=True):
+        for name in ("diameter_mm", "volume_ml"):
+            va, vb = getattr(a, name), getattr(b, name)
+            assert (va is None) == (vb is None), (a.label, name)
+            if va is not None:
+                assert vb == pytest.approx(va, rel=0.02, abs=0.05), (a.label, name)

@@ -25,6 +25,19 @@ from shared.stack.broker import LocalBroker, free_port
 REPO = Path(__file__).resolve().parents[1]
 
 
+def dciodvfy_errors(data: bytes, path: Path) -> list[str]:
+    """The errors dicom3tools' dciodvfy (an independent validator) finds in a DICOM object."""
+    import shutil
+
+    import pytest
+
+    if shutil.which("dciodvfy") is None:
+        pytest.fail("dciodvfy not found: 'make setup' installs Debian's dicom3tools")
+    path.write_bytes(data)
+    check = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
+    return [ln for ln in (check.stdout + check.stderr).splitlines() if ln.startswith("Error")]
+
+
 async def wait_until(cond: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

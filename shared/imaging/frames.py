@@ -71,10 +71,18 @@ class FrameLayout:
 
 
 def is_enhanced(ds: Dataset) -> bool:
-    """Does ``ds`` carry (or, by its SOP class, owe) per-frame functional groups?"""
-    return (
-        str(ds.get("SOPClassUID", "")) in ENHANCED_IMAGE_STORAGE
-        or "PerFrameFunctionalGroupsSequence" in ds
+    """Is ``ds`` a volume whose frames are placed by functional groups? An Enhanced CT/MR
+    image (they owe them, so one without is refused), or another multi-frame image whose
+    groups give plane positions (a projection series such as an XA run gives none: its
+    frames stay in file order)."""
+    if str(ds.get("SOPClassUID", "")) in ENHANCED_IMAGE_STORAGE:
+        return True
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if not per_frame:
+        return False
+    shared = _item(ds.get("SharedFunctionalGroupsSequence"))
+    return "PlanePositionSequence" in per_frame[0] or (
+        shared is not None and "PlanePositionSequence" in shared
     )
 
 

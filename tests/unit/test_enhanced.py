@@ -9,8 +9,6 @@ enhanced source validate (dciodvfy) and reference the right source frames."""
 from __future__ import annotations
 
 import io
-import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,7 +39,8 @@ from shared.schemas import EndOfSeries, InstanceData, Reason, SeriesReady, Volum
 from shared.security.envelope import Keyring
 from shared.storage import BlobStore, LocalDirBackend
 from shared.topology import AUDIT
-from tests.enhanced import enhanced, from_series
+from tests.enhanced import assert_same_findings, enhanced, from_series
+from tests.helpers import dciodvfy_errors
 from tests.pipeline import files, series_ready
 
 SPACING = (2.0, 0.8, 0.7)  # z, y, x mm
@@ -114,22 +113,31 @@ def test_ingest_completes_a_series_from_one_enhanced_instance(world: dict[str, A
 
 
 # ---- volume assembly ----------------------------------------------------------------------
-def test_shuffled_frames_with_per_frame_rescale_make_the_volume(world: dict[str, Any]) -> None:
+@pytest.mark.parametrize(("modality", "dtype"), [("CT", np.int16), ("MR", np.float32)])
+def test_shuffled_frames_with_per_frame_rescale_make_the_volume(
+    world: dict[str, Any], modality: str, dtype: Any
+) -> None:
     hu = _hu()
     order = [4, 0, 6, 2, 5, 1, 3]  # file frame k is volume slice order[k]
     rescale = [(2.0, -2048.0) if k % 2 else (1.0, -1024.0) for k in range(len(order))]
     data = enhanced(
-        hu, spacing=SPACING, origin=(-5.0, -4.0, 10.0), frame_order=order, rescale=rescale
+        hu,
+        spacing=SPACING,
+        origin=(-5.0, -4.0, 10.0),
+        frame_order=order,
+        rescale=rescale,
+        modality=modality,
     )
     stored = pydicom.dcmread(io.BytesIO(data)).pixel_array
     assert stored[:, 0, 0].tolist() != sorted(stored[:, 0, 0].tolist())  # not in volume order
     vp, vol = _calibrated(world, data)
-    assert vp.shape == hu.shape and vp.dtype == "int16" and vp.chain == []
+    assert vp.shape == hu.shape and vp.modality == modality and vp.chain == []
+    assert vol.dtype == dtype
     assert vp.spacing_mm == pytest.approx(SPACING)
     assert vp.origin_mm == pytest.approx((-5.0, -4.0, 10.0))
     assert vp.direction == pytest.approx((1, 0, 0, 0, 1, 0, 0, 0, 1))
-    assert np.array_equal(vol, hu.astype(np.int16))  # sorted along the normal, each rescaled
-    processed, smooth = _volume(world, data)  # the default chain runs on it as on any CT
+    assert np.array_equal(vol, hu.astype(dtype))  # sorted along the normal, each rescaled
+    processed, smooth = _volume(world, data)  # the modality's default chain runs on it
     assert processed.chain and smooth[:, 0, 0].tolist() != vol[:, 0, 0].tolist()
     assert np.abs(smooth.astype(float) - vol).mean() < np.abs(np.diff(vol, axis=0)).mean()
 
@@ -292,14 +300,6 @@ def test_too_many_frames_are_refused_before_decoding(world: dict[str, Any]) -> N
 
 
 # ---- SEG and SR over an enhanced source --------------------------------------------------
-def _dciodvfy_errors(data: bytes, path: Path) -> list[str]:
-    if shutil.which("dciodvfy") is None:
-        pytest.fail("dciodvfy not found: 'make setup' installs Debian's dicom3tools")
-    path.write_bytes(data)
-    check = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
-    return [ln for ln in (check.stdout + check.stderr).splitlines() if ln.startswith("Error")]
-
-
 def test_enhanced_twin_gives_the_same_findings_and_a_seg_on_its_frames(
     world: dict[str, Any],
 ) -> None:
@@ -314,23 +314,14 @@ def test_enhanced_twin_gives_the_same_findings_and_a_seg_on_its_frames(
     seg = SegmentationCore(store, select_backend("cpu"))
     single = seg.handle(pre.handle(series_ready(files(chest.files), store, ring), ctx), ctx)
     multi = seg.handle(pre.handle(series_ready([twin], store, ring), ctx), ctx)
-    assert len(multi.source_instances) == 1 and multi.shape == single.shape
-    assert multi.origin_mm == pytest.approx(single.origin_mm, abs=1e-3)
-    key = [(f.type, f.label, f.subtype, f.location) for f in single.findings]
-    assert [(f.type, f.label, f.subtype, f.location) for f in multi.findings] == key
+    assert_same_findings(single, multi)
     assert sum(f.type == "nodule" for f in multi.findings) == 2
-    for a, b in zip(single.findings, multi.findings, strict=True):
-        for field in ("diameter_mm", "volume_ml"):
-            va, vb = getattr(a, field), getattr(b, field)
-            assert (va is None) == (vb is None)
-            if va is not None:
-                assert vb == pytest.approx(va, rel=0.02, abs=0.05)
 
     (record,) = ResultsCore(store).handle(multi, ctx)
     assert record.not_built is None and record.seg is not None and record.sr is not None
     seg_bytes, sr_bytes = store.get(record.seg), store.get(record.sr)
-    assert _dciodvfy_errors(seg_bytes, tmp / "mf-seg.dcm") == []
-    assert _dciodvfy_errors(sr_bytes, tmp / "mf-sr.dcm") == []
+    assert dciodvfy_errors(seg_bytes, tmp / "mf-seg.dcm") == []
+    assert dciodvfy_errors(sr_bytes, tmp / "mf-sr.dcm") == []
     source = pydicom.dcmread(io.BytesIO(twin), stop_before_pixels=True)
     where = {
         k + 1: [float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient]

@@ -7,8 +7,6 @@ phantoms, so the findings record is exactly what segmentation publishes."""
 from __future__ import annotations
 
 import io
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ from shared.schemas import AuditEvent, Reason, ResultsReady, SegmentationDone
 from shared.security.envelope import Keyring
 from shared.stack.broker import free_port
 from shared.storage import BlobStore, LocalDirBackend
+from tests.helpers import dciodvfy_errors
 from tests.pipeline import files, series_ready
 
 
@@ -55,14 +54,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         for name, ph in (("chest", chest), ("head", head), ("normal", normal))
     }
     return {"tmp": tmp, "ring": ring, "store": store, "ctx": ctx, "done": done, "chest": chest}
-
-
-def _dciodvfy_errors(data: bytes, path: Path) -> list[str]:
-    if shutil.which("dciodvfy") is None:
-        pytest.fail("dciodvfy not found: 'make setup' installs Debian's dicom3tools")
-    path.write_bytes(data)
-    check = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
-    return [ln for ln in (check.stdout + check.stderr).splitlines() if ln.startswith("Error")]
 
 
 def test_segmentation_publishes_findings_and_masks_only(world: dict[str, Any]) -> None:
@@ -100,8 +91,8 @@ def test_seg_and_sr_validate_read_back_and_agree_with_the_findings(
     assert (record.series_instance_uid, record.revision) == (done.series_instance_uid, 1)
     seg_bytes, sr_bytes = store.get(record.seg), store.get(record.sr)
     tmp: Path = world["tmp"]
-    assert _dciodvfy_errors(seg_bytes, tmp / f"{name}-seg.dcm") == []
-    assert _dciodvfy_errors(sr_bytes, tmp / f"{name}-sr.dcm") == []
+    assert dciodvfy_errors(seg_bytes, tmp / f"{name}-seg.dcm") == []
+    assert dciodvfy_errors(sr_bytes, tmp / f"{name}-sr.dcm") == []
 
     seg = hd.seg.segread(io.BytesIO(seg_bytes))
     assert seg.SOPInstanceUID == record.seg_sop_instance_uid
@@ -211,7 +202,7 @@ def test_a_study_without_lesions_still_gets_a_valid_report_of_what_was_measured(
     assert not [f for f in done.findings if f.type in ("nodule", "mass")]
     (record,) = ResultsCore(store).handle(done, world["ctx"])
     assert isinstance(record, ResultsReady) and record.seg and record.sr
-    assert _dciodvfy_errors(store.get(record.sr), world["tmp"] / "normal-sr.dcm") == []
+    assert dciodvfy_errors(store.get(record.sr), world["tmp"] / "normal-sr.dcm") == []
     sr = hd.sr.srread(io.BytesIO(store.get(record.sr)))
     assert _groups(sr) == [] and len(_groups(sr, lesions=False)) == 2  # both lungs
     assert {r.finding_label for r in record.segments} == {"lung_left", "lung_right"}
