@@ -40,6 +40,13 @@ from shared.security.webhook import (
 )
 
 
+def write_secret(path: Path, value: bytes) -> Path:
+    """A secret file as an operator would leave it: readable by its owner only."""
+    path.write_bytes(value + b"\n")
+    path.chmod(0o600)
+    return path
+
+
 def tls_server(tmp: Path) -> tuple[Path, ssl.SSLContext]:
     """A throw-away CA (its PEM path, for the client's ``ca_file``) and a server context whose
     certificate it signed for 127.0.0.1."""

@@ -40,6 +40,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from shared.schemas import Alert
+from shared.security.envelope import KeyFileError
+from shared.security.keyfile import read_secret_file
 
 SEVERITY_RANK = {"low": 0, "medium": 1, "high": 2, "critical": 3}
 
@@ -63,9 +65,12 @@ def _check_url(url: str, allow_plaintext: bool) -> None:
 
 
 def read_secret(path: Path) -> SecretStr:
-    """A secret from a file (trailing whitespace dropped); the path, never the value, in errors."""
+    """A secret from a file that only its owner may read (the same check as the Kafka password
+    and key files); the path and the problem, never the value, in errors."""
     try:
-        value = path.read_text().strip()
+        value = read_secret_file(path)
+    except KeyFileError as exc:
+        raise ValueError(f"secret file {path}: {exc}") from None
     except OSError as exc:
         raise ValueError(f"cannot read secret file {path}: {type(exc).__name__}") from None
     if not value:
@@ -94,15 +99,30 @@ class _Target(BaseModel):
 class WebhookTarget(_Target):
     channel: Literal["webhook"]
     url: str = Field(pattern=r"^https?://", description="the receiver's URL")
-    secret_file: Path = Field(description="file holding the HMAC-SHA256 key")
+    secret_file: Path = Field(description="file holding the HMAC-SHA256 key (mode 0600)")
+    previous_secret_file: Path | None = Field(
+        None,
+        description="while the key rotates: the old key; requests carry both signatures, so "
+        "receivers verify with either until they have the new one",
+    )
     secret: SecretStr = Field(SecretStr(""), exclude=True, description="read from secret_file")
+    previous_secret: SecretStr | None = Field(None, exclude=True)
 
     @model_validator(mode="after")
     def _load_secret(self) -> WebhookTarget:
         _check_url(self.url, self.allow_plaintext)
         if not self.secret.get_secret_value():
             object.__setattr__(self, "secret", read_secret(self.secret_file))
+        if self.previous_secret is None and self.previous_secret_file is not None:
+            object.__setattr__(self, "previous_secret", read_secret(self.previous_secret_file))
         return self
+
+    def keys(self) -> list[bytes]:
+        """The signing keys: the current one first."""
+        keys = [self.secret.get_secret_value().encode()]
+        if self.previous_secret is not None:
+            keys.append(self.previous_secret.get_secret_value().encode())
+        return keys
 
 
 class FhirTarget(_Target):

@@ -25,7 +25,7 @@ def headers(target: WebhookTarget, alert: Alert, payload: bytes, now: float) -> 
         "Content-Type": "application/json",
         "User-Agent": "radstream-notify/1",
         IDEMPOTENCY_HEADER: alert.alert_id,
-        **sign(target.secret.get_secret_value().encode(), payload, now),
+        **sign(target.keys(), payload, now),
     }
 
 

@@ -32,10 +32,12 @@ def signature(secret: bytes, timestamp: str, body: bytes) -> str:
     return f"{SCHEME}={mac.hexdigest()}"
 
 
-def sign(secret: bytes, body: bytes, now: float | None = None) -> dict[str, str]:
-    """The timestamp and signature headers for ``body`` sent at ``now``."""
+def sign(secret: bytes | list[bytes], body: bytes, now: float | None = None) -> dict[str, str]:
+    """The timestamp and signature headers for ``body`` sent at ``now``; with several keys
+    (a rotation: the new and the old), one ``v1=`` signature per key, comma-separated."""
     ts = str(int(time.time() if now is None else now))
-    return {TIMESTAMP_HEADER: ts, SIGNATURE_HEADER: signature(secret, ts, body)}
+    keys = [secret] if isinstance(secret, bytes) else secret
+    return {TIMESTAMP_HEADER: ts, SIGNATURE_HEADER: ",".join(signature(k, ts, body) for k in keys)}
 
 
 def verify(

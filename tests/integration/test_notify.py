@@ -27,7 +27,7 @@ from shared.schemas.reasons import Reason
 from shared.security.webhook import IDEMPOTENCY_HEADER, sign
 from tests.helpers import Env, Reader, StageProcess, group_caught_up, running, wait_until
 from tests.integration.test_acls import consume, denied, produce
-from tests.notify_peers import FhirServer, MllpPeer, WebhookReceiver
+from tests.notify_peers import FhirServer, MllpPeer, WebhookReceiver, write_secret
 
 pytestmark = pytest.mark.integration
 
@@ -68,7 +68,7 @@ def alerts(env: Env, route: str, n: int = N) -> list[tuple[bytes, Alert]]:
 
 
 def stage(env: Env, tmp: Path, targets: list[dict[str, Any]]) -> tuple[Any, CollectorRegistry]:
-    (tmp / "hook.key").write_bytes(SECRET)
+    write_secret(tmp / "hook.key", SECRET)
     path = tmp / "targets.yaml"
     path.write_text(yaml.safe_dump({"targets": targets}))
     settings = env.settings(
@@ -174,7 +174,7 @@ async def test_an_always_failing_endpoint_produces_a_dead_letter_with_its_reason
 ) -> None:
     """The service as its own process (``python -m services.notify.main``, as deployed)."""
     batch = alerts(env, "broken", 2)
-    (tmp_path / "hook.key").write_bytes(SECRET)
+    write_secret(tmp_path / "hook.key", SECRET)
     with WebhookReceiver(SECRET, always_fail=True) as down:
         targets = tmp_path / "targets.yaml"
         target = {

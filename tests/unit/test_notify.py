@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from services.notify import fhir, hl7, main, webhook
-from services.notify.targets import Hl7Target, Targets
+from services.notify.targets import Hl7Target, Targets, WebhookTarget
 from services.notify.transport import DeliveryFailed
 from shared.config import NotifySettings, Settings
 from shared.runtime.harness import FakeClock, StageHarness
@@ -28,7 +28,7 @@ from shared.schemas import Alert, AuditEvent
 from shared.schemas.reasons import Reason
 from shared.security.envelope import Keyring
 from shared.security.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, verify
-from tests.notify_peers import FhirServer, MllpPeer, WebhookReceiver, tls_server
+from tests.notify_peers import FhirServer, MllpPeer, WebhookReceiver, tls_server, write_secret
 
 STUDY, SERIES = "1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2"
 SECRET = b"0123456789abcdef0123456789abcdef"
@@ -160,9 +160,7 @@ def test_ack_codes(code: str, retriable: bool) -> None:
 
 # ---- routing and secrets -------------------------------------------------------------------
 def _secret(tmp: Path, name: str, value: bytes = SECRET) -> Path:
-    path = tmp / name
-    path.write_bytes(value + b"\n")
-    return path
+    return write_secret(tmp / name, value)
 
 
 def test_targets_serve_the_routes_and_severities_they_name(tmp_path: Path) -> None:
@@ -196,13 +194,47 @@ def test_targets_serve_the_routes_and_severities_they_name(tmp_path: Path) -> No
     hook = targets.targets[0]
     assert hook.secret.get_secret_value().encode() == SECRET  # type: ignore[union-attr]
     assert SECRET.decode() not in repr(targets) + str(targets.model_dump())
-    with pytest.raises(ValidationError, match="cannot read secret file") as err:
+    with pytest.raises(ValidationError, match="no key file at") as err:
         Targets.model_validate(
             {"targets": [{**doc["targets"][0], "secret_file": str(tmp_path / "missing")}]}
         )
     assert SECRET.decode() not in str(err.value)
     with pytest.raises(ValidationError, match="unique"):
         Targets.model_validate({"targets": [doc["targets"][1], doc["targets"][1]]})
+
+
+def test_secret_files_others_may_read_are_refused(tmp_path: Path) -> None:
+    shared = _secret(tmp_path, "shared.key")
+    shared.chmod(0o644)
+    target = {"name": "x", "channel": "webhook", "url": "https://h.invalid/", "secret_file": ""}
+    with pytest.raises(ValidationError, match="others may access it") as err:
+        Targets.model_validate({"targets": [{**target, "secret_file": str(shared)}]})
+    assert SECRET.decode() not in str(err.value)
+
+
+def test_a_rotating_key_signs_twice_so_either_key_verifies(tmp_path: Path) -> None:
+    new, old = b"the-new-key-0123456789", b"the-old-key-0123456789"
+    hook = Targets.model_validate(
+        {
+            "targets": [
+                {
+                    "name": "x",
+                    "channel": "webhook",
+                    "url": "https://h.invalid/",
+                    "secret_file": str(_secret(tmp_path, "new", new)),
+                    "previous_secret_file": str(_secret(tmp_path, "old", old)),
+                }
+            ]
+        }
+    ).targets[0]
+    assert isinstance(hook, WebhookTarget)
+    body = webhook.body(alert())
+    h = webhook.headers(hook, alert(), body, now=1_800_000_000)
+    ts, sig = h[TIMESTAMP_HEADER], h[SIGNATURE_HEADER]
+    assert sig.count("v1=") == 2
+    for key in (new, old):  # a receiver not yet given the new key, and one already moved
+        assert verify(key, ts, sig, body, now=1_800_000_001)
+    assert not verify(b"a third key", ts, sig, body, now=1_800_000_001)
 
 
 def test_the_default_targets_file_loads() -> None:
