@@ -294,12 +294,15 @@ def _inspect(data: bytes, limits: Limits) -> InstanceInfo:
 
 
 def _shared_group(ds: Dataset, name: str) -> Dataset | None:
-    """The item of functional group ``name`` shared by every frame, if there is one."""
-    shared = _get(ds, "SharedFunctionalGroupsSequence")
-    if not shared:
-        return None
-    group = _get(shared[0], name)
-    return group[0] if group else None
+    """The item of functional group ``name`` shared by every frame, else the first frame's
+    (what the series record describes; preprocess reads every frame's)."""
+    for container in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        items = _get(ds, container)
+        group = _get(items[0], name) if items else None
+        if group:
+            item: Dataset = group[0]
+            return item
+    return None
 
 
 def series_uid_or_none(data: bytes) -> str | None:

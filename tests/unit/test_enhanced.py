@@ -8,12 +8,14 @@ enhanced source validate (dciodvfy) and reference the right source frames."""
 
 from __future__ import annotations
 
+import gzip
 import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import highdicom as hd
+import nibabel
 import numpy as np
 import pydicom
 import pytest
@@ -195,6 +197,45 @@ def test_the_real_enhanced_ct_geometry_follows_its_functional_groups(
     transform = shared.PixelValueTransformationSequence[0]
     slope, intercept = float(transform.RescaleSlope), float(transform.RescaleIntercept)
     assert np.array_equal(vol, ds.pixel_array[np.argsort(along)] * slope + intercept)
+
+
+def test_a_real_oblique_enhanced_mr_follows_its_per_frame_groups(world: dict[str, Any]) -> None:
+    # nibabel's test data: a Philips 3D MPRAGE as one Enhanced MR instance, 176 oblique
+    # sagittal frames, orientation, position, spacing and rescale all in per-frame groups
+    path = Path(nibabel.__file__).parent / "nicom" / "tests" / "data" / "philips_mprage.dcm.gz"
+    data = gzip.decompress(path.read_bytes())
+    ds = pydicom.dcmread(io.BytesIO(data))
+    frames = ds.PerFrameFunctionalGroupsSequence
+    assert "PlaneOrientationSequence" not in ds.SharedFunctionalGroupsSequence[0]
+    ori = np.array(
+        [float(v) for v in frames[0].PlaneOrientationSequence[0].ImageOrientationPatient]
+    )
+    normal = np.cross(ori[:3], ori[3:])
+    pos = np.array(
+        [[float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient] for f in frames]
+    )
+    order = np.argsort(pos @ normal)
+    px = [float(v) for v in frames[0].PixelMeasuresSequence[0].PixelSpacing]
+    rescale = np.array(
+        [
+            [
+                float(f.PixelValueTransformationSequence[0].RescaleSlope),
+                float(f.PixelValueTransformationSequence[0].RescaleIntercept),
+            ]
+            for f in frames
+        ]
+    )
+    ready = series_ready([data], world["store"], world["ring"])
+    assert (ready.completed_by, ready.modality, ready.instance_count) == ("instance", "MR", 1)
+    assert ready.orientation == pytest.approx(tuple(ori))
+    vp, vol = _calibrated(world, data)
+    assert vp.shape == (176, 256, 256) and vp.dtype == "float32"
+    assert vp.direction == pytest.approx((*ori, *normal))
+    assert vp.origin_mm == pytest.approx(tuple(pos[order[0]]))
+    assert vp.spacing_mm == pytest.approx((float(np.diff((pos @ normal)[order]).mean()), *px))
+    assert vp.spacing_mm[0] == pytest.approx(1.0, abs=1e-3)
+    expected = ds.pixel_array[order] * rescale[order, 0, None, None] + rescale[order, 1, None, None]
+    np.testing.assert_allclose(vol, expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize(
