@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from services.alert.raised import RaisedAlerts
 from services.alert.rules import MEASURES, RuleSet
+from shared.runtime.raised import RaisedAlerts
 from shared.runtime.stage import Context, Emit, HandlerResult
 from shared.schemas import Alert, AuditEvent, SegmentationDone
 

@@ -11,9 +11,9 @@ import sys  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 
 from services.alert.core import AlertCore, AlertMetrics  # noqa: E402
-from services.alert.raised import RaisedAlerts  # noqa: E402
 from services.alert.rules import RuleSet  # noqa: E402
 from shared.config import Settings  # noqa: E402
+from shared.runtime.raised import RaisedAlerts  # noqa: E402
 from shared.runtime.service import serve  # noqa: E402
 from shared.runtime.stage import StageSpec  # noqa: E402
 from shared.schemas import SegmentationDone  # noqa: E402

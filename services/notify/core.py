@@ -35,11 +35,11 @@ from hl7apy.exceptions import HL7apyException
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from pydantic import ValidationError
 
-from services.alert.raised import RaisedAlerts
 from services.notify import fhir, hl7, webhook
 from services.notify.targets import FhirTarget, Hl7Target, Target, Targets, WebhookTarget
 from services.notify.transport import DeliveryFailed
 from shared.runtime.errors import PoisonError, RetriableError
+from shared.runtime.raised import RaisedAlerts
 from shared.runtime.stage import Context, Emit, HandlerResult
 from shared.schemas import Alert, AuditEvent
 from shared.schemas.reasons import Reason

@@ -13,10 +13,10 @@ from collections.abc import Callable  # noqa: E402
 
 from prometheus_client import CollectorRegistry  # noqa: E402
 
-from services.alert.raised import RaisedAlerts  # noqa: E402
 from services.notify.core import Breaker, NotifyCore, NotifyMetrics  # noqa: E402
 from services.notify.targets import Targets  # noqa: E402
 from shared.config import Settings  # noqa: E402
+from shared.runtime.raised import RaisedAlerts  # noqa: E402
 from shared.runtime.service import serve  # noqa: E402
 from shared.runtime.stage import StageSpec  # noqa: E402
 from shared.schemas import Alert  # noqa: E402

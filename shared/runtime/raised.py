@@ -1,4 +1,5 @@
-"""The alert ids already published: the alert stage never publishes one twice.
+"""The alert ids already published: the alert stage never publishes one twice (and notify
+never delivers one twice).
 
 Alert ids are deterministic (series, revision, finding, rule), so the same findings handled
 again (a replay of ``findings``, a series analysed again, a redelivery after a rebalance or a
