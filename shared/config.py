@@ -187,6 +187,18 @@ class ResultsSettings(BaseModel):
     pacs_ae_title: str = Field("ORTHANC", max_length=16)
     calling_ae_title: str = Field("RADSTREAM", max_length=16)
     pacs_timeout_s: float = Field(20.0)
+    pacs_protocol: Literal["dimse", "dicomweb"] = Field(
+        "dimse",
+        description="how the SEG and SR reach the PACS: C-FIND + C-STORE (pacs_host/port) or "
+        "QIDO-RS + STOW-RS (dicomweb_url)",
+    )
+    dicomweb_url: str = Field(
+        "", description="DICOMweb service root of the PACS, e.g. https://pacs/dicom-web"
+    )
+    dicomweb_token: SecretStr = Field(SecretStr(""), description="bearer token for the PACS")
+    dicomweb_ca_file: Path | None = Field(None, description="CA bundle for an https url")
+    dicomweb_client_cert: Path | None = Field(None, description="PEM client cert (mutual TLS)")
+    dicomweb_client_key: Path | None = Field(None, description="PEM key for the client cert")
     seg_max_frames: int = Field(
         400, ge=1, description="organ segments join the SEG only while it stays this small"
     )

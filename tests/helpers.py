@@ -377,7 +377,13 @@ class Orthanc:
     :meth:`received` lists every C-STORE it was sent (a Lua filter records them, duplicates
     included); :meth:`hold` makes incoming stores wait until :meth:`release`."""
 
-    def __init__(self, root: Path, modalities: dict[str, str]) -> None:
+    DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+    def __init__(
+        self, root: Path, modalities: dict[str, str], extra: dict[str, Any] | None = None
+    ) -> None:
+        """``extra``: more configuration; ``{"DicomWeb": {...}}`` loads Debian's DICOMweb
+        plugin (orthanc-dicomweb): its server at ``/dicom-web/`` and its STOW-RS client."""
         import json
         import shutil
 
@@ -409,6 +415,12 @@ class Orthanc:
             "StableAge": 1,
             "LuaScripts": [str(root / "received.lua")],
         }
+        config.update(extra or {})
+        if "DicomWeb" in config:
+            assert Path(self.DICOMWEB_PLUGIN).exists(), (
+                "Orthanc's DICOMweb plugin not found: 'make setup' installs orthanc-dicomweb"
+            )
+            config["Plugins"] = [self.DICOMWEB_PLUGIN]
         (root / "orthanc.json").write_text(json.dumps(config))
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -437,6 +449,25 @@ class Orthanc:
                 return json.loads(r.read())
         except OSError:
             return None
+
+    def post(self, path: str, body: bytes, timeout: float = 120) -> tuple[int, Any]:
+        """POST to Orthanc's REST API: (HTTP status, parsed JSON answer or text)."""
+        import json
+        import urllib.error
+        import urllib.request
+
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}{path}", data=body, method="POST"
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                status, text = r.status, r.read()
+        except urllib.error.HTTPError as exc:
+            status, text = exc.code, exc.read()
+        try:
+            return status, json.loads(text)
+        except ValueError:
+            return status, text.decode(errors="replace")
 
     def instances(self) -> list[dict[str, Any]]:
         ids = self.get("/instances") or []

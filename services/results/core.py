@@ -4,7 +4,8 @@ From the findings record (masks, volume, geometry, source instances by claim che
 the DICOM SEG (BINARY, no empty frames, one segment per finding, organs only within the frame
 budget), a Comprehensive 3D SR with a TID 1500 measurement group per lesion finding that
 references its segment, and the overlay PNGs; it delivers SEG and SR to the PACS (C-FIND, then
-C-STORE: their deterministic SOP Instance UIDs are the idempotency keys), records each delivery
+C-STORE, or QIDO-RS, then STOW-RS, as configured: their deterministic SOP Instance UIDs are the
+idempotency keys), records each delivery
 on ``audit`` and publishes one :class:`ResultsReady` under the series key. No Kafka here.
 
 A PACS that cannot be reached is retried by the runtime (the handler raises RetriableError);
@@ -23,7 +24,8 @@ from typing import Any, Literal
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from shared.dicom.pacs import Pacs, deliver
+from shared.dicom import pacs as dimse
+from shared.dicom.pacs import Delivered, Pacs
 from shared.dicom.seg import (
     Algorithm,
     Segment,
@@ -37,6 +39,8 @@ from shared.dicom.seg import (
 )
 from shared.dicom.segments import finding_segments
 from shared.dicom.sr import reported, sr_dataset, to_bytes
+from shared.dicomweb import client as dicomweb
+from shared.dicomweb.client import DicomWebPacs
 from shared.imaging.errors import ImagingError
 from shared.imaging.geometry import Geometry
 from shared.imaging.masks import unpack_masks
@@ -101,7 +105,7 @@ class Built:
 @dataclass
 class ResultsCore:
     store: BlobStore
-    pacs: Pacs | None = None
+    pacs: Pacs | DicomWebPacs | None = None  # C-STORE or STOW-RS, as configured
     seg_max_frames: int = 400
     metrics: ResultsMetrics | None = None
 
@@ -268,7 +272,7 @@ class ResultsCore:
                 out.append(Delivery(object=obj, sop_instance_uid=uid, outcome="not_configured"))
                 continue
             try:
-                outcome = deliver(self.pacs, data)
+                outcome = _deliver(self.pacs, data)
                 out.append(Delivery(object=obj, sop_instance_uid=uid, outcome=outcome))
             except RetriableError as exc:
                 if not ctx.last_attempt:
@@ -325,6 +329,13 @@ class ResultsCore:
             source_offset=ctx.offset,
             timings_s={k: round(v, 4) for k, v in built.timings.items()},
         )
+
+
+def _deliver(pacs: Pacs | DicomWebPacs, data: bytes) -> Delivered:
+    """Check, then store: C-FIND + C-STORE or QIDO-RS + STOW-RS (same idempotency key)."""
+    if isinstance(pacs, DicomWebPacs):
+        return dicomweb.deliver(pacs, data)
+    return dimse.deliver(pacs, data)
 
 
 def _has(segments: Sequence[Segment], segment: Segment) -> bool:

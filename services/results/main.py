@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry  # noqa: E402
 from services.results.core import ResultsCore, ResultsMetrics  # noqa: E402
 from shared.config import Settings  # noqa: E402
 from shared.dicom.pacs import Pacs  # noqa: E402
+from shared.dicomweb.client import DicomWebPacs  # noqa: E402
 from shared.runtime.service import serve  # noqa: E402
 from shared.runtime.stage import StageSpec  # noqa: E402
 from shared.schemas import SegmentationDone  # noqa: E402
@@ -28,11 +29,18 @@ def build(
     settings: Settings, keyring: Keyring, registry: CollectorRegistry | None = None
 ) -> StageSpec[SegmentationDone]:
     c = settings.results
-    pacs = (
-        Pacs(c.pacs_host, c.pacs_port, c.pacs_ae_title, c.calling_ae_title, c.pacs_timeout_s)
-        if c.pacs_host
-        else None
-    )
+    pacs: Pacs | DicomWebPacs | None = None
+    if c.pacs_protocol == "dicomweb" and c.dicomweb_url:
+        pacs = DicomWebPacs(
+            c.dicomweb_url,
+            c.dicomweb_token.get_secret_value() or None,
+            c.dicomweb_ca_file,
+            c.dicomweb_client_cert,
+            c.dicomweb_client_key,
+            c.pacs_timeout_s,
+        )
+    elif c.pacs_protocol == "dimse" and c.pacs_host:
+        pacs = Pacs(c.pacs_host, c.pacs_port, c.pacs_ae_title, c.calling_ae_title, c.pacs_timeout_s)
     core = ResultsCore(
         local_store(settings.blob_path, keyring, registry, STAGE.name),
         pacs,

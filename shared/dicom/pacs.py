@@ -60,6 +60,12 @@ def _read(data: bytes) -> Dataset:
     return ds
 
 
+def deliverable(data: bytes) -> Dataset:
+    """The object parsed, if it is one RadStream delivers (SEG, 3D SR); PoisonError if not.
+    Shared with the DICOMweb delivery (:mod:`shared.dicomweb.client`)."""
+    return _read(data)
+
+
 def c_store(pacs: Pacs, data: bytes) -> str:
     """Send one Part 10 object; returns its SOP Instance UID. Raises RetriableError when the
     PACS is unreachable or answers a failure status (the runtime retries with backoff)."""

@@ -100,3 +100,16 @@ def test_multipart_body_is_a_stow_request() -> None:
     assert body.count(f"--{boundary}\r\n".encode()) == 2 and body.endswith(
         f"--{boundary}--\r\n".encode()
     )
+
+
+def test_dicomweb_destination_refuses_plain_http_beyond_loopback() -> None:
+    import pytest
+
+    from shared.dicomweb.client import DicomWebPacs
+
+    assert DicomWebPacs("http://127.0.0.1:8042/dicom-web").url
+    assert DicomWebPacs("https://pacs.example.org/dicom-web", token="t").url
+    assert "secret" not in repr(DicomWebPacs("https://pacs.example.org/dicom-web", token="secret"))
+    for bad in ("http://pacs.example.org/dicom-web", "ftp://127.0.0.1/x", "pacs/dicom-web"):
+        with pytest.raises(ValueError):
+            DicomWebPacs(bad)
