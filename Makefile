@@ -18,7 +18,8 @@ realdata: $(STAMP)
 # Debian packages the tests and demo use as real peers (dcmtk: storescu/echoscu;
 # dicom3tools: dciodvfy, an independent DICOM validator; orthanc: a real PACS, with
 # orthanc-dicomweb: its DICOMweb server and STOW-RS client; prometheus:
-# the server and promtool). Installed with
+# the server and promtool; chromium + chromium-driver: the real browser the worklist's
+# Selenium test drives headless). Installed with
 # services kept from auto-starting (policy-rc.d): the project starts Orthanc itself.
 debs:
 	@missing=""; command -v storescu >/dev/null || missing="$$missing dcmtk"; \
@@ -26,6 +27,8 @@ debs:
 	command -v Orthanc >/dev/null || missing="$$missing orthanc"; \
 	dpkg -s orthanc-dicomweb >/dev/null 2>&1 || missing="$$missing orthanc-dicomweb"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 	  echo "installing Debian packages:$$missing"; \

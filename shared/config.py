@@ -227,6 +227,26 @@ class NotifySettings(BaseModel):
     breaker_cooldown_s: float = Field(60.0, gt=0, description="how long a failing target rests")
 
 
+class WorklistSettings(BaseModel):
+    """``RADSTREAM_WORKLIST__*``: the worklist web app (HTTPS only)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = Field("127.0.0.1", description="address of the HTTPS listener")
+    port: int = Field(PORTS.worklist_https, description="HTTPS port; 0 picks a free one")
+    tls_cert: Path | None = Field(None, description="PEM certificate chain (required)")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert (required)")
+    users_file: Path | None = Field(
+        None, description="accounts: argon2id hashes and roles; default <home>/secrets"
+    )
+    session_ttl_s: float = Field(8 * 3600.0, description="a login lasts this long")
+    lookback_s: float = Field(
+        7 * 86400.0, description="alerts (and their results and acks) shown from this far back"
+    )
+    max_alerts: int = Field(500, ge=1, description="alerts kept in memory, newest first")
+    source: str = Field("worklist", max_length=64, description="name put on acknowledgements")
+
+
 class Settings(BaseSettings):
     """Everything a RadStream process needs; secrets are ``SecretStr`` and never logged."""
 
@@ -257,6 +277,7 @@ class Settings(BaseSettings):
     alert: AlertSettings = Field(default_factory=AlertSettings)
     results: ResultsSettings = Field(default_factory=ResultsSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)
+    worklist: WorklistSettings = Field(default_factory=WorklistSettings)
     device: Literal["auto", "gpu", "cpu"] = Field(
         "auto", description="RADSTREAM_DEVICE: array backend"
     )
@@ -306,3 +327,7 @@ class Settings(BaseSettings):
     @property
     def keyring_path(self) -> Path:
         return self.keyring_file or self.home / "secrets" / "keyring.json"
+
+    @property
+    def worklist_users_path(self) -> Path:
+        return self.worklist.users_file or self.home / "secrets" / "worklist-users.json"

@@ -55,6 +55,9 @@ TOPICS: tuple[Topic, ...] = (
     Topic("results", "max.message.bytes=1048576", "ResultsReady", ALERTS),
     Topic(DEADLETTER, "retention.ms=2592000000", "DeadLetter", DEADLETTER),
     Topic(AUDIT, "retention.ms=31536000000", "AuditEvent", AUDIT),
+    # what people did with alerts on the worklist (acknowledged, by whom, when); keyed like
+    # the alert, so an alert and its acknowledgements share a partition
+    Topic("acks", "retention.ms=31536000000", "AlertAck", ALERTS),
 )
 CHANGELOG_CONFIG = f"cleanup.policy=compact,{BIG}"
 
@@ -164,6 +167,18 @@ PARTIES: tuple[Party, ...] = (
     # Worklist / pager integrations: read the alert feed and the results records they join to
     # it (SEG/SR identities, delivery outcome), nothing else.
     Party("alert-consumer", read=("alerts", "results"), write=(AUDIT,), groups=("alert-consumer",)),
+    # The worklist web app (services/worklist): reads the alert feed, the results it joins to
+    # it (overlay pictures, the SEG's patient identity, shown to clinicians only) and the
+    # acknowledgements (its own, other instances'); writes acknowledgements and their audit.
+    # Blobs it opens: the results' pictures and SEG (findings purpose), never images. It
+    # makes no keyed hashes: an acknowledgement is keyed with its alert's key.
+    Party(
+        "worklist",
+        read=("alerts", "results", "acks"),
+        write=("acks", AUDIT),
+        groups=("worklist",),
+        blobs_read=(FINDINGS,),
+    ),
     # Operators: read the stages' records (never the raw instances), describe groups for lag,
     # and write the input of a replayable stage to re-run a series from there (a new
     # revision). They read the SEG, SR and pictures (findings blobs), not images.
@@ -192,7 +207,8 @@ PARTIES: tuple[Party, ...] = (
 
 @dataclass(frozen=True)
 class Service:
-    """A process of the stack: a stage or the gateway; runs as the principal of its name."""
+    """A process of the stack: a stage, the gateway or the worklist; runs as the principal of
+    its name."""
 
     name: str
     module: str
@@ -217,6 +233,7 @@ class Ports:
     gateway_dicom: int = 11112
     orthanc_http: int = 8042
     orthanc_dicom: int = 4242
+    worklist_https: int = 8443  # the worklist web app (TLS)
 
 
 PORTS = Ports()
@@ -234,6 +251,8 @@ SERVICES: tuple[Service, ...] = (
         Service(s.name, f"services.{s.name}.main", 9102 + i)
         for i, s in enumerate(STAGES)
     ),
+    # after the stages: 9102 + len(STAGES)
+    Service("worklist", "services.worklist.main", 9102 + len(STAGES)),
 )
 
 

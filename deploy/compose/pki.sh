@@ -21,6 +21,22 @@ for name, pw in b.credentials().items():
 for f in ("ca.pem", "broker.p12", "store.password"):
     (out / f).write_bytes((b.tls_dir / f).read_bytes())
 init_keyring_file(out / "keyring.json")
+# the worklist's HTTPS certificate (development CA) and first accounts (random passwords,
+# readable by root only in worklist-passwords.json; add others with shared.security.accounts)
+from shared.stack.tls import issue_server_cert
+from shared.security.accounts import ROLES, add_user
+import secrets
+cert, key = issue_server_cert(b.tls_dir, "worklist")
+for src, dst in ((cert, "worklist.pem"), (key, "worklist.key")):
+    (out / dst).write_bytes(src.read_bytes())
+    os.chmod(out / dst, 0o640)
+if not (out / "worklist-users.json").exists():
+    pw = {role: secrets.token_urlsafe(18) for role in ROLES}
+    for role, p in pw.items():
+        add_user(out / "worklist-users.json", role, role, p)
+    os.chmod(out / "worklist-users.json", 0o640)
+    (out / "worklist-passwords.json").write_text(json.dumps(pw, indent=2))
+    os.chmod(out / "worklist-passwords.json", 0o600)
 from shared.stack import principals
 admin_pw = b.credentials()["admin"]
 (out / "admin.properties").write_text(

@@ -3,6 +3,7 @@
 from shared.schemas.models import (
     RECORD_TYPES,
     Alert,
+    AlertAck,
     AuditEvent,
     BlobRef,
     DeadLetter,
@@ -26,6 +27,7 @@ from shared.schemas.reasons import Reason
 __all__ = [
     "RECORD_TYPES",
     "Alert",
+    "AlertAck",
     "AuditEvent",
     "BlobRef",
     "DeadLetter",

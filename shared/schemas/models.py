@@ -437,6 +437,20 @@ class AuditEvent(Record):
     at: datetime = Field(default_factory=utcnow)
 
 
+class AlertAck(Record):
+    """``acks``: a person acknowledged an alert on the worklist. Keyed like the alert (keyed
+    hash of its series), so it shares the alert's partition. Carries no patient identity."""
+
+    SCHEMA: ClassVar[str] = "radstream.alert_ack"
+    ack_id: str = Field(max_length=64, description="unique id of this acknowledgement")
+    alert_id: str = Field(max_length=64, description="the alert acknowledged")
+    action: Literal["acknowledged"] = "acknowledged"
+    user: str = Field(max_length=64, description="worklist account (staff, not a patient)")
+    role: Literal["clinician", "operator"] = Field(description="the account's worklist role")
+    source: str = Field(max_length=64, description="the worklist instance that wrote it")
+    at: datetime = Field(default_factory=utcnow)
+
+
 class Probe(Record):
     """A synthetic record for canaries, the pass-through stage and benchmarks."""
 
@@ -458,6 +472,7 @@ RECORD_TYPES: dict[str, type[Record]] = {
         SegmentationDone,
         Alert,
         ResultsReady,
+        AlertAck,
         DeadLetter,
         AuditEvent,
         Probe,

@@ -18,6 +18,7 @@ import functools
 import importlib.util
 import json
 import os
+import secrets
 import shutil
 import ssl
 import sys
@@ -32,10 +33,12 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from shared import topology
 from shared.config import KafkaSettings
+from shared.security.accounts import ROLES, add_user
 from shared.security.envelope import init_keyring_file
 from shared.security.kafka import client_kwargs
 from shared.security.keyfile import issue_all, principal_key_file
 from shared.stack.broker import REPO, LocalBroker, _pid_alive, free_port, spawn_detached, terminate
+from shared.stack.tls import issue_server_cert
 from shared.topology import Service
 
 DEFAULT_HOME = REPO / ".radstream"
@@ -65,6 +68,7 @@ class StackPorts:
     orthanc_http: int
     orthanc_dicom: int
     metrics: dict[str, int] = field(default_factory=dict)  # service name → /metrics port
+    worklist_https: int = topology.PORTS.worklist_https
 
     @classmethod
     def defaults(cls) -> StackPorts:
@@ -76,6 +80,7 @@ class StackPorts:
             p.orthanc_http,
             p.orthanc_dicom,
             {s.name: s.metrics_port for s in SERVICES},
+            p.worklist_https,
         )
 
     @classmethod
@@ -87,6 +92,7 @@ class StackPorts:
             free_port(),
             free_port(),
             {s.name: free_port() for s in SERVICES},
+            free_port(),
         )
 
 
@@ -159,6 +165,31 @@ class LocalStack:
         init_keyring_file(self.keyring_path)
         issue_all(self.keyring_path, self.broker.principals_dir)
 
+    @property
+    def worklist_users(self) -> Path:
+        return self.home / "secrets" / "worklist-users.json"
+
+    @property
+    def worklist_passwords(self) -> Path:
+        return self.home / "secrets" / "worklist-passwords.json"
+
+    def prepare_worklist(self) -> str:
+        """The worklist's HTTPS certificate (from the development CA) and, the first time, a
+        clinician and an operator account with random passwords, written 0600 beside the
+        argon2id hashes for whoever runs the stack."""
+        issue_server_cert(self.broker.tls_dir, "worklist")
+        if not self.worklist_users.exists():
+            passwords = {role: secrets.token_urlsafe(18) for role in ROLES}
+            for role, password in passwords.items():
+                add_user(self.worklist_users, role, role, password)
+            fd = os.open(self.worklist_passwords, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(json.dumps(passwords, indent=2))
+        return (
+            f"worklist: https://127.0.0.1:{self.ports.worklist_https} "
+            f"(accounts in {self.worklist_passwords})"
+        )
+
     def _pid_file(self, svc: Service) -> Path:
         return self.home / "run" / f"{svc.name}.pid"
 
@@ -184,6 +215,12 @@ class LocalStack:
         env["RADSTREAM_KEYRING_FILE"] = str(self.key_file(svc.principal))
         if svc.name == "gateway":
             env.setdefault("RADSTREAM_GATEWAY__PORT", str(self.ports.gateway_dicom))
+        if svc.name == "worklist":
+            section = "RADSTREAM_WORKLIST__"
+            env.setdefault(f"{section}PORT", str(self.ports.worklist_https))
+            env[f"{section}TLS_CERT"] = str(self.broker.tls_dir / "worklist.pem")
+            env[f"{section}TLS_KEY"] = str(self.broker.tls_dir / "worklist.key")
+            env[f"{section}USERS_FILE"] = str(self.worklist_users)
         if svc.stage is not None and "pacs" in svc.stage.delivers and shutil.which("Orthanc"):
             section = f"RADSTREAM_{svc.name.upper()}__"
             env.setdefault(f"{section}PACS_HOST", "127.0.0.1")
@@ -220,6 +257,8 @@ class LocalStack:
             if self.service_pid(svc) is not None:
                 actions.append(f"{svc.name} already running")
                 continue
+            if svc.name == "worklist":
+                actions.append(self.prepare_worklist())
             pid, _ = spawn_detached(
                 [sys.executable, "-m", svc.module], self.log_file(svc.name), self.service_env(svc)
             )

@@ -103,7 +103,7 @@ def test_the_local_stack_runs_every_service_of_the_topology_as_its_principal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert local.SERVICES == topology.SERVICES
-    assert [s.name for s in topology.SERVICES] == ["gateway", *topology.STAGE_NAMES]
+    assert [s.name for s in topology.SERVICES] == ["gateway", *topology.STAGE_NAMES, "worklist"]
     ports = [s.metrics_port for s in topology.SERVICES]
     assert len(set(ports)) == len(ports)
     for s in topology.SERVICES:
