@@ -196,7 +196,9 @@ def view(entry: Entry, role: Role, identity: Identity | None) -> AlertView:
         finding_type=a.finding,
         subtype=a.subtype or "",
         confidence="" if a.confidence is None else f"{a.confidence:.0%}",
-        measurements=[_measure(k, v) for k, v in sorted(a.measurements.items())],
+        measurements=[
+            _measure(k, v) for k, v in sorted(a.measurements.items()) if k != "confidence"
+        ],
         latency=f"{a.latency_seconds:.1f} s",
         study=" ".join(x for x in (a.modality, a.body_part or "") if x),
         created_at=_time(a.created_at),

@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -40,6 +41,7 @@ from tests.pipeline import files, series_ready
 pytestmark = [pytest.mark.integration]
 
 webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service as ChromeService  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -93,6 +95,11 @@ def browsers(tmp_path: Path) -> Iterator[list[webdriver.Chrome]]:
         service = ChromeService(executable_path=shutil.which("chromedriver") or "chromedriver")
         driver = webdriver.Chrome(options=opts, service=service)
         made.append(driver)
+        # the page area exactly a 1366x768 screen (the window's own bars are not the page's)
+        driver.execute_cdp_cmd(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": WIDTH, "height": HEIGHT, "deviceScaleFactor": 1, "mobile": False},
+        )
         return driver
 
     yield make  # type: ignore[misc]
@@ -110,11 +117,29 @@ def sign_in(driver: webdriver.Chrome, base: str, user: str, password: str) -> No
     )
 
 
+def until(driver: webdriver.Chrome, condition: Any, timeout: float, poll: float = 0.1) -> Any:
+    """Wait on a condition; rows are replaced as updates arrive, so a stale or missing
+    element only means: not yet."""
+    return WebDriverWait(
+        driver, timeout, poll_frequency=poll, ignored_exceptions=(StaleElementReferenceException,)
+    ).until(condition)
+
+
+def text(driver: webdriver.Chrome, css: str) -> str:
+    """The text of the element at ``css`` now (one read in the page: never stale)."""
+    return str(
+        driver.execute_script(
+            "const e = document.querySelector(arguments[0]); return e ? e.innerText : '';", css
+        )
+    )
+
+
 def overflow(driver: webdriver.Chrome) -> dict[str, int]:
     return dict(
         driver.execute_script(
             "return {scroll: document.documentElement.scrollWidth,"
-            " client: document.documentElement.clientWidth, inner: window.innerWidth};"
+            " client: document.documentElement.clientWidth, inner: window.innerWidth,"
+            " height: window.innerHeight};"
         )
     )
 
@@ -213,10 +238,7 @@ async def test_alert_appears_live_is_acknowledged_and_each_role_sees_what_it_may
 
             visible: dict[str, float] = {}
             pages = asyncio.gather(
-                *(
-                    asyncio.to_thread(WebDriverWait(d, 120, poll_frequency=0.1).until, listed_at)
-                    for d in (clinician, operator)
-                )
+                *(asyncio.to_thread(until, d, listed_at, 120) for d in (clinician, operator))
             )
             await wait_until(committed, 120, "the alert on the alerts topic")
             await pages
@@ -230,27 +252,25 @@ async def test_alert_appears_live_is_acknowledged_and_each_role_sees_what_it_may
             )
             assert at - visible["at"] <= 2.0, f"{who}: {at - visible['at']:.2f} s after publication"
         ids = {a.alert_id for a in alerts.records}
-        rows = clinician.find_elements(By.CSS_SELECTOR, "article.alert")
-        assert {r.get_attribute("data-alert-id") for r in rows} == ids
+        listed = clinician.execute_script(
+            "return [...document.querySelectorAll('article.alert')].map(r => r.dataset.alertId);"
+        )
+        assert set(listed) == ids
         first = next(a for a in alerts.records if a.finding == "haemorrhage")
         row_css = f"#alert-{first.alert_id}"
-        assert (
-            first.severity
-            in clinician.find_element(By.CSS_SELECTOR, f"{row_css} .severity").text.lower()
-        )
-        assert clinician.find_element(By.CSS_SELECTOR, f"{row_css} .latency").text.endswith(" s")
+        assert first.severity in text(clinician, f"{row_css} .severity").lower()
+        assert text(clinician, f"{row_css} .latency") == f"{first.latency_seconds:.1f} s"
 
         # the results (SEG, pictures) follow: the clinician's row names the patient, the
         # operator's keeps the pseudonym; both show the overlay pictures
         name = "PHANTOM HEAD 73"
-        WebDriverWait(clinician, 120, poll_frequency=0.1).until(
-            lambda d: name in d.find_element(By.CSS_SELECTOR, f"{row_css} .patient").text
-        )
+        until(clinician, lambda d: name in text(d, f"{row_css} .patient"), 120)
         for driver in (clinician, operator):
-            WebDriverWait(driver, 30, poll_frequency=0.1).until(pictures_loaded)
+            until(driver, pictures_loaded, 30)
         for driver, who in ((clinician, "clinician"), (operator, "operator")):
             size = overflow(driver)
-            assert size["inner"] == WIDTH and size["scroll"] <= size["client"], (who, size)
+            assert (size["inner"], size["height"]) == (WIDTH, HEIGHT), size
+            assert size["scroll"] <= size["client"], f"{who}: the page scrolls sideways {size}"
             driver.save_screenshot(str(ARTIFACTS / f"{who}.png"))
         page = operator.page_source
         for phi in (
@@ -261,12 +281,18 @@ async def test_alert_appears_live_is_acknowledged_and_each_role_sees_what_it_may
             "RS-HEAD-",
         ):
             assert phi not in page, f"the operator's page shows {phi}"
-        assert operator.find_element(By.CSS_SELECTOR, f"{row_css} .patient").text.startswith("S-")
+        assert text(operator, f"{row_css} .patient").startswith("S-")
 
         # acknowledge on the clinician's page: the acks topic and the audit trail get it, the
         # operator's open page shows it
         async with Reader(env, "acks", AlertAck) as acks, Reader(env, "audit", AuditEvent) as audit:
-            clinician.find_element(By.CSS_SELECTOR, f"{row_css} form.ack button").click()
+            until(
+                clinician,
+                lambda d: (
+                    d.find_element(By.CSS_SELECTOR, f"{row_css} form.ack button").click() or True
+                ),
+                5,
+            )
             (ack,) = await acks.wait_for(1, timeout=15)
             await wait_until(
                 lambda: _audited(audit, first.alert_id), 15, "the acknowledgement's audit event"
@@ -274,11 +300,7 @@ async def test_alert_appears_live_is_acknowledged_and_each_role_sees_what_it_may
         assert (ack.alert_id, ack.user, ack.role) == (first.alert_id, CLINICIAN[0], "clinician")
         assert acks.raw[0].key == env.keyring.keyed_hash(done.series_instance_uid)
         for driver in (clinician, operator):
-            WebDriverWait(driver, 5, poll_frequency=0.05).until(
-                lambda d: (
-                    "acknowledged by dr-house" in d.find_element(By.CSS_SELECTOR, row_css).text
-                )
-            )
+            until(driver, lambda d: "acknowledged by dr-house" in text(d, row_css), 5, 0.05)
         clinician.save_screenshot(str(ARTIFACTS / "clinician-acknowledged.png"))
         print(f"worklist screenshots: {ARTIFACTS}")
     finally:
