@@ -13,7 +13,11 @@ salted SCRAM credentials, services read ``RADSTREAM_KAFKA__PASSWORD_FILE``, a pa
 (:meth:`LocalBroker.set_password`) reaches the broker in a 0600 file.
 
 Listeners: SASL_SSL (SCRAM-SHA-512) on 127.0.0.1 for every client; the KRaft controller
-listener is PLAINTEXT on 127.0.0.1 only (its ANONYMOUS principal must be a super user).
+listener is SASL_SSL too, with SASL/PLAIN (KRaft controllers cannot read SCRAM credentials from
+the metadata they serve) for one principal, ``controller``, whose password only the broker
+holds (``secrets/controller.password``, 0600). ``super.users`` is the administrator and that
+principal: no ``User:ANONYMOUS``, so a client that reaches the controller port without the
+password can neither create ACLs, delete topics nor change SCRAM credentials.
 """
 
 from __future__ import annotations
@@ -121,6 +125,33 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
+CONTROLLER_PRINCIPAL = "controller"
+
+
+def controller_jaas(password: str) -> str:
+    """The controller listener's JAAS line: one user, the broker itself (its client side
+    reaches the controller with the same credentials)."""
+    return (
+        "org.apache.kafka.common.security.plain.PlainLoginModule required "
+        f'username="{CONTROLLER_PRINCIPAL}" password="{password}" '
+        f'user_{CONTROLLER_PRINCIPAL}="{password}";'
+    )
+
+
+def controller_listener(secret_file: Path | str) -> dict[str, str]:
+    """Broker properties that authenticate the KRaft controller listener (named
+    ``CONTROLLER``, mapped to SASL_SSL): SASL/PLAIN whose JAAS line is read by Kafka's
+    FileConfigProvider from ``secret_file`` (key ``jaas``, see :func:`controller_jaas`), so the
+    password is in no properties file and no environment (compose does the same)."""
+    return {
+        "config.providers": "file",
+        "config.providers.file.class": "org.apache.kafka.common.config.provider.FileConfigProvider",
+        "sasl.mechanism.controller.protocol": "PLAIN",
+        "listener.name.controller.sasl.enabled.mechanisms": "PLAIN",
+        "listener.name.controller.plain.sasl.jaas.config": f"${{file:{secret_file}:jaas}}",
+    }
+
+
 @dataclass
 class LocalBroker:
     home: Path
@@ -128,6 +159,7 @@ class LocalBroker:
     controller_port: int = 19094
     heap: str = "512m"
     cache: Path = DEFAULT_CACHE
+    extra_sans: tuple[str, ...] = ()  # more names on the broker certificate ("DNS:kafka")
 
     # ---- paths -------------------------------------------------------------------------
     @property
@@ -229,6 +261,19 @@ class LocalBroker:
         _write_secret(self.secrets_dir / "credentials.json", json.dumps(creds, indent=2))
         self.password_file(principal)
 
+    def controller_password(self) -> str:
+        """The KRaft controller listener's SASL/PLAIN password; generated once, stored 0600."""
+        path = self.secrets_dir / "controller.password"
+        if not path.exists():
+            _write_secret(path, secrets.token_urlsafe(24))
+        return path.read_text().strip()
+
+    def _controller_secret(self) -> Path:
+        path = self.secrets_dir / "controller.properties"
+        jaas = controller_jaas(self.controller_password()).replace("\\", "\\\\")
+        _write_secret(path, f"jaas={jaas}\n")
+        return path
+
     def _store_password(self) -> str:
         path = self.tls_dir / "store.password"
         if not path.exists():
@@ -240,7 +285,13 @@ class LocalBroker:
         os.chmod(self.secrets_dir, 0o700)
         self.credentials()
         res = subprocess.run(
-            [str(DEPLOY / "certs.sh"), str(self.tls_dir), self._store_password()], check=False
+            [
+                str(DEPLOY / "certs.sh"),
+                str(self.tls_dir),
+                self._store_password(),
+                ",".join(self.extra_sans),
+            ],
+            check=False,
         )
         if res.returncode != 0:
             raise BrokerError("generating the development CA and broker certificate failed")
@@ -277,12 +328,13 @@ class LocalBroker:
             "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
             "listeners": f"SASL_SSL://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
             "advertised.listeners": f"SASL_SSL://127.0.0.1:{self.port}",
-            "listener.security.protocol.map": "SASL_SSL:SASL_SSL,CONTROLLER:PLAINTEXT",
+            "listener.security.protocol.map": "SASL_SSL:SASL_SSL,CONTROLLER:SASL_SSL",
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "SASL_SSL",
             "sasl.enabled.mechanisms": "SCRAM-SHA-512",
             "sasl.mechanism.inter.broker.protocol": "SCRAM-SHA-512",
             "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config": jaas,
+            **controller_listener(self._controller_secret()),
             "ssl.keystore.type": "PKCS12",
             "ssl.keystore.location": str(self.tls_dir / "broker.p12"),
             "ssl.keystore.password": self._store_password(),
@@ -290,7 +342,7 @@ class LocalBroker:
             "ssl.truststore.location": str(self.ca_file),
             "ssl.client.auth": "none",
             "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
-            "super.users": f"User:{principals.ADMIN};User:ANONYMOUS",
+            "super.users": f"User:{principals.ADMIN};User:{CONTROLLER_PRINCIPAL}",
             "allow.everyone.if.no.acl.found": "false",
             "auto.create.topics.enable": "false",
             "log.dirs": str(self.kafka_dir / "data"),

@@ -23,7 +23,7 @@ class Role:
     name: str
     read: tuple[str, ...] = ()
     write: tuple[str, ...] = ()
-    groups: tuple[str, ...] = ()  # consumer groups it may join (prefixed match)
+    groups: tuple[str, ...] = ()  # consumer groups it may join: the name, or "<name>.*"
     transactional: bool = False  # may use transactional ids "<prefix><name>."
     describe_all: bool = False  # may describe every topic and group (lag, status)
     # its key file (shared/security/keyfile.py): purposes it may open (private keys) and
@@ -88,9 +88,7 @@ def topics(partitions: int) -> list[tuple[str, int, str]]:
     out = [(t.name, partitions, t.config) for t in topology.TOPICS]
     # Changelogs of keyed state: compacted, co-partitioned with the stage's input.
     out.extend(
-        (s.changelog, partitions, topology.CHANGELOG_CONFIG)
-        for s in topology.STAGES
-        if s.changelog
+        (s.changelog, partitions, topology.CHANGELOG_CONFIG) for s in topology.STAGES if s.changelog
     )
     return out
 
@@ -108,7 +106,10 @@ def acl_lines(prefix: str, role: Role) -> list[str]:
     for topic in role.write:
         add("TOPIC", "LITERAL", prefix + topic, "WRITE", "DESCRIBE")
     for group in role.groups:
-        add("GROUP", "PREFIXED", prefix + group, "READ", "DESCRIBE")
+        # the group itself and its dotted sub-groups; a bare prefix would also match every
+        # group whose name merely starts the same ("alert" matching "alert-consumer")
+        add("GROUP", "LITERAL", prefix + group, "READ", "DESCRIBE")
+        add("GROUP", "PREFIXED", f"{prefix}{group}.", "READ", "DESCRIBE")
     if role.transactional:
         add("TRANSACTIONAL_ID", "PREFIXED", f"{prefix}{role.name}.", "WRITE", "DESCRIBE")
     if role.describe_all:

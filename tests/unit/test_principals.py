@@ -35,7 +35,26 @@ def test_each_stage_writes_only_its_outputs_and_owns_its_ids() -> None:
         reads = {name for (rtype, _, name, op) in g if rtype == "TOPIC" and op == "READ"}
         assert reads == {f"radstream.{t}" for t in (stage.input, *own)}
         assert ("TRANSACTIONAL_ID", "PREFIXED", f"radstream.{stage.name}.", "WRITE") in g
-        assert ("GROUP", "PREFIXED", f"radstream.{stage.name}", "READ") in g
+        assert ("GROUP", "LITERAL", f"radstream.{stage.name}", "READ") in g
+        assert ("GROUP", "PREFIXED", f"radstream.{stage.name}.", "READ") in g
+
+
+def test_no_principal_s_group_grant_matches_another_principal_s_group() -> None:
+    """``radstream.alert`` as a prefix matched ``radstream.alert-consumer`` (issue 14, low): the
+    alert stage could join, commit in and read the offsets of the pager's group."""
+    groups = {f"radstream.{group}" for role in ROLES.values() for group in role.groups}
+    for name, role in ROLES.items():
+        own = {f"radstream.{group}" for group in role.groups}
+        for line in acl_lines("radstream.", role):
+            _, _, rtype, pattern, granted, _ = line.split("\t")
+            if rtype != "GROUP" or granted == "radstream.":  # describe_all: DESCRIBE only
+                continue
+            matched = {
+                g
+                for g in groups
+                if (g == granted if pattern == "LITERAL" else g.startswith(granted))
+            }
+            assert matched <= own, f"{name} may join {matched - own}"
 
 
 def test_only_stateful_stages_have_a_changelog() -> None:
