@@ -118,9 +118,35 @@ class GatewaySettings(BaseModel):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(PORTS.gateway_dicom, description="DICOM port")
     allowed_ae_titles: str = Field("", description="comma-separated calling AE titles allowed")
-    allowed_addresses: str = Field("", description="comma-separated peer IPs allowed (empty: any)")
+    allowed_addresses: str = Field(
+        "", description="comma-separated peer IPs or CIDR networks allowed (empty: any)"
+    )
     tls_cert: Path | None = Field(None, description="PEM certificate: require DICOM TLS")
     tls_key: Path | None = Field(None, description="PEM private key for tls_cert")
+    tls_ca: Path | None = Field(
+        None, description="PEM CA bundle that signs the modalities' client certificates"
+    )
+    require_client_cert: bool = Field(
+        True, description="mutual TLS: a peer without a certificate signed by tls_ca is refused"
+    )
+    plain_dicom: bool = Field(
+        False,
+        description="accept DICOM without TLS (the local demo only; everywhere else the "
+        "gateway refuses to start without tls_cert, and without tls_ca unless "
+        "require_client_cert is off)",
+    )
+    max_pdu_bytes: int = Field(
+        256 * 1024, description="largest PDU accepted (and the maximum length advertised)"
+    )
+    max_dataset_bytes: int = Field(
+        64 * 1024 * 1024, description="largest dataset one C-STORE may send (P-DATA bytes)"
+    )
+    peer_associations_per_minute: float = Field(
+        120.0, description="associations one peer address may open per minute (0: no limit)"
+    )
+    peer_instances_per_second: float = Field(
+        200.0, description="C-STOREs one peer address may send per second (0: no limit)"
+    )
     source: str = Field("gateway", max_length=64, description="source name put on instances")
     ack_timeout_s: float = Field(30.0, description="longest wait for Kafka before failing")
     stow: StowSettings = Field(default_factory=StowSettings)

@@ -245,7 +245,12 @@ SERVICES: tuple[Service, ...] = (
         "gateway",
         "services.gateway.main",
         9101,
-        (("RADSTREAM_GATEWAY__ALLOWED_AE_TITLES", "STORESCU,ECHOSCU,RADSTREAM-DEMO"),),
+        (
+            ("RADSTREAM_GATEWAY__ALLOWED_AE_TITLES", "STORESCU,ECHOSCU,RADSTREAM-DEMO"),
+            # the local demo only: plain DICOM on 127.0.0.1 (everywhere else mutual TLS)
+            ("RADSTREAM_GATEWAY__PLAIN_DICOM", "true"),
+            ("RADSTREAM_GATEWAY__ALLOWED_ADDRESSES", "127.0.0.1"),
+        ),
     ),
     *(
         Service(s.name, f"services.{s.name}.main", 9102 + i)

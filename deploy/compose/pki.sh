@@ -11,7 +11,7 @@ from pathlib import Path
 from shared.stack.broker import LocalBroker
 from shared.security.envelope import init_keyring_file
 home = Path("/tmp/pki")
-b = LocalBroker(home, port=9093, controller_port=9094)
+b = LocalBroker(home, port=9093, controller_port=9094, extra_sans=("DNS:kafka",))
 b.ensure_secrets()
 out = Path("/secrets")
 for name, pw in b.credentials().items():
@@ -20,6 +20,11 @@ for name, pw in b.credentials().items():
     os.chmod(p, 0o640)
 for f in ("ca.pem", "broker.p12", "store.password"):
     (out / f).write_bytes((b.tls_dir / f).read_bytes())
+# the gateway's DICOM TLS certificate and one modality client certificate (mutual TLS)
+import subprocess
+subprocess.run(["sh", "/app/deploy/compose/dicom-certs.sh", str(b.tls_dir), str(out / "dicom")], check=True)
+# the KRaft controller listener's JAAS line, read by the broker's FileConfigProvider
+(out / "controller.properties").write_bytes(b._controller_secret().read_bytes())
 init_keyring_file(out / "keyring.json")
 # the worklist's HTTPS certificate (development CA) and first accounts (random passwords,
 # readable by root only in worklist-passwords.json; add others with shared.security.accounts)
@@ -43,7 +48,7 @@ admin_pw = b.credentials()["admin"]
     "bootstrap.servers=kafka:9093\nsecurity.protocol=SASL_SSL\nsasl.mechanism=SCRAM-SHA-512\n"
     "sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required "
     f'username="admin" password="{admin_pw}";\n'
-    "ssl.truststore.type=PEM\nssl.truststore.location=/secrets/ca.pem\nssl.endpoint.identification.algorithm=\n"
+    "ssl.truststore.type=PEM\nssl.truststore.location=/secrets/ca.pem\n"
 )
 (out / "spec.tsv").write_text(principals.spec("radstream.", 3))
 users = " ".join(f"--add-scram SCRAM-SHA-512=[name={n},password={p}]" for n, p in b.credentials().items())

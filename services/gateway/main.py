@@ -14,7 +14,7 @@ from dataclasses import dataclass, field  # noqa: E402
 
 from prometheus_client import CollectorRegistry  # noqa: E402
 
-from services.gateway.core import Gateway, GatewayMetrics  # noqa: E402
+from services.gateway.core import Gateway, GatewayMetrics, check_settings  # noqa: E402
 from services.gateway.stow import StowCore, StowMetrics, StowServer  # noqa: E402
 from shared.config import Settings  # noqa: E402
 from shared.ingress.publisher import Publisher  # noqa: E402
@@ -82,7 +82,9 @@ class GatewayService:
 
 
 def build(settings: Settings, keyring: Keyring, registry: CollectorRegistry) -> GatewayService:
-    """Wire the gateway (nothing connects or listens until :meth:`GatewayService.start`)."""
+    """Wire the gateway (nothing connects or listens until :meth:`GatewayService.start`);
+    settings that leave DICOM unprotected outside the local demo are refused here."""
+    check_settings(settings.gateway)
     publisher = Publisher(
         settings.kafka, keyring, source=settings.gateway.source, topic=settings.topic(OUTPUT)
     )

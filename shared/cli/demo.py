@@ -16,6 +16,7 @@ import html
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,16 @@ from shared.config import Settings
 from shared.dicom import phantom
 from shared.ingress.publisher import Publisher
 from shared.runtime.reader import read_topic
-from shared.schemas import Alert, ResultsReady, SegmentationDone, SeriesReady, VolumePrepared
+from shared.schemas import (
+    Alert,
+    BlobRef,
+    ResultsReady,
+    SegmentationDone,
+    SeriesReady,
+    VolumePrepared,
+)
 from shared.security.envelope import Keyring
+from shared.security.paths import UnsafeName, write_new
 from shared.stack.broker import REPO
 from shared.stack.local import LocalStack
 from shared.storage import BlobStore, LocalDirBackend
@@ -213,6 +222,88 @@ def _collect(
     return by
 
 
+def study_html(
+    study: Study, rec: dict[str, Any], out: Path, fetch: Callable[[BlobRef], bytes]
+) -> list[str]:
+    """One study's part of the report; its SEG, SR and pictures are written into ``out``.
+    Every text from a record is escaped (a task or overlay name is data, never markup), and
+    every file name from a record is checked (:mod:`shared.security.paths`)."""
+    esc = html.escape
+    parts: list[str] = []
+    done: SegmentationDone | None = rec.get("done")
+    paperwork: ResultsReady | None = rec.get("results")
+    series: SeriesReady | None = rec.get("series")
+    volume: VolumePrepared | None = rec.get("volume")
+    alerts: list[Alert] = rec.get("alerts", [])
+    parts.append(f"<h2>{esc(study.description)}</h2>")
+    if done is None:
+        parts.append("<p>not processed (yet)</p>")
+        return parts
+    rows = "".join(
+        f"<tr><td>{esc(f.type)}</td><td>{esc(f.label)}</td><td>{'' if f.volume_ml is None else f'{f.volume_ml:.2f}'}</td>"
+        f"<td>{'' if f.diameter_mm is None else f'{f.diameter_mm:.1f}'}</td><td>{', '.join(f'{v:.0f}' for v in f.centroid_mm or [])}</td></tr>"
+        for f in done.findings
+    )
+    parts.append(
+        f"<p>task <b>{esc(done.task)}</b>, revision {done.revision}</p><table><tr><th>finding</th><th>label</th><th>volume mL</th><th>diameter mm</th><th>centroid (LPS mm)</th></tr>{rows}</table>"
+    )
+    if alerts:
+        parts.append(
+            "<p>alerts: "
+            + ", ".join(
+                f"<span class='{esc(a.severity)}'>{esc(a.severity)} {esc(a.finding_label)}</span>"
+                for a in alerts
+            )
+            + "</p>"
+        )
+    else:
+        parts.append("<p>no alert</p>")
+    ingest_s = (series.ready_at - series.last_published_at).total_seconds() if series else None
+    pre_s = volume.timings_s.get("total") if volume else None
+    seg_s = done.timings_s.get("total")
+    e2e = max((a.latency_seconds for a in alerts), default=None)
+    parts.append(
+        "<p>latency: "
+        + " · ".join(
+            f"{name} {value:.2f} s"
+            for name, value in (
+                ("ingest (last slice → series ready)", ingest_s),
+                ("preprocess", pre_s),
+                ("segmentation", seg_s),
+                ("end to end (last slice → alert)", e2e),
+            )
+            if value is not None
+        )
+        + "</p>"
+    )
+    if paperwork is None:
+        parts.append("<p>results (SEG, SR, pictures): not in yet</p>")
+        return parts
+    objects = [
+        ("DICOM SEG", paperwork.seg, "seg.dcm", f"{paperwork.seg_frames} frames"),
+        ("DICOM SR (TID 1500)", paperwork.sr, "sr.dcm", "measurements per finding"),
+    ]
+    listed = []
+    for what, ref, suffix, note in objects:
+        if ref is not None:
+            name = write_new(out, f"{study.name}-{suffix}", fetch(ref)).name
+            listed.append(f"<a href='{esc(name)}'>{what}</a> ({esc(note)})")
+    delivered = esc(", ".join(f"{d.object} {d.outcome}" for d in paperwork.deliveries))
+    parts.append(
+        f"<p>results: {' · '.join(listed) or 'no DICOM objects for this task'}; PACS: "
+        f"{esc(paperwork.delivery)}{f' ({delivered})' if delivered else ''}; built in "
+        f"{paperwork.timings_s.get('total', 0.0):.2f} s after the findings</p>"
+    )
+    for overlay in paperwork.overlays:
+        try:
+            name = write_new(out, f"{study.name}-{overlay.name}", fetch(overlay.blob)).name
+        except UnsafeName:
+            parts.append("<p>a picture with an unsafe name was left out</p>")
+            continue
+        parts.append(f"<img src='{esc(name)}' alt='{esc(overlay.name)}'>")
+    return parts
+
+
 def write_report(
     stack: LocalStack, settings: Settings, keyring: Keyring, studies: list[Study], out: Path
 ) -> Path:
@@ -229,76 +320,7 @@ def write_report(
         "identifiers are synthetic.</p>",
     ]
     for study in studies:
-        rec = data.get(study.series_uid, {})
-        done: SegmentationDone | None = rec.get("done")
-        paperwork: ResultsReady | None = rec.get("results")
-        series: SeriesReady | None = rec.get("series")
-        volume: VolumePrepared | None = rec.get("volume")
-        alerts: list[Alert] = rec.get("alerts", [])
-        parts.append(f"<h2>{html.escape(study.description)}</h2>")
-        if done is None:
-            parts.append("<p>not processed (yet)</p>")
-            continue
-        rows = "".join(
-            f"<tr><td>{html.escape(f.type)}</td><td>{html.escape(f.label)}</td><td>{'' if f.volume_ml is None else f'{f.volume_ml:.2f}'}</td>"
-            f"<td>{'' if f.diameter_mm is None else f'{f.diameter_mm:.1f}'}</td><td>{', '.join(f'{v:.0f}' for v in f.centroid_mm or [])}</td></tr>"
-            for f in done.findings
-        )
-        parts.append(
-            f"<p>task <b>{done.task}</b>, revision {done.revision}</p><table><tr><th>finding</th><th>label</th><th>volume mL</th><th>diameter mm</th><th>centroid (LPS mm)</th></tr>{rows}</table>"
-        )
-        if alerts:
-            parts.append(
-                "<p>alerts: "
-                + ", ".join(
-                    f"<span class='{a.severity}'>{a.severity} {html.escape(a.finding_label)}</span>"
-                    for a in alerts
-                )
-                + "</p>"
-            )
-        else:
-            parts.append("<p>no alert</p>")
-        ingest_s = (series.ready_at - series.last_published_at).total_seconds() if series else None
-        pre_s = volume.timings_s.get("total") if volume else None
-        seg_s = done.timings_s.get("total")
-        e2e = max((a.latency_seconds for a in alerts), default=None)
-        parts.append(
-            "<p>latency: "
-            + " · ".join(
-                f"{name} {value:.2f} s"
-                for name, value in (
-                    ("ingest (last slice → series ready)", ingest_s),
-                    ("preprocess", pre_s),
-                    ("segmentation", seg_s),
-                    ("end to end (last slice → alert)", e2e),
-                )
-                if value is not None
-            )
-            + "</p>"
-        )
-        if paperwork is None:
-            parts.append("<p>results (SEG, SR, pictures): not in yet</p>")
-            continue
-        objects = [
-            ("DICOM SEG", paperwork.seg, "seg.dcm", f"{paperwork.seg_frames} frames"),
-            ("DICOM SR (TID 1500)", paperwork.sr, "sr.dcm", "measurements per finding"),
-        ]
-        listed = []
-        for what, ref, suffix, note in objects:
-            if ref is not None:
-                name = f"{study.name}-{suffix}"
-                (out / name).write_bytes(store.get(ref))
-                listed.append(f"<a href='{name}'>{what}</a> ({note})")
-        delivered = ", ".join(f"{d.object} {d.outcome}" for d in paperwork.deliveries)
-        parts.append(
-            f"<p>results: {' · '.join(listed) or 'no DICOM objects for this task'}; PACS: "
-            f"{paperwork.delivery}{f' ({delivered})' if delivered else ''}; built in "
-            f"{paperwork.timings_s.get('total', 0.0):.2f} s after the findings</p>"
-        )
-        for overlay in paperwork.overlays:
-            name = f"{study.name}-{overlay.name}"
-            (out / name).write_bytes(store.get(overlay.blob))
-            parts.append(f"<img src='{name}' alt='{html.escape(overlay.name)}'>")
+        parts.extend(study_html(study, data.get(study.series_uid, {}), out, store.get))
     report = out / "report.html"
     report.write_text("\n".join(parts))
     return report

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,7 +16,7 @@ from rich.table import Table
 
 from shared.config import KafkaSettings, Settings
 from shared.runtime.reader import latest_for_series, read_topic
-from shared.schemas import DeadLetter
+from shared.schemas import BlobRef, DeadLetter, ResultsReady, SegmentationDone
 from shared.security.envelope import (
     KeyFileError,
     Keyring,
@@ -24,6 +25,7 @@ from shared.security.envelope import (
 )
 from shared.security.kek import keyring_for
 from shared.security.keyfile import issue_all, retire, rotate_hmac
+from shared.security.paths import UnsafeName, child, write_new
 from shared.stack.local import DEFAULT_HOME, READY_TIMEOUT_S, LocalStack, StackError, dump
 from shared.topology import STAGES
 
@@ -629,7 +631,6 @@ def results(
     Exits 1 without findings, 3 with findings but no results record (yet)."""
     import time
 
-    from shared.schemas import ResultsReady, SegmentationDone
     from shared.storage import BlobStore, LocalDirBackend
 
     settings, kafka, keyring = _settings_for(home, "operator")
@@ -660,20 +661,11 @@ def results(
     )
     store = BlobStore(LocalDirBackend(settings.blob_path), keyring)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "findings.json").write_text(done.model_dump_json(indent=2, exclude={"schema_version"}))
-    written = ["findings.json"]
-    if paperwork is not None:
-        (out / "results.json").write_text(
-            paperwork.model_dump_json(indent=2, exclude={"schema_version"})
-        )
-        written.append("results.json")
-        for name, ref in (("seg.dcm", paperwork.seg), ("sr.dcm", paperwork.sr)):
-            if ref is not None:
-                (out / name).write_bytes(store.get(ref))
-                written.append(name)
-        for overlay in paperwork.overlays:
-            (out / overlay.name).write_bytes(store.get(overlay.blob))
-            written.append(overlay.name)
+    try:
+        written = write_results(out, done, paperwork, store.get)
+    except UnsafeName as exc:
+        err.print(f"[red]refused: {exc}")
+        raise typer.Exit(4) from None
     segments = {r.finding_label: r for r in (paperwork.segments if paperwork else [])}
     table = Table(
         "finding", "label", "volume mL", "diameter mm", "centroid (mm)", "SEG segment"
@@ -697,6 +689,39 @@ def results(
         raise typer.Exit(3)
     delivered = ", ".join(f"{d.object} {d.outcome}" for d in paperwork.deliveries) or "nothing"
     console.print(f"PACS: {paperwork.delivery} ({delivered})")
+
+
+def write_results(
+    out: Path,
+    done: SegmentationDone,
+    paperwork: ResultsReady | None,
+    fetch: Callable[[BlobRef], bytes],
+) -> list[str]:
+    """Write a series' findings and results files into ``out`` (``radstream results --out``).
+    Every name that comes from a record is checked first (:mod:`shared.security.paths`): a
+    crafted overlay name (``../x``, ``/abs``, a link) refuses the whole set before a byte is
+    written."""
+    names = [overlay.name for overlay in (paperwork.overlays if paperwork else [])]
+    for name in names:
+        child(out, name)
+    if len(set(names)) != len(names) or set(names) & RESULT_FILES:
+        raise UnsafeName("overlay names repeat or shadow the results files")
+    files: list[tuple[str, bytes]] = [
+        ("findings.json", done.model_dump_json(indent=2, exclude={"schema_version"}).encode())
+    ]
+    if paperwork is not None:
+        dumped = paperwork.model_dump_json(indent=2, exclude={"schema_version"})
+        files.append(("results.json", dumped.encode()))
+        for name, ref in (("seg.dcm", paperwork.seg), ("sr.dcm", paperwork.sr)):
+            if ref is not None:
+                files.append((name, fetch(ref)))
+        files.extend((overlay.name, fetch(overlay.blob)) for overlay in paperwork.overlays)
+    for name, data in files:
+        write_new(out, name, data)
+    return [name for name, _ in files]
+
+
+RESULT_FILES = frozenset({"findings.json", "results.json", "seg.dcm", "sr.dcm"})
 
 
 def main() -> None:  # pragma: no cover

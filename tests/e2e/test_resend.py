@@ -42,6 +42,7 @@ def start(env: Env, tmp: Path, gateway_port: int, round_: int) -> dict[str, Stag
         "RADSTREAM_INGEST__INACTIVITY_TIMEOUT_S": "600",  # markers complete every series
         "RADSTREAM_GATEWAY__PORT": str(gateway_port),
         "RADSTREAM_GATEWAY__ALLOWED_AE_TITLES": "STORESCU",
+        "RADSTREAM_GATEWAY__PLAIN_DICOM": "true",  # dcmtk without TLS, as in the local demo
     }
     procs = {
         name: StageProcess(

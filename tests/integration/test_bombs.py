@@ -49,6 +49,7 @@ def stack(env: Env, tmp_path: Path) -> Iterator[tuple[StageProcess, StageProcess
             "gateway",
             RADSTREAM_GATEWAY__PORT=str(port),
             RADSTREAM_GATEWAY__ALLOWED_AE_TITLES=AE_TITLE,
+            RADSTREAM_GATEWAY__PLAIN_DICOM="true",
         ),
         "services.gateway.main",
         tmp_path / "gateway.log",

@@ -35,6 +35,7 @@ def gateway(env: Env, tmp_path: Path):  # type: ignore[no-untyped-def]
             "gateway",
             RADSTREAM_GATEWAY__PORT=str(port),
             RADSTREAM_GATEWAY__ALLOWED_AE_TITLES="STORESCU,ECHOSCU,CT-SCANNER-1",
+            RADSTREAM_GATEWAY__PLAIN_DICOM="true",
         ),
         "services.gateway.main",
         tmp_path / "gateway.log",

@@ -19,7 +19,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from shared import topology
-from shared.config import Settings
+from shared.config import GatewaySettings, Settings
 from shared.runtime.stage import StageRunner
 from shared.security.envelope import Keyring
 from shared.stack.broker import free_port
@@ -69,7 +69,11 @@ async def _build_and_scrape(tmp: Path) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     for svc in topology.SERVICES:
         settings = Settings(
-            home=tmp / svc.name, device="cpu", blob_dir=tmp / "blobs", metrics_port=free_port()
+            home=tmp / svc.name,
+            device="cpu",
+            blob_dir=tmp / "blobs",
+            metrics_port=free_port(),
+            gateway=GatewaySettings(plain_dicom=True),  # as the local stack runs it
         )
         registry = CollectorRegistry()
         built: Any = importlib.import_module(svc.module).build(settings, keyring, registry)
