@@ -225,6 +225,18 @@ class ResultsSettings(BaseModel):
     dicomweb_ca_file: Path | None = Field(None, description="CA bundle for an https url")
     dicomweb_client_cert: Path | None = Field(None, description="PEM client cert (mutual TLS)")
     dicomweb_client_key: Path | None = Field(None, description="PEM key for the client cert")
+    pacs_tls_ca: Path | None = Field(
+        None, description="PEM CA of the PACS' certificate: C-FIND/C-STORE over DICOM TLS"
+    )
+    pacs_tls_cert: Path | None = Field(
+        None, description="PEM client certificate for a PACS that requires mutual TLS"
+    )
+    pacs_tls_key: Path | None = Field(None, description="PEM private key for pacs_tls_cert")
+    pacs_allow_plaintext: bool = Field(
+        False,
+        description="send to a PACS beyond loopback without TLS (a PACS on the same trusted "
+        "network only, as compose's Orthanc); without it such a PACS is refused at start",
+    )
     seg_max_frames: int = Field(
         400, ge=1, description="organ segments join the SEG only while it stays this small"
     )

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry  # noqa: E402
 
 from services.results.core import ResultsCore, ResultsMetrics  # noqa: E402
 from shared.config import Settings  # noqa: E402
-from shared.dicom.pacs import Pacs  # noqa: E402
+from shared.dicom.pacs import Pacs, configured  # noqa: E402
 from shared.dicomweb.client import DicomWebPacs  # noqa: E402
 from shared.runtime.service import serve  # noqa: E402
 from shared.runtime.stage import StageSpec  # noqa: E402
@@ -40,7 +40,17 @@ def build(
             c.pacs_timeout_s,
         )
     elif c.pacs_protocol == "dimse" and c.pacs_host:
-        pacs = Pacs(c.pacs_host, c.pacs_port, c.pacs_ae_title, c.calling_ae_title, c.pacs_timeout_s)
+        pacs = configured(
+            c.pacs_host,
+            c.pacs_port,
+            c.pacs_ae_title,
+            c.calling_ae_title,
+            c.pacs_timeout_s,
+            tls_ca=c.pacs_tls_ca,
+            tls_cert=c.pacs_tls_cert,
+            tls_key=c.pacs_tls_key,
+            allow_plaintext=c.pacs_allow_plaintext,
+        )
     core = ResultsCore(
         local_store(settings.blob_path, keyring, registry, STAGE.name),
         pacs,

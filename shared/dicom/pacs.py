@@ -11,8 +11,11 @@ answer queries gets the C-STORE again, which stores the same instance, never a s
 from __future__ import annotations
 
 import io
+import ipaddress
+import ssl
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -40,6 +43,61 @@ class Pacs:
     called_ae: str
     calling_ae: str = "RADSTREAM"
     timeout_s: float = 20.0
+    tls: ssl.SSLContext | None = None  # DICOM TLS (PS3.15 B.1): verifies the PACS by host
+
+    def associate(self, ae: AE) -> Any:
+        """An association with the PACS, over TLS when configured (never downgraded)."""
+        if self.tls is None:
+            return ae.associate(self.host, self.port, ae_title=self.called_ae)
+        return ae.associate(
+            self.host, self.port, ae_title=self.called_ae, tls_args=(self.tls, self.host)
+        )
+
+
+class PacsConfigError(ValueError):
+    """The PACS settings would send images in clear beyond this host."""
+
+
+def pacs_tls_context(ca: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    """A client context that verifies the PACS against ``ca`` (and its host name), with a
+    client certificate when the PACS requires mutual TLS."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert is not None:
+        ctx.load_cert_chain(str(cert), str(key) if key is not None else None)
+    return ctx
+
+
+def loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def configured(
+    host: str,
+    port: int,
+    called_ae: str,
+    calling_ae: str,
+    timeout_s: float,
+    *,
+    tls_ca: Path | None = None,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    allow_plaintext: bool = False,
+) -> Pacs:
+    """The PACS from settings: TLS when a CA is given; a PACS beyond loopback without TLS
+    only when ``allow_plaintext`` says so (:class:`PacsConfigError` otherwise)."""
+    tls = pacs_tls_context(tls_ca, tls_cert, tls_key) if tls_ca is not None else None
+    if tls is None and not allow_plaintext and not loopback(host):
+        raise PacsConfigError(
+            "the PACS is beyond this host and has no TLS: set RADSTREAM_RESULTS__PACS_TLS_CA "
+            "(or PACS_ALLOW_PLAINTEXT=true for a PACS on the same trusted network)"
+        )
+    return Pacs(host, port, called_ae, calling_ae, timeout_s, tls)
 
 
 def _ae(pacs: Pacs) -> AE:
@@ -75,7 +133,7 @@ def c_store(pacs: Pacs, data: bytes) -> str:
 def _store(pacs: Pacs, ds: Dataset) -> str:
     ae = _ae(pacs)
     ae.add_requested_context(ds.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate(pacs.host, pacs.port, ae_title=pacs.called_ae)
+    assoc = pacs.associate(ae)
     if not assoc.is_established:
         raise RetriableError("PACS association not established")
     try:
@@ -95,7 +153,7 @@ def holds(pacs: Pacs, study_uid: str, series_uid: str, sop_uid: str) -> bool | N
     tell (no query service for us); RetriableError when it cannot be reached."""
     ae = _ae(pacs)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    assoc = ae.associate(pacs.host, pacs.port, ae_title=pacs.called_ae)
+    assoc = pacs.associate(ae)
     if not assoc.is_established:
         raise RetriableError("PACS association not established")
     query = Dataset()

@@ -32,6 +32,7 @@ from services.gateway.limits import AddressList, PduBudget, PeerLimiter, TokenBu
 from shared.config import GatewaySettings
 from shared.ingress.publisher import Published
 from shared.stack.broker import free_port
+from tests.tls import CLIENT, SERVER, make_pki
 
 AET = "STORESCU"
 
@@ -103,36 +104,12 @@ def serve(loop: asyncio.AbstractEventLoop) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A CA, the gateway's certificate (127.0.0.1), a modality's client certificate from the
-    same CA and a rogue one from another CA."""
-    out = tmp_path_factory.mktemp("pki")
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
-
-    for ca in ("ca", "rogue-ca"):
-        run(
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-sha256",
-            "-keyout", str(out / f"{ca}.key"), "-out", str(out / f"{ca}.pem"),
-            "-subj", f"/CN={ca}", "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-        )  # fmt: skip
-    for name, ca, ext in (
-        ("gateway", "ca", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth"),
-        ("modality", "ca", "extendedKeyUsage=clientAuth"),
-        ("rogue", "rogue-ca", "extendedKeyUsage=clientAuth"),
-    ):
-        (out / f"{name}.ext").write_text(f"basicConstraints=CA:FALSE\n{ext}\n")
-        run(
-            "req", "-newkey", "rsa:2048", "-nodes", "-sha256", "-keyout", str(out / f"{name}.key"),
-            "-out", str(out / f"{name}.csr"), "-subj", f"/CN={name}",
-        )  # fmt: skip
-        run(
-            "x509", "-req", "-in", str(out / f"{name}.csr"), "-CA", str(out / f"{ca}.pem"),
-            "-CAkey", str(out / f"{ca}.key"), "-CAcreateserial", "-days", "2", "-sha256",
-            "-extfile", str(out / f"{name}.ext"), "-out", str(out / f"{name}.pem"),
-        )  # fmt: skip
-    return {p.stem + p.suffix.replace(".", "_"): p for p in out.iterdir()}
+    """The gateway's certificate (127.0.0.1), a modality's client certificate from the same CA
+    and a rogue one from another CA."""
+    return make_pki(
+        tmp_path_factory.mktemp("pki"),
+        {"gateway": ("ca", SERVER), "modality": ("ca", CLIENT), "rogue": ("rogue-ca", CLIENT)},
+    )
 
 
 def echo(port: int, *tls: str, aet: str = "ECHOSCU") -> subprocess.CompletedProcess[str]:
