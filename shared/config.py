@@ -38,7 +38,14 @@ class IngestSettings(BaseModel):
     retention_s: float = Field(
         86400.0,
         description="keep a completed series' instance list this long after its last change "
-        "(late and changed instances make a full revision n+1), then only its fingerprint",
+        "(late and changed instances make a full revision n+1), then only its fingerprint; "
+        "its raw instance blobs are deleted then too (delete_raw_blobs)",
+    )
+    delete_raw_blobs: bool = Field(
+        True,
+        description="raw blob retention: delete a series' raw DICOM blobs when its instance "
+        "list is compacted (retention_s after its last change), when it is refused, and what a "
+        "duplicate re-send stored after compaction",
     )
     fingerprint_retention_s: float = Field(
         30 * 86400.0,

@@ -51,6 +51,7 @@ class IngestCore:
     settings: IngestSettings
     in_assembly: Gauge | None = None  # series not yet complete, per partition
     duplicates: Counter | None = None  # re-sends of a published series that changed nothing
+    raw_deleted: Counter | None = None  # raw instance blobs deleted by retention
     _unreadable: set[bytes] = field(default_factory=set)  # state keys reported once
     timers: KeyTimers = field(init=False)
 
@@ -183,6 +184,7 @@ class IngestCore:
                     changed = False
             elif st.revision > 0 and not st.compacted and idle >= s.retention_s:
                 st.fingerprint = Fingerprint.of(st.instances)  # the last revision's set
+                self._drop_raw(st)  # raw blob retention: the DICOM goes with the list
                 st.instances, st.compacted, st.expected_count = {}, True, None
             elif st.revision > 0 and st.compacted and idle >= s.fingerprint_retention_s:
                 self._delete(state, key)
@@ -212,6 +214,7 @@ class IngestCore:
         )
         if st.revision > 0:
             raise PoisonError("series_too_large", why + ": a late instance refused")
+        self._drop_raw(st)  # what was stored of a refused series goes at once
         st.refused, st.instances, st.expected_count = True, {}, None
         st.last_update = now
         self._put(state, key, st)
@@ -226,6 +229,7 @@ class IngestCore:
             if not same:
                 st.compacted, st.fingerprint = False, None  # the re-send is revision n+1
                 return [self._emit(key, st, "late")]
+            self._drop_raw(st)  # a duplicate re-send after compaction keeps nothing
             st.instances = {}
         elif st.dirty:
             return [self._emit(key, st, "late")]
@@ -265,6 +269,18 @@ class IngestCore:
         if written:
             state.put(key, st.dump())
         self.timers.schedule(state, key, *self._due(st))
+
+    def _drop_raw(self, st: SeriesState) -> None:
+        """Delete the raw instance blobs of ``st``'s instance list (it is about to be dropped):
+        raw DICOM is kept ``retention_s`` after a series' last change, not forever. Deleting is
+        idempotent, so a transaction redone after a crash deletes nothing twice; a replay
+        from preprocess after that finds the blobs gone (``blob_missing``)."""
+        if not self.settings.delete_raw_blobs:
+            return
+        for v in st.instances.values():
+            self.store.delete(BlobRef(digest=v.digest, size=v.size, key_id=v.key_id))
+            if self.raw_deleted is not None:
+                self.raw_deleted.inc()
 
     def _delete(self, state: PartitionState, key: bytes) -> None:
         state.delete(key)

@@ -44,11 +44,21 @@ def build(
         if registry is not None
         else None
     )
+    raw_deleted = (
+        Counter(
+            "radstream_raw_blobs_deleted",
+            "Raw instance blobs deleted by retention (compaction, refusal, duplicate re-send)",
+            registry=registry,
+        )
+        if registry is not None
+        else None
+    )
     core = IngestCore(
         local_store(settings.blob_path, keyring, registry, STAGE.name),
         settings.ingest,
         gauge,
         duplicates,
+        raw_deleted,
     )
     return StageSpec(
         name=STAGE.name,

@@ -148,6 +148,10 @@ class BlobStore:
             kid = self.keyring.key_id_of(sealed)
         return BlobRef(digest=digest, size=len(data), key_id=kid)
 
+    def delete(self, ref: BlobRef) -> None:
+        """Delete the object ``ref`` names (retention); nothing if it is already gone."""
+        self.backend.delete(self._name(ref.digest))
+
     def _stored_key_id(self, name: str) -> str:
         head = self.backend.get(name)[:64]
         return head[5 : 5 + head[4]].decode("ascii", "replace") if len(head) > 5 else ""
