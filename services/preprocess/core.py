@@ -29,7 +29,7 @@ from shared.imaging import ops
 from shared.imaging.backend import Backend, DeviceRunner, device_failure_cause, download
 from shared.imaging.errors import ImagingError
 from shared.imaging.packed import pack_volume
-from shared.imaging.volume import Assembled, Slice, Volume, assemble, decode
+from shared.imaging.volume import Assembled, Slice, Volume, VoxelBudget, assemble, decode
 from shared.runtime.errors import PoisonError
 from shared.runtime.stage import Context
 from shared.schemas import SeriesReady, VolumePrepared
@@ -211,6 +211,7 @@ class PreprocessCore:
             max_voxels=self.settings.max_voxels,
             max_frame_pixels=self.settings.max_frame_pixels,
             shape=(msg.rows, msg.columns) if msg.rows > 0 and msg.columns > 0 else None,
+            budget=VoxelBudget(self.settings.max_voxels),
         )
         with ThreadPoolExecutor(max(1, self.settings.threads)) as pool:
             slices: list[Slice] = list(pool.map(one, blobs))

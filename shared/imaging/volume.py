@@ -11,6 +11,7 @@ order; a single 2D image (radiograph) a volume of one slice.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +57,26 @@ class Volume:
     modality: str
 
 
+class VoxelBudget:
+    """The voxels a whole series may decode to, reserved by each instance from its header
+    before its pixels are decoded (thread-safe: preprocess decodes in a pool). A series of
+    multi-frame instances each within ``max_voxels`` cannot together decode past it."""
+
+    def __init__(self, max_voxels: int) -> None:
+        self.max_voxels = max_voxels
+        self.reserved = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, voxels: int) -> None:
+        with self._lock:
+            if self.reserved + voxels > self.max_voxels:
+                raise ImagingError(
+                    "volume_too_large",
+                    f"the series' instances declare more than {self.max_voxels} voxels",
+                )
+            self.reserved += voxels
+
+
 def decode(
     data: bytes,
     *,
@@ -63,6 +84,7 @@ def decode(
     max_voxels: int | None = None,
     max_frame_pixels: int = MAX_FRAME_PIXELS,
     shape: tuple[int, int] | None = None,
+    budget: VoxelBudget | None = None,
 ) -> Slice:
     """Decode one instance's pixels (every grayscale transfer syntax pydicom's plugins read).
 
@@ -91,6 +113,8 @@ def decode(
         voxels = geometry.rows * geometry.columns * geometry.frames
         if max_voxels is not None and voxels > max_voxels:
             raise ImagingError("volume_too_large", f"{voxels} voxels exceed the configured cap")
+        if budget is not None:
+            budget.reserve(voxels)  # the series' sum, before any of this one is decoded
         if pixel.length is None:
             check_frames(
                 lay.body,

@@ -157,7 +157,9 @@ def test_seg_source_headers_are_read_within_bounds(million_items: bytes, tmp: Pa
 def test_preprocess_judges_the_declared_volume_before_fetching_a_byte(tmp_path: Path) -> None:
     ring = Keyring.generate()
     store = BlobStore(LocalDirBackend(tmp_path / "blobs"), ring)
-    core = PreprocessCore(store, select_backend("cpu"), PreprocessSettings(max_voxels=512 * 512 * 10))
+    core = PreprocessCore(
+        store, select_backend("cpu"), PreprocessSettings(max_voxels=512 * 512 * 10)
+    )
     refs = [
         InstanceRef(
             blob=BlobRef(digest=f"{i:064x}", size=1, key_id="k"),  # in no store: never fetched
@@ -290,3 +292,42 @@ def test_caps_are_exact(tmp: Path) -> None:
     with pytest.raises(InvalidInstance, match="truncated"):
         bounded.layout(small[:-20], Bounds())
     assert Limits().max_inflated_bytes == IngestSettings().max_inflated_bytes
+
+
+def test_multi_frame_instances_cannot_together_decode_past_the_series_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each enhanced instance is within ``max_voxels``, the series' header-level check counts
+    one frame per instance; the voxel budget stops the second before its pixels are decoded."""
+    import numpy as np
+    import pydicom.dataset
+
+    from tests.enhanced import enhanced
+
+    ring = Keyring.generate()
+    store = BlobStore(LocalDirBackend(tmp_path / "blobs"), ring)
+    core = PreprocessCore(
+        store, select_backend("cpu"), PreprocessSettings(max_voxels=3000, threads=1)
+    )
+    hu = np.zeros((8, 16, 16))
+    series = "1.2.826.0.1.3680043.8.498.77"
+    refs = []
+    for i in range(2):
+        data = enhanced(hu, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 10.0 * i), series_uid=series)
+        refs.append(InstanceRef(blob=store.put(data, "instances"), sop_instance_uid=f"1.2.{i}"))
+    decoded = []
+    original = pydicom.dataset.Dataset.pixel_array
+
+    def counting(self: pydicom.dataset.Dataset) -> Any:
+        decoded.append(1)
+        return original.fget(self)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(counting))
+    msg = SeriesReady.model_construct(
+        study_instance_uid="1.2", series_instance_uid=series, revision=1, modality="CT",
+        body_part=None, instances=refs, instance_count=2, rows=16, columns=16,
+    )  # fmt: skip
+    with pytest.raises(PoisonError) as info:
+        core.handle(msg, Context("t.series", 0, 0, b"k", 0, None, ring))
+    assert info.value.reason == "volume_too_large"
+    assert len(decoded) <= 1  # the second instance's pixels were never decoded
