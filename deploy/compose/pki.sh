@@ -24,7 +24,11 @@ for f in ("ca.pem", "broker.p12", "store.password"):
 import subprocess
 subprocess.run(["sh", "/app/deploy/compose/dicom-certs.sh", str(b.tls_dir), str(out / "dicom")], check=True)
 # the KRaft controller listener's JAAS line, read by the broker's FileConfigProvider
-(out / "controller.properties").write_bytes(b._controller_secret().read_bytes())
+# (only the broker reads it: apache/kafka runs as appuser, uid 1000)
+controller = out / "controller.properties"
+controller.write_bytes(b._controller_secret().read_bytes())
+os.chown(controller, 1000, 1000)
+os.chmod(controller, 0o400)
 init_keyring_file(out / "keyring.json")
 # the worklist's HTTPS certificate (development CA) and first accounts (random passwords,
 # readable by root only in worklist-passwords.json; add others with shared.security.accounts)

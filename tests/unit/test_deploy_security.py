@@ -40,6 +40,7 @@ def test_compose_controller_listener_is_authenticated_and_nobody_anonymous_is_su
     assert "KAFKA_SSL_ENDPOINT_IDENTIFICATION_ALGORITHM" not in env  # hostname checks stay on
     pki = (REPO / "deploy" / "compose" / "pki.sh").read_text()
     assert "controller.properties" in pki and "endpoint.identification.algorithm=" not in pki
+    assert "os.chmod(controller, 0o400)" in pki  # the broker's secret only
 
 
 def _handshake(server: ssl.SSLContext, client: ssl.SSLContext, name: str) -> None:
