@@ -54,8 +54,9 @@ class GatewayConfigError(ValueError):
 
 
 def check_settings(settings: GatewaySettings) -> None:
-    """Refuse settings that would accept unauthenticated DICOM outside the local demo."""
-    if settings.plain_dicom:
+    """Refuse settings that would accept unauthenticated DICOM outside the local demo (a
+    gateway without allowed AE titles does not listen for DIMSE at all: nothing to check)."""
+    if settings.plain_dicom or not parse_list(settings.allowed_ae_titles):
         return
     if settings.tls_cert is None:
         raise GatewayConfigError(
@@ -67,6 +68,17 @@ def check_settings(settings: GatewaySettings) -> None:
             "mutual TLS is required: set RADSTREAM_GATEWAY__TLS_CA to the CA that signs the "
             "modalities' certificates (or REQUIRE_CLIENT_CERT=false to accept any peer)"
         )
+
+
+class DeferredHandshake(ssl.SSLContext):
+    """A server context whose TLS handshake happens on the association's first read, in the
+    association's own thread. pynetdicom wraps an accepted socket in its accept loop, where
+    the default handshake-on-connect let one peer that connects and sends nothing stop the
+    gateway from accepting anybody else."""
+
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        kwargs["do_handshake_on_connect"] = False
+        return super().wrap_socket(sock, *args, **kwargs)
 
 
 def guard_socket(sock: Any, budget: PduBudget) -> None:
@@ -248,7 +260,7 @@ class Gateway:
     def ssl_context(self) -> ssl.SSLContext | None:
         if self.settings.tls_cert is None:
             return None
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx = DeferredHandshake(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(
             str(self.settings.tls_cert),

@@ -4,13 +4,16 @@ them), both services as their own OS processes on the real broker. Each bomb is 
 with its own reason; the peak RSS of both processes while they handle the bombs is printed and
 bounded. Before the bounded readers, the 1 GiB deflate bomb alone cost ~2 GiB in each.
 
-A series past ingest's instance cap is refused as a whole (``series_too_large``) through real
+A PDU header announcing 1 GiB is cut off by the gateway before its body is read (pynetdicom
+alone buffered whatever a peer streamed). A series past ingest's instance cap is refused as a whole (``series_too_large``) through real
 Kafka transactions: its state is kept small and marked, never redone, never published.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -77,6 +80,22 @@ def store(port: int, files: list[Path]) -> list[int]:
     return statuses
 
 
+def pdu_bomb(port: int, limit: int) -> int:
+    """Announce an A-ASSOCIATE-RQ of 1 GiB and stream zeros until the gateway hangs up (or
+    ``limit`` bytes went); returns the bytes sent."""
+    sent = 0
+    chunk = bytes(1024 * 1024)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(struct.pack(">BBL", 0x01, 0, 1 << 30))
+        try:
+            while sent < limit:
+                s.sendall(chunk)
+                sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+    return sent
+
+
 def mib(n: int) -> str:
     return f"{n / MiB:.0f} MiB"
 
@@ -116,6 +135,10 @@ async def test_bombs_through_the_gateway_into_ingest_keep_both_flat(
         # one series past the instance cap (6): the 7th and 8th instance are refused
         assert await asyncio.to_thread(store, port, series.files) == [0] * 8
         await dlq.wait_for(len(cases) + 2, timeout=90)
+        # a PDU header announcing 1 GiB, then 128 MiB streamed: the gateway hangs up at once
+        streamed = await asyncio.to_thread(pdu_bomb, port, 128 * MiB)
+        assert streamed < 32 * MiB, f"the gateway read {mib(streamed)} of a 1 GiB PDU"
+        print(f"\nPDU bomb (1 GiB announced): the gateway hung up after {streamed} bytes sent")
         # and ingest carries on: a good series after the bombs is assembled
         after = phantom.chest_ct(tmp_path / "after", seed=33, size=32, slices=2, nodules_mm=())
         assert await asyncio.to_thread(store, port, after.files) == [0] * 2

@@ -136,12 +136,14 @@ def ct_file(tmp: Path, name: str, side: int = 128) -> Path:
 
 def test_the_gateway_refuses_to_start_without_mutual_tls_outside_the_demo(tmp_path: Path) -> None:
     cert = tmp_path / "c.pem"
+    listens = {"allowed_ae_titles": "MODALITY"}
     with pytest.raises(GatewayConfigError):
-        check_settings(GatewaySettings())  # the default: no certificate, no demo flag
-    with pytest.raises(GatewayConfigError):
-        check_settings(GatewaySettings(tls_cert=cert, tls_key=cert))  # TLS, but no client CA
-    check_settings(GatewaySettings(tls_cert=cert, tls_key=cert, tls_ca=cert))
-    check_settings(GatewaySettings(plain_dicom=True))  # the local demo says so explicitly
+        check_settings(GatewaySettings(**listens))  # the default: no certificate, no demo flag
+    with pytest.raises(GatewayConfigError):  # TLS, but no client CA
+        check_settings(GatewaySettings(tls_cert=cert, tls_key=cert, **listens))
+    check_settings(GatewaySettings(tls_cert=cert, tls_key=cert, tls_ca=cert, **listens))
+    check_settings(GatewaySettings(plain_dicom=True, **listens))  # the local demo, explicitly
+    check_settings(GatewaySettings())  # no AE title allowed: no DIMSE listener (STOW-RS only)
 
 
 def test_mutual_tls_refuses_peers_without_a_certificate_from_the_ca(
@@ -165,6 +167,25 @@ def test_mutual_tls_refuses_peers_without_a_certificate_from_the_ca(
     assert len(gw.publisher.sent) == 1
     refused = store(gw.port, [ct_file(tmp_path, "b.dcm")], "+tla", *trust)
     assert refused.returncode != 0 and len(gw.publisher.sent) == 1
+
+
+def test_a_silent_tls_peer_does_not_stop_the_gateway_accepting_others(
+    serve: Any, pki: dict[str, Path]
+) -> None:
+    gw = serve(tls_cert=pki["gateway_pem"], tls_key=pki["gateway_key"], tls_ca=pki["ca_pem"])
+    modality = (
+        "+tls",
+        str(pki["modality_key"]),
+        str(pki["modality_pem"]),
+        "+cf",
+        str(pki["ca_pem"]),
+    )
+    silent = [socket.create_connection(("127.0.0.1", gw.port), timeout=30) for _ in range(3)]
+    try:  # three connections that never say hello: the handshake waits in their threads
+        assert echo(gw.port, *modality).returncode == 0
+    finally:
+        for s in silent:
+            s.close()
 
 
 def test_the_address_allow_list_takes_networks(serve: Any) -> None:
