@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pydicom
-from aiohttp import web
+from aiohttp import MultipartReader, web
 from prometheus_client import CollectorRegistry, Counter
 
 from shared.config import StowSender, StowSettings
@@ -265,6 +265,20 @@ class TooLarge(Exception):
     """The request body passed ``max_request_bytes``."""
 
 
+MAX_BOUNDARY = 200
+
+
+class StowReader(MultipartReader):
+    """aiohttp's streaming multipart reader, taking boundaries longer than RFC 2046's 70
+    characters: Orthanc's DICOMweb client (orthanc-dicomweb 1.7) sends 73."""
+
+    def _get_boundary(self) -> str:
+        boundary = str(self._mimetype.parameters["boundary"])
+        if len(boundary) > MAX_BOUNDARY:
+            raise ValueError(f"multipart boundary longer than {MAX_BOUNDARY} characters")
+        return boundary
+
+
 def _peer_cn(request: web.Request) -> str | None:
     transport = request.transport
     cert = transport.get_extra_info("peercert") if transport is not None else None
@@ -375,7 +389,12 @@ class StowServer:
         cap = self.core.part_cap
         total = 0
         out: list[tuple[str, bytes]] = []
-        reader = await request.multipart()
+        reader = StowReader(
+            request.headers,
+            request.content,
+            client_max_size=s.max_request_bytes,
+            max_size_error_cls=TooLarge,
+        )
         while True:
             part: Any = await reader.next()
             if part is None:
