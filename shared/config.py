@@ -365,6 +365,20 @@ class Settings(BaseSettings):
         """Full topic name for a logical topic (``series`` → ``radstream.series``)."""
         return f"{self.topic_prefix}{name}"
 
+    def audit_topic(self) -> str:
+        """Where this principal's audit events go: its own intake topic
+        ``audit.in.<username>`` (only it may write there, so the audit sequencer knows who wrote
+        each event: shared/security/audit.py); ``audit`` itself for a principal without one."""
+        from shared.stack.principals import ROLES
+
+        intake = f"audit.in.{self.kafka.username}"
+        role = ROLES.get(self.kafka.username)
+        return self.topic(intake if role is not None and intake in role.write else "audit")
+
+    def writer_topic(self, name: str) -> str:
+        """:meth:`topic` for what this principal writes: ``audit`` is its intake topic."""
+        return self.audit_topic() if name == "audit" else self.topic(name)
+
     @property
     def blob_path(self) -> Path:
         return self.blob_dir or self.home / "blobs"

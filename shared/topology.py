@@ -54,10 +54,11 @@ TOPICS: tuple[Topic, ...] = (
     Topic("alerts", "max.message.bytes=1048576", "Alert", ALERTS),
     Topic("results", "max.message.bytes=1048576", "ResultsReady", ALERTS),
     Topic(DEADLETTER, "retention.ms=2592000000", "DeadLetter", DEADLETTER),
-    Topic(AUDIT, "retention.ms=31536000000", "AuditEvent", AUDIT),
     # what people did with alerts on the worklist (acknowledged, by whom, when); keyed like
     # the alert, so an alert and its acknowledgements share a partition
     Topic("acks", "retention.ms=31536000000", "AlertAck", ALERTS),
+    # the hash-chained trail: one partition (one chain), written by the sequencer only
+    Topic(AUDIT, "retention.ms=31536000000", "AuditEntry", AUDIT),
 )
 CHANGELOG_CONFIG = f"cleanup.policy=compact,{BIG}"
 
@@ -154,6 +155,7 @@ class Party:
     write: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()  # consumer groups it may join (prefixed match)
     describe_all: bool = False  # may describe every topic and group (lag, status)
+    transactional: bool = False  # may use transactional ids "<prefix><name>."
     blobs_read: tuple[str, ...] = ()  # purposes of the blobs it reads
     keyed: bool = False  # makes Kafka keys / keyed hashes of UIDs (holds the HMAC key)
 
@@ -202,6 +204,12 @@ PARTIES: tuple[Party, ...] = (
     ),
     # Auditors: read (and verify) the audit trail, nothing else.
     Party("auditor", read=(AUDIT,), groups=("auditor",)),
+    # The audit sequencer (services/auditlog): reads every principal's intake topic
+    # ``audit.in.<principal>`` (shared/stack/principals.py adds those reads), reads the head of
+    # the chain and is the only writer of the hash-chained ``audit`` topic.
+    Party("auditlog", read=(AUDIT,), write=(AUDIT,), groups=("auditlog",), transactional=True),
+    # The key administrator (radstream keys ...): audits its key operations, nothing else.
+    Party("keyadmin", write=(AUDIT,)),
 )
 
 
@@ -258,6 +266,8 @@ SERVICES: tuple[Service, ...] = (
     ),
     # after the stages: 9102 + len(STAGES)
     Service("worklist", "services.worklist.main", 9102 + len(STAGES)),
+    # the audit sequencer: chains every principal's audit events into ``audit``
+    Service("auditlog", "services.auditlog.main", 9103 + len(STAGES)),
 )
 
 
@@ -301,6 +311,8 @@ def _purposes_by_name() -> dict[str, str]:
 def purpose_of(topic_name: str) -> str:
     """The key purpose of a topic, by its logical name or its full name under any prefix
     (``radstream.alert.state`` → ``alerts``); KeyError for a topic RadStream does not know."""
+    if f".{AUDIT}.in." in f".{topic_name}":  # a principal's audit intake (audit.in.results)
+        return AUDIT
     names = _purposes_by_name()
     longest_first = sorted(names, key=len, reverse=True)
     for name in longest_first:

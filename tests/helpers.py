@@ -169,7 +169,11 @@ class Reader:
             **self.env.kafka(self.principal),
         )
         await self._consumer.start()
-        tps = [TopicPartition(full, p) for p in range(self.env.partitions)]
+        parts = self._consumer.partitions_for_topic(full)
+        if not parts:  # its real partition count (the audit topics have one)
+            await self._consumer._client._wait_on_metadata(full)
+            parts = self._consumer.partitions_for_topic(full) or set(range(self.env.partitions))
+        tps = [TopicPartition(full, p) for p in sorted(parts)]
         begin = await self._consumer.beginning_offsets(tps)
         self._consumer.assign(tps)  # then seek at once: seek_to_beginning races the fetcher
         for tp in tps:

@@ -136,7 +136,7 @@ class Feed:
         topic = self.settings.topic("acks")
         value, headers = self.codec.encode(topic, entry.key, ack)
         await producer.send_and_wait(topic, value, key=entry.key, headers=headers)
-        audit_topic = self.settings.topic("audit")
+        audit_topic = self.settings.audit_topic()  # its own intake topic
         event = AuditEvent(
             actor=PRINCIPAL,
             action=f"alert_acknowledged_by_{ack.role}",

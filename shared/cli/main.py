@@ -8,13 +8,14 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from shared.config import KafkaSettings, Settings
+from shared.runtime.audit import emit_audit
 from shared.runtime.reader import latest_for_series, read_topic
 from shared.schemas import BlobRef, DeadLetter, ResultsReady, SegmentationDone
 from shared.security.envelope import (
@@ -173,6 +174,19 @@ def _issue(stack: LocalStack, master: Path) -> None:
     console.print(f"  key files of {len(files)} principals in {stack.broker.principals_dir}")
 
 
+def _audit_key_op(
+    home: Path, action: str, resource: str, outcome: Literal["success", "error"] = "success"
+) -> None:
+    """A key operation on the audit trail, as the key administrator (when the stack's broker
+    runs; without one there is nothing to write to, and the operation says so)."""
+    stack = LocalStack(home)
+    if not stack.broker.is_running():
+        err.print("[yellow]broker not running: this key operation is not on the audit trail")
+        return
+    settings, _, keyring = _settings_for(home, "keyadmin")
+    asyncio.run(emit_audit(settings, keyring, action, resource, outcome))
+
+
 @keys_app.command("init")
 def keys_init(home: HomeOpt = DEFAULT_HOME, master: MasterOpt = None) -> None:
     """Create the master keyring (a key pair per purpose, the key-hash and blob naming keys)
@@ -205,6 +219,7 @@ def keys_rotate(
     for name, kid in new.items():
         console.print(f"  {name:11} new active key {kid}")
     _issue(stack, path)
+    _audit_key_op(home, "keys:rotate", ",".join(new.values()))
 
 
 @keys_app.command("rotate-hmac")
@@ -228,6 +243,7 @@ def keys_rotate_hmac(
     hid = rotate_hmac(path)
     console.print(f"new active key-hash key {hid} (older ones are still recognised)")
     _issue(stack, path)
+    _audit_key_op(home, "keys:rotate-hmac", hid)
 
 
 @keys_app.command("rewrap")
@@ -243,6 +259,7 @@ def keys_rewrap(home: HomeOpt = DEFAULT_HOME, master: MasterOpt = None) -> None:
         f"{report.scanned} blobs: {report.rewrapped} re-wrapped, {report.current} current, "
         f"{report.legacy} legacy (RSE1){failed}"
     )
+    _audit_key_op(home, "keys:rewrap", f"{report.rewrapped} blobs")
     if report.failed:
         raise typer.Exit(1)
 
@@ -295,6 +312,7 @@ def keys_retire(
         raise typer.Exit(2) from None
     console.print(f"retired {kind} key {key_id}")
     _issue(stack, path)
+    _audit_key_op(home, "keys:retire", key_id)
 
 
 @keys_app.command("rotate-password")
@@ -317,7 +335,9 @@ def keys_rotate_password(
         stack.broker.set_password(principal, secrets.token_urlsafe(24))
     except BrokerError as exc:
         err.print(f"[red]{exc}")
+        _audit_key_op(home, "keys:rotate-password", principal, "error")
         raise typer.Exit(1) from None
+    _audit_key_op(home, "keys:rotate-password", principal)
     console.print(
         f"new password for {principal} in {stack.broker.password_file(principal)} (0600)"
     )
@@ -362,6 +382,7 @@ def deadletters(
                 table.add_row(*cols) if table is not None else console.print("  ".join(cols))
         if table is not None:
             console.print(table if count else "no dead letters")
+        await emit_audit(settings, keyring, "read:deadletter", topic)
         return count
 
     asyncio.run(run())
@@ -522,6 +543,7 @@ def alerts(
     colours = {"critical": "bold red", "high": "red", "medium": "yellow", "low": "cyan"}
 
     async def run() -> None:
+        await emit_audit(settings, keyring, "read:alerts", settings.topic("alerts"))
         async for item in read_topic(
             kafka,
             settings.topic("alerts"),
@@ -564,7 +586,6 @@ def replay(
 
     from shared import schemas
     from shared.runtime.codec import Codec
-    from shared.schemas import AuditEvent
     from shared.security.kafka import client_kwargs
     from shared.topology import topic as topic_of
 
@@ -592,15 +613,7 @@ def replay(
         try:
             value, headers = codec.encode(topic, key, again)
             await producer.send_and_wait(topic, value, key=key, headers=headers)
-            audit_topic = settings.topic("audit")
-            event = AuditEvent(
-                actor=kafka.username,
-                action=f"replay:{stage}",
-                resource=key.decode(),
-                outcome="success",
-            )
-            value, headers = codec.encode(audit_topic, key, event)
-            await producer.send_and_wait(audit_topic, value, key=key, headers=headers)
+            await emit_audit(settings, keyring, f"replay:{stage}", key.decode(), key=key)
         finally:
             await producer.stop()
         return int(again.revision)
@@ -659,6 +672,8 @@ def results(
             revision=done.revision,
         )
     )
+    resource = keyring.keyed_hash(series_instance_uid).decode()
+    asyncio.run(emit_audit(settings, keyring, "read:results", resource))
     store = BlobStore(LocalDirBackend(settings.blob_path), keyring)
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -722,6 +737,61 @@ def write_results(
 
 
 RESULT_FILES = frozenset({"findings.json", "results.json", "seg.dcm", "sr.dcm"})
+
+
+@app.command("audit")
+def audit(
+    home: HomeOpt = DEFAULT_HOME,
+    check: Annotated[
+        bool, typer.Option("--verify", help="check the hash chain; exit 1 if it is broken")
+    ] = False,
+    syslog: Annotated[
+        bool, typer.Option("--syslog", help="print RFC 5424 syslog lines (for a collector)")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
+) -> None:
+    """The audit trail, as the auditor principal: who (broker-verified principal) did what, to
+    what, with what outcome. --verify recomputes the hash chain: an edited, dropped or
+    reordered entry is reported with its position."""
+    from shared.schemas import AuditEntry
+    from shared.security.audit import to_syslog, verify
+    from shared.topology import AUDIT
+
+    settings, kafka, keyring = _settings_for(home, "auditor")
+
+    async def read() -> tuple[list[AuditEntry], list[str]]:
+        entries: list[AuditEntry] = []
+        unreadable: list[str] = []
+        async for item in read_topic(kafka, settings.topic(AUDIT), AuditEntry, keyring):
+            if item.record is None:
+                unreadable.append(f"offset {item.offset}: unreadable ({item.error})")
+            else:
+                entries.append(item.record)
+        return entries, unreadable
+
+    entries, unreadable = asyncio.run(read())
+    if check:
+        result = verify(entries)
+        problems = unreadable + result.problems
+        for problem in problems:
+            err.print(f"[red]{problem}")
+        if problems:
+            err.print(f"[red]audit chain BROKEN: {len(problems)} problem(s) in {len(entries)}")
+            raise typer.Exit(1)
+        console.print(f"audit chain intact: {result.entries} entries, head {result.head}")
+        return
+    for entry in entries:
+        if syslog:
+            print(to_syslog(entry), flush=True)
+        elif as_json:
+            print(entry.model_dump_json(exclude={"schema_version"}), flush=True)
+        else:
+            console.print(
+                f"{entry.seq:6} {entry.at.isoformat(timespec='seconds')} {entry.principal:15} "
+                f"{entry.action:24} {entry.outcome:8} {entry.resource}"
+            )
+    for problem in unreadable:
+        err.print(f"[red]{problem}")
 
 
 def main() -> None:  # pragma: no cover

@@ -71,7 +71,7 @@ class StageRunner(Generic[In]):
         self.dispatcher: Dispatcher[In] = Dispatcher(
             spec,
             keyring=keyring,
-            topic=settings.topic,
+            topic=settings.writer_topic,
             retry=RetryPolicy(
                 settings.retry_attempts, settings.retry_backoff_s, settings.retry_backoff_max_s
             ),

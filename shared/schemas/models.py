@@ -449,6 +449,25 @@ class AlertAck(Record):
     role: Literal["clinician", "operator"] = Field(description="the account's worklist role")
     source: str = Field(max_length=64, description="the worklist instance that wrote it")
     at: datetime = Field(default_factory=utcnow)
+class AuditEntry(Record):
+    """``audit``: one link of the hash-chained audit trail, written only by the audit
+    sequencer (services/auditlog). ``principal`` is broker-verified: the intake topic the event
+    came from (``audit.in.<principal>``) is writable by that principal alone; ``actor`` is what
+    the event said. ``hash`` = SHA-256 over ``prev`` and every other field (canonical JSON), so
+    editing, dropping or reordering an entry breaks the chain (shared/security/audit.py)."""
+
+    SCHEMA: ClassVar[str] = "radstream.audit_entry"
+    seq: int = Field(ge=0, description="position in the chain, from 0, no gaps")
+    principal: str = Field(max_length=64, description="broker-verified writer")
+    actor: str = Field(max_length=64, description="the actor the event names")
+    action: str = Field(max_length=64)
+    resource: str = Field(max_length=256, description="keyed hash or topic, never a UID")
+    outcome: Literal["success", "denied", "error"]
+    at: datetime = Field(description="when the event happened (the writer's clock)")
+    recorded_at: datetime = Field(description="when the sequencer chained it")
+    source: str = Field(max_length=300, description="intake topic/partition/offset")
+    prev: Sha256 = Field(description="hash of the previous entry (64 zeros for the first)")
+    hash: Sha256 = Field(description="SHA-256 of this entry without this field")
 
 
 class Probe(Record):
@@ -475,6 +494,7 @@ RECORD_TYPES: dict[str, type[Record]] = {
         AlertAck,
         DeadLetter,
         AuditEvent,
+        AuditEntry,
         Probe,
     )
 }

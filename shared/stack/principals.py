@@ -10,7 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shared import topology
+from shared.security.audit import intake_topic
 from shared.topology import ADMIN, AUDIT, DEADLETTER
+
+SEQUENCER = "auditlog"  # reads every intake topic, the only writer of ``audit``
 
 __all__ = ["ADMIN", "PRINCIPALS", "ROLES", "STAGES", "Role", "acl_lines", "spec", "topics"]
 
@@ -34,6 +37,14 @@ class Role:
     blob_names: bool = False
 
 
+def _intake(name: str, write: tuple[str, ...]) -> tuple[str, ...]:
+    """``write`` with ``audit`` replaced by the principal's own intake topic: only the audit
+    sequencer writes the chained trail (shared/security/audit.py)."""
+    if name == SEQUENCER:
+        return write
+    return tuple(intake_topic(name) if t == AUDIT else t for t in write)
+
+
 def _purposes(topics: tuple[str, ...]) -> set[str]:
     return {topology.purpose_of(t) for t in topics}
 
@@ -44,7 +55,7 @@ def _stage_role(stage: topology.Stage) -> Role:
     blobs it reads), seal what it writes."""
     own = (stage.changelog,) if stage.changelog else ()
     read = (stage.input, *own)
-    write = tuple(dict.fromkeys((*stage.outputs, DEADLETTER, AUDIT, *own)))
+    write = _intake(stage.name, tuple(dict.fromkeys((*stage.outputs, DEADLETTER, AUDIT, *own))))
     return Role(
         name=stage.name,
         read=read,
@@ -58,24 +69,37 @@ def _stage_role(stage: topology.Stage) -> Role:
     )
 
 
-def _party_role(party: topology.Party) -> Role:
+def _party_role(party: topology.Party, intakes: tuple[str, ...] = ()) -> Role:
+    read = (*party.read, *intakes)
+    write = _intake(party.name, party.write)
     return Role(
         name=party.name,
-        read=party.read,
-        write=party.write,
+        read=read,
+        write=write,
         groups=party.groups,
+        transactional=party.transactional,
         describe_all=party.describe_all,
-        opens=frozenset(_purposes(party.read) | set(party.blobs_read)),
-        seals=frozenset(_purposes(party.write)),
+        opens=frozenset(_purposes(read) | set(party.blobs_read)),
+        seals=frozenset(_purposes(write)),
         hmac=party.keyed,
         blob_names=bool(party.blobs_read),
     )
 
 
-ROLES: dict[str, Role] = {
-    **{s.name: _stage_role(s) for s in topology.STAGES},
-    **{p.name: _party_role(p) for p in topology.PARTIES},
-}
+def _roles() -> dict[str, Role]:
+    roles = {s.name: _stage_role(s) for s in topology.STAGES}
+    roles |= {p.name: _party_role(p) for p in topology.PARTIES if p.name != SEQUENCER}
+    intakes = tuple(t for r in roles.values() for t in r.write if t.startswith(intake_topic("")))
+    sequencer = topology.party(SEQUENCER)
+    return roles | {SEQUENCER: _party_role(sequencer, intakes)}
+
+
+ROLES: dict[str, Role] = _roles()
+
+# Every audit intake topic (one per principal that audits); the sequencer reads them all.
+INTAKES: tuple[str, ...] = tuple(
+    t for r in ROLES.values() for t in r.write if t.startswith(intake_topic(""))
+)
 
 # A view for older callers: stage → (input, outputs). The topology is the source.
 STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -85,7 +109,11 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
 
 def topics(partitions: int) -> list[tuple[str, int, str]]:
     """Logical topic name, partition count and topic config for every topic of the stack."""
-    out = [(t.name, partitions, t.config) for t in topology.TOPICS]
+    # the audit trail is one chain: one partition, and so is each intake (one order per writer)
+    out = [
+        (t.name, 1 if t.name == AUDIT else partitions, t.config) for t in topology.TOPICS
+    ]
+    out.extend((name, 1, topology.topic(AUDIT).config) for name in INTAKES)
     # Changelogs of keyed state: compacted, co-partitioned with the stage's input.
     out.extend(
         (s.changelog, partitions, topology.CHANGELOG_CONFIG) for s in topology.STAGES if s.changelog

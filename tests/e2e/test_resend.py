@@ -123,7 +123,7 @@ async def test_resent_series_raise_nothing_before_and_after_a_restart_of_everyth
             Reader(env, "series", SeriesReady) as series,
             Reader(env, "findings", SegmentationDone) as findings,
             Reader(env, "alerts", Alert) as alerts,
-            Reader(env, "audit", AuditEvent) as audit,
+            Reader(env, "audit.in.ingest", AuditEvent) as audit,
         ):
             # the first send, as a scanner with the SDK's CLI; every series analysed
             cli = await asyncio.create_subprocess_exec(
@@ -161,7 +161,7 @@ async def test_resent_series_raise_nothing_before_and_after_a_restart_of_everyth
         async with (
             Reader(env, "series", SeriesReady) as series,
             Reader(env, "alerts", Alert) as alerts,
-            Reader(env, "audit", AuditEvent) as audit,
+            Reader(env, "audit.in.ingest", AuditEvent) as audit,
         ):
             await asyncio.to_thread(storescu, gateway_port, files)
             await duplicates_audited(2 * SERIES)

@@ -96,7 +96,7 @@ async def test_alert_ids_once_under_sigkill_rebalance_and_replay(env: Env, tmp_p
     dup = {aid: n for aid, n in ids.items() if n > 1}
     assert not dup, f"{len(dup)} alert ids published more than once"
     # the replays were seen and audited as duplicates (no UID in the audit record)
-    async with Reader(env, "audit", AuditEvent) as audit:
+    async with Reader(env, "audit.in.alert", AuditEvent) as audit:
         await audit.drain(1.0)
     suppressed = [e for e in audit.records if e.action == "alert_duplicate"]
     assert len({e.resource for e in suppressed}) == SERIES

@@ -159,7 +159,7 @@ async def test_each_alert_reaches_each_target_once_across_retries_restart_and_re
         conn.close()
         assert hook.bad_signatures == 1 and "forged" not in hook.delivered
 
-    async with Reader(env, "audit", AuditEvent) as audit:
+    async with Reader(env, "audit.in.notify", AuditEvent) as audit:
         await audit.drain(1.0)
     delivered = [e for e in audit.records if e.action == "notification_delivered"]
     assert len(delivered) == 3 * N

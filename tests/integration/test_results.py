@@ -71,7 +71,7 @@ async def test_seg_and_sr_reach_orthanc_once_across_a_sigkill_mid_delivery(
         second = StageProcess(service, "services.results.main", tmp_path / "r2.log").start()
         async with (
             Reader(env, "results", ResultsReady) as out,
-            Reader(env, "audit", AuditEvent) as audit,
+            Reader(env, "audit.in.results", AuditEvent) as audit,
         ):
             (record,) = await out.wait_for(1, timeout=180)
             await audit.wait_for(2, timeout=30)

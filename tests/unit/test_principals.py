@@ -22,8 +22,8 @@ def test_alert_consumer_reads_only_alerts_and_the_results_they_join_to() -> None
     g = grants("alert-consumer")
     reads = {name for (rtype, _, name, op) in g if rtype == "TOPIC" and op == "READ"}
     assert reads == {"radstream.alerts", "radstream.results"}
-    # it writes only the audit records of its own reads
-    assert {name for (*_, name, op) in g if op == "WRITE"} == {"radstream.audit"}
+    # it writes only the audit records of its own reads, to its own intake topic
+    assert {name for (*_, name, op) in g if op == "WRITE"} == {"radstream.audit.in.alert-consumer"}
 
 
 def test_each_stage_writes_only_its_outputs_and_owns_its_ids() -> None:
@@ -31,7 +31,9 @@ def test_each_stage_writes_only_its_outputs_and_owns_its_ids() -> None:
         g = grants(stage.name)
         own = (f"{stage.name}.state",) if stage.stateful else ()
         writes = {name for (rtype, _, name, op) in g if rtype == "TOPIC" and op == "WRITE"}
-        assert writes == {f"radstream.{t}" for t in (*stage.outputs, "deadletter", "audit", *own)}
+        audit = f"audit.in.{stage.name}"
+        outputs = tuple(t for t in stage.outputs if t != "audit")
+        assert writes == {f"radstream.{t}" for t in (*outputs, "deadletter", audit, *own)}
         reads = {name for (rtype, _, name, op) in g if rtype == "TOPIC" and op == "READ"}
         assert reads == {f"radstream.{t}" for t in (stage.input, *own)}
         assert ("TRANSACTIONAL_ID", "PREFIXED", f"radstream.{stage.name}.", "WRITE") in g
@@ -68,3 +70,22 @@ def test_no_wildcards_in_the_matrix() -> None:
     text = spec("radstream.", 3)
     assert "\t*\t" not in text and "User:*" not in text
     assert "cleanup.policy=compact" in text  # state changelogs are compacted
+
+
+def test_only_the_sequencer_writes_the_audit_trail_and_each_intake_has_one_writer() -> None:
+    """The audit trail's principal is broker-verified: ``audit.in.<p>`` is writable by ``p``
+    alone, ``audit`` by the sequencer alone, and only auditors and the sequencer read it."""
+    writers: dict[str, set[str]] = {}
+    readers: dict[str, set[str]] = {}
+    for name in ROLES:
+        for rtype, _, topic, op in grants(name):
+            if rtype == "TOPIC" and op == "WRITE":
+                writers.setdefault(topic, set()).add(name)
+            if rtype == "TOPIC" and op == "READ":
+                readers.setdefault(topic, set()).add(name)
+    assert writers["radstream.audit"] == {"auditlog"}
+    assert readers["radstream.audit"] == {"auditor", "auditlog"}  # the head, to chain on
+    for topic, who in writers.items():
+        if topic.startswith("radstream.audit.in."):
+            assert who == {topic.removeprefix("radstream.audit.in.")}
+            assert readers[topic] == {"auditlog"}

@@ -69,16 +69,23 @@ def test_the_acl_matrix_is_the_topology() -> None:
         role = roles[s.name]
         own = {s.changelog} if s.changelog else set()
         assert set(role.read) == {s.input} | own
-        assert set(role.write) == set(s.outputs) | {topology.DEADLETTER, topology.AUDIT} | own
+        intake = f"{topology.AUDIT}.in.{s.name}"  # its audit goes to its own intake topic
+        outputs = set(s.outputs) - {topology.AUDIT}
+        assert set(role.write) == outputs | {topology.DEADLETTER, intake} | own
         assert role.groups == (s.name,) and role.transactional
     for p in topology.PARTIES:
         role = roles[p.name]
+        write = tuple(
+            f"{topology.AUDIT}.in.{p.name}" if t == topology.AUDIT and p.name != "auditlog" else t
+            for t in p.write
+        )
+        reads = principals.INTAKES if p.name == "auditlog" else ()
         assert (role.read, role.write, role.groups, role.describe_all, role.transactional) == (
-            p.read,
-            p.write,
+            (*p.read, *reads),
+            write,
             p.groups,
             p.describe_all,
-            False,
+            p.transactional,
         )
     # the bootstrap spec creates exactly the topology's topics and the changelogs of stateful
     # stages, and every topic an ACL names is one of them
@@ -88,7 +95,8 @@ def test_the_acl_matrix_is_the_topology() -> None:
         if line.startswith("topic\t")
     }
     changelogs = {s.changelog for s in topology.STAGES if s.changelog}
-    assert created == {f"radstream.{t}" for t in (*topology.TOPIC_NAMES, *changelogs)}
+    intakes = set(principals.INTAKES)
+    assert created == {f"radstream.{t}" for t in (*topology.TOPIC_NAMES, *changelogs, *intakes)}
     for role in roles.values():
         assert {f"radstream.{t}" for t in (*role.read, *role.write)} <= created, role.name
     assert principals.PRINCIPALS == (topology.ADMIN, *roles)
@@ -103,7 +111,8 @@ def test_the_local_stack_runs_every_service_of_the_topology_as_its_principal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert local.SERVICES == topology.SERVICES
-    assert [s.name for s in topology.SERVICES] == ["gateway", *topology.STAGE_NAMES, "worklist"]
+    names = ["gateway", *topology.STAGE_NAMES, "worklist", "auditlog"]
+    assert [s.name for s in topology.SERVICES] == names
     ports = [s.metrics_port for s in topology.SERVICES]
     assert len(set(ports)) == len(ports)
     for s in topology.SERVICES:
