@@ -739,6 +739,95 @@ def write_results(
 RESULT_FILES = frozenset({"findings.json", "results.json", "seg.dcm", "sr.dcm"})
 
 
+@app.command("export")
+def export(
+    series_instance_uid: Annotated[str, typer.Argument(help="SeriesInstanceUID of the series")],
+    out: Annotated[Path, typer.Option("--out", help="folder for series/NNNN.dcm and seg.dcm")],
+    deidentify: Annotated[
+        bool, typer.Option("--deidentify", help="required: only de-identified copies leave")
+    ] = False,
+    retain_dates: Annotated[
+        bool,
+        typer.Option(
+            "--retain-dates", help="Retain Longitudinal Temporal Information (Full Dates) option"
+        ),
+    ] = False,
+    clean_descriptors: Annotated[
+        bool, typer.Option("--clean-descriptors", help="Clean Descriptors option")
+    ] = False,
+    key_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--pseudonym-key",
+            help="the project's pseudonymisation key (0600); default: the exporter's, "
+            "created on first use",
+        ),
+    ] = None,
+    home: HomeOpt = DEFAULT_HOME,
+) -> None:
+    """A de-identified research copy of a series (latest revision) and its SEG, as the
+    exporter principal: DICOM PS3.15 Annex E Basic Profile (+ the options asked for), a
+    pseudonym per study and UIDs remapped by a keyed hash, consistent across the images and
+    the SEG and across exports with the same key. Audited."""
+    import io
+    import secrets
+
+    import pydicom
+
+    from shared.dicom.deid import Deidentifier, Options, to_part10
+    from shared.schemas import ResultsReady, SegmentationDone
+    from shared.security.keyfile import read_secret_file, write_private
+    from shared.storage import BlobStore, LocalDirBackend
+
+    if not deidentify:
+        err.print("[red]only de-identified exports are offered: add --deidentify")
+        raise typer.Exit(2)
+    settings, kafka, keyring = _settings_for(home, "exporter")
+    path = key_file or LocalStack(home).broker.principals_dir / "exporter" / "deid.key"
+    if not path.exists():
+        write_private(path, secrets.token_hex(32))
+    try:
+        key = bytes.fromhex(read_secret_file(path))
+    except (KeyFileError, ValueError) as exc:
+        err.print(f"[red]pseudonymisation key {path}: {exc}")
+        raise typer.Exit(2) from None
+    done: SegmentationDone | None = asyncio.run(
+        latest_for_series(
+            kafka, settings.topic("findings"), SegmentationDone, keyring, series_instance_uid
+        )
+    )
+    if done is None or not done.source_instances:
+        err.print("[red]no analysed revision of that series (yet)")
+        raise typer.Exit(1)
+    paperwork: ResultsReady | None = asyncio.run(
+        latest_for_series(
+            kafka,
+            settings.topic("results"),
+            ResultsReady,
+            keyring,
+            series_instance_uid,
+            revision=done.revision,
+        )
+    )
+    store = BlobStore(LocalDirBackend(settings.blob_path), keyring)
+    options = Options(retain_dates=retain_dates, clean_descriptors=clean_descriptors)
+    deid = Deidentifier(key, options)
+    (out / "series").mkdir(parents=True, exist_ok=True)
+    for number, ref in enumerate(done.source_instances, start=1):
+        ds = pydicom.dcmread(io.BytesIO(store.get(ref.blob)))
+        (out / "series" / f"{number:04d}.dcm").write_bytes(to_part10(deid.apply(ds)))
+    written = [f"{len(done.source_instances)} images"]
+    if paperwork is not None and paperwork.seg is not None:
+        seg = pydicom.dcmread(io.BytesIO(store.get(paperwork.seg)))
+        (out / "seg.dcm").write_bytes(to_part10(deid.apply(seg)))
+        written.append("the SEG")
+    resource = keyring.keyed_hash(series_instance_uid).decode()
+    asyncio.run(emit_audit(settings, keyring, "export:deidentified", resource))
+    pseudonym = deid.pseudonym(done.study_instance_uid)
+    console.print(f"exported {' and '.join(written)} of revision {done.revision} to {out}")
+    console.print(f"patient pseudonym {pseudonym}; profile: {', '.join(deid.options.codes)}")
+
+
 @app.command("audit")
 def audit(
     home: HomeOpt = DEFAULT_HOME,
