@@ -232,8 +232,10 @@ def test_each_role_opens_exactly_what_it_reads(issued: tuple[Path, dict[str, Key
     for name, role in ROLES.items():
         assert opens[name] == set(role.opens), name
         assert all(rings[name].can_seal(p) for p in role.seals), name
-    # only a principal that writes audit events can seal them; nobody but auditors opens them
-    assert [n for n, o in opens.items() if topology.AUDIT in o] == ["auditor"]
+    # only a principal that writes audit events can seal them; nobody but auditors and the
+    # audit sequencer (which chains them) opens them
+    assert sorted(n for n, o in opens.items() if topology.AUDIT in o) == ["auditlog", "auditor"]
+    assert opens["auditlog"] == {topology.AUDIT}
 
 
 # ---- key files --------------------------------------------------------------------------------
