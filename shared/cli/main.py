@@ -404,6 +404,7 @@ def publish(
         TimeRemainingColumn,
     )
 
+    from shared.ingress.files import TooLarge, read_capped, series_of
     from shared.ingress.publisher import Publisher, PublishError
 
     settings, kafka, keyring = _settings_for(home, "scanner")
@@ -442,20 +443,14 @@ def publish(
                         err.print(f"[red]too large to publish ({cap} byte cap): {f.name}")
                         progress.advance(task)
                         continue
-                    with f.open("rb") as fh:  # the key from a bounded prefix
-                        uid = pub.key_for(fh.read(4 << 20))[0]
-                    groups.setdefault(uid, []).append(f)
+                    groups.setdefault(series_of(f), []).append(f)  # from a bounded prefix
                 for uid, group in groups.items():
                     sent = 0
                     for f in group:
                         try:
-                            with f.open("rb") as fh:
-                                data = fh.read(cap + 1)  # the file may have grown
-                            if len(data) > cap:
-                                raise PublishError(f"larger than the {cap} byte cap")
-                            await pub.publish(data)
+                            await pub.publish(read_capped(f, cap))
                             sent += 1
-                        except PublishError as exc:
+                        except (PublishError, TooLarge) as exc:
                             failed += 1
                             err.print(f"[red]not acknowledged: {f.name}: {exc}")
                         progress.advance(task)
