@@ -155,3 +155,28 @@ def spec(prefix: str, partitions: int) -> str:
 
 
 PRINCIPALS: tuple[str, ...] = (ADMIN, *ROLES)
+
+
+def main(argv: list[str]) -> int:
+    """``python -m shared.stack.principals OUT_DIR [PREFIX] [PARTITIONS]``: the bootstrap's
+    inputs (spec.tsv and Bootstrap.java) for the Kubernetes bootstrap Job's init container."""
+    import shutil
+    from pathlib import Path
+
+    if not argv:
+        print("usage: python -m shared.stack.principals OUT_DIR [PREFIX] [PARTITIONS]")
+        return 2
+    out = Path(argv[0])
+    prefix = argv[1] if len(argv) > 1 else "radstream."
+    partitions = int(argv[2]) if len(argv) > 2 else 3
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "spec.tsv").write_text(spec(prefix, partitions))
+    source = Path(__file__).resolve().parents[2] / "deploy" / "kafka" / "Bootstrap.java"
+    shutil.copyfile(source, out / "Bootstrap.java")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

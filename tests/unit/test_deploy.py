@@ -113,7 +113,8 @@ def test_kubernetes_manifests() -> None:
         assert all(known_env(e["name"]) for e in container["env"]), name
         assert name in by_kind["PodDisruptionBudget"] and name in by_kind["NetworkPolicy"]
     assert "default-deny" in by_kind["NetworkPolicy"]
-    assert "radstream-credentials" in by_kind["Secret"]
+    assert "radstream-credentials" not in by_kind["Secret"]  # no shared secret any more
+    assert {f"radstream-{name}" for name in SERVICES} <= set(by_kind["Secret"])
     for stage in STAGES:
         so = by_kind["ScaledObject"][stage.name]["spec"]
         trigger = so["triggers"][0]["metadata"]
@@ -150,7 +151,7 @@ def test_pacs_delivery_is_the_results_stage_s_in_every_deployment() -> None:
     base = REPO / "deploy" / "k8s" / "base"
     deployments = {d["metadata"]["name"]: d for d in _load(base / "deployments.yaml")}
     policies = {d["metadata"]["name"]: d for d in _load(base / "networkpolicies.yaml")}
-    secrets = _load(base / "secrets.yaml")[0]["stringData"]
+    secrets = {d["metadata"]["name"]: d["stringData"] for d in _load(base / "secrets.yaml")}
     for name in SERVICES:
         (container,) = deployments[name]["spec"]["template"]["spec"]["containers"]
         env = {e["name"] for e in container["env"]}
@@ -159,4 +160,70 @@ def test_pacs_delivery_is_the_results_stage_s_in_every_deployment() -> None:
             p["port"] for rule in policies[name]["spec"].get("egress", []) for p in rule["ports"]
         }
         assert (4242 in egress_ports) == (name in pacs_stages), name
-        assert f"{name}.password" in secrets
+        assert f"{name}.password" in secrets[f"radstream-{name}"]
+
+
+def test_kubernetes_one_secret_per_service_and_the_admin_only_in_the_bootstrap_job() -> None:
+    """The attack (issue 14): every pod mounted the whole credentials Secret, so compromising
+    the gateway gave every principal. Now each pod mounts its own Secret, holding its own
+    password and key file only; the admin credential is mounted by the bootstrap Job alone;
+    the files are readable by the pod's user and pass the key-file mode check."""
+    import os
+    import stat as st
+
+    from shared.security.keyfile import mode_problem
+
+    base = REPO / "deploy" / "k8s" / "base"
+    kustomization = yaml.safe_load((base / "kustomization.yaml").read_text())
+    docs = [d for f in kustomization["resources"] for d in _load(base / f)]
+    secrets = {
+        d["metadata"]["name"]: d.get("stringData", {}) for d in docs if d["kind"] == "Secret"
+    }
+    pods = {
+        d["metadata"]["name"]: d["spec"]["template"]["spec"]
+        for d in docs
+        if d["kind"] in ("Deployment", "Job")
+    }
+    assert set(pods) == {*SERVICES, "radstream-bootstrap"}
+    mounted_by: dict[str, set[str]] = {}
+    for name, pod in pods.items():
+        for vol in pod["volumes"]:
+            if "secret" in vol:
+                mounted_by.setdefault(vol["secret"]["secretName"], set()).add(name)
+    assert mounted_by["radstream-bootstrap"] == {"radstream-bootstrap"}
+    assert "admin.properties" in secrets["radstream-bootstrap"]
+    for name in SERVICES:
+        own = f"radstream-{name}"
+        assert mounted_by[own] == {name}, f"{own} is mounted by {mounted_by[own]}"
+        data = secrets[own]
+        passwords = {k for k in data if k.endswith(".password")}
+        assert passwords == {f"{name}.password"}, name
+        assert "keys.json" in data and "keyring.json" not in data and "admin.properties" not in data
+        (container,) = pods[name]["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["RADSTREAM_KEYRING_FILE"] == "/secrets/keys.json"
+        assert env["RADSTREAM_KAFKA__PASSWORD_FILE"] == f"/secrets/{name}.password"
+        for value in env.values():  # every file it names under /secrets is in its own Secret
+            if str(value).startswith("/secrets/") and str(value).count("/") == 2:
+                assert str(value).removeprefix("/secrets/") in data, (name, value)
+        # as mounted: root-owned, group = fsGroup, defaultMode; the service user reads it
+        # and the key-file check accepts it; a world-readable mode would be refused
+        ctx = pods[name]["securityContext"]
+        (vol,) = [v for v in pods[name]["volumes"] if v.get("secret", {}).get("secretName") == own]
+        mode = vol["secret"]["defaultMode"]
+        assert mode & 0o007 == 0 and mode & 0o040, oct(mode)
+        fake = os.stat_result((st.S_IFREG | mode, 0, 0, 1, 0, ctx["fsGroup"], 0, 0, 0, 0))
+        assert mode_problem(fake, euid=ctx["runAsUser"], egid=ctx["fsGroup"]) == ""
+        loose = os.stat_result((st.S_IFREG | 0o444, 0, 0, 1, 0, ctx["fsGroup"], 0, 0, 0, 0))
+        assert mode_problem(loose, euid=ctx["runAsUser"], egid=ctx["fsGroup"]) != ""
+
+
+def test_the_bootstrap_job_s_inputs_come_from_the_image(tmp_path: Path) -> None:
+    from shared.stack import principals
+
+    assert principals.main([str(tmp_path)]) == 0
+    assert (tmp_path / "spec.tsv").read_text() == principals.spec("radstream.", 3)
+    assert (tmp_path / "Bootstrap.java").read_bytes() == (
+        REPO / "deploy" / "kafka" / "Bootstrap.java"
+    ).read_bytes()
+    assert "COPY deploy/kafka/Bootstrap.java" in (REPO / "deploy" / "Dockerfile").read_text()
