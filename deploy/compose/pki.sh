@@ -1,6 +1,7 @@
 #!/bin/sh
 # One-shot bootstrap of the compose stack's secrets volume: CA + broker keystore, SCRAM
-# passwords (one file per principal, 0600), the keyring, the broker's start script (formats
+# passwords (one file per principal, 0600), the master keyring, each service's own folder
+# principals/<service>/ (uid 10001, 0400: what it mounts at /secrets), the broker's start script (formats
 # KRaft storage with the SCRAM users) and the admin client config. Idempotent.
 set -eu
 out=/secrets
@@ -17,7 +18,7 @@ out = Path("/secrets")
 for name, pw in b.credentials().items():
     p = out / f"{name}.password"
     p.write_text(pw)
-    os.chmod(p, 0o640)
+    os.chmod(p, 0o600)  # root's: each service gets its own copy under principals/
 for f in ("ca.pem", "broker.p12", "store.password"):
     (out / f).write_bytes((b.tls_dir / f).read_bytes())
 # the gateway's DICOM TLS certificate and one modality client certificate (mutual TLS)
@@ -55,6 +56,13 @@ admin_pw = b.credentials()["admin"]
     "ssl.truststore.type=PEM\nssl.truststore.location=/secrets/ca.pem\n"
 )
 (out / "spec.tsv").write_text(principals.spec("radstream.", 3))
+# each service's own /secrets (shared/stack/compose_secrets.py): its password, its key file
+# (only the keys its role needs), the CA and the files it names; uid 10001, 0400
+from shared.stack.compose_secrets import write_service_secrets
+write_service_secrets(out)
+# read by kafka-init / the broker (apache/kafka runs as appuser, uid 1000), nobody else
+os.chown(out / "admin.properties", 1000, 1000)
+os.chmod(out / "admin.properties", 0o400)
 users = " ".join(f"--add-scram SCRAM-SHA-512=[name={n},password={p}]" for n, p in b.credentials().items())
 (out / "kafka-format.sh").write_text(
     "#!/bin/sh\nset -e\n"

@@ -75,7 +75,7 @@ def test_compose_file_has_the_whole_stack_done_properly() -> None:
         for port in svc.get("ports", []):
             assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
         for mount in svc.get("volumes", []):
-            source = str(mount).split(":")[0]
+            source = mount["source"] if isinstance(mount, dict) else str(mount).split(":")[0]
             assert source.startswith("./") or source in volumes, f"{name}: unknown volume {source}"
             if source.startswith("./"):
                 assert (REPO / source).exists(), f"{name}: {source} does not exist"
@@ -227,3 +227,63 @@ def test_the_bootstrap_job_s_inputs_come_from_the_image(tmp_path: Path) -> None:
         REPO / "deploy" / "kafka" / "Bootstrap.java"
     ).read_bytes()
     assert "COPY deploy/kafka/Bootstrap.java" in (REPO / "deploy" / "Dockerfile").read_text()
+
+
+def test_compose_each_service_mounts_only_its_own_secrets_owned_by_its_user_0400(
+    tmp_path: Path,
+) -> None:
+    """The attack (issue 14): the shared secrets volume was readable in every container (the
+    admin password, every SCRAM password, the broker's keystore) while a service's own
+    password and the keyring were unreadable to the service user. Now each service mounts
+    its folder principals/<service> only (read-only), holding its password, its key file and
+    the files its settings name, uid 10001, 0400; what pki writes is checked as it writes it."""
+    import os
+    import stat as st
+
+    from shared.security.envelope import init_keyring_file
+    from shared.security.keyfile import mode_problem, read_key_file
+    from shared.stack import compose_secrets
+
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    services = compose["services"]
+    for name in SERVICES:
+        mounts = services[name]["volumes"]
+        secret_mounts = [m for m in mounts if isinstance(m, dict) and m["source"] == "secrets"]
+        assert [str(m) for m in mounts if "secrets" in str(m) and not isinstance(m, dict)] == []
+        (mount,) = secret_mounts
+        assert mount["target"] == "/secrets" and mount["read_only"] is True
+        assert mount["volume"]["subpath"] == f"principals/{name}"
+        env = services[name]["environment"]
+        files = compose_secrets.service_files(name)
+        assert env["RADSTREAM_KEYRING_FILE"] == "/secrets/keys.json"
+        assert env["RADSTREAM_KAFKA__PASSWORD_FILE"] == f"/secrets/{name}.password"
+        for value in env.values():
+            if str(value).startswith("/secrets/"):
+                assert str(value).removeprefix("/secrets/") in files, (name, value)
+        assert not any(k.endswith(".password") and k != f"{name}.password" for k in files)
+        assert "keyring.json" not in files and "admin.properties" not in files
+    # what pki writes (as this user here; uid 10001 in the container)
+    out = tmp_path / "secrets"
+    out.mkdir()
+    init_keyring_file(out / "keyring.json")
+    for name in SERVICES:
+        for source in compose_secrets.service_files(name).values():
+            if source != "keyring.json":
+                (out / source).parent.mkdir(parents=True, exist_ok=True)
+                (out / source).write_text(f"{source} contents")
+    uid, gid = os.getuid(), os.getgid()
+    for folder in compose_secrets.write_service_secrets(out, uid, gid):
+        name = folder.name
+        assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) == (
+            sorted(compose_secrets.service_files(name))
+        )
+        for path in folder.rglob("*"):
+            mode = st.S_IMODE(path.stat().st_mode)
+            assert mode == (0o500 if path.is_dir() else 0o400), (path, oct(mode))
+            assert path.stat().st_uid == uid
+            if path.is_file():
+                assert mode_problem(path.stat(), euid=uid, egid=gid) == ""
+        keys = read_key_file(folder / "keys.json")
+        assert keys.principal == name
+        if name == "gateway":  # it seals instances, opens nothing
+            assert all(p.private is None for pk in keys.purposes.values() for p in pk.keys.values())
