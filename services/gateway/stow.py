@@ -33,7 +33,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -202,34 +202,23 @@ class StowCore:
     def limits(self) -> Limits:
         return Limits(max_bytes=self.part_cap, max_sequence_depth=self.settings.max_sequence_depth)
 
-    async def store(self, parts: list[Judged], sender: str) -> list[PartResult]:
-        """Publish the good parts (in order, ``window`` in flight), dead-letter the bad ones;
-        returns one result per part once the broker acknowledged every send."""
-        sem = asyncio.Semaphore(self.settings.window)
-
-        async def one(part: Judged) -> PartResult:
-            async with sem:
-                if part.refused is not None:
-                    await self._dead_letter(part, part.refused)
-                    self.metrics.instances.labels(part.refused.value).inc()
-                    return PartResult(
-                        part.sop_class_uid, part.sop_instance_uid, failure_reason(part.refused)
-                    )
-                try:
-                    await self.publisher.publish(part.data)
-                except PublishError as exc:
-                    log.warning("STOW-RS: broker did not acknowledge (%s)", type(exc).__name__)
-                    self.metrics.instances.labels("not_acknowledged").inc()
-                    return PartResult(
-                        part.sop_class_uid, part.sop_instance_uid, failure_reason(None)
-                    )
-                self.metrics.instances.labels("stored").inc()
-                return PartResult(part.sop_class_uid, part.sop_instance_uid)
-
-        results = list(await asyncio.gather(*(one(p) for p in parts)))
-        stored = sum(r.stored for r in results)
-        await self.audit(sender, "stow", "error" if stored < len(results) else "success")
-        return results
+    async def one(self, part: Judged) -> PartResult:
+        """Publish a good part (returns once the broker acknowledged it) or dead-letter a
+        bad one; its result for the response."""
+        if part.refused is not None:
+            await self._dead_letter(part, part.refused)
+            self.metrics.instances.labels(part.refused.value).inc()
+            return PartResult(
+                part.sop_class_uid, part.sop_instance_uid, failure_reason(part.refused)
+            )
+        try:
+            await self.publisher.publish(part.data)
+        except PublishError as exc:
+            log.warning("STOW-RS: broker did not acknowledge (%s)", type(exc).__name__)
+            self.metrics.instances.labels("not_acknowledged").inc()
+            return PartResult(part.sop_class_uid, part.sop_instance_uid, failure_reason(None))
+        self.metrics.instances.labels("stored").inc()
+        return PartResult(part.sop_class_uid, part.sop_instance_uid)
 
     async def _dead_letter(self, part: Judged, reason: Reason) -> None:
         letter = DeadLetter(
@@ -266,6 +255,8 @@ class TooLarge(Exception):
 
 
 MAX_BOUNDARY = 200
+# refused requests are counted in metrics; at most this many a second become audit events
+DENIALS = StowSender(name="_denied", rate_per_s=1.0, burst=10)
 
 
 class StowReader(MultipartReader):
@@ -346,7 +337,8 @@ class StowServer:
             s.senders, bearer(request.headers.get("Authorization")), _peer_cn(request)
         )
         if sender is None:
-            await self.core.audit("unknown", "stow", "denied")
+            if self.core.rate.take(DENIALS) == 0.0:  # audit refusals, but not a flood of them
+                await self.core.audit("unknown", "stow", "denied")
             return self._answer(
                 _problem(401, "authentication required", **{"WWW-Authenticate": "Bearer"})
             )
@@ -359,21 +351,18 @@ class StowServer:
             return self._answer(_problem(415, f'expected multipart/related; type="{MEDIA_TYPE}"'))
         if (request.content_length or 0) > s.max_request_bytes:
             return self._answer(_problem(413, "request larger than the cap"))
+        study = request.match_info.get("study")
         try:
-            parts = await self._read(request)
+            results = await self._store(request, study)
         except TooLarge:
             return self._answer(_problem(413, "request larger than the cap"))
         except ValueError as exc:  # aiohttp: a malformed multipart body
             log.warning("STOW-RS: malformed multipart body (%s)", type(exc).__name__)
             return self._answer(_problem(400, "malformed multipart body"))
-        if not parts:
+        if not results:
             return self._answer(_problem(400, "no instances in the request"))
-        study = request.match_info.get("study")
-        limits = self.core.limits
-        judged = await asyncio.to_thread(
-            lambda: [judge(i, data, kind, study, limits) for i, (kind, data) in enumerate(parts)]
-        )
-        results = await self.core.store(judged, sender.name)
+        stored = sum(r.stored for r in results)
+        await self.core.audit(sender.name, "stow", "error" if stored < len(results) else "success")
         return self._answer(
             web.Response(  # bytes, so no "; charset=" that clients comparing the type refuse
                 body=json.dumps(response_dataset(results)).encode(),
@@ -382,13 +371,38 @@ class StowServer:
             )
         )
 
-    async def _read(self, request: web.Request) -> list[tuple[str, bytes]]:
-        """The parts' media types and bytes; a part over the cap keeps only cap+1 bytes (it is
-        refused as too large), the request is TooLarge once its body passes the cap."""
+    async def _store(self, request: web.Request, study: str | None) -> list[PartResult]:
+        """Read, judge and publish part by part: at most ``window`` parts are held (read and
+        not yet acknowledged) at once, so a request's memory is bounded by the window times
+        the part cap, not by the request cap. On TooLarge or a malformed body the parts
+        already sent are awaited (they stay published) before the error goes up."""
+        window = asyncio.Semaphore(self.core.settings.window)
+        limits = self.core.limits
+        tasks: list[asyncio.Task[PartResult]] = []
+
+        async def one(part: Judged) -> PartResult:
+            try:
+                return await self.core.one(part)
+            finally:
+                window.release()
+
+        try:
+            index = 0
+            async for kind, data in self._parts(request):
+                await window.acquire()
+                part = await asyncio.to_thread(judge, index, data, kind, study, limits)
+                tasks.append(asyncio.create_task(one(part)))
+                index += 1
+        finally:
+            results = list(await asyncio.gather(*tasks))
+        return results
+
+    async def _parts(self, request: web.Request) -> AsyncIterator[tuple[str, bytes]]:
+        """Each part's media type and bytes; a part over the cap keeps only cap+1 bytes (it is
+        refused as too large); TooLarge once the body passes the request cap."""
         s = self.core.settings
         cap = self.core.part_cap
-        total = 0
-        out: list[tuple[str, bytes]] = []
+        total = count = 0
         reader = StowReader(
             request.headers,
             request.content,
@@ -398,13 +412,14 @@ class StowServer:
         while True:
             part: Any = await reader.next()
             if part is None:
-                return out
-            if len(out) >= s.max_parts:
+                return
+            count += 1
+            if count > s.max_parts:
                 raise TooLarge
             kind, _ = parse_media_type(part.headers.get("Content-Type", ""))
             if not hasattr(part, "read_chunk"):  # a nested multipart: not an instance
                 await part.release()
-                out.append((kind or "multipart", b""))
+                yield kind or "multipart", b""
                 continue
             buf = bytearray()
             while True:
@@ -416,4 +431,4 @@ class StowServer:
                     raise TooLarge
                 if len(buf) <= cap:
                     buf += chunk[: cap + 1 - len(buf)]
-            out.append((kind, bytes(buf)))
+            yield kind, bytes(buf)

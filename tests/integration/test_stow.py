@@ -43,6 +43,7 @@ CT_DIR = (
     / "CT2"
 )
 MAX_REQUEST = 4 * 1024 * 1024
+MAX_PART = 1024 * 1024
 
 
 def sha(token: str) -> str:
@@ -105,6 +106,8 @@ def stow(env: Env, tmp_path: Path) -> Iterator[Stow]:
             RADSTREAM_GATEWAY__STOW__CLIENT_CA=str(ca.pem),
             RADSTREAM_GATEWAY__STOW__SENDERS=json.dumps(senders),
             RADSTREAM_GATEWAY__STOW__MAX_REQUEST_BYTES=str(MAX_REQUEST),
+            RADSTREAM_GATEWAY__STOW__MAX_PART_BYTES=str(MAX_PART),
+            RADSTREAM_GATEWAY__STOW__WINDOW="2",  # fewer in flight than parts in a request
         ),
         "services.gateway.main",
         tmp_path / "gateway.log",
@@ -182,7 +185,10 @@ async def test_bad_parts_are_answered_per_instance_and_dead_lettered(env: Env, s
     buf = io.BytesIO()
     other.save_as(buf)
     assert str(other.StudyInstanceUID) != study
-    body, ctype = encode_multipart([good, b"this is not DICOM at all" * 10, buf.getvalue()])
+    too_big = b"\0" * 128 + b"DICM" + b"\0" * MAX_PART
+    body, ctype = encode_multipart(
+        [good, b"this is not DICOM at all" * 10, buf.getvalue(), too_big]
+    )
     # a fourth part that is not application/dicom
     boundary = ctype.rsplit("boundary=", 1)[1]
     body = body.replace(
@@ -194,15 +200,17 @@ async def test_bad_parts_are_answered_per_instance_and_dead_lettered(env: Env, s
     assert stored_in(answer) == [str(ds.SOPInstanceUID)]
     failed = failed_in(answer)
     assert failed[str(other.SOPInstanceUID)] == DOES_NOT_MATCH  # another study than the URL
-    assert failed[""] == CANNOT_UNDERSTAND  # not DICOM / not application/dicom: no UIDs
-    assert len(answer["00081198"]["Value"]) == 3
+    reasons = sorted(item["00081197"]["Value"][0] for item in answer["00081198"]["Value"])
+    # not DICOM and not application/dicom: cannot understand; over the part cap: resources
+    assert reasons == sorted([CANNOT_UNDERSTAND, CANNOT_UNDERSTAND, DOES_NOT_MATCH, 0xA700])
 
     async with Reader(env, "deadletter", DeadLetter) as letters:
-        await letters.wait_for(3, timeout=30)
+        await letters.wait_for(4, timeout=30)
         await letters.drain(1.0)
     assert sorted(d.reason for d in letters.records) == [
         "not_dicom",
         "study_mismatch",
+        "too_large",
         "unsupported_media_type",
     ]
     for letter in letters.records:
