@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.topology import GATEWAY_AE_TITLE, PORTS
@@ -226,7 +226,9 @@ class ResultsSettings(BaseModel):
         "QIDO-RS + STOW-RS (dicomweb_url)",
     )
     dicomweb_url: str = Field(
-        "", description="DICOMweb service root of the PACS, e.g. https://pacs/dicom-web"
+        "",
+        description="DICOMweb service root of the PACS, e.g. https://pacs/dicom-web (required "
+        "with pacs_protocol dicomweb; plain http beyond loopback needs pacs_allow_plaintext)",
     )
     dicomweb_token: SecretStr = Field(SecretStr(""), description="bearer token for the PACS")
     dicomweb_ca_file: Path | None = Field(None, description="CA bundle for an https url")
@@ -247,6 +249,12 @@ class ResultsSettings(BaseModel):
     seg_max_frames: int = Field(
         400, ge=1, description="organ segments join the SEG only while it stays this small"
     )
+
+    @model_validator(mode="after")
+    def _dicomweb_needs_a_url(self) -> ResultsSettings:
+        if self.pacs_protocol == "dicomweb" and not self.dicomweb_url:
+            raise ValueError("pacs_protocol dicomweb needs dicomweb_url")
+        return self
 
 
 class NotifySettings(BaseModel):

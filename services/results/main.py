@@ -30,7 +30,7 @@ def build(
 ) -> StageSpec[SegmentationDone]:
     c = settings.results
     pacs: Pacs | DicomWebPacs | None = None
-    if c.pacs_protocol == "dicomweb" and c.dicomweb_url:
+    if c.pacs_protocol == "dicomweb":
         pacs = DicomWebPacs(
             c.dicomweb_url,
             c.dicomweb_token.get_secret_value() or None,
@@ -38,6 +38,7 @@ def build(
             c.dicomweb_client_cert,
             c.dicomweb_client_key,
             c.pacs_timeout_s,
+            allow_plaintext=c.pacs_allow_plaintext,
         )
     elif c.pacs_protocol == "dimse" and c.pacs_host:
         pacs = configured(

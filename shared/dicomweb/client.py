@@ -41,13 +41,17 @@ class DicomWebPacs:
     client_cert: Path | None = None  # mutual TLS
     client_key: Path | None = None
     timeout_s: float = 20.0
+    allow_plaintext: bool = False  # http beyond loopback (a PACS on a trusted network only)
 
     def __post_init__(self) -> None:
         parts = urllib.parse.urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("the DICOMweb url must be http(s)://host/...")
-        if parts.scheme == "http" and parts.hostname not in LOOPBACK:
-            raise ValueError("plain http to a DICOMweb PACS is allowed on loopback only")
+        if parts.scheme == "http" and parts.hostname not in LOOPBACK and not self.allow_plaintext:
+            raise ValueError(
+                "plain http to a DICOMweb PACS beyond loopback is refused "
+                "(RADSTREAM_RESULTS__PACS_ALLOW_PLAINTEXT=true for a trusted network)"
+            )
 
     def __repr__(self) -> str:  # never the token
         return f"DicomWebPacs(url={self.url!r})"
