@@ -39,10 +39,12 @@ class GatewayService:
     http: HealthServer = field(init=False)
     gateway: Gateway | None = field(default=None, init=False)
     stow: StowServer | None = field(default=None, init=False)
+    stow_metrics: StowMetrics = field(init=False)  # exported even with STOW-RS off
     ready: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         self.metrics = GatewayMetrics(self.registry)
+        self.stow_metrics = StowMetrics(self.registry)
         self.http = HealthServer(
             self.registry,
             self.settings.metrics_host,
@@ -65,7 +67,7 @@ class GatewayService:
                     deadletter_topic=self.settings.topic(DEADLETTER),
                     audit_topic=self.settings.topic(AUDIT),
                     max_message_bytes=self.settings.kafka.max_message_bytes,
-                    metrics=StowMetrics(self.registry),
+                    metrics=self.stow_metrics,
                 )
             )
             await self.stow.start()
