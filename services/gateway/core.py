@@ -29,7 +29,7 @@ import time
 from collections import defaultdict
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
@@ -38,6 +38,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from services.gateway.limits import HEADER, AddressList, PduBudget, PeerLimiter
 from shared.config import GatewaySettings
 from shared.ingress.publisher import Publisher, PublishError
+from shared.schemas import AuditEvent
 
 log = logging.getLogger("radstream.gateway")
 
@@ -133,6 +134,7 @@ class Gateway:
     _budgets: dict[int, PduBudget] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: Any = None
+    audit_topic: str | None = None  # its audit intake (every association is audited)
 
     def __post_init__(self) -> None:
         check_settings(self.settings)
@@ -152,6 +154,29 @@ class Gateway:
     def _run(self, coro: Any) -> Any:
         """Run a publisher coroutine on the service's event loop from a pynetdicom thread."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(self.settings.ack_timeout_s)
+
+    def _audit(
+        self, action: str, event: Any, outcome: Literal["success", "denied", "error"] = "success"
+    ) -> None:
+        """An association event on the audit trail, without holding up the association (the
+        calling AE title is the resource: a device name, not PHI). A failed write is logged."""
+        if self.audit_topic is None:
+            return
+        assoc = getattr(event, "assoc", None)
+        requestor = getattr(assoc, "requestor", None)
+        title = str(getattr(requestor, "ae_title", "") or "").strip() or "-"
+        record = AuditEvent(
+            actor="gateway", action=action, resource=f"ae:{title}"[:256], outcome=outcome
+        )
+        fut = asyncio.run_coroutine_threadsafe(
+            self.publisher.emit(self.audit_topic, b"association", record), self.loop
+        )
+
+        def done(f: Any) -> None:
+            if f.exception() is not None:
+                log.error("association audit event not written: %s", type(f.exception()).__name__)
+
+        fut.add_done_callback(done)
 
     # ---- event handlers (pynetdicom threads) --------------------------------------------
     def on_store(self, event: Any) -> int:
@@ -194,9 +219,11 @@ class Gateway:
     def on_accepted(self, event: Any) -> None:
         self.metrics.associations.labels("accepted").inc()
         self.metrics.open.inc()
+        self._audit("association:accepted", event)
 
     def on_rejected(self, event: Any) -> None:
         self.metrics.associations.labels("rejected").inc()
+        self._audit("association:rejected", event, "denied")
 
     def on_conn_open(self, event: Any) -> None:
         """Refusals happen here, before the association reads anything: the guarded socket
@@ -237,12 +264,14 @@ class Gateway:
             except (PublishError, FutureTimeout, OSError) as exc:
                 # ingest falls back to its inactivity timeout for this series
                 log.warning("end-of-series marker not acknowledged (%s)", type(exc).__name__)
+        self._audit("association:released", event)
 
     def on_aborted(self, event: Any) -> None:
         self.metrics.open.dec()
         with self._lock:
             self._series.pop(id(event.assoc), None)
         self.metrics.associations.labels("aborted").inc()
+        self._audit("association:aborted", event, "error")
 
     # ---- server ---------------------------------------------------------------------------
     def build_ae(self) -> AE:

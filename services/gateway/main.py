@@ -22,7 +22,7 @@ from shared.metrics import HealthServer  # noqa: E402
 from shared.runtime.service import configure_process  # noqa: E402
 from shared.security.envelope import Keyring  # noqa: E402
 from shared.security.kek import keyring_for  # noqa: E402
-from shared.topology import AUDIT, DEADLETTER, party  # noqa: E402
+from shared.topology import DEADLETTER, party  # noqa: E402
 
 OUTPUT = party("gateway").write[0]  # the topic the gateway publishes instances to
 
@@ -56,7 +56,11 @@ class GatewayService:
         await self.http.start()
         await self.publisher.start()
         self.gateway = Gateway(
-            self.settings.gateway, self.publisher, asyncio.get_running_loop(), self.metrics
+            self.settings.gateway,
+            self.publisher,
+            asyncio.get_running_loop(),
+            self.metrics,
+            audit_topic=self.settings.audit_topic(),
         )
         await asyncio.to_thread(self.gateway.start)
         if self.settings.gateway.stow.port is not None:
@@ -65,7 +69,7 @@ class GatewayService:
                     self.settings.gateway.stow,
                     self.publisher,
                     deadletter_topic=self.settings.topic(DEADLETTER),
-                    audit_topic=self.settings.topic(AUDIT),
+                    audit_topic=self.settings.audit_topic(),  # its own intake topic
                     max_message_bytes=self.settings.kafka.max_message_bytes,
                     metrics=self.stow_metrics,
                 )

@@ -114,3 +114,25 @@ def test_unknown_calling_ae_title_is_rejected_at_association(
         text = r.read().decode()
     assert 'radstream_gateway_associations_total{outcome="rejected"} 1.0' in text
     assert 'radstream_gateway_instances_total{outcome="stored"}' not in text  # nothing got in
+
+
+async def test_every_association_is_audited_on_the_gateway_s_intake(
+    env: Env, gateway, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Accepted, released and rejected associations reach the audit trail, as the gateway
+    principal (its own intake topic), naming the calling AE title and nothing of a patient."""
+    from shared.schemas import AuditEvent
+
+    port, _ = gateway
+    echo = [dcmtk("echoscu"), "-aet", "ECHOSCU", "-aec", "RADSTREAM", "127.0.0.1", str(port)]
+    ok = await asyncio.to_thread(subprocess.run, echo, capture_output=True, timeout=60)
+    assert ok.returncode == 0
+    ph = phantom.chest_ct(tmp_path / "ph", seed=23, size=32, slices=1, nodules_mm=())
+    assert (await asyncio.to_thread(storescu, port, ph.files, "INTRUDER")).returncode != 0
+    async with Reader(env, "audit.in.gateway", AuditEvent) as audit:
+        events = await audit.wait_for(3, timeout=60)
+    seen = {(e.action, e.resource, e.outcome) for e in events}
+    assert ("association:accepted", "ae:ECHOSCU", "success") in seen
+    assert ("association:released", "ae:ECHOSCU", "success") in seen
+    assert ("association:rejected", "ae:INTRUDER", "denied") in seen
+    assert all(e.actor == "gateway" for e in events)
