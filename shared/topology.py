@@ -242,6 +242,7 @@ class Ports:
     orthanc_http: int = 8042
     orthanc_dicom: int = 4242
     worklist_https: int = 8443  # the worklist web app (TLS)
+    gateway_stow: int = 11443  # the gateway's DICOMweb STOW-RS endpoint (TLS)
 
 
 PORTS = Ports()

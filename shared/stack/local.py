@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import importlib.util
 import json
 import os
@@ -69,6 +70,7 @@ class StackPorts:
     orthanc_dicom: int
     metrics: dict[str, int] = field(default_factory=dict)  # service name → /metrics port
     worklist_https: int = topology.PORTS.worklist_https
+    gateway_stow: int = topology.PORTS.gateway_stow
 
     @classmethod
     def defaults(cls) -> StackPorts:
@@ -81,6 +83,7 @@ class StackPorts:
             p.orthanc_dicom,
             {s.name: s.metrics_port for s in SERVICES},
             p.worklist_https,
+            p.gateway_stow,
         )
 
     @classmethod
@@ -92,6 +95,7 @@ class StackPorts:
             free_port(),
             free_port(),
             {s.name: free_port() for s in SERVICES},
+            free_port(),
             free_port(),
         )
 
@@ -190,6 +194,38 @@ class LocalStack:
             f"(accounts in {self.worklist_passwords})"
         )
 
+    @property
+    def stow_token_file(self) -> Path:
+        return self.home / "secrets" / "stow-token"
+
+    def prepare_stow(self) -> str:
+        """The gateway's STOW-RS certificate (from the development CA) and, the first time, a
+        bearer token for the local sender ``local`` (0600; the gateway gets only its hash)."""
+        issue_server_cert(self.broker.tls_dir, "gateway-stow")
+        if not self.stow_token_file.exists():
+            self.stow_token_file.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.stow_token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_urlsafe(32))
+        return (
+            f"STOW-RS: https://127.0.0.1:{self.ports.gateway_stow}/dicom-web/studies "
+            f"(bearer token in {self.stow_token_file}, CA {self.broker.tls_dir / 'ca.pem'})"
+        )
+
+    def _stow_env(self) -> dict[str, str]:
+        """The gateway's STOW-RS settings, once :meth:`prepare_stow` made its files."""
+        cert = self.broker.tls_dir / "gateway-stow.pem"
+        if not (self.stow_token_file.exists() and cert.exists()):
+            return {}
+        digest = hashlib.sha256(self.stow_token_file.read_text().strip().encode()).hexdigest()
+        section = "RADSTREAM_GATEWAY__STOW__"
+        return {
+            f"{section}PORT": str(self.ports.gateway_stow),
+            f"{section}TLS_CERT": str(cert),
+            f"{section}TLS_KEY": str(self.broker.tls_dir / "gateway-stow.key"),
+            f"{section}SENDERS": json.dumps([{"name": "local", "token_sha256": digest}]),
+        }
+
     def _pid_file(self, svc: Service) -> Path:
         return self.home / "run" / f"{svc.name}.pid"
 
@@ -215,6 +251,8 @@ class LocalStack:
         env["RADSTREAM_KEYRING_FILE"] = str(self.key_file(svc.principal))
         if svc.name == "gateway":
             env.setdefault("RADSTREAM_GATEWAY__PORT", str(self.ports.gateway_dicom))
+            for name, value in self._stow_env().items():
+                env.setdefault(name, value)
         if svc.name == "worklist":
             section = "RADSTREAM_WORKLIST__"
             env.setdefault(f"{section}PORT", str(self.ports.worklist_https))
@@ -259,6 +297,8 @@ class LocalStack:
                 continue
             if svc.name == "worklist":
                 actions.append(self.prepare_worklist())
+            if svc.name == "gateway":
+                actions.append(self.prepare_stow())
             pid, _ = spawn_detached(
                 [sys.executable, "-m", svc.module], self.log_file(svc.name), self.service_env(svc)
             )
@@ -424,7 +464,10 @@ class LocalStack:
         return {
             "home": str(self.home),
             "broker": {"running": broker_up, "bootstrap": self.broker.bootstrap_servers},
-            "gateway": {"dicom": f"127.0.0.1:{self.ports.gateway_dicom}"},
+            "gateway": {
+                "dicom": f"127.0.0.1:{self.ports.gateway_dicom}",
+                "stow_rs": f"https://127.0.0.1:{self.ports.gateway_stow}/dicom-web/studies",
+            },
             "services": services,
             "lag": lag,
         }

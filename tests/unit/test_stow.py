@@ -8,6 +8,7 @@ import io
 from pathlib import Path
 
 import pydicom
+import pytest
 from pydicom.data import get_testdata_file
 
 from services.gateway.stow import RateLimiter, authenticate, bearer, judge
@@ -113,3 +114,34 @@ def test_dicomweb_destination_refuses_plain_http_beyond_loopback() -> None:
     for bad in ("http://pacs.example.org/dicom-web", "ftp://127.0.0.1/x", "pacs/dicom-web"):
         with pytest.raises(ValueError):
             DicomWebPacs(bad)
+
+
+def test_local_stack_serves_stow_rs_with_a_token_only_its_runner_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+    import stat
+
+    from shared import topology
+    from shared.config import Settings
+    from shared.stack import local
+
+    monkeypatch.delenv("RADSTREAM_STACK_PORTS", raising=False)
+    stack = local.LocalStack(tmp_path)
+    stack.broker.ensure_secrets()
+    gateway = topology.service("gateway")
+    assert "RADSTREAM_GATEWAY__STOW__PORT" not in stack.service_env(gateway)
+    assert "11443" in stack.prepare_stow()
+    env = stack.service_env(gateway)
+    token = stack.stow_token_file.read_text().strip()
+    assert stat.S_IMODE(stack.stow_token_file.stat().st_mode) == 0o600
+    assert token not in json.dumps(env)  # the gateway gets the hash only
+    for name, value in env.items():
+        if name.startswith("RADSTREAM_GATEWAY__STOW__"):
+            monkeypatch.setenv(name, value)
+    stow = Settings().gateway.stow
+    assert stow.port == topology.PORTS.gateway_stow and stow.tls_cert is not None
+    assert stow.tls_cert.exists()
+    found = authenticate(stow.senders, token, None)
+    assert found is not None and found.name == "local"
+    assert authenticate(stow.senders, token + "x", None) is None
