@@ -1,8 +1,9 @@
-"""Orthanc (with Debian's DICOMweb plugin) sends a study to RadStream by STOW-RS over HTTPS:
-its own DICOMweb client (``/dicom-web/servers/<name>/stow``), nothing of ours on that side,
-through the gateway's STOW-RS endpoint to Kafka, ingest, preprocess, segmentation and alert,
-each a real process: a head CT with a bleed becomes exactly one haemorrhage alert. Orthanc's
-STOW-RS without the bearer token is refused, and none of its instances reaches Kafka."""
+"""Orthanc (with Debian's DICOMweb plugin) sends a study to RadStream by STOW-RS over HTTPS
+with a bearer token and a client certificate (mutual TLS): its own DICOMweb client
+(``/dicom-web/servers/<name>/stow``), nothing of ours on that side, through the gateway's
+STOW-RS endpoint to Kafka, ingest, preprocess, segmentation and alert, each a real process: a
+head CT with a bleed becomes exactly one haemorrhage alert. The same STOW-RS without the
+client certificate is refused, and none of its instances reaches Kafka."""
 
 from __future__ import annotations
 
@@ -35,7 +36,15 @@ async def test_orthanc_stow_rs_to_radstream_raises_the_alert(env: Env, tmp_path:
     ca = TestCA(tmp_path / "pki")
     server = ca.issue("gateway", server=True)
     stow_port = free_port()
-    senders = [{"name": "orthanc", "token_sha256": hashlib.sha256(TOKEN.encode()).hexdigest()}]
+    client = ca.issue("orthanc-pacs", server=False)
+    # this sender needs both: its bearer token and its client certificate (mutual TLS)
+    senders = [
+        {
+            "name": "orthanc",
+            "token_sha256": hashlib.sha256(TOKEN.encode()).hexdigest(),
+            "client_cn": "orthanc-pacs",
+        }
+    ]
     extra = {
         "RADSTREAM_DEVICE": "cpu",
         "RADSTREAM_INGEST__INACTIVITY_TIMEOUT_S": "4",  # STOW-RS sends no end-of-series marker
@@ -44,6 +53,7 @@ async def test_orthanc_stow_rs_to_radstream_raises_the_alert(env: Env, tmp_path:
         "RADSTREAM_GATEWAY__STOW__TLS_CERT": str(server.cert),
         "RADSTREAM_GATEWAY__STOW__TLS_KEY": str(server.key),
         "RADSTREAM_GATEWAY__STOW__SENDERS": json.dumps(senders),
+        "RADSTREAM_GATEWAY__STOW__CLIENT_CA": str(ca.pem),
     }
     procs = {
         name: StageProcess(
@@ -64,8 +74,14 @@ async def test_orthanc_stow_rs_to_radstream_raises_the_alert(env: Env, tmp_path:
                     "radstream": {
                         "Url": f"https://127.0.0.1:{stow_port}/dicom-web/",
                         "HttpHeaders": {"Authorization": f"Bearer {TOKEN}"},
+                        "CertificateFile": str(client.cert),
+                        "CertificateKeyFile": str(client.key),
                     },
-                    "intruder": {"Url": f"https://127.0.0.1:{stow_port}/dicom-web/"},
+                    # the token without the certificate is not enough for this sender
+                    "intruder": {
+                        "Url": f"https://127.0.0.1:{stow_port}/dicom-web/",
+                        "HttpHeaders": {"Authorization": f"Bearer {TOKEN}"},
+                    },
                 },
             },
         },
@@ -81,7 +97,7 @@ async def test_orthanc_stow_rs_to_radstream_raises_the_alert(env: Env, tmp_path:
             study = answer["ParentStudy"]
         assert study is not None
 
-        # without the token Orthanc's STOW-RS is refused, and nothing reaches Kafka
+        # with the token but without the certificate the STOW-RS is refused
         status, _ = sender.post(
             "/dicom-web/servers/intruder/stow", json.dumps({"Resources": [study]}).encode()
         )
