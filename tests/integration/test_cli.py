@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import stat
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -91,13 +93,28 @@ def test_stack_up_returns_ready_is_idempotent_names_a_failed_service_and_goes_do
         assert store.returncode == 0, store.stdout + store.stderr
         assert info["broker"]["running"] is True
         assert set(info["lag"]) == set(topology.STAGE_NAMES)
+        # the worklist answers HTTPS with a certificate of the stack's CA, sign-in first
+        ports = json.loads((home / "run" / "ports.json").read_text())
+        assert f"worklist: https://127.0.0.1:{ports['worklist_https']}" in first.stdout
+        ca = ssl.create_default_context(cafile=str(home / "secrets" / "tls" / "ca.pem"))
+        url = f"https://127.0.0.1:{ports['worklist_https']}/"
+        with urllib.request.urlopen(url, context=ca, timeout=10) as page:
+            assert page.url.endswith("/login") and b'name="password"' in page.read()
 
         pid = (home / "kafka" / "broker.pid").read_text()
         second = run_cli(["stack", "up"], env)
         assert second.returncode == 0 and "broker already running" in second.stdout
         assert "alert already running" in second.stdout
         assert (home / "kafka" / "broker.pid").read_text() == pid
-        for secret in ("credentials.json", "keyring.json", "admin.properties", "tls/broker.key"):
+        for secret in (
+            "credentials.json",
+            "keyring.json",
+            "admin.properties",
+            "tls/broker.key",
+            "tls/worklist.key",
+            "worklist-users.json",
+            "worklist-passwords.json",
+        ):
             assert stat.S_IMODE((home / "secrets" / secret).stat().st_mode) == 0o600, secret
 
         # the alert service dies and cannot start again (its rules file is gone): up names
