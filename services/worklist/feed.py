@@ -8,7 +8,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pydantic import TypeAdapter
@@ -24,6 +24,19 @@ from shared.storage import BlobStore
 
 log = logging.getLogger("radstream.worklist")
 PRINCIPAL = "worklist"
+Outcome = Literal["success", "denied", "error"]
+
+
+def actor(user: str | None) -> str:
+    """Who did it, as the audit trail names them: the service and its signed-in user."""
+    return PRINCIPAL if user is None else f"{PRINCIPAL}:{user}"[:64]
+
+
+def _log_failure(delivery: asyncio.Future[Any]) -> None:
+    if not delivery.cancelled() and delivery.exception() is not None:
+        log.error("an audit event was not delivered: %s", type(delivery.exception()).__name__)
+
+
 MODELS: dict[str, Any] = {"alerts": Alert, "results": ResultsReady, "acks": AlertAck}
 
 
@@ -136,15 +149,35 @@ class Feed:
         topic = self.settings.topic("acks")
         value, headers = self.codec.encode(topic, entry.key, ack)
         await producer.send_and_wait(topic, value, key=entry.key, headers=headers)
-        audit_topic = self.settings.audit_topic()  # its own intake topic
         event = AuditEvent(
-            actor=PRINCIPAL,
+            actor=actor(ack.user),
             action=f"alert_acknowledged_by_{ack.role}",
             resource=f"alert:{ack.alert_id}",  # a uuid5 of the series: no UID in clear
             outcome="success",
         )
-        value, headers = self.codec.encode(audit_topic, entry.key, event)
-        await producer.send_and_wait(audit_topic, value, key=entry.key, headers=headers)
+        await (await self._send_audit(event, entry.key))
+
+    async def audit(
+        self, user: str | None, action: str, resource: str, outcome: Outcome, key: bytes | None
+    ) -> None:
+        """Queue an audit event (sign-ins, identities shown); its delivery is not waited for,
+        a failure is logged (without the event)."""
+        event = AuditEvent(
+            actor=actor(user),
+            action=action,
+            resource=resource,
+            outcome=outcome,
+        )
+        delivery = await self._send_audit(event, key)
+        delivery.add_done_callback(_log_failure)
+
+    async def _send_audit(self, event: AuditEvent, key: bytes | None) -> asyncio.Future[Any]:
+        producer = self._producer
+        assert producer is not None
+        topic = self.settings.audit_topic()  # its own intake topic
+        value, headers = self.codec.encode(topic, key, event)
+        future: asyncio.Future[Any] = await producer.send(topic, value, key=key, headers=headers)
+        return future
 
     def blob(self, ref: BlobRef) -> bytes:
         return self.store.get(ref)

@@ -20,13 +20,21 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import jinja2
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.worklist.core import Entry, Identity, Worklist, identity_from_seg, new_ack, view
+from services.worklist.core import (
+    AlertView,
+    Entry,
+    Identity,
+    Worklist,
+    identity_from_seg,
+    new_ack,
+    view,
+)
 from shared.schemas import AlertAck, BlobRef
 from shared.schemas.models import utcnow
 from shared.security.accounts import Account, Role, Users
@@ -58,12 +66,24 @@ class Backend(Protocol):
         """The plaintext of one blob (blocking: called in a thread)."""
         ...
 
+    async def audit(
+        self,
+        user: str | None,
+        action: str,
+        resource: str,
+        outcome: Literal["success", "denied", "error"],
+        key: bytes | None,
+    ) -> None:
+        """Put an event on the audit trail (``user``: the signed-in account, if any)."""
+        ...
+
 
 @dataclass
 class Session:
     account: Account
     csrf: str
     expires: float
+    shown: set[str] = field(default_factory=set)  # alerts whose patient it was shown (audited)
 
 
 @dataclass(eq=False)  # one per connection, hashed by identity
@@ -232,6 +252,8 @@ class WorklistWeb:
             self._failures[name] = (count + 1, time.monotonic())
             self.metrics.logins.labels("failure").inc()
             log.info("sign-in refused")
+            # the typed name is not recorded: it may be a password typed in the wrong field
+            await self.backend.audit(None, "worklist_sign_in", "worklist", "denied", None)
             return self._render("login.html", 401, error="Wrong user or password.", user=name)
         self._failures.pop(name, None)
         token = secrets.token_urlsafe(32)
@@ -240,6 +262,9 @@ class WorklistWeb:
         )
         self.metrics.logins.labels("success").inc()
         log.info("sign-in role=%s", account.role)
+        await self.backend.audit(
+            account.name, "worklist_sign_in", f"role:{account.role}", "success", None
+        )
         resp = _redirect("/")
         resp.set_cookie(
             COOKIE,
@@ -275,22 +300,38 @@ class WorklistWeb:
             self._identities.popitem(last=False)
         return identity
 
-    async def _row(self, entry: Entry, session_role: Role, csrf: str) -> str:
-        identity = await self._identity(entry) if session_role == "clinician" else None
-        v = view(entry, session_role, identity)
-        return self._jinja.get_template("row.html").render(v=v, csrf=csrf)
+    async def _view(self, entry: Entry, session: Session) -> AlertView:
+        """What this session sees of ``entry``; a patient's identity shown to a clinician is
+        audited (once per session and alert)."""
+        role = session.account.role
+        identity = await self._identity(entry) if role == "clinician" else None
+        seen = view(entry, role, identity)
+        if seen.identified and entry.alert.alert_id not in session.shown:
+            session.shown.add(entry.alert.alert_id)
+            await self.backend.audit(
+                session.account.name,
+                "patient_identity_shown",
+                f"alert:{entry.alert.alert_id}",
+                "success",
+                entry.key,
+            )
+        return seen
+
+    async def _row(self, entry: Entry, session: Session) -> str:
+        v = await self._view(entry, session)
+        return self._jinja.get_template("row.html").render(v=v, csrf=session.csrf)
 
     async def _page(self, request: web.Request) -> web.StreamResponse:
         session = self._session(request)
         if session is None:
             return _redirect("/login")
-        role = session.account.role
-        views = []
-        for entry in self.worklist.newest():
-            identity = await self._identity(entry) if role == "clinician" else None
-            views.append(view(entry, role, identity))
+        views = [await self._view(entry, session) for entry in self.worklist.newest()]
         return self._render(
-            "worklist.html", views=views, csrf=session.csrf, user=session.account.name, role=role
+            "worklist.html",
+            views=views,
+            csrf=session.csrf,
+            user=session.account.name,
+            role=session.account.role,
         )
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
@@ -317,7 +358,7 @@ class WorklistWeb:
                 entry = self.worklist.get(alert_id)
                 if entry is None:
                     continue
-                html = await self._row(entry, client.role, session.csrf)
+                html = await self._row(entry, session)
                 data = json.dumps({"id": alert_id, "html": html})
                 await resp.write(f"event: row\ndata: {data}\n\n".encode())
                 lag = (utcnow() - entry.alert.created_at).total_seconds()
@@ -342,7 +383,7 @@ class WorklistWeb:
             log.info("alert acknowledged role=%s", account.role)
             self.changed(entry.alert.alert_id)
         if "application/json" in request.headers.get("Accept", ""):
-            html = await self._row(entry, account.role, session.csrf)
+            html = await self._row(entry, session)
             return web.json_response({"acked": True, "html": html})
         return _redirect("/")
 

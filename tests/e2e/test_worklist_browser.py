@@ -298,6 +298,13 @@ async def test_alert_appears_live_is_acknowledged_and_each_role_sees_what_it_may
                 lambda: _audited(audit, first.alert_id), 15, "the acknowledgement's audit event"
             )
         assert (ack.alert_id, ack.user, ack.role) == (first.alert_id, CLINICIAN[0], "clinician")
+        trail = {(e.actor, e.action, e.resource) for e in audit.records}
+        # who signed in, and that the clinician (only) was shown the patient, are on record
+        assert (f"worklist:{CLINICIAN[0]}", "worklist_sign_in", "role:clinician") in trail
+        assert (f"worklist:{OPERATOR[0]}", "worklist_sign_in", "role:operator") in trail
+        shown = {(a, r) for a, act, r in trail if act == "patient_identity_shown"}
+        assert {a for a, _ in shown} == {f"worklist:{CLINICIAN[0]}"}, "an operator saw a patient"
+        assert (f"worklist:{CLINICIAN[0]}", f"alert:{first.alert_id}") in shown
         assert acks.raw[0].key == env.keyring.keyed_hash(done.series_instance_uid)
         for driver in (clinician, operator):
             until(driver, lambda d: "acknowledged by dr-house" in text(d, row_css), 5, 0.05)
@@ -322,6 +329,7 @@ async def test_alert_appears_live_is_acknowledged_and_each_role_sees_what_it_may
 async def _audited(audit: Reader, alert_id: str) -> bool:
     await audit.poll()
     return any(
-        e.action == "alert_acknowledged_by_clinician" and e.resource == f"alert:{alert_id}"
+        (e.actor, e.action, e.resource)
+        == (f"worklist:{CLINICIAN[0]}", "alert_acknowledged_by_clinician", f"alert:{alert_id}")
         for e in audit.records
     )

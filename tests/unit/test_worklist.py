@@ -135,12 +135,18 @@ def test_accounts_are_argon2id_hashes_in_a_private_file(tmp_path: Path) -> None:
 class FakeBackend:
     def __init__(self) -> None:
         self.acks: list[tuple[bytes | None, AlertAck]] = []
+        self.audited: list[tuple[str | None, str, str, str]] = []
 
     async def acknowledge(self, entry: Entry, ack: AlertAck) -> None:
         self.acks.append((entry.key, ack))
 
     def blob(self, ref: BlobRef) -> bytes:
         return SEG if ref.digest == "a" * 64 else b"\x89PNG"
+
+    async def audit(
+        self, user: str | None, action: str, resource: str, outcome: str, key: bytes | None
+    ) -> None:
+        self.audited.append((user, action, resource, outcome))
 
 
 @pytest.fixture
@@ -220,6 +226,12 @@ async def test_nothing_without_a_session_and_no_state_change_without_csrf_and_or
         )
         assert ok.status == 200 and "acknowledged by dr-who" in (await ok.json())["html"]
         assert [(k, a.alert_id, a.role) for k, a in backend.acks] == [(KEY, "a1", "clinician")]
+        # sign-ins are audited (a refused one without the name typed), and so is showing a
+        # clinician the patient (once per session and alert): here no results, no identity
+        assert backend.audited == [
+            (None, "worklist_sign_in", "worklist", "denied"),
+            ("dr-who", "worklist_sign_in", "role:clinician", "success"),
+        ]
     finally:
         await client.close()
 
@@ -234,7 +246,8 @@ async def _first_row(resp: Any) -> str:
 
 async def test_each_role_gets_its_own_rows_live(users: Users) -> None:
     wl = Worklist()
-    client, side = await _client(wl, users, FakeBackend())
+    backend = FakeBackend()
+    client, side = await _client(wl, users, backend)
     try:
         streams = {}
         for user, password in (("dr-who", "correct horse battery"), ("ops", "another long secret")):
@@ -253,6 +266,8 @@ async def test_each_role_gets_its_own_rows_live(users: Users) -> None:
         for phi in ("JANCT000", "99000", "03086212", STUDY, SERIES):
             assert phi not in operator
         assert "S-0123456789" in operator
+        shown = [a for a in backend.audited if a[1] == "patient_identity_shown"]
+        assert shown == [("dr-who", "patient_identity_shown", "alert:a1", "success")]
     finally:
         await client.close()
 
