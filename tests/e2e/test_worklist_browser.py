@@ -285,7 +285,10 @@ async def test_alert_appears_live_is_acknowledged_and_each_role_sees_what_it_may
 
         # acknowledge on the clinician's page: the acks topic and the audit trail get it, the
         # operator's open page shows it
-        async with Reader(env, "acks", AlertAck) as acks, Reader(env, "audit.in.worklist", AuditEvent) as audit:
+        async with (
+            Reader(env, "acks", AlertAck) as acks,
+            Reader(env, "audit.in.worklist", AuditEvent) as audit,
+        ):
             until(
                 clinician,
                 lambda d: (

@@ -119,17 +119,17 @@ async def test_alert_consumer_reads_alerts_and_results_only(env: Env) -> None:
     )
 
 
-async def test_worklist_reads_alerts_results_acks_and_writes_only_acks_and_audit(
+async def test_worklist_reads_alerts_results_acks_and_writes_only_acks_and_its_audit(
     env: Env,
 ) -> None:
     for topic in ("alerts", "results", "acks"):
         await seed(env, topic)
         assert await consume(env, "worklist", topic) == 1
     await produce(env, "worklist", "acks", enable_idempotence=True)
-    await produce(env, "worklist", "audit", enable_idempotence=True)
+    await produce(env, "worklist", "audit.in.worklist", enable_idempotence=True)  # its intake
     for topic in ("instances", "series", "volumes", "findings", "audit"):
         await denied(consume(env, "worklist", topic), TopicAuthorizationFailedError)
-    for topic in ("alerts", "results", "findings"):
+    for topic in ("alerts", "results", "findings", "audit"):
         await denied(produce(env, "worklist", topic), TopicAuthorizationFailedError)
 
 
