@@ -65,6 +65,8 @@ FEATURES = (
     "solidity",
     "interface_fraction",
     "midline_mm",
+    "elongation",
+    "flatness",
 )
 REPORTED = (
     *FEATURES,
@@ -74,6 +76,7 @@ REPORTED = (
     "footprint_mm",
     "depth_ratio",
     "fill",
+    "lens_probability",
 )
 BONE_HU = 180.0  # the skull as a barrier (thin temporal squama and tilted vault included)
 INPLANE_MM = 0.9  # working grid, in-plane
@@ -289,14 +292,13 @@ def _hull_2d(mask: Any, directions: int = 32) -> Any:
     return inside & has.any(axis=1)[:, None, None]
 
 
-def _close_fill(bone: Any, k: int) -> Any:
-    """Per slice: the bone closed by a k x k box and filled (what it encloses, bone
-    included)."""
+def _close_fill(bone: Any, k: int) -> tuple[Any, Any]:
+    """Per slice: the bone closed by a k x k box, and what that encloses (bone included)."""
     xp, _ = namespace(bone)
     p = k
     b = xp.pad(bone, ((0, 0), (p, p), (p, p)))
     closed = _box_all(_box_any(b, (1, k, k)), (1, k, k)) | b
-    return seg.fill_holes_2d(closed)[:, p:-p, p:-p]
+    return closed[:, p:-p, p:-p], seg.fill_holes_2d(closed)[:, p:-p, p:-p]
 
 
 @dataclass
@@ -318,7 +320,10 @@ def anatomy(lo: Any, spacing: tuple[float, float, float]) -> Anatomy:
     bone = lo > BONE_HU
     body_c = seg.largest_components(loc > -300.0)  # the head: holder and table dropped
     bone_c = (_pool2(bone.astype(xp.float32), c) > 0) & body_c
-    fills = [_close_fill(bone_c, _odd(round(r / pc))) for r in (3.0, 8.0, 16.0)]
+    closings = [_close_fill(bone_c, _odd(round(r / pc))) for r in (3.0, 8.0, 16.0)]
+    fills = [fl for _, fl in closings]
+    # narrow gaps in the bone (burr holes, sutures, foramina) are skull, not brain
+    gap_c = closings[0][0] & ~bone_c
     areas = [(fl & ~bone_c).sum(axis=(1, 2)) for fl in fills]
     use0 = areas[0] >= 0.85 * areas[2]
     use1 = areas[1] >= 0.85 * areas[2]
@@ -334,7 +339,7 @@ def anatomy(lo: Any, spacing: tuple[float, float, float]) -> Anatomy:
     filled = xp.where(use_hull[:, None, None], hull, filled)
     outside = ~seg.fill_holes_2d(body_c)
     near_out = _box_any(outside, (1, _odd(round(4.0 / pc)), _odd(round(4.0 / pc))))
-    cav_c = filled & ~bone_c & ~near_out
+    cav_c = filled & ~bone_c & ~gap_c & ~near_out
     soft_c = cav_c & (loc > -40.0) & (loc < 160.0)
     # cut the links through the skull base, keep the brain, grow it back
     ke = _odd(max(1, round(4.0 / pc)))
@@ -345,7 +350,7 @@ def anatomy(lo: Any, spacing: tuple[float, float, float]) -> Anatomy:
     # working grid: one coarse pixel of margin, cut by the bone (the inner table is exact)
     shape = tuple(lo.shape)
     brain_up = _up2(_box_any(brain_c, (1, 3, 3)), c, shape)
-    brain = brain_up & ~bone & (lo > -40.0)
+    brain = brain_up & ~bone & ~_up2(gap_c, c, shape) & (lo > -40.0)
     # calcifications: bone well inside the brain (>= ~4 mm from its coarse outline)
     deep = _up2(_box_all(brain_c, (1, _odd(2), _odd(2))), c, shape)
     calc = bone & deep
@@ -357,7 +362,12 @@ def anatomy(lo: Any, spacing: tuple[float, float, float]) -> Anatomy:
     k3 = _odd(round(3.0 / pc))
     open_c = edge_c & ~_box_any(bone_c, (1, k3, k3))
     k6 = _odd(round(6.0 / pc))
-    open_zone = _up2(_box_any(open_c, (1, k6, k6)), c, shape)
+    open_c = _box_any(open_c, (1, k6, k6))
+    # nor is tissue within 9 mm of the air outside the head (a normal brain is deeper:
+    # scalp and skull): scar and bone dust in a craniotomy margin, skin over a defect
+    _, ndi = namespace(lo)
+    ext = ndi.distance_transform_edt(~outside, sampling=(1e3 * max(gz, 1.0), pc, pc))
+    open_zone = _up2(open_c | (ext < 9.0), c, shape)
     return Anatomy(bone, skull, brain, inner, open_zone, int(use_hull.sum()))
 
 
@@ -385,13 +395,19 @@ def _solidity_and_axes(crop: np.ndarray, py: float, px: float) -> tuple[float, f
     return solidity, float(4 * math.sqrt(max(ev[0], 0))), float(4 * math.sqrt(max(ev[1], 0)))
 
 
-def _classify(f: dict[str, float]) -> str:
-    """Intraparenchymal away from the inner table; along it a lens (epidural: convex, thick
-    for its length) or a crescent (subdural)."""
+def _classify(f: dict[str, float], model: dict[str, Any]) -> tuple[str, float]:
+    """Intraparenchymal away from the inner table; along it a biconvex lens (epidural: deep
+    for its footprint, solid in-plane) or a crescent (subdural: shallow and wide, concave
+    inner margin), by the fitted subtype model (``model['subtype']``). Returns the subtype
+    and the probability of a lens (0 for intraparenchymal)."""
     if f["bone_contact"] < 0.2:
-        return "intraparenchymal"
-    lens = f["solidity"] >= 0.8 and f["thickness_mm"] >= 0.3 * f["long_axis_mm"]
-    return "epidural" if lens else "subdural"
+        return "intraparenchymal", 0.0
+    sub = model.get("subtype")
+    if sub is None:  # a model without a subtype part: the geometric rule
+        lens = f["solidity"] >= 0.85 and f["depth_ratio"] >= 0.17
+        return ("epidural" if lens else "subdural"), float(lens)
+    p = confidence(f, sub)
+    return ("epidural" if p >= 0.5 else "subdural"), round(p, 4)
 
 
 def _split(comp: np.ndarray, sampling: tuple[float, float, float], vox_ml: float) -> list[Any]:
@@ -445,8 +461,7 @@ def _split(comp: np.ndarray, sampling: tuple[float, float, float], vox_ml: float
     # a gap of one voxel on each side of every cut (the cut is only as exact as the neck)
     grown = [sndi.binary_dilation(m, structure=plus) for m in parts]
     return [
-        m & ~np.any([g for j, g in enumerate(grown) if j != i], axis=0)
-        for i, m in enumerate(parts)
+        m & ~np.any([g for j, g in enumerate(grown) if j != i], axis=0) for i, m in enumerate(parts)
     ]
 
 
@@ -499,6 +514,11 @@ def _features(
         "depth_mm": depth,
         "footprint_mm": footprint,
         "depth_ratio": depth / footprint,
+        # shape: a tube (a venous sinus) is long and narrow, a sheet (an extra-axial
+        # collection) long and wide but thin, a clot round
+        "elongation": ax[1] / max(ax[0], 1e-6),
+        "flatness": ax[2] / max(ax[1], 1e-6),
+        "log_depth_ratio": math.log(max(depth / footprint, 1e-3)),
         "fill": nvox * vox_ml * 1000.0 / max(math.pi / 4 * ax[0] * ax[1] * max(depth, 1.0), 1e-6),
     }
 
@@ -689,6 +709,19 @@ def head_ct(
     mid = _midline(lo_all, anat.brain, grid)
     sampling = (gz, py, px)
     pad = (1, r_px(6.0), r_px(6.0))
+    accepted: dict[int, float] = {}  # candidate id -> confidence
+
+    def crops(pb: tuple[slice, ...]) -> dict[str, np.ndarray]:
+        """Host copies of what the measurements need around one candidate."""
+        return {
+            "core": _host(core[pb]),
+            "sm": _host(sm[pb]),
+            "contrast": _host(contrast[pb]),
+            "interface": _host(interface[pb]),
+            "near_skull": _host(near_skull[pb]),
+            "skull": _host(skull[pb]),
+        }
+
     for i, bx in enumerate(ndi.find_objects(labels), start=1):
         if bx is None:
             continue
@@ -699,14 +732,7 @@ def head_ct(
         comp = _host(labels[pb] == i)
         if comp.sum() * vox_ml < min_bleed_ml or not _host(core[pb])[comp].any():
             continue
-        crop = {
-            "core": _host(core[pb]),
-            "sm": _host(sm[pb]),
-            "contrast": _host(contrast[pb]),
-            "interface": _host(interface[pb]),
-            "near_skull": _host(near_skull[pb]),
-            "skull": _host(skull[pb]),
-        }
+        crop = crops(pb)
         for part in _split(comp, sampling, vox_ml):
             feats = _features(part, crop, sampling, vox_ml)
             if feats is None or feats["volume_ml"] < min_bleed_ml:
@@ -717,7 +743,7 @@ def head_ct(
                 cy + pb[1].start + bb[1].start,
                 cx + pb[2].start + bb[2].start,
             )
-            feats["midline_mm"] = abs(mid.side_of(cz, cy, cx, py, px)) if mid else 0.0
+            feats["midline_mm"] = abs(mid.side_of(cz, cy, cx, py, px)) if mid else 30.0
             p = confidence(feats, model)
             feats["confidence"] = p
             feats["label_id"] = float(len(candidates) + 1)
@@ -729,26 +755,53 @@ def head_ct(
             if p < thr:
                 continue
             bleed[pb] |= part_dev
-            findings.append(
-                _finding(
-                    geo,
-                    f"haemorrhage {len(findings) + 1}",
-                    feats["volume_ml"],
-                    (fz_, fy_, fx_),
-                    grid,
-                    _shift_box(pb, bb),
-                    part_dev,
-                    vol,
-                )
-                | {
-                    "subtype": _classify(feats),
-                    "location": _side(geo, mid, cz, cy, cx),
-                    "confidence": round(p, 4),
-                    "long_axis_mm": round(feats["long_axis_mm"], 1),
-                    "short_axis_mm": round(feats["short_axis_mm"], 1),
-                    "features": {k: round(v, 4) for k, v in feats.items() if k in REPORTED},
-                }
+            accepted[len(candidates)] = p
+    # one finding per connected region of accepted candidates (pieces of one crescent that
+    # grew into each other); measured, and typed, as a whole
+    regions, _ = seg.label(bleed, connectivity=1)
+    for k, rb in enumerate(ndi.find_objects(regions), start=1):
+        if rb is None:
+            continue
+        pb = tuple(
+            slice(max(0, s.start - q), min(n, s.stop + q))
+            for s, q, n in zip(rb, pad, lo.shape, strict=True)
+        )
+        region = regions[pb] == k
+        members = [int(v) for v in _host(xp.unique(cand_labels[pb][region])) if int(v) in accepted]
+        part = _host(region)
+        feats = _features(part, crops(pb), sampling, vox_ml)
+        if feats is None or not members:
+            continue
+        p = max(accepted[m] for m in members)
+        cz, cy, cx = (float(v) for v in sndi.center_of_mass(part))
+        cz, cy, cx = (
+            cz + pb[0].start + bb[0].start,
+            cy + pb[1].start + bb[1].start,
+            cx + pb[2].start + bb[2].start,
+        )
+        feats["midline_mm"] = abs(mid.side_of(cz, cy, cx, py, px)) if mid else 30.0
+        subtype, p_lens = _classify(feats, model)
+        feats["lens_probability"] = p_lens
+        findings.append(
+            _finding(
+                geo,
+                f"haemorrhage {len(findings) + 1}",
+                feats["volume_ml"],
+                grid.to_full(cz, cy, cx),
+                grid,
+                _shift_box(pb, bb),
+                region,
+                vol,
             )
+            | {
+                "subtype": subtype,
+                "location": _side(geo, mid, cz, cy, cx),
+                "confidence": round(p, 4),
+                "long_axis_mm": round(feats["long_axis_mm"], 1),
+                "short_axis_mm": round(feats["short_axis_mm"], 1),
+                "features": {k: round(v, 4) for k, v in feats.items() if k in REPORTED},
+            }
+        )
     bleed_all = xp.zeros(lo_all.shape, dtype=bool)
     bleed_all[bb] = bleed
     labels_all = xp.zeros(lo_all.shape, dtype=xp.int32)
@@ -768,7 +821,7 @@ def head_ct(
             kind="brain",
         )
     )
-    if mid is not None and mid.slices:
+    if mid is not None and mid.plane is not None:
         findings.append(mid.finding(geo, grid))
     params["candidates"] = candidates
     params["candidate_labels"] = labels_all  # working grid (``grid``), for fitting
@@ -823,30 +876,46 @@ def _finding(
 
 # ---- midline --------------------------------------------------------------------------------
 class Midline:
-    """Ideal midline per slice (from the cavity's symmetry) and the measured shift."""
+    """The ideal midline (the mid-sagittal plane through the falx where it meets the inner
+    table, front and back: mass effect does not move it there) and the displacement of the
+    septum pellucidum / falx from it, in the middle third of the brain."""
 
     def __init__(self) -> None:
-        self.lines: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # z -> (centre, normal) px
+        # the plane x = a + b*y + c*z in working-grid voxels (x columns, y rows, z slices)
+        self.plane: tuple[float, float, float] | None = None
         self.shift_mm = 0.0  # + toward increasing column
         self.where: tuple[float, float, float] | None = None  # working grid voxel
-        self.points = 0
-        self.slices = 0
+        self.points = 0  # falx points that fixed the plane
+        self.slices = 0  # slices with a consistent septum / falx displacement
         self.score = 0.0
+        self.spacing = (1.0, 1.0, 1.0)
+        self.method = ""  # how the ideal midline was found: falx | symmetry
 
     def side_of(self, z: float, y: float, x: float, py: float, px: float) -> float:
-        if not self.lines:
+        """Signed in-plane distance (mm, + toward increasing column) from the ideal midline."""
+        if self.plane is None:
             return 0.0
-        zz = min(self.lines, key=lambda k: abs(k - z))
-        c, v = self.lines[zz]
-        return float((y - c[0]) * py * v[0] + (x - c[1]) * px * v[1])
+        a, b, c = self.plane
+        return float((x - (a + b * y + c * z)) * px / math.hypot(1.0, b * px / py))
 
     def finding(self, geo: Geometry, grid: Grid) -> dict[str, Any]:
+        """The measurement, with how it was made in its label: the ideal midline from the
+        falx (or, failing that, the cavity's symmetry: less exact, lower confidence); no
+        septum / falx ridge between -> no shift is reported (``shift_mm`` None)."""
         toward = _patient_side(geo, self.shift_mm) if abs(self.shift_mm) >= 0.5 else None
-        conf = min(1.0, self.points / 12.0) * min(1.0, self.slices / 3.0)
+        conf = min(1.0, self.points / 3.0) * min(1.0, self.slices / 3.0)
+        if self.method != "falx":
+            conf *= 0.5
+        if not self.slices:
+            label = "midline not measured: no septum or falx ridge"
+        elif self.method == "falx":
+            label = "midline shift (ideal midline: falx)"
+        else:
+            label = "midline shift (ideal midline: skull symmetry)"
         out: dict[str, Any] = {
             "type": "midline_shift",
-            "label": "midline shift",
-            "shift_mm": round(abs(self.shift_mm), 1),
+            "label": label,
+            "shift_mm": round(abs(self.shift_mm), 1) if self.slices else None,
             "location": toward,
             "confidence": round(conf, 3),
             "features": {
@@ -869,90 +938,260 @@ def _patient_side(geo: Geometry, toward_columns: float) -> str:
 
 
 def _side(geo: Geometry, mid: Midline | None, z: float, y: float, x: float) -> str | None:
-    if mid is None or not mid.lines:
+    if mid is None or mid.plane is None:
         return None
-    s = mid.side_of(z, y, x, 1.0, 1.0)
-    return _patient_side(geo, s)
+    return _patient_side(geo, mid.side_of(z, y, x, 1.0, 1.0))
+
+
+def _ridge(
+    img: np.ndarray,
+    centre: np.ndarray,
+    u: np.ndarray,
+    v: np.ndarray,
+    t: float,
+    s_axis: np.ndarray,
+    py: float,
+    px: float,
+) -> tuple[float, float, float]:
+    """The falx / septum across the midline at ``t`` mm along it: a thin line brighter than
+    the darkest tissue within 5 mm on both sides (CSF of the ventricles or the fissure).
+    Profile averaged over 8 mm along the line. Returns (position along ``v`` in mm, ridge
+    height in HU, level of the darker side in HU)."""
+    prof = np.zeros_like(s_axis)
+    for dt in (-4.0, -2.0, 0.0, 2.0, 4.0):
+        yy = centre[0] + ((t + dt) * u[0] + s_axis * v[0]) / py
+        xx = centre[1] + ((t + dt) * u[1] + s_axis * v[1]) / px
+        prof += sndi.map_coordinates(img, [yy, xx], order=1, mode="nearest")
+    prof /= 5
+    step = float(s_axis[1] - s_axis[0])
+    w = max(2, round(5.0 / step))
+    g = max(1, round(1.0 / step))
+    score = np.full_like(prof, -1e9)
+    sides = np.zeros_like(prof)
+    for j in range(w + g, len(s_axis) - w - g):
+        left = prof[j - w - g : j - g].min()
+        right = prof[j + g + 1 : j + g + w + 1].min()
+        if -5 <= prof[j] <= 85:
+            score[j] = prof[j] - 0.5 * (left + right) - 0.5 * abs(left - right)
+            sides[j] = max(left, right)
+    j = int(np.argmax(score))
+    pos = float(s_axis[j])
+    if 0 < j < len(prof) - 1 and score[j - 1] > -1e8 and score[j + 1] > -1e8:
+        den = score[j - 1] - 2 * score[j] + score[j + 1]  # sub-sample peak
+        off = 0.5 * (score[j - 1] - score[j + 1]) / den if den < 0 else 0.0
+        pos += float(np.clip(off, -0.5, 0.5)) * step
+    return pos, float(score[j]), float(sides[j])
+
+
+def _falx_line(
+    img: np.ndarray,
+    c: np.ndarray,
+    u: np.ndarray,
+    v: np.ndarray,
+    front: float,
+    back: float,
+    py: float,
+    px: float,
+) -> list[tuple[float, float, float]] | None:
+    """The falx where it meets the inner table, front and back, as one straight line per
+    slice: the line whose samples over the first and last ~18 mm of the brain are brightest
+    against the tissue 2 mm to either side (fissure CSF beside the falx, brain beside the
+    sinus), searched over the offsets of its two ends (+-14 mm, refined to 0.25 mm).
+    Returns its two end points (t along ``u``, offset along ``v``, response in HU)."""
+    t_f = front + np.arange(1.0, 13.0, 1.0)
+    t_b = back - np.arange(1.0, 13.0, 1.0)
+    ts = np.concatenate([t_f, t_b])
+    ss = np.arange(-17.0, 17.01, 0.25)
+    tt, sv = np.meshgrid(ts, ss, indexing="ij")
+    yy = c[0] + (tt * u[0] + sv * v[0]) / py
+    xx = c[1] + (tt * u[1] + sv * v[1]) / px
+    strip = sndi.map_coordinates(img, [yy, xx], order=1, mode="nearest")  # (t, s)
+    inside = (img.shape[0] > yy) & (yy >= 0) & (img.shape[1] > xx) & (xx >= 0)
+    strip = np.where(inside, strip, np.nan)
+    ta, tb = float(t_f.mean()), float(t_b.mean())
+    rows = np.arange(len(ts))
+    # nearest the inner table counts most: mass effect bends the falx least there
+    dist = np.concatenate([t_f - front, back - t_b])
+    wt = np.clip(1.5 - dist / 10.0, 0.3, 1.0)
+    near_table = dist <= 5.0
+
+    def response(sf: np.ndarray, sb: np.ndarray) -> np.ndarray:
+        frac = (ts[None, :] - ta) / (tb - ta)
+        off = sf[:, None] + (sb - sf)[:, None] * frac  # (lines, t)
+
+        def at(o: np.ndarray) -> np.ndarray:
+            j = np.clip((o - ss[0]) / 0.25, 0, len(ss) - 1.001)
+            j0 = j.astype(int)
+            w = j - j0
+            return np.asarray(strip[rows, j0] * (1 - w) + strip[rows, j0 + 1] * w)
+
+        mid = at(off)
+        # beside the falx: the fissure 2 mm away; beside the sinus at the table: brain
+        side = np.where(
+            near_table[None, :],
+            0.5 * (at(off - 5.5) + at(off + 5.5)),
+            0.5 * (at(off - 2.0) + at(off + 2.0)),
+        )
+        ok = (mid >= 15.0) & (mid <= 90.0)
+        r = np.where(ok, np.clip(mid - side, -10.0, 40.0), -10.0)
+        w = np.where(np.isfinite(r), wt[None, :], 0.0)
+        return np.asarray(np.nansum(r * w, axis=1) / np.maximum(w.sum(axis=1), 1e-6))
+
+    grid = np.arange(-14.0, 14.01, 1.0)
+    sf, sb = (g.ravel() for g in np.meshgrid(grid, grid, indexing="ij"))
+    r = response(sf, sb)
+    k = int(np.nanargmax(r))
+    best = (float(sf[k]), float(sb[k]))
+    fine = np.arange(-1.0, 1.01, 0.25)
+    f1, f2 = (g.ravel() for g in np.meshgrid(fine, fine, indexing="ij"))
+    r2 = response(best[0] + f1, best[1] + f2)
+    k2 = int(np.nanargmax(r2))
+    sc = float(r2[k2])
+    if _DEBUG:
+        print("falx line", round(sc, 1))
+    if not np.isfinite(sc) or sc < 9.0:
+        return None
+    return [(ta, best[0] + float(f1[k2]), sc), (tb, best[1] + float(f2[k2]), sc)]
+
+
+def _wmedian(values: np.ndarray, weights: np.ndarray) -> float:
+    order = np.argsort(values)
+    cum = np.cumsum(weights[order])
+    return float(values[order][int(np.searchsorted(cum, 0.5 * cum[-1]))])
 
 
 def _midline(lo: Any, brain: Any, grid: Grid) -> Midline | None:
-    """Septum pellucidum / falx versus the cavity's symmetry axis, on the widest slices."""
+    """Falx at the front and back of the upper brain -> the mid-sagittal plane; septum /
+    falx ridge in the middle third -> its displacement from the plane."""
+    xp, _ = namespace(lo)
     gz, py, px = grid.spacing
-    filled = brain
-    areas = _host(filled.sum(axis=(1, 2))).astype(float)
+    areas = _host(brain.sum(axis=(1, 2))).astype(float)
     if areas.max() <= 0:
         return None
-    zs = [int(z) for z in np.nonzero(areas >= 0.6 * areas.max())[0]]
-    if len(zs) > 24:  # thin slices: every k-th is enough
-        zs = zs[:: math.ceil(len(zs) / 24)]
     out = Midline()
-    best: tuple[float, float, float, float] | None = None  # |shift|, shift, z, t
-    per_slice: list[tuple[float, float, float]] = []
-    s_axis = np.arange(-24.0, 24.01, 0.5)
+    out.spacing = grid.spacing
+    zs = [int(z) for z in np.nonzero(areas >= 0.35 * areas.max())[0]]
+    if len(zs) > 40:  # thin slices: every k-th is enough
+        zs = zs[:: math.ceil(len(zs) / 40)]
+    ends: list[tuple[float, float, float, float, float]] = []  # z, y, x, weight, AP length
+    kz = round(2.0 / gz)  # the falx and septum are upright: average ~5 mm of slices
+
+    def image(z: int) -> np.ndarray:
+        """The slice averaged with its neighbours, inside the brain only (no skull from the
+        neighbours where the vault curves)."""
+        sl = slice(max(0, z - kz), z + kz + 1)
+        w = brain[sl].astype(xp.float32)
+        num = (lo[sl] * w).sum(axis=0)
+        den = w.sum(axis=0)
+        avg = _host(num / (den + 1e-6)).astype(np.float32)
+        own = _host(lo[z]).astype(np.float32)
+        return np.where(_host(den) > 0.5, avg, own)
+
+    middle: list[tuple[int, float, np.ndarray, np.ndarray, np.ndarray, float]] = []
+    longest = 0.0
+    np.arange(-12.0, 12.01, 0.5)
     for z in zs:
-        m = _host(filled[z])
-        img = _host(lo[z]).astype(np.float32)
+        m = _host(brain[z])
         pts = np.argwhere(m).astype(float)
         if len(pts) < 100:
             continue
         c = pts.mean(axis=0)
         d = (pts - c) * np.array([py, px])
-        ev, evec = np.linalg.eigh(np.cov(d.T))
+        _ev, evec = np.linalg.eigh(np.cov(d.T))
         u = evec[:, 1]  # major axis (anterior-posterior), (y, x) in mm
         if u[0] < 0:
             u = -u
         v = np.array([-u[1], u[0]])  # perpendicular, toward +columns
         if v[1] < 0:
             v = -v
-        out.lines[z] = (c, v)
-        half = 2.0 * math.sqrt(max(ev[1], 1.0))
-        shifts = []
-        for t in np.arange(-0.45, 0.2, 0.06) * half:
-            prof = np.zeros_like(s_axis)
-            for dt in (-3.0, 0.0, 3.0):  # average along the midline (noise)
-                yy = c[0] + ((t + dt) * u[0] + s_axis * v[0]) / py
-                xx = c[1] + ((t + dt) * u[1] + s_axis * v[1]) / px
-                prof += sndi.map_coordinates(img, [yy, xx], order=1, mode="nearest")
-            prof /= 3
-            score = np.full_like(prof, -1e9)
-            for j in range(12, len(s_axis) - 12):
-                left = prof[j - 12 : j - 2].min()
-                right = prof[j + 3 : j + 13].min()
-                if 15 <= prof[j] <= 85:
-                    score[j] = prof[j] - 0.5 * (left + right) - 0.5 * abs(left - right)
-            score -= 0.3 * np.abs(s_axis)  # prefer the structure nearest the ideal midline
-            j = int(np.argmax(score))
-            if score[j] >= 10.0:
-                shifts.append((float(s_axis[j]), float(score[j]), float(t)))
-        if _DEBUG:
-            print(z, [(round(a, 1), round(b)) for a, b, _ in shifts])
-        if len(shifts) < 4:
-            continue
-        vals = np.array([v for v, _, _ in shifts])
-        med = float(np.median(vals))
-        mad = float(np.median(np.abs(vals - med)))
-        good = float(np.median([sc for _, sc, _ in shifts]))
-        if mad > 2.0 or good < 15.0:
-            continue  # no consistent midline structure on this slice
-        out.slices += 1
-        out.points += len(shifts)
-        out.score = max(out.score, good)
-        # the falx bows: the larger half of the displacements along the midline
-        big = vals[np.argsort(np.abs(vals))[len(vals) // 2 :]]
-        val = float(np.median(big)) if np.sign(np.median(big)) == np.sign(med) else med
-        per_slice.append((val, float(z), float(shifts[int(np.argmin(np.abs(vals - val)))][2])))
-    # a displacement counts when a neighbouring slice agrees (one slice can mislead)
-    for val, zf, tt in per_slice:
-        agree = len(per_slice) == 1 or any(
-            0 < abs(z2 - zf) <= max(2, 12.0 / gz) and abs(v2 - val) <= 3.0
-            for v2, z2, _ in per_slice
-        )
-        if agree and (best is None or abs(val) > best[0]):
-            best = (abs(val), val, zf, tt)
-    if best is None:
+        if abs(u[0]) < 0.7:
+            continue  # not a front-to-back oval here (skull base, vertex)
+        along = d @ u
+        front, back = float(along.min()), float(along.max())
+        longest = max(longest, back - front)
+        img = image(z)
+        line = _falx_line(img, c, u, v, front, back, py, px)
+        if line is not None:
+            for t, s_off, sc in line:
+                yy = c[0] + (t * u[0] + s_off * v[0]) / py
+                xx = c[1] + (t * u[1] + s_off * v[1]) / px
+                ends.append((float(z), float(yy), float(xx), sc, back - front))
+        if areas[z] >= 0.6 * areas.max():
+            middle.append((z, 0.5 * (back - front), c, u, v, front))
+    if _DEBUG:
+        print("ends", [(int(a), round(b), round(c), round(d)) for a, b, c, d, _ in ends])
+    if not ends:
         return out
-    _, val, zb, t = best
-    c, v = out.lines[int(zb)]
-    out.shift_mm = val
-    out.where = (zb, float(c[0] + val * v[0] / py), float(c[1] + val * v[1] / px))
+    # the falx is fixed where it meets the inner table on the longest slices (the level of
+    # the ventricles); higher up, the ends of a shorter brain are bent with the falx
+    out.method = "falx"
+    if len(ends) < 2:
+        # no falx found: the symmetry axis of the cavity on the middle slices
+        out.method = "symmetry"
+        for z, half, c, u, _v, front in middle:
+            for t in (front + 0.2 * half, front + 1.8 * half):
+                ends.append((float(z), c[0] + t * u[0] / py, c[1] + t * u[1] / px, 1.0, longest))
+        if len(ends) < 2:
+            return out
+    e = np.array(ends)  # pairs of rows per slice (front, back): z, y, x, response, length
+    fr, bk = e[0::2], e[1::2]
+    dy = bk[:, 1] - fr[:, 1]
+    slope = (bk[:, 2] - fr[:, 2]) / np.where(np.abs(dy) > 1, dy, 1)
+    # the yaw from every slice (mass effect moves both ends alike), the offset from the
+    # longest slices, where the falx meets the inner table unbent; the plane is upright (a
+    # roll of the head is not modelled)
+    b = _wmedian(slope, fr[:, 3])
+    y_ref = float(np.median(e[:, 1]))
+    x_s = 0.5 * (fr[:, 2] + b * (y_ref - fr[:, 1]) + bk[:, 2] + b * (y_ref - bk[:, 1]))
+    for frac in (0.9, 0.8, 0.0):
+        sel = fr[:, 4] >= frac * longest
+        if sel.any():
+            break
+    a = _wmedian(x_s[sel], fr[sel, 3])
+    coef = np.array([a - b * y_ref, b, 0.0])
+    out.plane = (float(coef[0]), float(coef[1]), 0.0)
+    out.points = int(sel.sum()) if out.method == "falx" else 0
+    # the septum / falx between: displacement from the plane along the profile direction
+    s_mid = np.arange(-24.0, 24.01, 0.5)
+    per_slice: list[tuple[float, float, float, float]] = []  # shift, z, y, x
+    for z, half, c, u, v, front in middle:
+        img = image(z)
+        found = []
+        for t in front + half * np.arange(0.55, 1.25, 0.1):
+            # profile centred on the ideal midline at this position
+            yy0 = c[0] + t * u[0] / py
+            x_ideal = coef[0] + coef[1] * yy0 + coef[2] * z
+            base = np.array([yy0, x_ideal])
+            pos, sc, side = _ridge(img, base, u, v, 0.0, s_mid, py, px)
+            sc -= 0.3 * abs(pos)  # prefer the structure nearest the ideal midline
+            # the septum between the ventricles: thin, faint, but CSF on both sides
+            if sc >= (5.0 if side < 15.0 else 10.0):
+                found.append((pos * float(np.hypot(v[0], v[1])), sc, base + pos * v / [py, px]))
+        if _DEBUG:
+            print(z, [(round(a, 1), round(b)) for a, b, _ in found])
+        if len(found) < 3:
+            continue
+        vals = np.array([f[0] for f in found])
+        med = float(np.median(vals))
+        near = np.abs(vals - med) <= 2.0  # the septum / falx, not a sulcus beside it
+        if near.sum() < 3 or near.mean() < 0.6:
+            continue  # no consistent midline structure on this slice
+        val = float(np.median(vals[near]))
+        good = float(np.median([f[1] for f, ok in zip(found, near, strict=True) if ok]))
+        out.slices += 1
+        out.score = max(out.score, good)
+        k = int(np.argmin(np.abs(vals - val)))
+        per_slice.append((val, float(z), float(found[k][2][0]), float(found[k][2][1])))
+    best: tuple[float, float, float, float] | None = None
+    # a displacement counts when a neighbouring slice agrees (one slice can mislead)
+    for val, zf, yf, xf in per_slice:
+        agree = any(
+            0 < abs(z2 - zf) <= max(2, 12.0 / gz) and abs(v2 - val) <= 2.0
+            for v2, z2, _, _ in per_slice
+        )
+        if agree and (best is None or abs(val) > abs(best[0])):
+            best = (val, zf, yf, xf)
+    if best is not None:
+        out.shift_mm = best[0]
+        out.where = (best[1], best[2], best[3])
     return out

@@ -639,9 +639,13 @@ def head_case(
     bleed: Literal["random", "none"] | Sequence[BleedSpec] = "random",
     fov_mm: float | None = None,
     artefacts: bool = True,
+    anatomy: dict[str, Any] | None = None,
 ) -> HeadCase:
     """A head CT of ``size``² pixels and ``slices`` slices of ``thickness_mm`` (top-aligned at
-    the vertex; default: down to the foramen magnum). Deterministic by seed."""
+    the vertex; default: down to the foramen magnum). Deterministic by seed. ``anatomy``
+    overrides drawn properties of the head by name (e.g. ``sinus_hu``, ``falx_hu``,
+    ``bar_hu``, ``streaks``, ``noise``, ``calcs``), for the traps a test wants at their
+    worst."""
     rng = np.random.default_rng(seed)
     specs: list[BleedSpec]
     if bleed == "random":
@@ -651,6 +655,10 @@ def head_case(
     else:
         specs = list(bleed)
     an = _Anatomy(rng, normal=not specs)
+    for name, value in (anatomy or {}).items():
+        if not hasattr(an, name):
+            raise ValueError(f"head_case: no anatomy property {name!r}")
+        setattr(an, name, value)
     fov = fov_mm or float(rng.uniform(220, 250))
     sp = fov / size
     z_top = an.c_up + an.scalp + 4.0
