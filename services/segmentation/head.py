@@ -49,33 +49,35 @@ from services.segmentation.tasks import Geometry, TaskResult
 from shared.imaging import segment as seg
 from shared.imaging.backend import namespace
 
-VERSION = "3.0.0"
+VERSION = "3.1.0"
 _DEBUG = False
 MODEL_PATH = Path(__file__).with_name("models") / "head_bleed.json"
 FEATURES = (
     "log_volume_ml",
-    "mean_hu",
+    "log_volume_over_3ml",
     "contrast_hu",
+    "midline_mm",
     "bone_contact",
+    "fill",
     "thickness_mm",
+)
+SUBTYPE_FEATURES = ("log_depth_ratio", "solidity", "log_volume_ml", "bone_contact")
+REPORTED = (
+    *FEATURES,
+    "mean_hu",
     "extent_mm",
     "z_extent_mm",
     "core_fraction",
     "dense_fraction",
     "solidity",
     "interface_fraction",
-    "midline_mm",
     "elongation",
     "flatness",
-)
-REPORTED = (
-    *FEATURES,
     "long_axis_mm",
     "short_axis_mm",
     "depth_mm",
     "footprint_mm",
     "depth_ratio",
-    "fill",
     "lens_probability",
 )
 BONE_HU = 180.0  # the skull as a barrier (thin temporal squama and tilted vault included)
@@ -499,6 +501,9 @@ def _features(
     return {
         "volume_ml": nvox * vox_ml,
         "log_volume_ml": math.log(nvox * vox_ml),
+        # collections over ~3 mL: more evidence of blood than the log volume alone (no
+        # venous sinus segment or partial-volume rim grows that large)
+        "log_volume_over_3ml": max(0.0, math.log(nvox * vox_ml / 3.0)),
         "mean_hu": float(sub_sm.mean()),
         "contrast_hu": float(crop["contrast"][blood].mean() if blood.any() else 0.0),
         "bone_contact": _contact(part, crop["near_skull"]),
@@ -550,7 +555,7 @@ def _grow(
     if n == 0:
         return seeds, interface_all
     inplane, zsteps = steps
-    reach = (_odd(2 * zsteps + 2), _odd(2 * inplane + 4), _odd(2 * inplane + 4))
+    reach = (_odd(3 * zsteps + 2), _odd(3 * inplane + 4), _odd(3 * inplane + 4))
     zone = _box_any(core, reach)
     clusters, _ = seg.label(zone, connectivity=1)
     out = xp.zeros(core.shape, dtype=seeds.dtype)
@@ -572,7 +577,7 @@ def _grow(
             & (contrast[cb] >= min_contrast)
             & ((sm[cb] <= blood_high) | (rim_zone[cb] & (sm[cb] <= 140.0)))
         )
-        for _ in range(2):
+        for _ in range(3):
             for _ in range(inplane):
                 lab = _step(lab, ok_a, cross)
             for _ in range(zsteps):
@@ -598,7 +603,42 @@ def _grow(
             inter |= new
         out[cb] = xp.where(lab > 0, lab, out[cb])
         interface_all[cb] |= inter
-    return out, interface_all
+    return _merge_alike(out, level), interface_all
+
+
+def _merge_alike(labels: Any, level: Any, max_step_hu: float = 10.0) -> Any:
+    """Grown pieces that touch and have the same blood density (within ``max_step_hu``) are
+    one collection: the slices of a crescent under the vertex, the two sides of a calcified
+    spot. Pieces of different density stay apart (a sinus beside a haematoma rarely matches
+    it). One pass over the touching pairs (downloaded: few), union-find on the host."""
+    xp, _ = namespace(labels)
+    pairs = []
+    for axis in range(3):
+        n = labels.shape[axis]
+        a = xp.take(labels, xp.arange(n - 1), axis=axis)
+        b = xp.take(labels, xp.arange(1, n), axis=axis)
+        touch = (a > 0) & (b > 0) & (a != b)
+        pairs.append(xp.stack([a[touch], b[touch]], axis=1))
+    pp = _host(xp.concatenate(pairs, axis=0))
+    if pp.size == 0:
+        return labels
+    pp = np.unique(np.sort(pp, axis=1), axis=0)
+    lv = _host(level)
+    parent = np.arange(lv.size)
+
+    def root(k: int) -> int:
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = int(parent[k])
+        return k
+
+    for i, j in pp:
+        if abs(float(lv[i]) - float(lv[j])) <= max_step_hu:
+            ri, rj = root(int(i)), root(int(j))
+            if ri != rj:
+                parent[max(ri, rj)] = min(ri, rj)
+    mapping = np.array([root(k) for k in range(lv.size)], dtype=np.int32)
+    return xp.asarray(mapping)[labels]
 
 
 def _step(lab: Any, ok: Any, footprint: Any) -> Any:
@@ -681,7 +721,10 @@ def head_ct(
     dense = inner & (lo > 130.0) & ~near_skull
     kc = _odd(r_px(2.5))
     calc_zone = _box_any(dense, (_odd(r_z(2.5)), kc, kc))
-    rim_zone = near_skull | _box_any(skull, (3, 3, 3))  # and through-plane, one voxel
+    # and through-plane: under (or over) the skull of the next slice, near this slice's skull
+    # (a tangential cut of the vault); deeper in, a collection under the vertex still seeds
+    k4 = _odd(r_px(4.0))
+    rim_zone = near_skull | (_box_any(skull, (3, 3, 3)) & _box_any(skull, (1, k4, k4)))
     core = cand & ~calc_zone & ~rim_zone & ~anat.open_zone[bb]
     plus = xp.asarray(ndi.generate_binary_structure(3, 1))
     plus[0] = plus[2] = False  # in-plane cross
@@ -850,12 +893,20 @@ def _finding(
     kind: str = "haemorrhage",
 ) -> dict[str, Any]:
     """Measurements from the working grid, in the full volume's voxel frame."""
-    lo = grid.to_full(box[0].start, box[1].start, box[2].start)
-    hi = grid.to_full(box[0].stop - 1, box[1].stop - 1, box[2].stop - 1)
+    first = grid.to_full(box[0].start, box[1].start, box[2].start)
+    last = grid.to_full(box[0].stop - 1, box[1].stop - 1, box[2].stop - 1)
     half = (0.5 * (grid.fz - 1), 0.5 * (grid.f - 1), 0.5 * (grid.f - 1))
-    lo = tuple(max(0.0, a - h) for a, h in zip(lo, half, strict=True))
-    hi = tuple(min(float(n - 1), a + h) for a, h, n in zip(hi, half, grid.shape, strict=True))
-    corners = [geo.to_patient(lo), geo.to_patient(hi)]  # type: ignore[arg-type]
+    lo = (
+        max(0.0, first[0] - half[0]),
+        max(0.0, first[1] - half[1]),
+        max(0.0, first[2] - half[2]),
+    )
+    hi = (
+        min(float(grid.shape[0] - 1), last[0] + half[0]),
+        min(float(grid.shape[1] - 1), last[1] + half[1]),
+        min(float(grid.shape[2] - 1), last[2] + half[2]),
+    )
+    corners = [geo.to_patient(lo), geo.to_patient(hi)]
     out: dict[str, Any] = {
         "type": kind,
         "label": label,

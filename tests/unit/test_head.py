@@ -1,6 +1,8 @@
 """Head CT on the procedural set: each bleed shape found with its volume and subtype, normal
 heads (calcifications, beam hardening, sinuses) without a bleed, midline shift in mm, masks a
-DICOM SEG accepts, the array code within what CuPy implements, a real head CT slice clean."""
+DICOM SEG accepts, the array code within what CuPy implements, the working grid, the traps at
+their worst (dense sinuses and falx, posterior-fossa beam hardening), subacute blood, and real
+head CTs (a slice, and a whole gantry-tilted head with a craniotomy) clean."""
 
 from __future__ import annotations
 
@@ -188,3 +190,102 @@ def test_real_head_ct_slice_has_no_acute_bleed() -> None:
     assert bleeds(res) == []
     (brain,) = [f for f in res.findings if f["type"] == "brain"]
     assert brain["volume_ml"] > 50  # the brain was found (one 5 mm slice)
+
+
+# ---- the working grid -----------------------------------------------------------------------
+def test_grid_pools_blocks_and_unpools_to_the_full_volume() -> None:
+    rng = np.random.default_rng(3)
+    vol = rng.normal(30, 5, (11, 64, 66)).astype(np.float32)
+    vol[:, :, :3] = -1000.0  # air at the edge
+    grid = head.Grid.make(vol, (0.5, 0.45, 0.45))
+    assert (grid.fz, grid.f) == (3, 2)  # ~1.5 mm slices, ~0.9 mm pixels
+    assert grid.spacing == pytest.approx((1.5, 0.9, 0.9))
+    lo = grid.pool(vol)
+    assert lo.dtype == np.float32 and lo.shape == (4, grid.ny, grid.nx)
+    y, x = grid.y0, grid.x0
+    block = vol[0:3, y : y + 2, x : x + 2]
+    assert lo[0, 0, 0] == pytest.approx(block.mean(), abs=1e-4)
+    assert lo[3, 0, 0] == pytest.approx(vol[9:11, y : y + 2, x : x + 2].mean(), abs=1e-4)
+    mask = np.zeros(lo.shape, bool)
+    mask[3, 0, 0] = True
+    full = grid.unpool(mask)
+    assert full.shape == vol.shape and full.sum() == 2 * 2 * 2  # the short last block
+    assert full[9:11, y : y + 2, x : x + 2].all()
+    hu = vol.astype(np.int16)  # any input dtype, no full-size float copy
+    np.testing.assert_allclose(grid.pool(hu), grid.pool(hu.astype(np.float32)), atol=1e-4)
+
+
+@pytest.mark.parametrize("thickness", [0.625])
+def test_thin_slices_are_pooled_and_the_bleed_measured(thickness: float) -> None:
+    spec = BleedSpec("intraparenchymal", 12.0, side=1, hu=64.0)
+    case = head_case(111, size=192, thickness_mm=thickness, slices=120, bleed=[spec])
+    res = analyse(case)
+    assert res.params["grid"].fz == 2
+    ev = evaluate_head(case, res)
+    (truth,) = ev["bleeds"]
+    assert truth["found"] and abs(truth["volume_error"]) <= 0.2, ev
+    assert res.masks["haemorrhage"].shape == case.hu.shape
+
+
+# ---- the traps at their worst ---------------------------------------------------------------
+@pytest.mark.parametrize("seed", [211, 212])
+def test_dense_venous_sinuses_and_a_dense_falx_raise_nothing(seed: int) -> None:
+    """Sinuses at 75 HU (haemoconcentration) and a 62 HU falx: denser than many bleeds."""
+    case = head_case(seed, size=256, bleed="none", anatomy={"sinus_hu": 75.0, "falx_hu": 62.0})
+    res = analyse(case)
+    assert bleeds(res) == []
+    (shift,) = [f for f in res.findings if f["type"] == "midline_shift"]
+    assert shift["shift_mm"] is None or shift["shift_mm"] <= 2.0
+
+
+@pytest.mark.parametrize("seed", [221, 222])
+def test_posterior_fossa_beam_hardening_raises_nothing(seed: int) -> None:
+    """The strongest dark band between the petrous bones, with bright overshoot, and eight
+    +-45 HU streaks from the petrous apices and the occipital protuberance; noisy 2.5 mm."""
+    streaks = [(k % 3, 0.4 * k, 45.0 if k % 2 else -45.0, 1.5) for k in range(8)]
+    case = head_case(
+        seed,
+        size=256,
+        thickness_mm=2.5,
+        bleed="none",
+        anatomy={"bar_hu": 45.0, "streaks": streaks, "noise": 5.5},
+    )
+    assert (case.hu[: case.hu.shape[0] // 3] > 1500).any()  # the petrous bones are in the scan
+    assert bleeds(analyse(case)) == []
+
+
+# ---- real heads -----------------------------------------------------------------------------
+def _invesalius() -> Any:
+    from shared.evaluation import realdata
+
+    if not realdata.available("invesalius-head"):
+        return None
+    return realdata.load("invesalius-head")
+
+
+@pytest.mark.skipif(_invesalius() is None, reason="make setup has not fetched the real head")
+def test_real_head_brain_no_bleed_and_midline() -> None:
+    """A real adult head (InVesalius example: 256² x 108, 0.96/1.5 mm, gantry-tilted, head
+    holder in the field, an old right frontal craniotomy with encephalomalacia): the brain of
+    an adult, the skull defect not taken for brain or blood, no bleed, the midline measured
+    from the falx with at most a small shift."""
+    from services.preprocess.core import DEFAULT_CHAINS, apply_step, chain_for
+
+    case = _invesalius()
+    img: Any = case.hu.astype(np.float32)
+    spacing = case.spacing
+    for step in chain_for("CT", "HEAD", DEFAULT_CHAINS):  # what the service reads
+        img, spacing = apply_step(img, step, spacing)
+    vol = np.rint(np.asarray(img)).astype(np.float32)
+    res = head.head_ct(vol, tasks.Geometry(spacing, (0.0, 0.0, 0.0), IDENTITY))
+    (brain,) = [f for f in res.findings if f["type"] == "brain"]
+    assert 1100.0 <= brain["volume_ml"] <= 1700.0, brain
+    assert res.params["defect_slices"] > 0  # the craniotomy: closed by the hull, not by brain
+    assert bleeds(res) == []
+    assert not res.masks["haemorrhage"].any()
+    (shift,) = [f for f in res.findings if f["type"] == "midline_shift"]
+    assert "falx" in shift["label"] or shift["shift_mm"] is None, shift
+    assert shift["shift_mm"] is None or shift["shift_mm"] <= 4.0, shift
+    # the brain stays inside the head: nothing in the top or bottom rows (holder, table)
+    rows = np.nonzero(res.masks["brain"].any(axis=(0, 2)))[0]
+    assert rows.min() > 10 and rows.max() < vol.shape[1] - 10
