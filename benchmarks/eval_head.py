@@ -52,29 +52,35 @@ def main() -> None:
         if ev["midline_shift_error_mm"] is not None:
             shift_err.append(abs(ev["midline_shift_error_mm"]))
     ve = np.abs(vol_err)
-    out = {
-        "seeds": [HELDOUT, HELDOUT + args.n - 1],
-        "size": args.size,
-        "thickness_mm": args.thickness,
-        "bleed_sensitivity_ge_2ml": round(found / max(total, 1), 4),
-        "bleeds_ge_2ml": total,
-        "bleed_fp_per_scan": round(false / args.n, 4),
-        "normal_scans": normals,
-        "false_bleeds_on_normal_scans": normal_false,
-        "bleed_volume_abs_error_median": round(float(np.median(ve)), 4) if len(ve) else None,
-        "bleed_volume_within_20pct": round(float((ve <= 0.2).mean()), 4) if len(ve) else None,
-        "subtype_accuracy": round(float(np.mean(sub_ok)), 4) if sub_ok else None,
-        "midline_shift_error_mm_median": round(float(np.median(shift_err)), 2),
-        "midline_shift_error_mm_max": round(float(np.max(shift_err)), 2),
-        "seconds_per_series_median": round(float(np.median(secs)), 2),
-    }
+    out: dict[str, object] = {}
+    if args.n:
+        out = {
+            "seeds": [HELDOUT, HELDOUT + args.n - 1],
+            "size": args.size,
+            "thickness_mm": args.thickness,
+            "bleed_sensitivity_ge_2ml": round(found / max(total, 1), 4),
+            "bleeds_ge_2ml": total,
+            "bleed_fp_per_scan": round(false / args.n, 4),
+            "normal_scans": normals,
+            "false_bleeds_on_normal_scans": normal_false,
+            "bleed_volume_abs_error_median": round(float(np.median(ve)), 4) if len(ve) else None,
+            "bleed_volume_within_20pct": round(float((ve <= 0.2).mean()), 4) if len(ve) else None,
+            "subtype_accuracy": round(float(np.mean(sub_ok)), 4) if sub_ok else None,
+            "midline_shift_error_mm_median": round(float(np.median(shift_err)), 2),
+            "midline_shift_error_mm_max": round(float(np.max(shift_err)), 2),
+            "seconds_per_series_median": round(float(np.median(secs)), 2),
+        }
     if args.timing:
         case = head_case(HELDOUT - 1, size=512, thickness_mm=0.5, slices=300)
         geo = Geometry(case.spacing, (0.0, 0.0, 0.0), IDENTITY)
         vol = case.hu.astype(np.float32)
-        t = time.perf_counter()
-        head.head_ct(vol, geo)
-        out["seconds_300x512"] = round(time.perf_counter() - t, 2)
+        runs = []
+        for _ in range(3):  # the machine is shared: the best of three is the algorithm's time
+            t = time.perf_counter()
+            head.head_ct(vol, geo)
+            runs.append(time.perf_counter() - t)
+        out["seconds_300x512"] = round(min(runs), 2)
+        out["seconds_300x512_runs"] = [round(r, 2) for r in runs]
     print(json.dumps(out, indent=1))
 
 
