@@ -23,14 +23,18 @@ and refined on the working grid; blood is searched inside the brain's bounding b
    within 4 mm of a seed is blood when it is at least half way from the local brain to the
    local blood density; along the inner table, voxels between blood and bone that are at
    least half blood join it (the interface).
-5. each candidate is measured (volume, density, contrast, thickness, extent, contact with the
-   inner table, solidity) and scored by a logistic model fitted on procedural cases
-   (``models/head_bleed.json``, ``benchmarks/fit_head.py``): the score is the finding's
-   confidence; candidates under the operating threshold are dropped.
+5. each candidate is measured (volume, contrast, thickness, contact with the inner table,
+   distance from the ideal midline, shape: elongation, flatness — a sinus in its groove is a
+   tube, an extra-axial collection a sheet) and scored by a logistic model fitted on
+   procedural cases (``models/head_bleed.json``, ``benchmarks/fit_head.py``): the score is
+   the finding's confidence; candidates under the operating threshold are dropped. Accepted
+   pieces that touch are one finding.
 6. subtype by position and shape: away from the inner table intraparenchymal; along it a
-   crescent (subdural) or a biconvex lens (epidural).
-7. midline shift: ideal midline from the symmetry of the cranial cavity (second moments per
-   slice), actual midline from the septum pellucidum / falx ridge between CSF.
+   crescent (subdural) or a biconvex lens (epidural), by a second fitted model.
+7. midline shift: the ideal midline is the mid-sagittal plane through the falx where it
+   meets the inner table front and back (where no falx is found: the cavity's symmetry axis,
+   with a lower confidence); the actual midline is the septum pellucidum / falx ridge between
+   CSF on the middle slices; no ridge -> "not measured".
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from services.segmentation.tasks import Geometry, TaskResult
 from shared.imaging import segment as seg
 from shared.imaging.backend import namespace
 
-VERSION = "3.1.0"
+VERSION = "3.2.0"
 _DEBUG = False
 MODEL_PATH = Path(__file__).with_name("models") / "head_bleed.json"
 FEATURES = (
@@ -58,8 +62,10 @@ FEATURES = (
     "contrast_hu",
     "midline_mm",
     "bone_contact",
-    "fill",
     "thickness_mm",
+    "elongation",
+    "flatness",
+    "contact_flatness",
 )
 SUBTYPE_FEATURES = ("log_depth_ratio", "solidity", "log_volume_ml", "bone_contact")
 REPORTED = (
@@ -71,8 +77,6 @@ REPORTED = (
     "dense_fraction",
     "solidity",
     "interface_fraction",
-    "elongation",
-    "flatness",
     "long_axis_mm",
     "short_axis_mm",
     "depth_mm",
@@ -498,7 +502,7 @@ def _features(
     ev = np.sort(np.linalg.eigvalsh(np.cov(pts.T))) if nvox > 3 else np.zeros(3)
     ax = [4.0 * math.sqrt(max(float(e), 0.0)) for e in ev[::-1]]  # long, middle, short
     footprint = math.sqrt(max(ax[0] * ax[1], 1e-6))
-    return {
+    out = {
         "volume_ml": nvox * vox_ml,
         "log_volume_ml": math.log(nvox * vox_ml),
         # collections over ~3 mL: more evidence of blood than the log volume alone (no
@@ -524,8 +528,11 @@ def _features(
         "elongation": ax[1] / max(ax[0], 1e-6),
         "flatness": ax[2] / max(ax[1], 1e-6),
         "log_depth_ratio": math.log(max(depth / footprint, 1e-3)),
-        "fill": nvox * vox_ml * 1000.0 / max(math.pi / 4 * ax[0] * ax[1] * max(depth, 1.0), 1e-6),
     }
+    # along the inner table, a tube (a venous sinus in its groove) against a sheet (a
+    # subdural or epidural collection); 0 away from the table
+    out["contact_flatness"] = out["bone_contact"] * out["flatness"]
+    return out
 
 
 def _grow(
@@ -786,7 +793,9 @@ def head_ct(
                 cy + pb[1].start + bb[1].start,
                 cx + pb[2].start + bb[2].start,
             )
-            feats["midline_mm"] = abs(mid.side_of(cz, cy, cx, py, px)) if mid else 30.0
+            feats["midline_mm"] = (
+                abs(mid.side_of(cz, cy, cx, py, px)) if mid and mid.plane else 30.0
+            )
             p = confidence(feats, model)
             feats["confidence"] = p
             feats["label_id"] = float(len(candidates) + 1)
@@ -822,7 +831,7 @@ def head_ct(
             cy + pb[1].start + bb[1].start,
             cx + pb[2].start + bb[2].start,
         )
-        feats["midline_mm"] = abs(mid.side_of(cz, cy, cx, py, px)) if mid else 30.0
+        feats["midline_mm"] = abs(mid.side_of(cz, cy, cx, py, px)) if mid and mid.plane else 30.0
         subtype, p_lens = _classify(feats, model)
         feats["lens_probability"] = p_lens
         findings.append(
@@ -1171,14 +1180,13 @@ def _midline(lo: Any, brain: Any, grid: Grid) -> Midline | None:
             middle.append((z, 0.5 * (back - front), c, u, v, front))
     if _DEBUG:
         print("ends", [(int(a), round(b), round(c), round(d)) for a, b, c, d, _ in ends])
-    if not ends:
-        return out
     # the falx is fixed where it meets the inner table on the longest slices (the level of
     # the ventricles); higher up, the ends of a shorter brain are bent with the falx
     out.method = "falx"
     if len(ends) < 2:
         # no falx found: the symmetry axis of the cavity on the middle slices
         out.method = "symmetry"
+        ends = []
         for z, half, c, u, _v, front in middle:
             for t in (front + 0.2 * half, front + 1.8 * half):
                 ends.append((float(z), c[0] + t * u[0] / py, c[1] + t * u[1] / px, 1.0, longest))

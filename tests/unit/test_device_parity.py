@@ -242,18 +242,12 @@ def test_chest_ct_on_the_device_matches_the_cpu(device: Device, tmp_path: Path) 
     assert_same_result(device, tasks.chest_ct(device.up(vol), geo), tasks.chest_ct(vol, geo))
 
 
-@pytest.mark.xfail(
-    raises=RuntimeWarning,  # cupy._util.PerformanceWarning (and the stand-in's) subclass it
-    strict=True,
-    reason="head owner: cupyx center_of_mass on a bool mask (services/segmentation/head.py:278, "
-    "then tasks._measure at tasks.py:70) warns PerformanceWarning on CuPy 14.2; pass int32 "
-    "masses. (The old head's binary_dilation(iterations=2), the H200 crash, is gone.) "
-    "Remove this mark when fixed.",
-)
 def test_head_ct_on_the_device_matches_the_cpu(device: Device, tmp_path: Path) -> None:
     ph = phantom.head_ct(tmp_path / "h", seed=1, size=192, slices=24, bleed_ml=6.0)
     vol, geo = volume_of(ph, 0.8)
-    assert_same_result(device, tasks.head_ct(device.up(vol), geo), tasks.head_ct(vol, geo))
+    want = tasks.head_ct(vol, geo)
+    assert [f["type"] for f in want.findings].count("haemorrhage") == 1  # the bleed is compared
+    assert_same_result(device, tasks.head_ct(device.up(vol), geo), want)
 
 
 # ---- the stages' cores ---------------------------------------------------------------------
