@@ -9,6 +9,7 @@ exit_on_sigterm(__name__)  # first: a SIGTERM during the imports below exits 0
 import asyncio  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 
 from prometheus_client import CollectorRegistry  # noqa: E402
 
@@ -16,22 +17,36 @@ from services.auditlog.core import Sequencer  # noqa: E402
 from shared.config import Settings  # noqa: E402
 from shared.metrics import HealthServer  # noqa: E402
 from shared.runtime.service import configure_process  # noqa: E402
+from shared.security.envelope import Keyring  # noqa: E402
 from shared.security.kek import keyring_for  # noqa: E402
 
 
-async def serve(settings: Settings) -> None:
-    registry = CollectorRegistry()
-    seq = Sequencer(settings, keyring_for(settings), registry)
+@dataclass
+class AuditlogService:
+    """The sequencer and its /metrics, /healthz, /readyz (ready once it chains)."""
+
+    sequencer: Sequencer
+    http: HealthServer
+
+
+def build(settings: Settings, keyring: Keyring, registry: CollectorRegistry) -> AuditlogService:
+    """Wire the sequencer (nothing connects until it runs)."""
+    seq = Sequencer(settings, keyring, registry)
     http = HealthServer(registry, settings.metrics_host, settings.metrics_port, lambda: seq.ready)
+    return AuditlogService(seq, http)
+
+
+async def serve(settings: Settings) -> None:
+    svc = build(settings, keyring_for(settings), CollectorRegistry())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await http.start()
+    await svc.http.start()
     try:
-        await seq.run(stop)
+        await svc.sequencer.run(stop)
     finally:
-        await http.stop()
+        await svc.http.stop()
 
 
 def main() -> int:
