@@ -35,7 +35,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import pydicom
 from aiohttp import MultipartReader, web
@@ -236,13 +236,10 @@ class StowCore:
         except PublishError as exc:  # the response still reports the part as failed
             log.warning("STOW-RS: dead letter not acknowledged (%s)", type(exc).__name__)
 
-    async def audit(self, actor: str, action: str, outcome: str) -> None:
-        event = AuditEvent(
-            actor=actor[:64],
-            action=action,
-            resource="instances",
-            outcome=outcome,  # type: ignore[arg-type]
-        )
+    async def audit(
+        self, actor: str, action: str, outcome: Literal["success", "denied", "error"]
+    ) -> None:
+        event = AuditEvent(actor=actor[:64], action=action, resource="instances", outcome=outcome)
         try:
             await self.publisher.emit(self.audit_topic, actor.encode()[:64], event)
         except PublishError as exc:

@@ -24,7 +24,7 @@ from tests.helpers import (
     http_ok,
     wait_until_sync,
 )
-from tests.pki import TestCA
+from tests.tls import CLIENT, SERVER, make_pki
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -33,10 +33,9 @@ STAGES = ("ingest", "preprocess", "segmentation", "alert")
 
 
 async def test_orthanc_stow_rs_to_radstream_raises_the_alert(env: Env, tmp_path: Path) -> None:
-    ca = TestCA(tmp_path / "pki")
-    server = ca.issue("gateway", server=True)
+    (tmp_path / "pki").mkdir()
+    pki = make_pki(tmp_path / "pki", {"gateway": ("ca", SERVER), "orthanc-pacs": ("ca", CLIENT)})
     stow_port = free_port()
-    client = ca.issue("orthanc-pacs", server=False)
     # this sender needs both: its bearer token and its client certificate (mutual TLS)
     senders = [
         {
@@ -50,10 +49,10 @@ async def test_orthanc_stow_rs_to_radstream_raises_the_alert(env: Env, tmp_path:
         "RADSTREAM_INGEST__INACTIVITY_TIMEOUT_S": "4",  # STOW-RS sends no end-of-series marker
         "RADSTREAM_GATEWAY__PORT": str(free_port()),
         "RADSTREAM_GATEWAY__STOW__PORT": str(stow_port),
-        "RADSTREAM_GATEWAY__STOW__TLS_CERT": str(server.cert),
-        "RADSTREAM_GATEWAY__STOW__TLS_KEY": str(server.key),
+        "RADSTREAM_GATEWAY__STOW__TLS_CERT": str(pki["gateway_pem"]),
+        "RADSTREAM_GATEWAY__STOW__TLS_KEY": str(pki["gateway_key"]),
         "RADSTREAM_GATEWAY__STOW__SENDERS": json.dumps(senders),
-        "RADSTREAM_GATEWAY__STOW__CLIENT_CA": str(ca.pem),
+        "RADSTREAM_GATEWAY__STOW__CLIENT_CA": str(pki["ca_pem"]),
     }
     procs = {
         name: StageProcess(
@@ -65,7 +64,7 @@ async def test_orthanc_stow_rs_to_radstream_raises_the_alert(env: Env, tmp_path:
         tmp_path / "orthanc",
         {},
         {
-            "HttpsCACertificates": str(ca.pem),
+            "HttpsCACertificates": str(pki["ca_pem"]),
             "HttpsVerifyPeers": True,
             "DicomWeb": {
                 "Enable": True,
@@ -74,8 +73,8 @@ async def test_orthanc_stow_rs_to_radstream_raises_the_alert(env: Env, tmp_path:
                     "radstream": {
                         "Url": f"https://127.0.0.1:{stow_port}/dicom-web/",
                         "HttpHeaders": {"Authorization": f"Bearer {TOKEN}"},
-                        "CertificateFile": str(client.cert),
-                        "CertificateKeyFile": str(client.key),
+                        "CertificateFile": str(pki["orthanc_pacs_pem"]),
+                        "CertificateKeyFile": str(pki["orthanc_pacs_key"]),
                     },
                     # the token without the certificate is not enough for this sender
                     "intruder": {

@@ -30,7 +30,7 @@ from shared.dicomweb.stow import (
 from shared.schemas import DeadLetter, InstanceData, InstancesRecord
 from shared.stack.broker import free_port
 from tests.helpers import Env, Reader, StageProcess, http_ok, wait_until_sync
-from tests.pki import TestCA
+from tests.tls import CLIENT, SERVER, make_pki
 
 pytestmark = pytest.mark.integration
 
@@ -53,16 +53,16 @@ def sha(token: str) -> str:
 class Stow:
     """The running gateway's STOW-RS endpoint and the PKI around it."""
 
-    def __init__(self, port: int, ca: TestCA, proc: StageProcess) -> None:
+    def __init__(self, port: int, pki: dict[str, Path], proc: StageProcess) -> None:
         self.port = port
-        self.ca = ca
+        self.pki = pki
         self.proc = proc
         self.url = f"https://127.0.0.1:{port}/dicom-web"
 
-    def ssl(self, client: Any = None) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=str(self.ca.pem))
+    def ssl(self, client: tuple[Path, Path] | None = None) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.pki["ca_pem"]))
         if client is not None:
-            ctx.load_cert_chain(str(client.cert), str(client.key))
+            ctx.load_cert_chain(str(client[0]), str(client[1]))
         return ctx
 
     async def post(
@@ -71,7 +71,7 @@ class Stow:
         content_type: str,
         token: str | None = TOKEN,
         path: str = "/studies",
-        client: Any = None,
+        client: tuple[Path, Path] | None = None,
     ) -> tuple[int, dict[str, Any]]:
         headers = {"Content-Type": content_type, "Accept": "application/dicom+json"}
         if token is not None:
@@ -88,8 +88,16 @@ class Stow:
 
 @pytest.fixture
 def stow(env: Env, tmp_path: Path) -> Iterator[Stow]:
-    ca = TestCA(tmp_path / "pki")
-    server = ca.issue("gateway", server=True)
+    (tmp_path / "pki").mkdir()
+    pki = make_pki(
+        tmp_path / "pki",
+        {
+            "gateway": ("ca", SERVER),
+            "modality-7": ("ca", CLIENT),
+            "modality-8": ("ca", CLIENT),
+            "stranger": ("rogue-ca", CLIENT),
+        },
+    )
     port = free_port()
     senders = [
         {"name": "orthanc", "token_sha256": sha(TOKEN)},
@@ -101,9 +109,9 @@ def stow(env: Env, tmp_path: Path) -> Iterator[Stow]:
             "gateway",
             RADSTREAM_GATEWAY__PORT=str(free_port()),
             RADSTREAM_GATEWAY__STOW__PORT=str(port),
-            RADSTREAM_GATEWAY__STOW__TLS_CERT=str(server.cert),
-            RADSTREAM_GATEWAY__STOW__TLS_KEY=str(server.key),
-            RADSTREAM_GATEWAY__STOW__CLIENT_CA=str(ca.pem),
+            RADSTREAM_GATEWAY__STOW__TLS_CERT=str(pki["gateway_pem"]),
+            RADSTREAM_GATEWAY__STOW__TLS_KEY=str(pki["gateway_key"]),
+            RADSTREAM_GATEWAY__STOW__CLIENT_CA=str(pki["ca_pem"]),
             RADSTREAM_GATEWAY__STOW__SENDERS=json.dumps(senders),
             RADSTREAM_GATEWAY__STOW__MAX_REQUEST_BYTES=str(MAX_REQUEST),
             RADSTREAM_GATEWAY__STOW__MAX_PART_BYTES=str(MAX_PART),
@@ -113,7 +121,7 @@ def stow(env: Env, tmp_path: Path) -> Iterator[Stow]:
         tmp_path / "gateway.log",
     ).start()
     wait_until_sync(lambda: http_ok(proc.port, "/readyz"), 60, "gateway ready")
-    yield Stow(port, ca, proc)
+    yield Stow(port, pki, proc)
     assert proc.terminate(15) == 0
 
 
@@ -144,7 +152,7 @@ async def test_dicomweb_client_stores_a_series_only_after_the_broker_has_each_in
     datasets = [pydicom.dcmread(f) for f in files]
     session = requests.Session()
     session.trust_env = False  # REQUESTS_CA_BUNDLE in the environment would override verify
-    session.verify = str(stow.ca.pem)
+    session.verify = str(stow.pki["ca_pem"])
     client = DICOMwebClient(stow.url, session=session, headers={"Authorization": f"Bearer {TOKEN}"})
     answer = await asyncio.to_thread(client.store_instances, datasets)
     referenced = [str(item.ReferencedSOPInstanceUID) for item in answer.ReferencedSOPSequence]
@@ -164,7 +172,7 @@ async def test_without_a_valid_token_401_and_nothing_reaches_kafka(env: Env, sto
         status, answer = await stow.post(body, ctype, token=token)
         assert status == 401, (token, answer)
     # a certificate from another CA is not a client certificate we accept
-    other = TestCA(stow.ca.root / "other", "someone else").issue("modality-7", server=False)
+    other = (stow.pki["stranger_pem"], stow.pki["stranger_key"])  # another CA's client
     with pytest.raises(aiohttp.ClientError):
         await stow.post(body, ctype, token=None, client=other)
     # then one valid request: the topic holds exactly its instance, nothing of the refused ones
@@ -226,10 +234,10 @@ async def test_bad_parts_are_answered_per_instance_and_dead_lettered(env: Env, s
 
 async def test_mutual_tls_rate_and_size_caps(env: Env, stow: Stow) -> None:
     body, ctype = encode_multipart([ct_files()[2].read_bytes()])
-    client = stow.ca.issue("modality-7", server=False)
+    client = (stow.pki["modality_7_pem"], stow.pki["modality_7_key"])
     status, answer = await stow.post(body, ctype, token=None, client=client)
     assert status == 200, answer  # the certificate alone authenticates this sender
-    stranger = stow.ca.issue("modality-8", server=False)  # a good certificate, not a sender
+    stranger = (stow.pki["modality_8_pem"], stow.pki["modality_8_key"])  # good, not a sender
     status, _ = await stow.post(body, ctype, token=None, client=stranger)
     assert status == 401
 
