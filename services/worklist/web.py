@@ -140,6 +140,7 @@ class WorklistWeb:
         self._sessions: dict[str, Session] = {}
         self._failures: dict[str, tuple[int, float]] = {}
         self._clients: set[Client] = set()
+        self._event_id = 0  # ids of row events: a reconnecting browser says it saw some
         self._identities: OrderedDict[tuple[str, int], Identity] = OrderedDict()
         self._jinja = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"),
@@ -347,6 +348,12 @@ class WorklistWeb:
         self.metrics.clients.inc()
         try:
             await resp.write(b": connected\n\n")
+            if request.headers.get("Last-Event-ID") is not None:
+                # a reconnect (EventSource sends the last id it saw): what changed meanwhile
+                # is unknown, so every listed row again, oldest first (the page prepends new
+                # ones, replaces known ones)
+                for listed in reversed(self.worklist.newest()):
+                    await self._send_row(resp, listed, session)
             while client in self._clients and self._session(request) is session:
                 try:
                     alert_id = await asyncio.wait_for(client.queue.get(), timeout=15.0)
@@ -358,17 +365,21 @@ class WorklistWeb:
                 entry = self.worklist.get(alert_id)
                 if entry is None:
                     continue
-                html = await self._row(entry, session)
-                data = json.dumps({"id": alert_id, "html": html})
-                await resp.write(f"event: row\ndata: {data}\n\n".encode())
+                await self._send_row(resp, entry, session)
                 lag = (utcnow() - entry.alert.created_at).total_seconds()
                 self.metrics.push.observe(max(0.0, lag))
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass  # the browser went away (or the server stops): nothing to clean but below
+        except ConnectionResetError:
+            pass  # the browser went away: nothing to clean but below
         finally:
             self._clients.discard(client)
             self.metrics.clients.dec()
         return resp
+
+    async def _send_row(self, resp: web.StreamResponse, entry: Entry, session: Session) -> None:
+        self._event_id += 1
+        html = await self._row(entry, session)
+        data = json.dumps({"id": entry.alert.alert_id, "html": html})
+        await resp.write(f"id: {self._event_id}\nevent: row\ndata: {data}\n\n".encode())
 
     async def _ack(self, request: web.Request, session: Session) -> web.StreamResponse:
         entry = self.worklist.get(request.match_info["alert_id"])

@@ -272,6 +272,22 @@ async def test_each_role_gets_its_own_rows_live(users: Users) -> None:
         await client.close()
 
 
+async def test_a_reconnecting_page_gets_every_listed_row_again(users: Users) -> None:
+    wl = Worklist()
+    assert wl.add_alert(alert(aid="a1"), KEY) is not None
+    assert wl.add_alert(alert("bleed-2", aid="a2"), KEY) is not None
+    client, _ = await _client(wl, users, FakeBackend())
+    try:
+        cookie, _ = await _login(client, "ops", "another long secret")
+        auth = {"Cookie": f"{COOKIE}={cookie}"}
+        resp = await client.get("/events", headers={**auth, "Last-Event-ID": "7"})
+        rows = [await _first_row(resp), await _first_row(resp)]
+        assert ['"id": "a1"' in r for r in rows] == [True, False], "oldest first"
+        assert '"id": "a2"' in rows[1]
+    finally:
+        await client.close()
+
+
 def test_the_worklist_certificate_chains_to_the_stack_ca_for_127_0_0_1(tmp_path: Path) -> None:
     broker = LocalBroker(tmp_path)
     broker.ensure_secrets()

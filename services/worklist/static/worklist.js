@@ -19,7 +19,13 @@
   function connect() {
     const source = new EventSource("/events");
     source.addEventListener("open", () => { live.dataset.state = "open"; live.textContent = "live"; });
-    source.addEventListener("error", () => { live.dataset.state = "error"; live.textContent = "reconnecting…"; });
+    source.addEventListener("error", () => {
+      if (source.readyState === EventSource.CLOSED) {  // refused: the session is gone
+        window.location.assign("/login");
+        return;
+      }
+      live.dataset.state = "error"; live.textContent = "reconnecting…";
+    });
     source.addEventListener("row", (ev) => place(JSON.parse(ev.data).html));
   }
 
