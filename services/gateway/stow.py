@@ -77,6 +77,14 @@ class StowMetrics:
             ["outcome"],
             registry=registry,
         )
+        # the stages' dead-letter counter (same name and labels): the RadStreamDeadLetters
+        # alert and the dashboard see the gateway's refused parts beside the stages' ones
+        self.deadletters = Counter(
+            "radstream_deadletters",
+            "Records sent to the dead-letter topic, by reason code",
+            ["stage", "reason"],
+            registry=registry,
+        )
 
 
 # ---- pure decisions -------------------------------------------------------------------------
@@ -235,6 +243,8 @@ class StowCore:
             await self.publisher.emit(self.deadletter_topic, key, letter)
         except PublishError as exc:  # the response still reports the part as failed
             log.warning("STOW-RS: dead letter not acknowledged (%s)", type(exc).__name__)
+            return
+        self.metrics.deadletters.labels("gateway", reason.value).inc()
 
     async def audit(
         self, actor: str, action: str, outcome: Literal["success", "denied", "error"]

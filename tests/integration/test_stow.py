@@ -226,6 +226,8 @@ async def test_bad_parts_are_answered_per_instance_and_dead_lettered(env: Env, s
         assert study not in letter.message and str(other.SOPInstanceUID) not in letter.message
     records = await instances_on_kafka(env, 1)
     assert [r.data for r in records] == [good]
+    text = metrics(stow.proc.port)
+    assert 'radstream_deadletters_total{reason="study_mismatch",stage="gateway"} 1.0' in text
 
     # all parts bad: 409, nothing stored
     status, answer = await stow.post(*encode_multipart([b"junk" * 100]))
