@@ -10,10 +10,12 @@ older instance, so two sequencers never fork the chain. The pure part is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import TypeAdapter
@@ -70,6 +72,11 @@ class Sequencer:
             ["outcome"],
             registry=self.registry,
         )
+        self.restarts = Counter(
+            "radstream_audit_sequencer_restarts",
+            "times the sequencer started over after a Kafka error (nothing half-chained)",
+            registry=self.registry,
+        )
         self.codec = Codec(self.keyring)
         self.audit = self.settings.topic(AUDIT)
         self.intakes = [self.settings.topic(t) for t in INTAKES]
@@ -85,6 +92,24 @@ class Sequencer:
             log.warning("audit: unreadable event from %s (%s), chained as such", principal, reason)
             return chain.append_unreadable(principal, source, str(reason))
         return chain.append(event, principal, source)
+
+    async def run_until_stopped(
+        self, stop: asyncio.Event, backoff_s: float = 1.0, max_backoff_s: float = 30.0
+    ) -> None:
+        """:meth:`run`, started over after a Kafka error (a failed transaction committed
+        nothing: the new run re-reads the head and the uncommitted intake records), with a
+        growing pause, until ``stop`` is set."""
+        delay = backoff_s
+        while not stop.is_set():
+            try:
+                await self.run(stop)
+                return
+            except KafkaError as exc:
+                self.restarts.inc()
+                log.warning("audit: sequencer starting over after %s", type(exc).__name__)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                delay = min(delay * 2, max_backoff_s)
 
     async def run(self, stop: asyncio.Event) -> None:
         kafka = self.settings.kafka

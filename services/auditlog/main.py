@@ -44,7 +44,7 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     await svc.http.start()
     try:
-        await svc.sequencer.run(stop)
+        await svc.sequencer.run_until_stopped(stop)
     finally:
         await svc.http.stop()
 

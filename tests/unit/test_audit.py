@@ -122,3 +122,37 @@ def test_syslog_lines_are_rfc5424_with_every_field_and_escaped_values() -> None:
     assert m["ts"] == "2026-01-02T03:04:05.000000Z"
     ok = to_syslog(_chain(1)[0])
     assert ok.startswith("<86>1 ")  # authpriv.info
+
+
+def test_the_sequencer_starts_over_after_a_kafka_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A failed transaction (broker gone, fenced) must not end the audit trail: the sequencer
+    runs again (re-reading the head), counted, until stopped."""
+    import asyncio
+
+    from aiokafka.errors import KafkaConnectionError
+    from prometheus_client import CollectorRegistry
+
+    from services.auditlog.core import Sequencer
+    from shared.config import Settings
+    from shared.security.envelope import Keyring
+
+    registry = CollectorRegistry()
+    seq = Sequencer(Settings(), Keyring.generate(), registry)
+    calls: list[int] = []
+
+    async def run(stop: asyncio.Event) -> None:
+        calls.append(1)
+        if len(calls) < 3:
+            raise KafkaConnectionError("broker gone")
+        stop.set()
+
+    monkeypatch.setattr(seq, "run", run)
+
+    async def main() -> None:
+        await asyncio.wait_for(seq.run_until_stopped(asyncio.Event(), backoff_s=0.01), 10)
+
+    asyncio.run(main())
+    assert len(calls) == 3
+    assert registry.get_sample_value("radstream_audit_sequencer_restarts_total") == 2
