@@ -12,6 +12,7 @@ import logging  # noqa: E402
 import signal  # noqa: E402
 import ssl  # noqa: E402
 import sys  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 
 from aiohttp import web  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
@@ -24,6 +25,7 @@ from shared.metrics.http import HealthServer  # noqa: E402
 from shared.runtime.service import configure_process  # noqa: E402
 from shared.security.accounts import Users  # noqa: E402
 from shared.security.envelope import Keyring  # noqa: E402
+from shared.security.kek import keyring_for  # noqa: E402
 from shared.storage import local_store  # noqa: E402
 
 log = logging.getLogger("radstream.worklist")
@@ -39,12 +41,23 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
     return ctx
 
 
-async def serve(settings: Settings) -> None:
-    keyring = Keyring.from_file(settings.keyring_path)
-    registry = CollectorRegistry()
+@dataclass
+class WorklistService:
+    """The worklist's Kafka side, its web side and its /metrics, /healthz, /readyz (ready once
+    it has caught up with the topics)."""
+
+    feed: Feed
+    web: WorklistWeb
+    http: HealthServer
+    accounts: int
+
+
+def build(settings: Settings, keyring: Keyring, registry: CollectorRegistry) -> WorklistService:
+    """Wire the worklist (nothing connects or listens until :func:`serve` runs it)."""
     worklist = Worklist(settings.worklist.max_alerts)
     store = local_store(settings.blob_path, keyring)
-    users = Users.load(settings.worklist_users_path)
+    path = settings.worklist_users_path
+    users = Users.load(path) if path.exists() else Users({})
     feed = Feed(settings, keyring, store, worklist)
     web_side = WorklistWeb(
         worklist,
@@ -55,10 +68,16 @@ async def serve(settings: Settings) -> None:
         session_ttl_s=settings.worklist.session_ttl_s,
     )
     feed.changed = web_side.changed
-    health = HealthServer(
-        registry, settings.metrics_host, settings.metrics_port, lambda: feed.ready
-    )
-    runner = web.AppRunner(web_side.app(), access_log=None)  # URLs and clients stay unlogged
+    http = HealthServer(registry, settings.metrics_host, settings.metrics_port, lambda: feed.ready)
+    return WorklistService(feed, web_side, http, len(users))
+
+
+async def serve(settings: Settings) -> None:
+    svc = build(settings, keyring_for(settings), CollectorRegistry())
+    if svc.accounts == 0:
+        raise SystemExit(f"worklist: no accounts in {settings.worklist_users_path}")
+    feed, health = svc.feed, svc.http
+    runner = web.AppRunner(svc.web.app(), access_log=None)  # URLs and clients stay unlogged
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -79,7 +98,7 @@ async def serve(settings: Settings) -> None:
             following.result()  # the feed failed: raise it (non-zero exit)
     finally:
         following.cancel()
-        web_side.close()
+        svc.web.close()
         await runner.cleanup()
         await feed.stop()
         await health.stop()
