@@ -338,9 +338,7 @@ def keys_rotate_password(
         _audit_key_op(home, "keys:rotate-password", principal, "error")
         raise typer.Exit(1) from None
     _audit_key_op(home, "keys:rotate-password", principal)
-    console.print(
-        f"new password for {principal} in {stack.broker.password_file(principal)} (0600)"
-    )
+    console.print(f"new password for {principal} in {stack.broker.password_file(principal)} (0600)")
 
 
 @app.command("deadletters")
@@ -620,6 +618,41 @@ def replay(
     console.print(f"replayed from {stage}: revision {revision} published to {topic}")
 
 
+def _findings_and_results(
+    settings: Settings, keyring: Keyring, series_instance_uid: str, wait_s: float = 0.0
+) -> tuple[SegmentationDone | None, ResultsReady | None]:
+    """A series' latest findings and the results record of that revision (each waited for
+    within ``wait_s`` in all)."""
+    import time
+
+    started = time.monotonic()
+    kafka = settings.kafka
+    done: SegmentationDone | None = asyncio.run(
+        latest_for_series(
+            kafka,
+            settings.topic("findings"),
+            SegmentationDone,
+            keyring,
+            series_instance_uid,
+            wait_s=wait_s,
+        )
+    )
+    if done is None:
+        return None, None
+    paperwork: ResultsReady | None = asyncio.run(
+        latest_for_series(
+            kafka,
+            settings.topic("results"),
+            ResultsReady,
+            keyring,
+            series_instance_uid,
+            wait_s=max(0.0, wait_s - (time.monotonic() - started)),
+            revision=done.revision,
+        )
+    )
+    return done, paperwork
+
+
 @app.command("results")
 def results(
     series_instance_uid: Annotated[str, typer.Argument(help="SeriesInstanceUID of the series")],
@@ -637,36 +670,13 @@ def results(
     """A series' findings (latest revision) joined to its results: the DICOM SEG, the SR
     (TID 1500 measurements), the overlay pictures and their delivery to the PACS. Operator.
     Exits 1 without findings, 3 with findings but no results record (yet)."""
-    import time
-
     from shared.storage import BlobStore, LocalDirBackend
 
-    settings, kafka, keyring = _settings_for(home, "operator")
-    started = time.monotonic()
-    done: SegmentationDone | None = asyncio.run(
-        latest_for_series(
-            kafka,
-            settings.topic("findings"),
-            SegmentationDone,
-            keyring,
-            series_instance_uid,
-            wait_s=timeout,
-        )
-    )
+    settings, _, keyring = _settings_for(home, "operator")
+    done, paperwork = _findings_and_results(settings, keyring, series_instance_uid, timeout)
     if done is None:
         err.print("[red]no findings for that series (yet)")
         raise typer.Exit(1)
-    paperwork: ResultsReady | None = asyncio.run(
-        latest_for_series(
-            kafka,
-            settings.topic("results"),
-            ResultsReady,
-            keyring,
-            series_instance_uid,
-            wait_s=max(0.0, timeout - (time.monotonic() - started)),
-            revision=done.revision,
-        )
-    )
     resource = keyring.keyed_hash(series_instance_uid).decode()
     asyncio.run(emit_audit(settings, keyring, "read:results", resource))
     store = BlobStore(LocalDirBackend(settings.blob_path), keyring)
@@ -677,9 +687,7 @@ def results(
         err.print(f"[red]refused: {exc}")
         raise typer.Exit(4) from None
     segments = {r.finding_label: r for r in (paperwork.segments if paperwork else [])}
-    table = Table(
-        "finding", "label", "volume mL", "diameter mm", "centroid (mm)", "SEG segment"
-    )
+    table = Table("finding", "label", "volume mL", "diameter mm", "centroid (mm)", "SEG segment")
     for f in done.findings:
         seg_ref = segments.get(f.label)
         table.add_row(
@@ -770,14 +778,13 @@ def export(
     import pydicom
 
     from shared.dicom.deid import Deidentifier, Options, to_part10
-    from shared.schemas import ResultsReady, SegmentationDone
     from shared.security.keyfile import read_secret_file, write_private
     from shared.storage import BlobStore, LocalDirBackend
 
     if not deidentify:
         err.print("[red]only de-identified exports are offered: add --deidentify")
         raise typer.Exit(2)
-    settings, kafka, keyring = _settings_for(home, "exporter")
+    settings, _, keyring = _settings_for(home, "exporter")
     path = key_file or LocalStack(home).broker.principals_dir / "exporter" / "deid.key"
     if not path.exists():
         write_private(path, secrets.token_hex(32))
@@ -786,24 +793,10 @@ def export(
     except (KeyFileError, ValueError) as exc:
         err.print(f"[red]pseudonymisation key {path}: {exc}")
         raise typer.Exit(2) from None
-    done: SegmentationDone | None = asyncio.run(
-        latest_for_series(
-            kafka, settings.topic("findings"), SegmentationDone, keyring, series_instance_uid
-        )
-    )
+    done, paperwork = _findings_and_results(settings, keyring, series_instance_uid)
     if done is None or not done.source_instances:
         err.print("[red]no analysed revision of that series (yet)")
         raise typer.Exit(1)
-    paperwork: ResultsReady | None = asyncio.run(
-        latest_for_series(
-            kafka,
-            settings.topic("results"),
-            ResultsReady,
-            keyring,
-            series_instance_uid,
-            revision=done.revision,
-        )
-    )
     store = BlobStore(LocalDirBackend(settings.blob_path), keyring)
     options = Options(retain_dates=retain_dates, clean_descriptors=clean_descriptors)
     deid = Deidentifier(key, options)

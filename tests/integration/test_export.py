@@ -92,6 +92,16 @@ async def test_export_deidentifies_the_series_and_its_seg(env: Env, tmp_path: Pa
         == 0
     )
     assert pydicom.dcmread(again / "seg.dcm").SOPInstanceUID == exported_seg.SOPInstanceUID
+    # the operator's `radstream results` reads the same records (and is audited as a read)
+    papers = tmp_path / "papers"
+    shown = run_cli(
+        ["results", ph.series_instance_uid, "--out", str(papers)], env.service_env("operator")
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert (papers / "seg.dcm").read_bytes() == seg
+    async with Reader(env, "audit.in.operator", AuditEvent) as reads:
+        (read,) = await reads.wait_for(1, timeout=30)
+    assert read.action == "read:results" and read.resource == key.decode()
     async with Reader(env, "audit.in.exporter", AuditEvent) as audit:
         events = await audit.wait_for(2, timeout=30)
     assert {e.action for e in events} == {"export:deidentified"}
