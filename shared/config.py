@@ -113,7 +113,12 @@ class StowSettings(BaseModel):
     )
     max_parts: int = Field(10000, ge=1, description="most instances in one request")
     max_sequence_depth: int = Field(12, description="deepest sequence nesting accepted")
-    window: int = Field(16, ge=1, description="instances of a request in flight to Kafka at once")
+    window: int = Field(
+        16,
+        ge=1,
+        description="instances held at once (read, not yet acknowledged by Kafka), all "
+        "requests together: the endpoint's memory is about window x the part cap",
+    )
 
 
 class GatewaySettings(BaseModel):

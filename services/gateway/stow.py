@@ -297,6 +297,7 @@ def _problem(status: int, text: str, **headers: str) -> web.Response:
 class StowServer:
     core: StowCore
     _runner: web.AppRunner | None = None
+    _window: asyncio.Semaphore | None = None  # parts held at once, across requests
     port: int | None = None
 
     def app(self) -> web.Application:
@@ -380,10 +381,13 @@ class StowServer:
 
     async def _store(self, request: web.Request, study: str | None) -> list[PartResult]:
         """Read, judge and publish part by part: at most ``window`` parts are held (read and
-        not yet acknowledged) at once, so a request's memory is bounded by the window times
-        the part cap, not by the request cap. On TooLarge or a malformed body the parts
-        already sent are awaited (they stay published) before the error goes up."""
-        window = asyncio.Semaphore(self.core.settings.window)
+        not yet acknowledged) at once by all requests together, so the endpoint's memory is
+        bounded by the window times the part cap, not by the request cap or the number of
+        senders. On TooLarge or a malformed body the parts already sent are awaited (they
+        stay published) before the error goes up."""
+        if self._window is None:  # made on the serving loop
+            self._window = asyncio.Semaphore(self.core.settings.window)
+        window = self._window
         limits = self.core.limits
         tasks: list[asyncio.Task[PartResult]] = []
 

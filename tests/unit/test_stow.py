@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from pathlib import Path
 
 import pydicom
@@ -145,3 +146,38 @@ def test_local_stack_serves_stow_rs_with_a_token_only_its_runner_holds(
     found = authenticate(stow.senders, token, None)
     assert found is not None and found.name == "local"
     assert authenticate(stow.senders, token + "x", None) is None
+
+
+def test_compose_and_k8s_serve_stow_rs_to_the_modality_certificate_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import yaml
+
+    from shared.config import Settings
+
+    root = Path(__file__).resolve().parents[2]
+    compose = yaml.safe_load((root / "docker-compose.yml").read_text())["services"]["gateway"]
+    docs = yaml.safe_load_all((root / "deploy" / "k8s" / "base" / "deployments.yaml").read_text())
+    (k8s,) = [d for d in docs if d and d["metadata"]["name"] == "gateway"]
+    (container,) = k8s["spec"]["template"]["spec"]["containers"]
+    deployed = {
+        "compose": (compose["environment"], compose["ports"]),
+        "k8s": (
+            {e["name"]: e["value"] for e in container["env"]},
+            [f"127.0.0.1:{p['containerPort']}:{p['containerPort']}" for p in container["ports"]],
+        ),
+    }
+    for where, (env, ports) in deployed.items():
+        for name in [n for n in os.environ if n.startswith("RADSTREAM_GATEWAY__STOW__")]:
+            monkeypatch.delenv(name)
+        for name, value in env.items():
+            if name.startswith("RADSTREAM_GATEWAY__STOW__"):
+                monkeypatch.setenv(name, str(value))
+        stow = Settings().gateway.stow
+        assert stow.port is not None and f"127.0.0.1:{stow.port}:{stow.port}" in ports, where
+        assert stow.tls_cert is not None and stow.client_ca is not None, where
+        assert [(s.name, s.token_sha256, s.client_cn) for s in stow.senders] == [
+            ("modality", None, "modality")
+        ], where
+        assert authenticate(stow.senders, None, "modality") is not None
+        assert authenticate(stow.senders, "any-token", None) is None
