@@ -45,6 +45,7 @@ COOKIE = "rs_worklist"
 _END = ""  # queued to a live connection: the server is closing it
 MAX_FAILED_LOGINS = 5  # per user name, then locked for LOCKOUT_S
 LOCKOUT_S = 300.0
+MAX_TRACKED = 10_000  # sessions and failed-sign-in counters kept in memory at most
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
     "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
@@ -250,6 +251,8 @@ class WorklistWeb:
             return self._render("login.html", 429, error="Too many attempts; wait.", user=name)
         account = await asyncio.to_thread(self.users.verify, name, password)
         if account is None:
+            if len(self._failures) >= MAX_TRACKED:  # bounded, whatever names are tried
+                self._failures.pop(next(iter(self._failures)))
             self._failures[name] = (count + 1, time.monotonic())
             self.metrics.logins.labels("failure").inc()
             log.info("sign-in refused")
@@ -258,6 +261,12 @@ class WorklistWeb:
             return self._render("login.html", 401, error="Wrong user or password.", user=name)
         self._failures.pop(name, None)
         token = secrets.token_urlsafe(32)
+        if len(self._sessions) >= MAX_TRACKED:
+            now = time.time()
+            for old in [t for t, sess in self._sessions.items() if sess.expires < now]:
+                del self._sessions[old]
+            if len(self._sessions) >= MAX_TRACKED:  # still full: the oldest sign-in goes
+                self._sessions.pop(next(iter(self._sessions)))
         self._sessions[token] = Session(
             account, secrets.token_urlsafe(32), time.time() + self.session_ttl_s
         )

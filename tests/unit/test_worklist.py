@@ -272,6 +272,29 @@ async def test_each_role_gets_its_own_rows_live(users: Users) -> None:
         await client.close()
 
 
+async def test_five_wrong_passwords_lock_the_name(users: Users) -> None:
+    client, _ = await _client(Worklist(), users, FakeBackend())
+    origin = {"Origin": str(client.make_url("")).rstrip("/")}
+    try:
+        for _ in range(5):
+            r = await client.post(
+                "/login", data={"user": "ops", "password": "wrong wrong wrong"}, headers=origin
+            )
+            assert r.status == 401
+        right = {"user": "ops", "password": "another long secret"}
+        locked = await client.post("/login", data=right, headers=origin, allow_redirects=False)
+        assert locked.status == 429 and COOKIE not in locked.cookies
+        other = await client.post(
+            "/login",
+            data={"user": "dr-who", "password": "correct horse battery"},
+            headers=origin,
+            allow_redirects=False,
+        )
+        assert other.status == 303, "only the attacked name is locked"
+    finally:
+        await client.close()
+
+
 async def test_a_reconnecting_page_gets_every_listed_row_again(users: Users) -> None:
     wl = Worklist()
     assert wl.add_alert(alert(aid="a1"), KEY) is not None
