@@ -60,7 +60,7 @@ FEATURES = (
     "log_volume_ml",
     "log_volume_over_3ml",
     "contrast_hu",
-    "midline_mm",
+    "midline_near_mm",
     "bone_contact",
     "thickness_mm",
     "elongation",
@@ -70,6 +70,7 @@ FEATURES = (
 SUBTYPE_FEATURES = ("log_depth_ratio", "solidity", "log_volume_ml", "bone_contact")
 REPORTED = (
     *FEATURES,
+    "midline_mm",
     "mean_hu",
     "extent_mm",
     "z_extent_mm",
@@ -529,10 +530,21 @@ def _features(
         "flatness": ax[2] / max(ax[1], 1e-6),
         "log_depth_ratio": math.log(max(depth / footprint, 1e-3)),
     }
-    # along the inner table, a tube (a venous sinus in its groove) against a sheet (a
-    # subdural or epidural collection); 0 away from the table
-    out["contact_flatness"] = out["bone_contact"] * out["flatness"]
     return out
+
+
+def derived(f: dict[str, float]) -> None:
+    """Features computed from the others (``midline_mm`` set): also applied to cached training
+    rows by ``benchmarks/fit_head.py``.
+
+    * ``midline_near_mm``: the distance from the ideal midline up to 20 mm. Near it lie the
+      superior sagittal and straight sinuses and the falx; farther out the distance says
+      nothing about blood (the transverse sinuses lie ~40 mm out, a haematoma anywhere).
+    * ``contact_flatness``: along the inner table, a tube (a venous sinus in its groove) has
+      a high flatness, a sheet (subdural or epidural blood) a low one; 0 away from the table.
+    """
+    f["midline_near_mm"] = min(f["midline_mm"], 20.0)
+    f["contact_flatness"] = f["bone_contact"] * f["flatness"]
 
 
 def _grow(
@@ -796,6 +808,7 @@ def head_ct(
             feats["midline_mm"] = (
                 abs(mid.side_of(cz, cy, cx, py, px)) if mid and mid.plane else 30.0
             )
+            derived(feats)
             p = confidence(feats, model)
             feats["confidence"] = p
             feats["label_id"] = float(len(candidates) + 1)
@@ -832,6 +845,7 @@ def head_ct(
             cx + pb[2].start + bb[2].start,
         )
         feats["midline_mm"] = abs(mid.side_of(cz, cy, cx, py, px)) if mid and mid.plane else 30.0
+        derived(feats)
         subtype, p_lens = _classify(feats, model)
         feats["lens_probability"] = p_lens
         findings.append(
