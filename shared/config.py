@@ -303,6 +303,12 @@ class WorklistSettings(BaseModel):
     )
     max_alerts: int = Field(500, ge=1, description="alerts kept in memory, newest first")
     source: str = Field("worklist", max_length=64, description="name put on acknowledgements")
+    oidc_issuer: str = Field(
+        "", description="OIDC issuer whose bearer tokens are accepted (empty: none)"
+    )
+    oidc_audience: str = Field("radstream-worklist", description="the tokens' audience")
+    oidc_jwks_file: Path | None = Field(None, description="the issuer's JWKS (JSON file)")
+    oidc_roles_claim: str = Field("roles", description="claim listing the user's roles")
 
 
 class Settings(BaseSettings):

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry  # noqa: E402
 
 from services.worklist.core import Worklist  # noqa: E402
 from services.worklist.feed import Feed  # noqa: E402
+from services.worklist.oidc import BearerVerifier  # noqa: E402
 from services.worklist.web import WorklistWeb  # noqa: E402
 from shared.config import Settings  # noqa: E402
 from shared.metrics.http import HealthServer  # noqa: E402
@@ -59,6 +60,16 @@ def build(settings: Settings, keyring: Keyring, registry: CollectorRegistry) -> 
     path = settings.worklist_users_path
     users = Users.load(path) if path.exists() else Users({})
     feed = Feed(settings, keyring, store, worklist)
+    w = settings.worklist
+    bearer = None
+    if w.oidc_issuer:
+        if w.oidc_jwks_file is None:
+            raise SystemExit(
+                "worklist: RADSTREAM_WORKLIST__OIDC_JWKS_FILE is required with an issuer"
+            )
+        bearer = BearerVerifier.from_file(
+            w.oidc_issuer, w.oidc_audience, w.oidc_jwks_file, w.oidc_roles_claim
+        )
     web_side = WorklistWeb(
         worklist,
         users,
@@ -66,6 +77,7 @@ def build(settings: Settings, keyring: Keyring, registry: CollectorRegistry) -> 
         registry,
         source=settings.worklist.source,
         session_ttl_s=settings.worklist.session_ttl_s,
+        bearer=bearer,
     )
     feed.changed = web_side.changed
     http = HealthServer(registry, settings.metrics_host, settings.metrics_port, lambda: feed.ready)
@@ -74,7 +86,7 @@ def build(settings: Settings, keyring: Keyring, registry: CollectorRegistry) -> 
 
 async def serve(settings: Settings) -> None:
     svc = build(settings, keyring_for(settings), CollectorRegistry())
-    if svc.accounts == 0:
+    if svc.accounts == 0 and svc.web.bearer is None:
         raise SystemExit(f"worklist: no accounts in {settings.worklist_users_path}")
     feed, health = svc.feed, svc.http
     runner = web.AppRunner(svc.web.app(), access_log=None)  # URLs and clients stay unlogged

@@ -35,6 +35,7 @@ from services.worklist.core import (
     new_ack,
     view,
 )
+from services.worklist.oidc import BearerVerifier
 from shared.schemas import AlertAck, BlobRef
 from shared.schemas.models import utcnow
 from shared.security.accounts import Account, Role, Users
@@ -85,6 +86,7 @@ class Session:
     csrf: str
     expires: float
     shown: set[str] = field(default_factory=set)  # alerts whose patient it was shown (audited)
+    bearer: bool = False  # an OIDC bearer token, not a cookie: CSRF does not apply
 
 
 @dataclass(eq=False)  # one per connection, hashed by identity
@@ -131,8 +133,11 @@ class WorklistWeb:
         *,
         source: str = "worklist",
         session_ttl_s: float = 8 * 3600.0,
+        bearer: BearerVerifier | None = None,
     ) -> None:
         self.worklist = worklist
+        self.bearer = bearer
+        self._bearer_shown: OrderedDict[str, set[str]] = OrderedDict()  # per token subject
         self.users = users
         self.backend = backend
         self.metrics = WebMetrics(registry)
@@ -195,6 +200,9 @@ class WorklistWeb:
 
     # ---- sessions ----------------------------------------------------------------------
     def _session(self, request: web.Request) -> Session | None:
+        auth = request.headers.get("Authorization", "")
+        if auth.startswith("Bearer "):
+            return self._bearer_session(auth[len("Bearer ") :].strip())
         token = request.cookies.get(COOKIE, "")
         session = self._sessions.get(token) if token else None
         if session is None:
@@ -203,6 +211,23 @@ class WorklistWeb:
             del self._sessions[token]
             return None
         return session
+
+    def _bearer_session(self, token: str) -> Session | None:
+        verified = self.bearer.verify(token) if self.bearer is not None else None
+        if verified is None:
+            self.metrics.refused.labels("bearer_invalid").inc()
+            return None
+        account, expires = verified
+        shown = self._bearer_shown.setdefault(account.name, set())
+        while len(self._bearer_shown) > MAX_TRACKED:
+            self._bearer_shown.popitem(last=False)
+        return Session(account, "", expires, shown, bearer=True)
+
+    def _valid(self, request: web.Request, session: Session) -> bool:
+        """Still the same sign-in (a live stream ends when its session does)."""
+        if session.bearer:
+            return session.expires >= time.time()
+        return self._session(request) is session
 
     def _refuse(self, reason: str, status: int) -> web.Response:
         self.metrics.refused.labels(reason).inc()
@@ -222,6 +247,8 @@ class WorklistWeb:
             session = self._session(request)
             if session is None:
                 return self._refuse("unauthenticated", 401)
+            if session.bearer:
+                return await handler(request, session)
             if not self._same_origin(request):
                 return self._refuse("cross_origin", 403)
             form = await request.post()
@@ -363,7 +390,7 @@ class WorklistWeb:
                 # ones, replaces known ones)
                 for listed in reversed(self.worklist.newest()):
                     await self._send_row(resp, listed, session)
-            while client in self._clients and self._session(request) is session:
+            while client in self._clients and self._valid(request, session):
                 try:
                     alert_id = await asyncio.wait_for(client.queue.get(), timeout=15.0)
                 except TimeoutError:

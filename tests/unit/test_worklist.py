@@ -342,3 +342,75 @@ def test_the_worklist_certificate_chains_to_the_stack_ca_for_127_0_0_1(tmp_path:
             await runner.cleanup()
 
     assert asyncio.run(fetch()) == 200  # host name and chain checked by the client
+
+
+# ---- OIDC bearer tokens ----------------------------------------------------------------------
+ISSUER, AUDIENCE = "https://idp.hospital.example/realms/radiology", "radstream-worklist"
+
+
+def _idp() -> tuple[Any, dict[str, Any]]:
+    """An identity provider's signing key and its JWKS."""
+    import json
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from jwt.algorithms import ECAlgorithm
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    jwk = json.loads(ECAlgorithm.to_jwk(key.public_key()))
+    return key, {"keys": [{**jwk, "kid": "idp-1", "use": "sig", "alg": "ES256"}]}
+
+
+def _token(key: Any, **claims: Any) -> str:
+    import time
+
+    import jwt
+
+    now = int(time.time())
+    body = {"iss": ISSUER, "aud": AUDIENCE, "sub": "u-42", "iat": now, "exp": now + 300}
+    body.update({"preferred_username": "dr-oidc", "roles": ["clinician"]})
+    body.update(claims)
+    return jwt.encode(body, key, algorithm="ES256", headers={"kid": "idp-1"})
+
+
+async def test_oidc_bearer_tokens_are_verified_offline_and_need_no_csrf(users: Users) -> None:
+    from services.worklist.oidc import BearerVerifier
+
+    key, jwks = _idp()
+    other, _ = _idp()
+    wl = Worklist()
+    wl.add_alert(alert(), KEY)
+    backend = FakeBackend()
+    side = WorklistWeb(
+        wl, users, backend, CollectorRegistry(),
+        bearer=BearerVerifier(ISSUER, AUDIENCE, jwks, "roles"),
+    )  # fmt: skip
+    client = TestClient(TestServer(side.app()))
+    await client.start_server()
+
+    def bearer(token: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token}"}
+
+    try:
+        refused = {
+            "expired": _token(key, exp=1_000_000, iat=999_000),
+            "audience": _token(key, aud="someone-else"),
+            "issuer": _token(key, iss="https://evil.example"),
+            "signer": _token(other),
+            "no role": _token(key, roles=["visitor"]),
+            "both roles": _token(key, roles=["clinician", "operator"]),
+            "garbage": "not.a.jwt",
+        }
+        for why, token in refused.items():
+            assert (await client.get("/events", headers=bearer(token))).status == 401, why
+            r = await client.post("/alerts/a1/ack", headers=bearer(token))
+            assert r.status == 401, why
+        assert backend.acks == []
+        ok = await client.post(
+            "/alerts/a1/ack", headers={**bearer(_token(key)), "Accept": "application/json"}
+        )
+        assert ok.status == 200, await ok.text()
+        assert [(a.user, a.role) for _, a in backend.acks] == [("dr-oidc", "clinician")]
+        stream = await client.get("/events", headers=bearer(_token(key, roles=["operator"])))
+        assert stream.status == 200 and stream.headers["Content-Type"] == "text/event-stream"
+    finally:
+        await client.close()
