@@ -40,7 +40,7 @@ from shared.runtime.reader import read_topic
 from shared.schemas import Alert, SegmentationDone, SeriesReady, VolumePrepared
 from shared.stack.broker import free_port
 
-SERVICES = ("ingest", "preprocess", "segmentation", "alert")
+SERVICES = ("ingest", "preprocess", "segmentation", "alert", "results")
 HOP_METRICS = ("handler_seconds", "commit_seconds", "input_wait_seconds")
 
 
@@ -121,11 +121,17 @@ async def breakdown(broker, keyring, prefix, uids) -> dict[str, float]:  # type:
         if v is not None and v.series_instance_uid in uids:
             at[v.series_instance_uid]["volume"] = item.timestamp_ms / 1000
             handler[v.series_instance_uid]["preprocess"] = v.timings_s["total"]
+            for k, val in v.timings_s.items():
+                if k != "total":
+                    handler[v.series_instance_uid][f"preprocess_{k}"] = val
     async for item in read_topic(op, prefix + "findings", SegmentationDone, keyring):
         d = item.record
         if d is not None and d.series_instance_uid in uids:
             at[d.series_instance_uid]["findings"] = item.timestamp_ms / 1000
             handler[d.series_instance_uid]["segmentation"] = d.timings_s["total"]
+            for k, val in d.timings_s.items():
+                if k != "total":
+                    handler[d.series_instance_uid][f"segmentation_{k}"] = val
     async for item in read_topic(op, prefix + "alerts", Alert, keyring):
         a = item.record
         if a is not None and a.series_instance_uid in uids:
@@ -141,6 +147,11 @@ async def breakdown(broker, keyring, prefix, uids) -> dict[str, float]:  # type:
         rows["segmentation_wait"].append(t["findings"] - t["volume"] - h["segmentation"])
         rows["segmentation_handler"].append(h["segmentation"])
         rows["alert_wait_and_handler"].append(t["alert"] - t["findings"])
+        for k, val in h.items():  # inside the handlers: decode, calibrate, chain, store, task…
+            if "_" in k:
+                rows[k].append(val)
+        # everything on the critical path that is not the task's own compute
+        rows["not_task"].append(t["alert"] - t["last_slice"] - h.get("segmentation_segment", 0.0))
     return {k: round(float(np.median(v)), 3) for k, v in rows.items()}
 
 

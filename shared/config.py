@@ -184,7 +184,12 @@ class PreprocessSettings(BaseModel):
     max_frame_pixels: int = Field(
         32 * 1024 * 1024, description="largest frame (Rows x Columns) decoded"
     )
-    compression_level: int = Field(1, description="zstd level of the stored volume")
+    compression_level: int = Field(
+        0,
+        description="zstd level of the stored volume (negative: zstd's fast levels); 0 stores "
+        "it uncompressed: the volume is transient and read back within seconds, and on a busy "
+        "CPU compressing it costs the alert more than writing the extra bytes",
+    )
 
 
 class SegmentationSettings(BaseModel):
@@ -253,6 +258,14 @@ class ResultsSettings(BaseModel):
     )
     seg_max_frames: int = Field(
         400, ge=1, description="organ segments join the SEG only while it stays this small"
+    )
+    nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="CPU niceness the service adds to itself at start: the paperwork (SEG, SR, "
+        "pictures) runs after the alert and yields the CPU to the stages on the alert's path "
+        "where they share a machine; 0 leaves it alone",
     )
 
     @model_validator(mode="after")

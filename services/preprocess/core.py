@@ -100,18 +100,29 @@ def apply_step(
 
 
 def _slabwise(
-    fn: Callable[[Any], Any], image: np.ndarray, threads: int, dtype: Any = None
+    fn: Callable[[Any], Any],
+    image: np.ndarray,
+    threads: int,
+    dtype: Any = None,
+    chunk: int | None = None,
 ) -> np.ndarray:
-    if threads <= 1 or image.shape[0] < 2 * threads:
+    """``fn`` slab by slab along axis 0 in ``threads`` threads: ``threads`` slabs, or slabs of
+    ``chunk`` slices (small enough to stay in cache between the steps of a fused ``fn``)."""
+    if (threads <= 1 and chunk is None) or image.shape[0] < 2 * max(threads, 1):
         return np.asarray(fn(image))
-    bounds = np.linspace(0, image.shape[0], threads + 1).astype(int)
+    n = threads if chunk is None else max(threads, -(-image.shape[0] // chunk))
+    bounds = np.linspace(0, image.shape[0], n + 1).astype(int)
     out = np.empty(image.shape, dtype or image.dtype)
 
     def run(i: int) -> None:
         out[bounds[i] : bounds[i + 1]] = fn(image[bounds[i] : bounds[i + 1]])
 
+    if threads <= 1:
+        for i in range(n):
+            run(i)
+        return out
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(run, range(threads)))
+        list(pool.map(run, range(n)))
     return out
 
 
@@ -329,15 +340,28 @@ class PreprocessCore:
             img = be.upload(volume.data).astype(xp.float32)  # int16 over the bus
             for step in chain:
                 img, spacing = apply_step(img, step, spacing)
-            stats = _stats(img, volume.modality)
             if is_ct:  # back to int16 on the device: half the bytes come back
                 img = xp.rint(img).clip(-32768, 32767).astype(xp.int16)
+            stats = _stats(img, volume.modality)  # of the volume as stored (int16 for CT)
             host = be.download(img, why="volume")
             del img
             return (host if is_ct else host.astype(np.float32, copy=False)), spacing, stats, be.name
         # CPU: in-plane steps run fused, slab by slab, in threads (SciPy releases the GIL)
         planar = [st for st in chain if _in_plane(st)]
         head = planar if len(planar) == len(chain) else []
+        if is_ct and len(head) == len(chain):
+            # the whole chain is in-plane: one pass per slab, int16 → float32 → steps → int16
+            # while the slab is in cache; the statistics of the int16 volume (as on the device)
+            def to_int16(slab: np.ndarray) -> np.ndarray:
+                img = slab.astype(np.float32)
+                for step in head:
+                    img = apply_step(img, step, spacing)[0]
+                np.rint(img, out=img)
+                np.clip(img, -32768, 32767, out=img)
+                return img.astype(np.int16)
+
+            out = _slabwise(to_int16, volume.data, self.settings.threads, np.int16, chunk=4)
+            return out, spacing, _stats(out, volume.modality), be.name
 
         def fused(slab: np.ndarray) -> np.ndarray:
             out = slab.astype(np.float32)

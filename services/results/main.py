@@ -7,6 +7,7 @@ from shared.runtime.graceful import exit_on_sigterm
 
 exit_on_sigterm(__name__)  # first: a SIGTERM during the heavy imports below exits 0
 
+import os  # noqa: E402
 import sys  # noqa: E402
 
 from prometheus_client import CollectorRegistry  # noqa: E402
@@ -69,7 +70,10 @@ def build(
 
 
 def main() -> int:
-    return serve(build)
+    settings = Settings()
+    if settings.results.nice:
+        os.nice(settings.results.nice)  # after the alert: yield the CPU to the alert's path
+    return serve(build, settings)
 
 
 if __name__ == "__main__":

@@ -118,7 +118,11 @@ def run_stage(
     return 0
 
 
-def serve(build: Callable[[Settings, Keyring, CollectorRegistry], StageSpec[Any]]) -> int:
-    """A service's ``main``: settings from the environment, then :func:`run_stage`."""
-    settings = Settings()
+def serve(
+    build: Callable[[Settings, Keyring, CollectorRegistry], StageSpec[Any]],
+    settings: Settings | None = None,
+) -> int:
+    """A service's ``main``: settings (from the environment unless given), then
+    :func:`run_stage`."""
+    settings = settings or Settings()
     return run_stage(lambda keyring, registry: build(settings, keyring, registry), settings)

@@ -50,6 +50,15 @@ def test_packed_volume_round_trips_and_corrupt_bytes_are_a_reasoned_poison() -> 
         with pytest.raises(PoisonError) as info:
             unpack_volume(bad)
         assert isinstance(info.value, ImagingError) and info.value.reason == "undecodable"
+    raw = pack_volume(vol, level=0)  # a transient volume stored as it is: .npy bytes
+    assert raw.startswith(b"\x93NUMPY") and len(raw) < vol.nbytes + 200
+    back = unpack_volume(raw)
+    assert back.dtype == vol.dtype and np.array_equal(back, vol)
+    assert np.array_equal(unpack_volume(pack_volume(vol, level=-5)), vol)  # zstd fast level
+    for bad in (raw[:-10], raw[:8]):
+        with pytest.raises(PoisonError) as info:
+            unpack_volume(bad)
+        assert isinstance(info.value, ImagingError) and info.value.reason == "undecodable"
     with pytest.raises(ValueError, match="unknown imaging reason"):
         ImagingError("free text", "x")
     assert "undecodable" in REASONS
