@@ -69,6 +69,7 @@ def build(
         stateful=STAGE.stateful,
         tick=core.tick,
         tick_interval_s=1.0,
+        before_commit=core.sync,
     )
 
 

@@ -82,6 +82,10 @@ class StageSpec(Generic[In]):
     stateful: bool = False
     tick: Callable[[Context, float], HandlerResult] | None = None
     tick_interval_s: float = 1.0
+    # called after a batch (or a timer run) is handled and before its transaction commits,
+    # in the handler thread: e.g. make the blobs its outputs and state refer to durable at once
+    # (one parallel sync per transaction instead of two fsyncs per object on the handler's path)
+    before_commit: Callable[[], None] | None = None
 
 
 class Incoming(Protocol):

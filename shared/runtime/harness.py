@@ -243,6 +243,8 @@ class StageHarness(Generic[In]):
         changes sealed for the changelog; then the state's pending writes apply."""
         state = self.state(partition)
         outgoing = outgoing + self.dispatcher.state_changes(state, partition)
+        if (outcomes or outgoing) and self.spec.before_commit is not None:
+            self.spec.before_commit()  # as the runtime: after handling, before the commit
         result = Result(outcomes=outcomes)
         for out in outgoing:
             result.produced.append(self._decoded(out))

@@ -259,6 +259,8 @@ class StageRunner(Generic[In]):
             out.append(outcome)
             if self.settings.commit_on_output and self.dispatcher.feeds_next(outcome):
                 break
+        if self.spec.before_commit is not None:
+            self.spec.before_commit()
         return out
 
     async def _commit(
@@ -315,4 +317,7 @@ class StageRunner(Generic[In]):
     def _tick(self, part: OwnedPartition) -> list[Outgoing]:
         """Runs in a handler thread: the timer's outputs and state changes."""
         out = self.dispatcher.tick(part.tp.partition, part.next_offset, part.state, time.time())
-        return out + self.dispatcher.state_changes(part.state, part.tp.partition)
+        out += self.dispatcher.state_changes(part.state, part.tp.partition)
+        if out and self.spec.before_commit is not None:
+            self.spec.before_commit()
+        return out

@@ -16,8 +16,10 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter
@@ -36,8 +38,15 @@ class BlobError(Exception):
 
 class BlobBackend(ABC):
     @abstractmethod
-    def put(self, name: str, data: bytes) -> bool:
-        """Store ``data`` under ``name`` atomically; False if it already existed."""
+    def put(self, name: str, data: bytes, *, durable: bool = True) -> bool:
+        """Store ``data`` under ``name`` atomically; False if it already existed. With
+        ``durable=False`` the object is readable at once but durable only after :meth:`sync`
+        (and an existing object is written again: it may be one a crash left unsynced)."""
+
+    def sync(self) -> None:
+        """Make every object put with ``durable=False`` since the last call durable (a backend
+        whose puts are always durable has nothing to do)."""
+        return None
 
     @abstractmethod
     def get(self, name: str) -> bytes: ...
@@ -61,18 +70,38 @@ class LocalDirBackend(BlobBackend):
     def __init__(self, root: Path) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._unsynced: set[Path] = set()
+        self._lock = threading.Lock()  # guards _unsynced
+        self._sync_lock = threading.Lock()  # a sync returns only once every earlier put is
 
     def _path(self, name: str) -> Path:
         if not name.isalnum():
             raise ValueError("blob names are alphanumeric")
         return self.root / name[:2] / name
 
-    def put(self, name: str, data: bytes) -> bool:
+    def put(self, name: str, data: bytes, *, durable: bool = True) -> bool:
         path = self._path(name)
-        if path.exists():
-            return False
-        self._write(path, data)
+        if durable:
+            if path.exists():
+                return False
+            self._write(path, data)
+            return True
+        self._write(path, data, sync=False)
+        with self._lock:
+            self._unsynced.add(path)
         return True
+
+    def sync(self) -> None:
+        """fsync the files put with ``durable=False`` and their folders, in parallel (each
+        fsync waits on the disk, not the CPU)."""
+        with self._sync_lock:  # another thread's sync may be syncing our files: wait for it
+            with self._lock:
+                files, self._unsynced = self._unsynced, set()
+            if not files:
+                return
+            targets = sorted(files) + sorted({p.parent for p in files})
+            with ThreadPoolExecutor(min(8, len(targets))) as pool:
+                list(pool.map(_fsync_path, targets))
 
     def replace(self, name: str, data: bytes) -> None:
         self._write(self._path(name), data)
@@ -83,7 +112,7 @@ class LocalDirBackend(BlobBackend):
                 yield path.name
 
     @staticmethod
-    def _write(path: Path, data: bytes) -> None:
+    def _write(path: Path, data: bytes, sync: bool = True) -> None:
         path.parent.mkdir(exist_ok=True, mode=0o700)
         tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -91,16 +120,14 @@ class LocalDirBackend(BlobBackend):
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()
-                os.fsync(fh.fileno())
+                if sync:
+                    os.fsync(fh.fileno())
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        if sync:
+            _fsync_path(path.parent)
 
     def get(self, name: str) -> bytes:
         try:
@@ -124,6 +151,17 @@ class LocalDirBackend(BlobBackend):
         return count, size
 
 
+def _fsync_path(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return  # deleted since it was put (retention): nothing of it needs to last
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class BlobStore:
     def __init__(
         self, backend: BlobBackend, keyring: Keyring, on_write: Callable[[int], None] | None = None
@@ -135,18 +173,25 @@ class BlobStore:
     def _name(self, digest: str) -> str:
         return self.keyring.blob_name(digest)
 
-    def put(self, data: bytes, purpose: str) -> BlobRef:
-        """Store ``data`` sealed for ``purpose`` (a key purpose of shared.topology)."""
+    def put(self, data: bytes, purpose: str, *, durable: bool = True) -> BlobRef:
+        """Store ``data`` sealed for ``purpose`` (a key purpose of shared.topology). With
+        ``durable=False`` it is durable only after :meth:`sync`: the caller syncs before it
+        commits anything that refers to it (a stage: ``StageSpec.before_commit``)."""
         digest = hashlib.sha256(data).hexdigest()
         name = self._name(digest)
-        if self.backend.exists(name):
+        if durable and self.backend.exists(name):
             kid = self._stored_key_id(name)
         else:
             sealed = self.keyring.seal(data, digest.encode(), purpose)
-            if self.backend.put(name, sealed) and self._on_write is not None:
+            if self.backend.put(name, sealed, durable=durable) and self._on_write is not None:
                 self._on_write(len(sealed))
             kid = self.keyring.key_id_of(sealed)
         return BlobRef(digest=digest, size=len(data), key_id=kid)
+
+    def sync(self) -> None:
+        """Make what was put with ``durable=False`` durable (before the commit that refers to
+        it)."""
+        self.backend.sync()
 
     def delete(self, ref: BlobRef) -> None:
         """Delete the object ``ref`` names (retention); nothing if it is already gone."""

@@ -4,7 +4,9 @@ rollback, dead letters, Emit routing, ticks, and two real services built by thei
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -308,6 +310,38 @@ def test_ingest_assembles_a_series_end_to_end(tmp_path: Path, settings: Settings
     # and an instance keyed with anything but its series' hash is refused
     (letter,) = harness.send(InstanceData(source="t", data=datas[0]), key="other").dead_letters
     assert letter.reason == Reason.KEY_MISMATCH
+
+
+def test_ingest_syncs_the_batchs_instances_after_handling_before_the_commit(
+    tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No fsync on the handler's path: the instances a batch stored are made durable together
+    (file and folder) by the spec's before_commit, after the handler and before the commit."""
+    from shared.dicom import phantom
+    from shared.storage import blobs
+
+    keyring = Keyring.generate()
+    harness, _ = _ingest(settings, keyring)
+    events: list[object] = []
+    real_fsync, real_handle = os.fsync, harness.dispatcher.handle
+    monkeypatch.setattr(blobs.os, "fsync", lambda fd: events.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))  # fmt: skip
+    monkeypatch.setattr(harness.dispatcher, "handle", lambda *a: events.append("handled") or real_handle(*a))  # fmt: skip
+    ph = phantom.chest_ct(tmp_path / "ph", seed=3, size=16, slices=2, nodules_mm=())
+    datas = [f.read_bytes() for f in ph.files]
+    harness.send(InstanceData(source="t", data=datas[0]), key=ph.series_instance_uid)
+    digest = hashlib.sha256(datas[0]).hexdigest()
+    path = settings.blob_path / keyring.blob_name(digest)[:2] / keyring.blob_name(digest)
+    assert events == ["handled", str(path), str(path.parent)]
+    assert path.exists()
+    # a blob deleted before its sync (retention) needs none; the folder is still synced
+    store = blobs.local_store(tmp_path / "other", keyring)
+    ref = store.put(b"x" * 100, "instances", durable=False)
+    store.delete(ref)
+    events.clear()
+    store.sync()
+    assert len(events) == 1 and events[0] == str(tmp_path / "other" / keyring.blob_name(ref.digest)[:2])  # fmt: skip
+    store.sync()  # nothing pending: nothing to do
+    assert len(events) == 1
 
 
 def test_ingest_inactivity_timeout_through_the_harness(tmp_path: Path) -> None:
