@@ -1,6 +1,7 @@
 """End-to-end latency, last slice published → alert created, through ingest → preprocess →
 segmentation → alert, every service its own process on a throw-away broker, this machine's
-CPU:
+CPU; the results stage (SEG, SR, pictures after the alert) runs too, as in the real pipeline,
+competing for the CPU:
 
 * 20 chest CT phantoms of 64 slices at 512², one in flight, then 20 more with four in flight;
 * 3 chest CT phantoms of 300 slices at 512², one in flight.
@@ -9,7 +10,10 @@ Latency is the alert's own figure (``latency_seconds``). Prints p50, p99, series
 and where the time goes per hop (median over the one-in-flight series): ingest assembly
 (last slice → SeriesReady sent), then for each stage the wait (the upstream's commit after
 its send, the fetch, queueing: output record time − input record time − handler) and its
-handler; and from each service's /metrics the mean transaction commit and input wait. The
+handler, the handlers' own parts (``preprocess_decode``, ``_calibrate``, ``_chain``,
+``_store``; ``segmentation_segment`` is the task's compute, ``_outputs`` the mask storage) and
+``not_task`` (last slice → alert minus the task: what the pipeline adds); and from each
+service's /metrics the mean transaction commit, handler time and input wait per record. The
 machine's load average is printed with the figures: it is shared, and they move with it.
 
 Targets (issue 13): 64x512² one at a time p50 ≤ 1.0 s, p99 ≤ 2.0 s; four in flight p99 ≤ 4 s
