@@ -3,8 +3,12 @@
 The file (written by ``benchmarks/train_nodule_classifier.py``) holds the feature names, the
 transform of each feature (``log``: log1p of the magnitude, with sign), the standardisation,
 and either logistic-regression coefficients or gradient-boosted trees (feature index,
-threshold, children, leaf values), the training seeds and the held-out metrics. No pickle is
-ever loaded.
+threshold, children, leaf values), an optional calibration (isotonic regression fitted on
+out-of-fold predictions, as a monotone table: the raw score is mapped by linear interpolation),
+the training seeds and the held-out metrics. No pickle is ever loaded.
+
+``veto``: what is never a finding whatever the classifier says (metal; dense tubes, i.e.
+contrast-enhanced vessels), applied before training and at run time.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class Model:
     init: float
     threshold: float  # operating point: candidates below it are not reported
     meta: dict[str, Any]
+    calibration: tuple[np.ndarray, np.ndarray] | None = None  # raw -> calibrated, monotone
 
     def transform(self, rows: list[dict[str, float]]) -> np.ndarray:
         x = np.array([[r.get(f, 0.0) for f in self.features] for r in rows], dtype=np.float64)
@@ -47,7 +52,17 @@ class Model:
         return out
 
     def predict(self, rows: list[dict[str, float]]) -> np.ndarray:
-        """Probability that each candidate is a real nodule or mass."""
+        """Probability that each candidate is a real nodule or mass (calibrated when the
+        file has a calibration table)."""
+        raw = self.predict_raw(rows)
+        if self.calibration is None or raw.size == 0:
+            return raw
+        xs, ys = self.calibration
+        out: np.ndarray = np.interp(raw, xs, ys)
+        return out
+
+    def predict_raw(self, rows: list[dict[str, float]]) -> np.ndarray:
+        """The model's own probability (before calibration)."""
         x = self.transform(rows)
         if x.shape[0] == 0:
             return np.zeros(0)
@@ -101,6 +116,12 @@ def from_dict(d: dict[str, Any]) -> Model:
         init=float(d.get("init", 0.0)),
         threshold=float(d["threshold"]),
         meta=dict(d.get("meta", {})),
+        calibration=(
+            np.asarray(d["calibration"]["x"], dtype=np.float64),
+            np.asarray(d["calibration"]["y"], dtype=np.float64),
+        )
+        if d.get("calibration")
+        else None,
     )
 
 
@@ -113,4 +134,36 @@ def load(path: str | None = None) -> Model:
         raise ValueError("nodule classifier file is inconsistent (feature count)")
     if not 0.0 <= m.threshold <= 1.0 or not all(math.isfinite(v) for v in m.scale):
         raise ValueError("nodule classifier file is inconsistent (threshold or scale)")
+    if m.calibration is not None:
+        xs, ys = m.calibration
+        if (
+            xs.shape != ys.shape
+            or xs.size < 2
+            or (np.diff(xs) < 0).any()
+            or (np.diff(ys) < 0).any()
+        ):
+            raise ValueError("nodule classifier file is inconsistent (calibration not monotone)")
     return m
+
+
+METAL_HU = 2500.0  # steel wires, clips, ports; calcium stays below this after smoothing
+DENSE_HU = 300.0  # a 90th percentile above this: calcium or contrast-enhanced blood
+GRANULOMA_MM = 12.0  # calcified granulomas are small (2-10 mm)
+
+
+def veto(f: dict[str, float]) -> str | None:
+    """Why a candidate can never be a finding (``None``: it can). Metal is an artifact;
+    a dense candidate larger than a granuloma, tubular (rays run on through it, elongated)
+    or continuous with the mediastinum or chest wall is an enhanced vessel or heart chamber,
+    not a calcified nodule."""
+    if f["max_hu"] >= METAL_HU:
+        return "metal"
+    if f["p90_hu"] > DENSE_HU or f["calcified_frac"] >= 0.3:
+        if (
+            f["diameter_mm"] > GRANULOMA_MM
+            or f["ray_long"] > 0.1
+            or f["ray_wall"] > 0.25
+            or f["elongation"] < 0.45
+        ):
+            return "dense_tube"
+    return None

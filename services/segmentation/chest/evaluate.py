@@ -136,6 +136,12 @@ def summarise(cases: list[dict[str, Any]]) -> dict[str, float]:
     out["sensitivity_6mm_plus"] = (
         round(sum(c["hits_6mm_plus"] for c in cases) / tot, 3) if tot else float("nan")
     )
+    tot = sum(c["nodules_6mm_plus"] + c["masses"] for c in cases)
+    out["sensitivity_6mm_plus_and_masses"] = (
+        round(sum(c["hits_6mm_plus"] + c["mass_hits"] for c in cases) / tot, 3)
+        if tot
+        else float("nan")
+    )
     tot = sum(c["masses"] for c in cases)
     out["mass_sensitivity"] = (
         round(sum(c["mass_hits"] for c in cases) / tot, 3) if tot else float("nan")

@@ -65,7 +65,30 @@ FEATURES: tuple[str, ...] = (
     "pleural_seed",
     "threshold_hu",
     "background_hu",
+    "ray_cv",
+    "ray_long",
+    "ray_wall",
+    "ray_pair",
+    "ray_dir",
+    "ray_min_rel",
+    "ray_lung_cv",
+    "dense_frac",
+    "core_hu",
+    "edge_hu",
 )
+
+# unit directions to the 26 neighbours (antipodes at k and 25 - k)
+_DIRS = np.array(
+    [
+        (z, y, x)
+        for z in (-1, 0, 1)
+        for y in (-1, 0, 1)
+        for x in (-1, 0, 1)
+        if (z, y, x) != (0, 0, 0)
+    ],
+    dtype=np.float64,
+)
+_DIRS /= np.linalg.norm(_DIRS, axis=1, keepdims=True)
 
 
 @dataclass
@@ -85,6 +108,54 @@ def _surface_mm2(mask: np.ndarray, sp: tuple[float, float, float]) -> float:
         m = np.pad(mask, [(1, 1) if b == a else (0, 0) for b in range(3)])
         total += float(np.count_nonzero(np.diff(m.astype(np.int8), axis=a))) * face[a]
     return total
+
+
+def _rays(
+    sm: np.ndarray,
+    search: np.ndarray,
+    centre: np.ndarray,
+    radius_mm: float,
+    thr: float,
+    sp: tuple[float, float, float],
+) -> dict[str, float]:
+    """Shape and attachment from 26 rays cast from the lesion's centre through the smoothed
+    crop: each ray's length is where the scan falls below the lesion's threshold (capped at 3
+    radii or the crop), and a ray *walls* when it leaves the search region first (chest wall,
+    mediastinum). A blob: rays about one radius, none long. A vessel: an antipodal pair (or
+    more at a fork) long, the rest short. A nodule on a vessel: one or two long rays on one
+    side. A wall-based lesion: a hemisphere of walled rays, a round dome toward the lung."""
+    step = 0.5 * min(sp)
+    r = max(radius_mm, 1.0)
+    n = max(2, math.ceil(3.0 * r / step))
+    t = (np.arange(1, n + 1) * step)[None, :, None]  # (1, n, 1) mm
+    pts = centre[None, None, :] + _DIRS[:, None, :] * t / np.array(sp)[None, None, :]
+    shape = np.array(sm.shape)
+    inside = ((pts >= 0) & (pts <= shape - 1)).all(axis=2)  # (26, n)
+    idx = np.clip(np.rint(pts).astype(np.int64), 0, shape - 1)
+    vals = sm[idx[..., 0], idx[..., 1], idx[..., 2]]
+    srch = search[idx[..., 0], idx[..., 1], idx[..., 2]]
+    below = (vals < thr) | ~inside
+    wall = ~srch & inside
+    first_below = np.where(below.any(axis=1), below.argmax(axis=1), n)
+    first_wall = np.where(wall.any(axis=1), wall.argmax(axis=1), n)
+    length = (np.minimum(first_below, n) + 0.5) * step
+    # outside the search region the pyramid holds lung: the scan falls there too, so a ray
+    # walls when it leaves the region within a voxel of where it falls
+    walled = first_wall <= first_below + 2
+    long_ = (length >= 2.0 * r) & ~walled
+    out_ = long_ | walled
+    pair = long_ & long_[::-1]
+    free = ~out_
+    lens = length[free]
+    return {
+        "ray_cv": float(length.std() / max(length.mean(), 1e-6)),
+        "ray_long": float(long_.mean()),
+        "ray_wall": float(walled.mean()),
+        "ray_pair": float(pair.sum() / max(long_.sum(), 1)),
+        "ray_dir": float(np.linalg.norm(_DIRS[out_].sum(axis=0)) / max(int(out_.sum()), 1)),
+        "ray_min_rel": float(length.min() / r),
+        "ray_lung_cv": float(lens.std() / max(lens.mean(), 1e-6)) if lens.size >= 3 else 1.0,
+    }
 
 
 def level_for(radius_mm: float, pyr: Pyramid) -> int:
@@ -130,7 +201,10 @@ def segment_seed(
     bg_vox = sm[lung & (sm < -500) & (dist_seed > r)]
     background = float(np.median(bg_vox)) if bg_vox.size > 20 else -850.0
     near = dist_seed <= max(0.5 * r, 1.01 * max(sp))
-    peak = float(sm[near & search].max()) if (near & search).any() else float(sm[p])
+    # the lesion's own level: a high percentile near the seed, not the maximum (a vessel
+    # crossing a ground-glass nodule, or a part-solid nodule's core, would set the threshold
+    # above the ground glass)
+    peak = float(np.percentile(sm[near & search], 70)) if (near & search).any() else float(sm[p])
     thr = float(np.clip(background + 0.5 * (peak - background), -750.0, -350.0))
     region = (sm > thr) & search
     labels, n = ndi.label(region)
@@ -144,10 +218,15 @@ def segment_seed(
             return None
         hit = labels[k]
     comp = labels == hit
-    rho = 0.45 * r
+    # opening radius from the lesion's own thickness: 0.7 x the largest inscribed ball near
+    # the seed, so a vessel thinner than that is cut off however the seed's scale came out
+    edt = ndi.distance_transform_edt(comp, sampling=sp)
+    near_r = dist_seed <= max(0.6 * r, 1.5 * max(sp))
+    inscribed = float(edt[near_r].max()) if (near_r & comp).any() else 0.0
+    rho = 0.7 * inscribed if inscribed > 0 else 0.45 * r
     lesion = comp
     if rho >= 0.6 * min(sp[1:]):
-        core = ndi.distance_transform_edt(comp, sampling=sp) > rho
+        core = edt > rho
         clab, cn = ndi.label(core)
         if cn:
             # the core part nearest the seed
@@ -211,6 +290,12 @@ def segment_seed(
     height = (cen_full[0] - z0) / max(z1 - z0, 1.0)
     if superior < 0:
         height = 1.0 - height
+    r_eq = (3 * vol_mm3 / (4 * math.pi)) ** (1 / 3)
+    rays = _rays(sm, search, cen, r_eq, thr, sp)
+    ii = np.indices(lesion.shape, dtype=np.float64)
+    d_cen = np.sqrt(sum(((ii[a] - cen[a]) * sp[a]) ** 2 for a in range(3)))
+    core_v = sm[lesion & (d_cen <= 0.5 * r_eq)]
+    edge_v = sm[lesion & (d_cen > 0.75 * r_eq)]
     f = {
         "volume_ml": vol_mm3 / 1000.0,
         "diameter_mm": (6 * vol_mm3 / math.pi) ** (1 / 3),
@@ -246,5 +331,10 @@ def segment_seed(
         "pleural_seed": {"blob": 0.0, "blob_faint": 0.0, "blob_edge": 0.5}.get(seed.source, 1.0),
         "threshold_hu": thr,
         "background_hu": background,
+        **rays,
+        # enhanced vessels (contrast) are dense too, but tubular and continuous
+        "dense_frac": float((vals > 150).mean()),
+        "core_hu": float(core_v.mean()) if core_v.size else float(vals.mean()),
+        "edge_hu": float(edge_v.mean()) if edge_v.size else float(vals.mean()),
     }
     return Candidate(seed, g, box, lesion, cen_full, {k: round(float(v), 4) for k, v in f.items()})  # type: ignore[arg-type]

@@ -148,7 +148,10 @@ def measure(mask: Any, geo: Geometry, kind: str, label: str, vol: Any = None) ->
 
 
 def _subtype(f: dict[str, float]) -> str:
-    if f["calcified_frac"] >= CALCIFIED_FRAC or f["p90_hu"] > 300:
+    # dense and (past the veto) small, compact and apart from the wall: a calcified granuloma
+    if (f["calcified_frac"] >= CALCIFIED_FRAC or f["p90_hu"] > classifier.DENSE_HU) and f[
+        "diameter_mm"
+    ] <= classifier.GRANULOMA_MM:
         return "calcified"
     if f["solid_frac"] < 0.15:
         return "ground_glass"
@@ -197,6 +200,8 @@ def chest_ct(
     full = full_masks(lungs, vol, lung_hu=lung_hu)
     rows = [c.features for c in an.candidates]
     probs = model.predict(rows)  # host: a few hundred rows of features
+    vetoed = [classifier.veto(r) for r in rows]
+    probs = np.where([v is None for v in vetoed], probs, 0.0) if len(rows) else probs
     findings: list[dict[str, Any]] = []
     nodules = xp.zeros(vol.shape, dtype=bool)
     # one finding per lesion: its confidence is the group's best; its mask and measurements
@@ -267,6 +272,8 @@ def chest_ct(
         "classifier": model.version,
         "operating_threshold": op,
         "candidates": float(len(an.candidates)),
+        "vetoed_metal": float(sum(v == "metal" for v in vetoed)),
+        "vetoed_dense_tube": float(sum(v == "dense_tube" for v in vetoed)),
         **{k: float(v) for k, v in lungs.notes.items()},
     }
     return TaskResult("chest_ct", masks, findings, params)
