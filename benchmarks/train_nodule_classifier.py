@@ -469,7 +469,7 @@ def out_of_fold(
         held = [c for i, c in enumerate(cases) if i % folds == k]
         rest = [c for i, c in enumerate(cases) if i % folds != k] + others
         x, y = matrix(rest)
-        predict = fit(x, y)
+        predict = fit(x, y, lesion_weights(rest))
         for c in held:
             if c["features"]:
                 xc, _ = matrix([c])
@@ -477,6 +477,26 @@ def out_of_fold(
             else:
                 probs[c["seed"]] = np.zeros(0)
     return _Fixed(probs)
+
+
+def lesion_weights(cases: list[dict[str, Any]]) -> np.ndarray:
+    """Sample weights in ``matrix`` order: every lesion counts the same, however many of its
+    candidates hit it (a mass draws a dozen seeds, a ground-glass nodule one or two): each
+    positive weighs ``1 / (candidates on its lesion)``, rescaled so the positives keep their
+    total weight (the class balance, hence the calibration, is unchanged); negatives 1."""
+    w = []
+    for c in cases:
+        counts: dict[int, int] = {}
+        for h in c["hits"]:
+            if h >= 0:
+                counts[h] = counts.get(h, 0) + 1
+        w += [1.0 / counts[h] if h >= 0 else -1.0 for h in c["hits"]]
+    out = np.array(w, dtype=np.float64)
+    pos = out > 0
+    if pos.any():
+        out[pos] *= pos.sum() / out[pos].sum()
+    out[~pos] = 1.0
+    return out
 
 
 def matrix(cases: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
@@ -554,8 +574,9 @@ def main() -> None:
             return LogisticRegression(C=0.5, class_weight="balanced", max_iter=5000)
         return GradientBoostingClassifier(**GBT, random_state=args.seed)
 
+    sw = lesion_weights(data["train"] + extra)
     lr = make("logistic")
-    lr.fit(xs, y)
+    lr.fit(xs, y, sample_weight=sw)
     models: dict[str, dict[str, Any]] = {
         "logistic": {
             **common,
@@ -565,7 +586,7 @@ def main() -> None:
         },
     }
     gb = make("gbt")
-    gb.fit(xs, y)
+    gb.fit(xs, y, sample_weight=sw)
     prior = float(y.mean())
     trees = []
     for est in gb.estimators_[:, 0]:
@@ -599,11 +620,11 @@ def main() -> None:
     others = [c for c in data["train"] + extra if c["seed"] not in target_seeds]
 
     def fitter(kind: str) -> Any:
-        def fit(x: np.ndarray, yy: np.ndarray) -> Any:
+        def fit(x: np.ndarray, yy: np.ndarray, ww: np.ndarray) -> Any:
             mu, sd = x.mean(axis=0), x.std(axis=0)
             sd[sd < 1e-9] = 1.0
             est = make(kind)
-            est.fit((x - mu) / sd, yy)
+            est.fit((x - mu) / sd, yy, sample_weight=ww)
             return lambda xc: est.predict_proba((xc - mu) / sd)[:, 1]
 
         return fit
@@ -680,6 +701,8 @@ def main() -> None:
             "gbt_params": GBT,
             "calibration": "isotonic regression of the out-of-fold probabilities (5 folds by "
             "case) on the phantom training cases; threshold chosen on the calibrated ones",
+            "sample_weights": "lesion-balanced: a positive weighs 1 / (candidates on its "
+            "lesion), positives' total kept",
             "train_candidates": len(y),
             "train_positives": int(y.sum()),
             "max_fp_per_scan": args.max_fp,

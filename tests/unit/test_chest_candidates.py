@@ -87,3 +87,17 @@ def test_a_normal_chest_has_few_candidates_and_none_look_like_large_nodules() ->
     ]
     # vessels survive as elongated or cut-away candidates, never as round isolated blobs
     assert all(c.features["cut_frac"] > 0.2 or c.features["elongation"] < 0.6 for c in interior)
+
+
+def test_a_nodule_on_contrast_enhanced_vessels_has_a_candidate_of_its_own() -> None:
+    """Enhanced vessels (250 HU) are brighter than a nodule (~40 HU): the blob pass clips
+    solid tissue, so the nodule's own peak is found and segmented, not the vessel's."""
+    case = cs.chest(
+        seed=5, size=192, thickness=1.25, z_mm=220, contrast=True, lesions=(("juxtavascular", 9.0),)
+    )
+    geo = Geometry(case.spacing, case.origin, (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    an = analyse(case.vol, geo)
+    (les,) = case.lesions
+    cand, dist = _nearest(an, geo, np.array(les.centre_mm))
+    assert dist <= max(les.diameter_mm / 2, 3.0)
+    assert abs(cand.features["diameter_mm"] - les.diameter_mm) <= 0.4 * les.diameter_mm + 1

@@ -126,3 +126,44 @@ def test_evaluate_chest_counts_hits_by_size_false_positives_and_masses() -> None
     assert r["dice_lung_left"] == 1.0
     s = summarise([r, r])
     assert s["sensitivity_6mm_plus"] == pytest.approx(1 / 2) and s["fp_per_scan"] == 1.0
+
+
+def test_calibration_table_maps_scores_monotonically_and_a_broken_one_is_refused(
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    d = json.loads(classifier.MODEL_PATH.read_text())
+    d["calibration"] = {"x": [0.0, 0.5, 1.0], "y": [0.0, 0.1, 0.9]}
+    p = tmp_path / "cal.json"
+    p.write_text(json.dumps(d))
+    m = classifier.load(str(p))
+    rows = [{f: float(v) for f in m.features} for v in np.linspace(-3, 3, 25)]
+    raw, cal = m.predict_raw(rows), m.predict(rows)
+    assert np.allclose(cal, np.interp(raw, [0.0, 0.5, 1.0], [0.0, 0.1, 0.9]))
+    d["calibration"] = {"x": [0.0, 0.5, 1.0], "y": [0.0, 0.6, 0.2]}  # not monotone
+    bad = tmp_path / "bad_cal.json"
+    bad.write_text(json.dumps(d))
+    with pytest.raises(ValueError):
+        classifier.load(str(bad))
+
+
+def _cand(**kw: float) -> dict[str, float]:
+    base = {
+        "max_hu": 400.0,
+        "p90_hu": 350.0,
+        "calcified_frac": 0.6,
+        "diameter_mm": 5.0,
+        "ray_long": 0.0,
+        "ray_wall": 0.0,
+        "elongation": 0.8,
+    }
+    return {**base, **kw}
+
+
+def test_veto_keeps_granulomas_and_soft_tissue_but_drops_metal_and_enhanced_vessels() -> None:
+    assert classifier.veto(_cand()) is None  # small, compact, dense: a granuloma
+    assert classifier.veto(_cand(p90_hu=60.0, calcified_frac=0.0, diameter_mm=20.0)) is None
+    assert classifier.veto(_cand(max_hu=3000.0)) == "metal"  # wire, clip
+    assert classifier.veto(_cand(diameter_mm=18.0)) == "dense_tube"  # too big for a granuloma
+    assert classifier.veto(_cand(ray_long=0.3)) == "dense_tube"  # rays run on: a vessel
+    assert classifier.veto(_cand(ray_wall=0.5)) == "dense_tube"  # continuous with the wall
+    assert classifier.veto(_cand(elongation=0.3)) == "dense_tube"

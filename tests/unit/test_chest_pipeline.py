@@ -74,3 +74,11 @@ def test_a_normal_chest_gives_at_most_two_findings() -> None:
     assert len(lesions) <= 2
     assert all(f["features"]["diameter_mm"] >= 4.0 for f in lesions)
     assert {f["label"] for f in res.findings if f["type"] == "lung"} == {"lung_left", "lung_right"}
+
+
+def test_slices_thicker_than_the_validated_range_never_reach_the_operating_point() -> None:
+    case = cs.chest(seed=23, size=160, thickness=10.0, z_mm=230, lesions=(("solid", 20.0),))
+    res = _run(case)
+    assert res.params["out_of_spec_slices"] == 1.0
+    lesions = [f for f in res.findings if f["type"] in ("nodule", "mass")]
+    assert all(f["confidence"] <= 0.3 for f in lesions)

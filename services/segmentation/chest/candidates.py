@@ -181,14 +181,19 @@ def blob_seeds(
     *,
     min_peak_hu: float = -750.0,
     min_score: float = 25.0,
+    coarse_score: float = 12.0,
     faint_hu: float = -450.0,
     min_faint_score: float = 8.0,
+    min_opened_score: float = 2.5,
+    solid_hu: float = 100.0,
     per_scale: int = 400,
 ) -> list[Seed]:
     """Blob seeds over the pyramid. A second, *faint* pass on levels 1-2 looks at the scan
     with everything denser than ``faint_hu`` replaced by lung: a ground-glass nodule crossed
     by a vessel then has its own peak, found at a lower score threshold; its seeds compete in
-    their own budget (``merge_seeds``)."""
+    their own budget (``merge_seeds``). Levels above the finest pass at ``coarse_score``: a
+    spiculated or ellipsoidal nodule on vessels (eigenvalues -140, -80, -40) scores ~12, and
+    the coarse grids hold few noise peaks."""
     xp, _ = namespace(pyr.images[0])
     seeds: list[Seed] = []
     for level, ((_target, sigmas), g, img, srch, side) in enumerate(
@@ -196,11 +201,18 @@ def blob_seeds(
     ):
         if min(img.shape) < 3:
             continue
-        passes: list[tuple[Any, float | None]] = [(img, None)]
+        # solid tissue clipped at soft tissue: contrast-enhanced vessels, calcium and metal
+        # are no brighter than a nodule, so a nodule on an enhanced vessel keeps its own peak
+        # (the vessel's brightness no longer pulls the maximum onto it)
+        passes: list[tuple[Any, float | None]] = [(xp.minimum(img, xp.float32(solid_hu)), None)]
         if level in (1, 2):
-            # solid tissue (vessels) replaced by lung: a ground-glass nodule on a vessel
-            # becomes an isolated blob, the vessels' partial-volume rims thin tubes
-            passes.append((xp.where(img > faint_hu, xp.float32(-850.0), img), faint_hu))
+            # solid tissue clipped to the ground-glass ceiling, then a grey opening with a
+            # 3-voxel cube (min then max filter): vessels thinner than that are gone, a
+            # ground-glass nodule (wider) stays, without the holes the vessels crossing it
+            # would leave if they were replaced by lung
+            _, ndi = namespace(img)
+            faint = ndi.grey_opening(xp.minimum(img, xp.float32(faint_hu)), size=(3, 3, 3))
+            passes.append((faint, faint_hu))
         for image, clip in passes:
             for sigma in sigmas:
                 if sigma < 0.8 * min(g.spacing[1:]):
@@ -215,10 +227,12 @@ def blob_seeds(
                     original=img,
                     low=min_peak_hu,
                     high=clip,
-                    min_score=min_score if clip is None else min_faint_score,
+                    min_score=(min_score if level == 0 else coarse_score)
+                    if clip is None
+                    else min_opened_score,
                     per_scale=per_scale,
                     faint_hu=faint_hu,
-                    min_faint_score=min_faint_score,
+                    min_faint_score=min_faint_score if clip is None else min_opened_score,
                 )
     return seeds
 
@@ -298,7 +312,9 @@ def _scan(
         zyx = g.to_full((float(pts_h[k, 0]), float(pts_h[k, 1]), float(pts_h[k, 2])))
         if not bool(deep_h[k]):
             source = "blob_edge"
-        elif high is not None or (vals_h[k] < faint_hu and max(g.spacing[1:]) < 3.0):
+        elif high is not None:
+            source = "blob_ggo"
+        elif vals_h[k] < faint_hu and max(g.spacing[1:]) < 3.0:
             source = "blob_faint"
         else:
             source = "blob"
@@ -380,6 +396,50 @@ def pleural_seeds(
     return seeds
 
 
+def wall_seeds(
+    lungs: Lungs, *, min_hu: float = -500.0, min_depth_mm: float = 2.8, per_side: int = 40
+) -> list[Seed]:
+    """Broad-based lesions on the wall: the thickest points of the dense part of the pleural
+    concavities (distance-transform maxima of search minus lung, denser than ``min_hu``). A
+    nodule bulging from the pleura into the lung is a local maximum of that thickness
+    wherever its concavity connects to (the thin rims along the rest of the wall do not
+    move its maximum, unlike a component's centroid)."""
+    xp, ndi = namespace(lungs.low)
+    g = lungs.grid
+    seeds: list[Seed] = []
+    for name in SIDES:
+        box = bbox(lungs.search[name], pad=(1, 1, 1))
+        if box is None:
+            continue
+        low = lungs.low[box]
+        added = lungs.search[name][box] & ~lungs.masks[name][box] & (low > min_hu)
+        depth = ndi.distance_transform_edt(added, sampling=g.spacing)
+        peaks = (ndi.maximum_filter(depth, size=3) == depth) & (depth >= min_depth_mm)
+        pts = xp.argwhere(peaks)
+        if int(pts.shape[0]) == 0:
+            continue
+        vals = depth[pts[:, 0], pts[:, 1], pts[:, 2]]
+        keep = xp.argsort(-vals)[: 4 * per_side]
+        pts_h = host(pts[keep])
+        vals_h = host(vals[keep]).astype(np.float64)
+        hu_h = host(low[tuple(xp.asarray(pts_h[:, a]) for a in range(3))]).astype(np.float64)
+        for k in range(min(len(vals_h), 4 * per_side)):
+            c = tuple(float(pts_h[k, a] + box[a].start) for a in range(3))
+            seeds.append(
+                Seed(
+                    g.to_full((c[0], c[1], c[2])),
+                    2.0 * float(vals_h[k]),
+                    "wall",
+                    float(vals_h[k]),
+                    0.0,
+                    (0.0, 0.0, 0.0),
+                    float(hu_h[k]),
+                    name,
+                )
+            )
+    return seeds
+
+
 def merge_seeds(
     seeds: list[Seed], spacing: tuple[float, float, float], *, max_seeds: int = 240
 ) -> list[Seed]:
@@ -388,7 +448,14 @@ def merge_seeds(
     the search region's edge (juxtapleural, near the mediastinum) 25 %, pleural concavities
     15 % (each scored on its own scale)."""
     sp = np.array(spacing)
-    budget = {"blob": 0.45, "blob_faint": 0.15, "blob_edge": 0.25, "pleural": 0.15}
+    budget = {
+        "blob": 0.36,
+        "blob_faint": 0.1,
+        "blob_ggo": 0.08,
+        "blob_edge": 0.2,
+        "pleural": 0.12,
+        "wall": 0.14,
+    }
     out: list[Seed] = []
     for source, share in budget.items():
         kept: list[Seed] = []

@@ -65,6 +65,7 @@ FEATURES: tuple[str, ...] = (
     "pleural_seed",
     "threshold_hu",
     "background_hu",
+    "ggo_seed",
     "ray_cv",
     "ray_long",
     "ray_wall",
@@ -328,7 +329,10 @@ def segment_seed(
         "dist_hilum_mm": dist_hilum,
         "height_rel": float(height),
         "medial_rel": abs(cen_full[2] - midline_x) / max(half_width, 1.0),
-        "pleural_seed": {"blob": 0.0, "blob_faint": 0.0, "blob_edge": 0.5}.get(seed.source, 1.0),
+        "pleural_seed": {"blob": 0.0, "blob_faint": 0.0, "blob_ggo": 0.0, "blob_edge": 0.5}.get(
+            seed.source, 1.0
+        ),
+        "ggo_seed": 1.0 if seed.source == "blob_ggo" else 0.0,
         "threshold_hu": thr,
         "background_hu": background,
         **rays,

@@ -16,6 +16,7 @@ from services.segmentation.chest.candidates import (
     pleural_seeds,
     pyramid,
     resample_mask,
+    wall_seeds,
 )
 from services.segmentation.chest.features import Candidate, segment_seed
 from services.segmentation.chest.grid import Grid, bbox, host
@@ -31,6 +32,11 @@ MIN_REPORT_MM = (
     4.0  # below this nothing is reported (under the 6 mm follow-up size of the guidelines)
 )
 CALCIFIED_FRAC = 0.3
+# the validated acquisition range (slices up to 5 mm): thicker series are analysed, but their
+# confidences are not calibrated (the classifier never saw them; partial volume turns vessels
+# into blobs), so they are capped below the alert rules' operating point and flagged
+MAX_SLICE_MM = 5.0
+OUT_OF_SPEC_CONFIDENCE = 0.3
 
 
 @dataclass
@@ -70,14 +76,16 @@ def _hila(lungs: Lungs) -> dict[str, tuple[float, float, float]]:
     return out
 
 
-def analyse(vol: Any, geo: Geometry, *, lung_hu: float = -400.0, max_seeds: int = 240) -> Analysis:
+def analyse(vol: Any, geo: Geometry, *, lung_hu: float = -400.0, max_seeds: int = 280) -> Analysis:
     """Lungs and every candidate with its segmentation and features (no classification)."""
     lungs = segment_lungs(vol, spacing=geo.spacing, direction=geo.direction, lung_hu=lung_hu)
     box = lung_box(lungs, vol.shape)
     if box is None:
         return Analysis(lungs, None, [])
     pyr = pyramid(vol, lungs, box, geo.spacing)
-    seeds = merge_seeds(blob_seeds(pyr) + pleural_seeds(lungs), geo.spacing, max_seeds=max_seeds)
+    seeds = merge_seeds(
+        blob_seeds(pyr) + pleural_seeds(lungs) + wall_seeds(lungs), geo.spacing, max_seeds=max_seeds
+    )
     union = lungs.masks[SIDES[0]] | lungs.masks[SIDES[1]]
     cache: dict[int, Any] = {}
 
@@ -218,7 +226,10 @@ def chest_ct(
         if above:
             big = max(above, key=lambda i: an.candidates[i].features["volume_ml"])
             picks.append((big, float(probs[grp[0]])))
+    out_of_spec = abs(geo.spacing[0]) > MAX_SLICE_MM * 1.02
     for i, conf in picks:
+        if out_of_spec:
+            conf = min(conf, OUT_OF_SPEC_CONFIDENCE)
         c = an.candidates[i]
         cg = c.grid
         sub = Grid(
@@ -274,6 +285,7 @@ def chest_ct(
         "candidates": float(len(an.candidates)),
         "vetoed_metal": float(sum(v == "metal" for v in vetoed)),
         "vetoed_dense_tube": float(sum(v == "dense_tube" for v in vetoed)),
+        "out_of_spec_slices": float(out_of_spec),
         **{k: float(v) for k, v in lungs.notes.items()},
     }
     return TaskResult("chest_ct", masks, findings, params)
