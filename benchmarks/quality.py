@@ -30,6 +30,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -110,17 +111,58 @@ def chest_cases(n: int, seed0: int) -> list[dict[str, Any]]:
     return plans
 
 
-def run_chest(plan: dict[str, Any]) -> dict[str, Any]:
+CACHE: Path | None = None  # --cache: generated phantoms kept between runs
+
+
+@dataclass
+class _Case:
+    hu: np.ndarray
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    truth: dict[str, np.ndarray]
+    lesions: list[dict[str, Any]]
+
+
+def chest_phantom(plan: dict[str, Any]) -> _Case:
+    """The plan's phantom, generated (or read back from ``CACHE``: arrays as .npz, lesion
+    records as JSON; no pickle)."""
     from shared.phantoms.chest import chest_case
 
-    t0 = time.perf_counter()
-    case = chest_case(
+    key = "chest-{seed}-{size}-{thickness_mm}-{contrast:d}-{normal:d}".format(**plan)
+    d = CACHE / key if CACHE else None
+    if d is not None and (d / "case.json").exists():
+        meta = json.loads((d / "case.json").read_text())
+        arrays = np.load(d / "arrays.npz")
+        return _Case(
+            arrays["hu"],
+            tuple(meta["spacing"]),  # type: ignore[arg-type]
+            tuple(meta["origin"]),  # type: ignore[arg-type]
+            {k[6:]: arrays[k] for k in arrays.files if k.startswith("truth_")},
+            meta["lesions"],
+        )
+    c = chest_case(
         plan["seed"],
         size=plan["size"],
         thickness_mm=plan["thickness_mm"],
         contrast=plan["contrast"],
         normal=plan["normal"],
     )
+    case = _Case(c.hu, c.spacing, c.origin, dict(c.truth), c.lesions)
+    if d is not None:
+        d.mkdir(parents=True, exist_ok=True)
+        np.savez(d / "arrays.npz", hu=c.hu, **{f"truth_{k}": v for k, v in c.truth.items()})
+        (d / "case.json").write_text(
+            json.dumps(
+                {"spacing": c.spacing, "origin": c.origin, "lesions": c.lesions},
+                default=lambda v: v.tolist() if hasattr(v, "tolist") else float(v),
+            )
+        )
+    return case
+
+
+def run_chest(plan: dict[str, Any]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    case = chest_phantom(plan)
     gen = time.perf_counter() - t0
     result, seconds, alerts = analyse(case.hu, case.spacing, case.origin, "chest")
     lesions = [
@@ -389,6 +431,7 @@ def main() -> int:
     ap.add_argument("--no-real", action="store_true")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--jobs", type=int, default=1, help="head cases in parallel processes")
+    ap.add_argument("--cache", type=Path, help="folder: generated chest phantoms kept between runs")
     ap.add_argument(
         "--workers",
         type=int,
@@ -398,6 +441,8 @@ def main() -> int:
     )
     ap.add_argument("--out", type=Path, default=REPO / "out" / "quality")
     args = ap.parse_args()
+    global CACHE
+    CACHE = args.cache
     report: dict[str, Any] = {"seed": args.seed}
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     chest_rows = []

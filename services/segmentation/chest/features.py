@@ -219,12 +219,13 @@ def segment_seed(
             return None
         hit = labels[k]
     comp = labels == hit
-    # opening radius from the lesion's own thickness: 0.7 x the largest inscribed ball near
-    # the seed, so a vessel thinner than that is cut off however the seed's scale came out
+    # opening radius: 0.45 x the seed's radius, or 0.7 x the largest inscribed ball near the
+    # seed when that is more, so a vessel thinner than the lesion is cut off even when the
+    # seed's scale came out small (never less: a thin wall nodule would shrink to its core)
     edt = ndi.distance_transform_edt(comp, sampling=sp)
     near_r = dist_seed <= max(0.6 * r, 1.5 * max(sp))
     inscribed = float(edt[near_r].max()) if (near_r & comp).any() else 0.0
-    rho = 0.7 * inscribed if inscribed > 0 else 0.45 * r
+    rho = max(0.7 * inscribed, 0.45 * r)
     lesion = comp
     if rho >= 0.6 * min(sp[1:]):
         core = edt > rho
