@@ -168,6 +168,34 @@ def level_for(radius_mm: float, pyr: Pyramid) -> int:
     return best
 
 
+MIN_LESION_MM = 4.0  # the pipeline reports nothing smaller
+
+
+def _opened(
+    comp: np.ndarray,
+    edt: np.ndarray,
+    dist_seed: np.ndarray,
+    rho: float,
+    r: float,
+    sp: tuple[float, float, float],
+) -> np.ndarray:
+    """``comp`` opened with a ball of radius ``rho``: the core part nearest the seed grown back
+    by ``rho`` inside ``comp`` (``comp`` itself when the ball is below a voxel or no core part
+    lies within ``r`` of the seed)."""
+    if rho < 0.6 * min(sp[1:]):
+        return comp
+    clab, cn = ndi.label(edt > rho)
+    if not cn:
+        return comp
+    dmin = ndi.minimum(dist_seed, clab, index=np.arange(1, cn + 1))
+    best = int(np.argmin(dmin)) + 1
+    if dmin[best - 1] > r:
+        return comp
+    keep = clab == best
+    out: np.ndarray = (ndi.distance_transform_edt(~keep, sampling=sp) <= rho + 0.5 * min(sp)) & comp
+    return out
+
+
 def segment_seed(
     seed: Seed,
     pyr: Pyramid,
@@ -219,26 +247,18 @@ def segment_seed(
             return None
         hit = labels[k]
     comp = labels == hit
-    # opening radius: 0.45 x the seed's radius, or 0.7 x the largest inscribed ball near the
-    # seed when that is more, so a vessel thinner than the lesion is cut off even when the
-    # seed's scale came out small (never less: a thin wall nodule would shrink to its core)
+    # opening radius from the lesion's own thickness: 0.7 x the largest inscribed ball near
+    # the seed, so a vessel thinner than that is cut off however the seed's scale came out;
+    # when that leaves less than a reportable lesion (a thin wall nodule shrunk to its core),
+    # 0.45 x the seed's radius instead
     edt = ndi.distance_transform_edt(comp, sampling=sp)
     near_r = dist_seed <= max(0.6 * r, 1.5 * max(sp))
     inscribed = float(edt[near_r].max()) if (near_r & comp).any() else 0.0
-    rho = max(0.7 * inscribed, 0.45 * r)
-    lesion = comp
-    if rho >= 0.6 * min(sp[1:]):
-        core = edt > rho
-        clab, cn = ndi.label(core)
-        if cn:
-            # the core part nearest the seed
-            dmin = ndi.minimum(dist_seed, clab, index=np.arange(1, cn + 1))
-            best = int(np.argmin(dmin)) + 1
-            if dmin[best - 1] <= r:
-                keep = clab == best
-                lesion = (
-                    ndi.distance_transform_edt(~keep, sampling=sp) <= rho + 0.5 * min(sp)
-                ) & comp
+    rho = 0.7 * inscribed if inscribed > 0 else 0.45 * r
+    lesion = _opened(comp, edt, dist_seed, rho, r, sp)
+    small = lesion.sum() * sp[0] * sp[1] * sp[2] < math.pi / 6 * MIN_LESION_MM**3
+    if small and 0.45 * r > rho:
+        lesion = _opened(comp, edt, dist_seed, 0.45 * r, r, sp)
     n_vox = int(lesion.sum())
     if n_vox < 2:
         return None
