@@ -13,11 +13,15 @@ import os
 import sys
 import time
 
-from shared.runtime.errors import PoisonError
-from shared.runtime.service import run_stage
-from shared.runtime.stage import Context, StageSpec
-from shared.schemas import Probe, Reason
-from shared.stack.principals import STAGES
+from shared.runtime.graceful import exit_on_sigterm
+
+exit_on_sigterm(__name__)  # first: a SIGTERM during the imports below exits 0, as every service
+
+from shared.runtime.errors import PoisonError  # noqa: E402
+from shared.runtime.service import run_stage  # noqa: E402
+from shared.runtime.stage import Context, StageSpec  # noqa: E402
+from shared.schemas import Probe, Reason  # noqa: E402
+from shared.stack.principals import STAGES  # noqa: E402
 
 
 def make_spec(stage: str = "preprocess", delay_s: float = 0.0) -> StageSpec[Probe]:

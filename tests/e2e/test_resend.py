@@ -83,6 +83,9 @@ def one_more_slice(files: list[Path], out: Path) -> Path:
     return out
 
 
+# the longest test: 10 series, every service and the broker restarted, re-sent twice; a hang
+# guard, not a synchronisation (it took 298 s at load 22 on 2 cores, over the default 300 s)
+@pytest.mark.timeout(900)
 async def test_resent_series_raise_nothing_before_and_after_a_restart_of_everything(
     env: Env, tmp_path: Path
 ) -> None:

@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SERVICES = sorted(p.parent.name for p in (REPO / "services").glob("*/main.py"))
+# every service, and the pass-through stage the exactly-once kill tests run as a process
+MODULES = [
+    f"services.{p.parent.name}.main" for p in sorted((REPO / "services").glob("*/main.py"))
+] + ["shared.runtime.passthrough"]
 
 # Runs the service as __main__ and sends itself SIGTERM when the service's imports reach
 # NumPy, i.e. in the middle of the heavy imports, deterministically.
@@ -27,10 +30,10 @@ runpy.run_module(sys.argv[1], run_name="__main__", alter_sys=True)
 """
 
 
-@pytest.mark.parametrize("service", SERVICES)
-def test_sigterm_during_start_up_exits_zero(service: str) -> None:
+@pytest.mark.parametrize("module", MODULES)
+def test_sigterm_during_start_up_exits_zero(module: str) -> None:
     proc = subprocess.run(
-        [sys.executable, "-c", PROBE, f"services.{service}.main"],
+        [sys.executable, "-c", PROBE, module],
         cwd=REPO,
         capture_output=True,
         timeout=120,
