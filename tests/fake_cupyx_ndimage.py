@@ -70,6 +70,9 @@ Distance transform (``distance_transform_edt``)
   * 2D and 3D only (``NotImplementedError``); ``distances``/``indices`` outputs must be device
     arrays; returns device arrays (float64 distances, int32 indices).
 
+Grey morphology (``grey_erosion``/``grey_dilation``/``grey_opening``/``grey_closing``): as the
+  min/max filters (CuPy implements them with the same kernel); footprint a device array.
+
 Anything else is missing on purpose: a new use adds its CuPy rules here first.
 """
 
@@ -196,6 +199,10 @@ def make(cp: types.ModuleType) -> types.ModuleType:
     mod.minimum_filter = _filter("minimum_filter", nan_cval=True)  # type: ignore[attr-defined]
     mod.maximum_filter = _filter("maximum_filter", nan_cval=True)  # type: ignore[attr-defined]
     mod.laplace = _filter("laplace")  # type: ignore[attr-defined]
+    # grey morphology: cupyx/scipy/ndimage/_morphology.py runs them through the same
+    # _min_or_max_filter as minimum/maximum_filter (size, footprint or structure; NaN cval not)
+    for grey in ("grey_erosion", "grey_dilation", "grey_opening", "grey_closing"):
+        setattr(mod, grey, _filter(grey, nan_cval=True))
 
     # ---- interpolation ----------------------------------------------------------------------
     def check_parameter(func: str, order: Any, mode: str) -> None:
