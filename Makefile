@@ -57,10 +57,12 @@ down: setup
 status: setup
 	$(VENV)/bin/radstream stack status
 
+# Two pytest-xdist workers: the tests that share the Kafka broker and start real processes run
+# in order on one (tests/conftest.py's scheduler), the unit tests run beside them on the other.
 test: setup
 	$(VENV)/bin/ruff check shared services tests benchmarks
 	$(VENV)/bin/mypy
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n 2
 
 test-unit: setup
 	$(VENV)/bin/pytest tests/unit

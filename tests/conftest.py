@@ -12,7 +12,32 @@ import pytest
 
 from shared.security.envelope import Keyring, init_keyring_file
 from shared.stack.broker import LocalBroker, free_port
-from tests.helpers import Env
+from tests.helpers import Env, collect_refused_sockets
+
+# Tests that start real processes (the session's Kafka broker, Orthanc, Prometheus, services,
+# whole stacks) run one after another in one work unit: ``make test`` (``pytest -n 2``) runs
+# them on one pytest-xdist worker while the other worker takes the in-process unit tests, which
+# never touch the broker. (xdist's own ``--dist loadgroup`` renames node ids, which pytest 9 no
+# longer reads, so the grouping is this scheduler's.)
+# Tests that start a whole stack of their own on free ports (RADSTREAM_STACK_PORTS=auto) need
+# nothing of the session's: they are a second unit, run beside the first.
+STACK_DIRS = ("tests/integration/", "tests/e2e/")
+OWN_STACK = (
+    "tests/e2e/test_demo.py::",
+    "tests/integration/test_cli.py::test_stack_up_",
+)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    from xdist.scheduler import LoadScopeScheduling
+
+    class StackScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            if nodeid.startswith(OWN_STACK):
+                return "own-stack"
+            return "stack" if nodeid.startswith(STACK_DIRS) else nodeid
+
+    return StackScheduling(config, log)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -53,6 +78,15 @@ def env(broker: LocalBroker, tmp_path: Path) -> Env:
     keyring_path = tmp_path / "secrets" / "keyring.json"
     init_keyring_file(keyring_path)
     return Env(broker, prefix, keyring_path, Keyring.from_file(keyring_path), tmp_path)
+
+
+@pytest.fixture
+def collect_refused_clients() -> Iterator[None]:
+    """For tests of refused Kafka clients: aiokafka leaves the SSL socket of a connection the
+    broker refused in a reference cycle, and the garbage collector's ResourceWarning for it
+    would fail whichever later test it happens to run in. Collected here, at this test's end."""
+    yield
+    collect_refused_sockets()
 
 
 @pytest.fixture

@@ -4,11 +4,13 @@ run a stage as a real subprocess."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,15 @@ def dciodvfy_errors(data: bytes, path: Path) -> list[str]:
     path.write_bytes(data)
     check = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
     return [ln for ln in (check.stdout + check.stderr).splitlines() if ln.startswith("Error")]
+
+
+def collect_refused_sockets() -> None:
+    """Collect the garbage aiokafka leaves when the broker refuses a client (its SSL socket in a
+    reference cycle), with that socket's ResourceWarning silenced: only for tests of refusals,
+    whose clients are aiokafka's own, never a service's."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
 
 
 async def wait_until(cond: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:

@@ -12,7 +12,7 @@ from aiokafka.errors import GroupAuthorizationFailedError
 from tests.helpers import Env
 from tests.integration.test_acls import consume, denied, seed
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("collect_refused_clients")]
 
 
 async def test_a_group_grant_does_not_reach_a_group_that_merely_starts_the_same(

@@ -24,9 +24,9 @@ from aiokafka.errors import (
 from aiokafka.helpers import create_ssl_context
 
 from shared.schemas import Probe
-from tests.helpers import Env
+from tests.helpers import Env, collect_refused_sockets
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("collect_refused_clients")]
 
 
 async def produce(env: Env, principal: str, topic: str, **kw: Any) -> None:
@@ -75,6 +75,7 @@ async def seed(env: Env, topic: str) -> None:
 async def denied(action: Awaitable[Any], *errors: type[BaseException]) -> BaseException:
     with pytest.raises(errors) as info:
         await asyncio.wait_for(action, 45)
+    collect_refused_sockets()
     return info.value
 
 
