@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import scipy.ndimage as sndi
 
-from services.segmentation.tasks import Geometry, TaskResult
+from services.segmentation.tasks import Geometry, TaskResult, finding_record
 from shared.imaging import segment as seg
 from shared.imaging.backend import namespace
 
@@ -929,18 +929,9 @@ def _finding(
         min(float(grid.shape[1] - 1), last[1] + half[1]),
         min(float(grid.shape[2] - 1), last[2] + half[2]),
     )
-    corners = [geo.to_patient(lo), geo.to_patient(hi)]
-    out: dict[str, Any] = {
-        "type": kind,
-        "label": label,
-        "volume_ml": round(volume_ml, 3),
-        "diameter_mm": round((6 * volume_ml * 1000 / math.pi) ** (1 / 3), 2),
-        "centroid_mm": list(geo.to_patient(centroid)),
-        "bbox_mm": [min(a, b) for a, b in zip(*corners, strict=True)]
-        + [max(a, b) for a, b in zip(*corners, strict=True)],
-        "slice_index": round(centroid[0]),
-        "voxels": round(volume_ml / geo.voxel_ml),
-    }
+    out = finding_record(
+        geo, kind, label, volume_ml, centroid, lo, hi, round(volume_ml / geo.voxel_ml)
+    )
     if crop is not None and vol is not None:
         full_box, m = grid.box(box, crop)
         vals = vol[full_box][m]

@@ -26,6 +26,32 @@ class TaskResult:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+def finding_record(
+    geo: Geometry,
+    kind: str,
+    label: str,
+    volume_ml: float,
+    centroid: tuple[float, float, float],
+    lo: tuple[float, float, float],
+    hi: tuple[float, float, float],
+    voxels: int,
+) -> dict[str, Any]:
+    """A finding's record (the schema every task reports): size, centroid and box in patient
+    millimetres from voxel-frame centroid and box corners."""
+    corners = [geo.to_patient(lo), geo.to_patient(hi)]
+    return {
+        "type": kind,
+        "label": label,
+        "volume_ml": round(volume_ml, 3),
+        "diameter_mm": round((6 * volume_ml * 1000 / math.pi) ** (1 / 3), 2),
+        "centroid_mm": list(geo.to_patient(centroid)),
+        "bbox_mm": [min(a, b) for a, b in zip(*corners, strict=True)]
+        + [max(a, b) for a, b in zip(*corners, strict=True)],
+        "slice_index": round(centroid[0]),
+        "voxels": voxels,
+    }
+
+
 def _measure(
     mask: Any,
     geo: Geometry,
@@ -43,20 +69,12 @@ def _measure(
     (tight,) = ndi.find_objects(mask.astype(xp.int8))
     lo = [b.start + t.start for b, t in zip(box, tight, strict=True)]
     hi = [b.start + t.stop - 1 for b, t in zip(box, tight, strict=True)]
-    centroid = tuple(float(c) + b.start for c, b in zip(ndi.center_of_mass(mask), box, strict=True))
+    cz, cy, cx = (float(c) + b.start for c, b in zip(ndi.center_of_mass(mask), box, strict=True))
     volume_ml = n * geo.voxel_ml
-    corners = [geo.to_patient((lo[0], lo[1], lo[2])), geo.to_patient((hi[0], hi[1], hi[2]))]
-    out: dict[str, Any] = {
-        "type": kind,
-        "label": label,
-        "volume_ml": round(volume_ml, 3),
-        "diameter_mm": round((6 * volume_ml * 1000 / math.pi) ** (1 / 3), 2),
-        "centroid_mm": list(geo.to_patient(centroid)),
-        "bbox_mm": [min(a, b) for a, b in zip(*corners, strict=True)]
-        + [max(a, b) for a, b in zip(*corners, strict=True)],
-        "slice_index": round(centroid[0]),
-        "voxels": n,
-    }
+    centroid = (cz, cy, cx)
+    out = finding_record(
+        geo, kind, label, volume_ml, centroid, (lo[0], lo[1], lo[2]), (hi[0], hi[1], hi[2]), n
+    )
     if image is not None:
         out["mean_value"] = round(float(image[box][mask].mean()), 1)
     return out
