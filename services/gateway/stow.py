@@ -54,6 +54,7 @@ from shared.dicomweb.stow import (
     response_status,
 )
 from shared.ingress.publisher import Publisher, PublishError
+from shared.metrics.stage import deadletter_counter
 from shared.schemas import AuditEvent, DeadLetter
 from shared.schemas.reasons import Reason
 
@@ -79,12 +80,7 @@ class StowMetrics:
         )
         # the stages' dead-letter counter (same name and labels): the RadStreamDeadLetters
         # alert and the dashboard see the gateway's refused parts beside the stages' ones
-        self.deadletters = Counter(
-            "radstream_deadletters",
-            "Records sent to the dead-letter topic, by reason code",
-            ["stage", "reason"],
-            registry=registry,
-        )
+        self.deadletters = deadletter_counter(registry)
 
 
 # ---- pure decisions -------------------------------------------------------------------------

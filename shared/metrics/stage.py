@@ -10,6 +10,17 @@ from shared.schemas.reasons import Reason
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
 
 
+def deadletter_counter(registry: CollectorRegistry) -> Counter:
+    """``radstream_deadletters_total{stage, reason}``: the stages' and the gateway's refused
+    records, one series family for the RadStreamDeadLetters alert and the dashboard."""
+    return Counter(
+        "radstream_deadletters",
+        "Records sent to the dead-letter topic, by reason code",
+        ["stage", "reason"],
+        registry=registry,
+    )
+
+
 class StageMetrics:
     def __init__(self, registry: CollectorRegistry, stage: str) -> None:
         self.stage = stage
@@ -31,12 +42,7 @@ class StageMetrics:
             ["stage"],
             registry=registry,
         )
-        self.deadletters = Counter(
-            "radstream_deadletters",
-            "Records sent to the dead-letter topic, by reason code",
-            ["stage", "reason"],
-            registry=registry,
-        )
+        self.deadletters = deadletter_counter(registry)
         self.tick_errors = Counter(
             "radstream_tick_errors",
             "Timer (tick) runs that raised; their state writes were rolled back",
