@@ -36,29 +36,42 @@ def findings(env: Env, phantoms: list[phantom.Phantom]) -> list[SegmentationDone
     ]
 
 
+DICOMWEB = {"DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+
+
+@pytest.mark.parametrize("protocol", ["dimse", "dicomweb"])
 async def test_seg_and_sr_reach_orthanc_once_across_a_sigkill_mid_delivery(
-    env: Env, tmp_path: Path
+    env: Env, tmp_path: Path, protocol: str
 ) -> None:
+    """By C-STORE, and by DICOMweb (QIDO-RS, then STOW-RS) to Orthanc's DICOMweb server
+    (Debian's orthanc-dicomweb): the service is SIGKILLed while the SEG's store is in flight."""
     head = phantom.head_ct(tmp_path / "head", seed=71, size=160, slices=28, bleed_ml=6.0)
     (done,) = findings(env, [head])
     assert done.seg is None and any(f.type == "haemorrhage" for f in done.findings)
     await env.produce("findings", [(env.keyring.keyed_hash(done.series_instance_uid), done)])
-    pacs = Orthanc(tmp_path / "orthanc", {"RADSTREAM": "RADSTREAM"}).start()
-    service = env.service_env(
-        "results",
-        RADSTREAM_SESSION_TIMEOUT_S="6",
-        RADSTREAM_RESULTS__PACS_HOST="127.0.0.1",
-        RADSTREAM_RESULTS__PACS_PORT=str(pacs.dicom_port),
-    )
+    if protocol == "dimse":
+        pacs = Orthanc(tmp_path / "orthanc", {"RADSTREAM": "RADSTREAM"}).start()
+        to_pacs = {
+            "RADSTREAM_RESULTS__PACS_HOST": "127.0.0.1",
+            "RADSTREAM_RESULTS__PACS_PORT": str(pacs.dicom_port),
+        }
+    else:
+        pacs = Orthanc(tmp_path / "orthanc", {}, DICOMWEB).start()
+        to_pacs = {
+            "RADSTREAM_RESULTS__PACS_PROTOCOL": "dicomweb",
+            "RADSTREAM_RESULTS__DICOMWEB_URL": f"http://127.0.0.1:{pacs.http_port}/dicom-web",
+            "RADSTREAM_RESULTS__PACS_TIMEOUT_S": "90",  # the held STOW-RS waits in Orthanc
+        }
+    service = env.service_env("results", RADSTREAM_SESSION_TIMEOUT_S="6", **to_pacs)
     first = second = None
     try:
-        pacs.hold()  # the first C-STORE that arrives waits in Orthanc...
+        pacs.hold()  # the first store that arrives waits in Orthanc...
         first = StageProcess(service, "services.results.main", tmp_path / "r1.log").start()
 
         async def storing() -> bool:
             return len(pacs.received()) == 1
 
-        await wait_until(storing, 180, "the SEG's C-STORE to arrive")
+        await wait_until(storing, 180, "the SEG's store to arrive")
         first.kill()  # ...and the service dies in the middle of delivering it
         assert not first.alive()
         (seg_uid,) = pacs.received()
