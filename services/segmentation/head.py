@@ -18,7 +18,11 @@ and refined on the working grid; blood is searched inside the brain's bounding b
 3. blood candidates: smoothed HU in the blood range *and* brighter than the local brain
    (background from normal-brain voxels in a ~25 mm box: cupping and beam-hardening bands
    move both); seeds exclude the partial-volume zones of dense structures: around
-   calcifications and along the inner table / skull base.
+   calcifications and along the inner table / skull base. Thin extra-axial collections lie
+   entirely in the inner table's zone: there, blood-dense voxels that are not next to bone
+   (>= 200 HU in-plane) seed when they form a sheet of >= 0.15 mL along the table. The
+   superior sagittal sinus's strip (within 10 mm of the ideal midline, along the table) gets
+   no such seeds, and its candidates grow and merge only within it.
 4. the final mask grows from the seeds into the partial-volume rim (hysteresis): a voxel
    within 4 mm of a seed is blood when it is at least half way from the local brain to the
    local blood density; along the inner table, voxels between blood and bone that are at
@@ -53,7 +57,7 @@ from services.segmentation.tasks import Geometry, TaskResult, finding_record
 from shared.imaging import segment as seg
 from shared.imaging.backend import namespace
 
-VERSION = "3.2.0"
+VERSION = "3.3.0"
 _DEBUG = False
 MODEL_PATH = Path(__file__).with_name("models") / "head_bleed.json"
 FEATURES = (
@@ -88,6 +92,8 @@ REPORTED = (
 BONE_HU = 180.0  # the skull as a barrier (thin temporal squama and tilted vault included)
 INPLANE_MM = 0.9  # working grid, in-plane
 COARSE_MM = 1.8  # anatomy grid, in-plane
+SHELL_MIN_ML: float | None = 0.15  # extra-axial seeds along the inner table (None: off)
+SINUS_BAND_MM = 10.0  # the superior sagittal sinus's strip: no extra-axial seeds, own growth
 
 
 def _host(a: Any) -> np.ndarray:
@@ -558,6 +564,7 @@ def _grow(
     calc_zone: Any,
     rim_zone: Any,
     near_skull: Any,
+    band: Any,
     steps: tuple[int, int],
     blood_low: float,
     blood_high: float,
@@ -567,12 +574,19 @@ def _grow(
     then into its partial-volume rim (at least half way from the local brain to the seed's
     blood density), then into the interface with the inner table (at least half blood).
     Growth keeps the seed's label (neighbouring structures — a sinus beside a haematoma —
-    stay separate candidates) and runs per cluster of seeds, on crops."""
+    stay separate candidates) and runs per cluster of seeds, on crops. ``band`` (the midline
+    strip along the inner table, where the superior sagittal sinus lies) partitions growth: a
+    seed mostly in it grows only in it, any other seed only outside it, and pieces on the two
+    sides are never merged (a sinus beside extra-axial blood of the same density)."""
     xp, ndi = namespace(core)
     seeds, n = seg.label(core, connectivity=1)
     interface_all = xp.zeros(core.shape, dtype=bool)
     if n == 0:
         return seeds, interface_all
+    cnt = xp.bincount(seeds.ravel(), minlength=n + 1).astype(xp.float32)
+    in_band = xp.bincount(seeds.ravel(), weights=band.ravel().astype(xp.float32), minlength=n + 1)
+    side = in_band * 2.0 > cnt  # per seed: in the band
+    side[0] = False
     inplane, zsteps = steps
     reach = (_odd(3 * zsteps + 2), _odd(3 * inplane + 4), _odd(3 * inplane + 4))
     zone = _box_any(core, reach)
@@ -582,13 +596,13 @@ def _grow(
     cross[0, 1, :] = cross[0, :, 1] = True
     zline = xp.ones((3, 1, 1), dtype=bool)
     # the blood level of each seed (mean smoothed HU of its seed voxels)
-    cnt = xp.bincount(seeds.ravel(), minlength=n + 1).astype(xp.float32)
     tot = xp.bincount(seeds.ravel(), weights=sm.ravel(), minlength=n + 1).astype(xp.float32)
     level = tot / xp.maximum(cnt, 1.0)
     for k, cb in enumerate(ndi.find_objects(clusters), start=1):
         if cb is None:
             continue
         lab = xp.where(clusters[cb] == k, seeds[cb], 0)
+        band_c = band[cb]
         ok_a = (
             brain[cb]
             & ~calc_zone[cb]
@@ -598,9 +612,9 @@ def _grow(
         )
         for _ in range(3):
             for _ in range(inplane):
-                lab = _step(lab, ok_a, cross)
+                lab = _step(lab, ok_a, cross, side, band_c)
             for _ in range(zsteps):
-                lab = _step(lab, ok_a, zline)
+                lab = _step(lab, ok_a, zline, side, band_c)
         # partial-volume rim: half way from the local brain to the seed's blood
         lo_c, bg_c = lo[cb], bg[cb]
         base = brain[cb] & ~calc_zone[cb] & (lo_c <= blood_high + 10.0)
@@ -608,6 +622,7 @@ def _grow(
             m = ndi.maximum_filter(lab, footprint=fp)
             half = bg_c + 0.5 * (level[m] - bg_c)
             new = (lab == 0) & (m > 0) & base & (lo_c >= xp.maximum(half, blood_low - 6.0))
+            new &= side[m] == band_c
             lab = xp.where(new, m, lab)
         # the interface with the inner table: between the blood and the bone (the local
         # densest table), at least half blood; two layers (blur, oblique tables)
@@ -617,15 +632,15 @@ def _grow(
             m = ndi.maximum_filter(lab, footprint=cross)
             half_b = 0.5 * (level[m] + table)
             new = (lab == 0) & (m > 0) & near_skull[cb] & (lo_c > blood_high) & (lo_c <= half_b)
-            new &= ~calc_zone[cb]
+            new &= ~calc_zone[cb] & (side[m] == band_c)
             lab = xp.where(new, m, lab)
             inter |= new
         out[cb] = xp.where(lab > 0, lab, out[cb])
         interface_all[cb] |= inter
-    return _merge_alike(out, level), interface_all
+    return _merge_alike(out, level, side), interface_all
 
 
-def _merge_alike(labels: Any, level: Any, max_step_hu: float = 10.0) -> Any:
+def _merge_alike(labels: Any, level: Any, side: Any, max_step_hu: float = 10.0) -> Any:
     """Grown pieces that touch and have the same blood density (within ``max_step_hu``) are
     one collection: the slices of a crescent under the vertex, the two sides of a calcified
     spot. Pieces of different density stay apart (a sinus beside a haematoma rarely matches
@@ -643,6 +658,7 @@ def _merge_alike(labels: Any, level: Any, max_step_hu: float = 10.0) -> Any:
         return labels
     pp = np.unique(np.sort(pp, axis=1), axis=0)
     lv = _host(level)
+    sd = _host(side)
     parent = np.arange(lv.size)
 
     def root(k: int) -> int:
@@ -652,7 +668,7 @@ def _merge_alike(labels: Any, level: Any, max_step_hu: float = 10.0) -> Any:
         return k
 
     for i, j in pp:
-        if abs(float(lv[i]) - float(lv[j])) <= max_step_hu:
+        if abs(float(lv[i]) - float(lv[j])) <= max_step_hu and sd[i] == sd[j]:
             ri, rj = root(int(i)), root(int(j))
             if ri != rj:
                 parent[max(ri, rj)] = min(ri, rj)
@@ -660,11 +676,31 @@ def _merge_alike(labels: Any, level: Any, max_step_hu: float = 10.0) -> Any:
     return xp.asarray(mapping)[labels]
 
 
-def _step(lab: Any, ok: Any, footprint: Any) -> Any:
-    """One geodesic step: unlabelled allowed voxels take a neighbour's label."""
+def _step(lab: Any, ok: Any, footprint: Any, side: Any, band: Any) -> Any:
+    """One geodesic step: unlabelled allowed voxels take a neighbour's label (on its side of
+    the midline band)."""
     xp, ndi = namespace(lab)
     m = ndi.maximum_filter(lab, footprint=footprint)
-    return xp.where((lab == 0) & (m > 0) & ok, m, lab)
+    return xp.where((lab == 0) & (m > 0) & ok & (side[m] == band), m, lab)
+
+
+def _shell_seeds(lo: Any, zone: Any, vox_ml: float, blood_low: float, blood_high: float) -> Any:
+    """Seeds of thin extra-axial collections, in the inner table's partial-volume zone where
+    the ordinary seeds are not taken (``zone``: blood candidates there). The bone's own
+    partial volume is a band one or two voxels wide whose density climbs steeply toward the
+    bone; a crescent or lens of blood is a plateau of blood density between the bone and the
+    brain. Seeds: blood-dense voxels (``lo`` in the blood range) not next to a voxel of
+    >= 200 HU in-plane, in connected pieces of >= ``SHELL_MIN_ML`` (a sheet along the table,
+    not a speck of partial volume)."""
+    near_bone = _box_any(lo >= 200.0, (1, 3, 3))
+    shell = zone & ~near_bone & (lo >= blood_low) & (lo <= blood_high)
+    lab, n = seg.label(shell, connectivity=2)
+    if n == 0:
+        return shell
+    sizes = seg.component_sizes(lab, n)
+    keep = sizes * vox_ml >= SHELL_MIN_ML
+    keep[0] = False
+    return keep[lab]
 
 
 def head_ct(
@@ -748,6 +784,17 @@ def head_ct(
     plus = xp.asarray(ndi.generate_binary_structure(3, 1))
     plus[0] = plus[2] = False  # in-plane cross
     core = ndi.binary_opening(core, structure=plus)
+    # the superior sagittal sinus: on the inner table at the midline (the strip within
+    # SINUS_BAND_MM of the ideal midline and 12 mm of the skull)
+    mid = _midline(lo_all, anat.brain, grid)
+    band = xp.zeros(lo.shape, dtype=bool)
+    if mid is not None and mid.plane is not None:
+        k12 = _odd(r_px(12.0))
+        band = xp.abs(mid.distance_map(lo.shape, bb, py, px, xp)) < SINUS_BAND_MM
+        band &= _box_any(skull, (1, k12, k12))
+    if SHELL_MIN_ML is not None:
+        zone = cand & rim_zone & ~calc_zone & ~anat.open_zone[bb] & ~band
+        core |= _shell_seeds(lo, zone, vox_ml, blood_low, blood_high)
     labels, interface = _grow(
         core,
         lo,
@@ -758,6 +805,7 @@ def head_ct(
         calc_zone=calc_zone,
         rim_zone=rim_zone,
         near_skull=near_skull,
+        band=band,
         steps=(r_px(3.0), 1),
         blood_low=blood_low,
         blood_high=blood_high,
@@ -768,7 +816,6 @@ def head_ct(
     findings: list[dict[str, Any]] = []
     bleed = xp.zeros(lo.shape, dtype=bool)
     cand_labels = xp.zeros(lo.shape, dtype=xp.int32)
-    mid = _midline(lo_all, anat.brain, grid)
     sampling = (gz, py, px)
     pad = (1, r_px(6.0), r_px(6.0))
     accepted: dict[int, float] = {}  # candidate id -> confidence
@@ -962,6 +1009,18 @@ class Midline:
             return 0.0
         a, b, c = self.plane
         return float((x - (a + b * y + c * z)) * px / math.hypot(1.0, b * px / py))
+
+    def distance_map(
+        self, shape: tuple[int, ...], at: tuple[slice, ...], py: float, px: float, xp: Any
+    ) -> Any:
+        """Signed in-plane distance (mm) from the ideal midline of every voxel of the box
+        ``at`` (working grid) of ``shape``; needs ``plane``."""
+        assert self.plane is not None
+        a, b, c = self.plane
+        z = xp.arange(shape[0], dtype=xp.float32)[:, None, None] + at[0].start
+        y = xp.arange(shape[1], dtype=xp.float32)[None, :, None] + at[1].start
+        x = xp.arange(shape[2], dtype=xp.float32)[None, None, :] + at[2].start
+        return (x - (a + b * y + c * z)) * (px / math.hypot(1.0, b * px / py))
 
     def finding(self, geo: Geometry, grid: Grid) -> dict[str, Any]:
         """The measurement, with how it was made in its label: the ideal midline from the

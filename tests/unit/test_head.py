@@ -58,6 +58,29 @@ def test_each_bleed_shape_found_with_volume_and_subtype(seed: int, spec: BleedSp
     assert set(head.FEATURES) <= set(found["features"])
 
 
+@pytest.mark.parametrize(
+    "seed,spec,thickness",
+    [
+        (121, BleedSpec("subdural", 6.0, side=1, hu=64.0), 5.0),
+        (122, BleedSpec("epidural", 5.0, side=-1, hu=60.0), 3.0),
+    ],
+)
+def test_thin_extra_axial_collections_along_the_inner_table_are_found(
+    seed: int, spec: BleedSpec, thickness: float
+) -> None:
+    """4-5 mm thin crescents and lenses: every voxel lies within the inner table's partial
+    volume zone, where the ordinary seeds are not taken; the extra-axial seeds find them."""
+    case = head_case(seed, size=256, thickness_mm=thickness, bleed=[spec])
+    res = analyse(case)
+    ev = evaluate_head(case, res)
+    (truth,) = ev["bleeds"]
+    assert truth["found"], ev
+    assert truth["subtype"] in ("epidural", "subdural"), ev
+    assert ev["false_bleeds"] == 0, ev
+    found = max(bleeds(res), key=lambda f: f["volume_ml"])
+    assert found["location"] == ("left" if spec.side == 1 else "right")
+
+
 @pytest.mark.parametrize("seed", [201, 202, 203, 204])
 def test_normal_heads_with_calcifications_and_beam_hardening_give_no_bleed(seed: int) -> None:
     case = head_case(seed, size=256, bleed="none")
