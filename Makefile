@@ -57,12 +57,12 @@ down: setup
 status: setup
 	$(VENV)/bin/radstream stack status
 
-# Two pytest-xdist workers: the tests that share the Kafka broker and start real processes run
-# in order on one (tests/conftest.py's scheduler), the unit tests run beside them on the other.
+# Three pytest-xdist workers: two streams of the tests that start real processes (each with its
+# own session Kafka broker; tests/conftest.py's scheduler), the unit tests beside them.
 test: setup
 	$(VENV)/bin/ruff check shared services tests benchmarks
 	$(VENV)/bin/mypy
-	$(VENV)/bin/pytest -n 2
+	$(VENV)/bin/pytest -n 3
 
 test-unit: setup
 	$(VENV)/bin/pytest tests/unit

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import secrets
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,18 +15,29 @@ from shared.security.envelope import Keyring, init_keyring_file
 from shared.stack.broker import LocalBroker, free_port
 from tests.helpers import Env, collect_refused_sockets
 
-# Tests that start real processes (the session's Kafka broker, Orthanc, Prometheus, services,
-# whole stacks) run one after another in one work unit: ``make test`` (``pytest -n 2``) runs
-# them on one pytest-xdist worker while the other worker takes the in-process unit tests, which
-# never touch the broker. (xdist's own ``--dist loadgroup`` renames node ids, which pytest 9 no
-# longer reads, so the grouping is this scheduler's.)
-# Tests that start a whole stack of their own on free ports (RADSTREAM_STACK_PORTS=auto) need
-# nothing of the session's: they are a second unit, run beside the first.
+# Tests that start real processes (a session Kafka broker, Orthanc, Prometheus, services, whole
+# stacks) mostly wait on them, so ``make test`` (``pytest -n 3``) runs them as two streams, one
+# per pytest-xdist worker, each worker with its own session broker; a test module stays in one
+# stream (its tests run in order). The third worker takes the unit tests (in-process, no
+# broker) and the tests that start a whole stack of their own on free ports
+# (RADSTREAM_STACK_PORTS=auto). xdist's own ``--dist loadgroup`` renames node ids, which pytest
+# 9 no longer reads, so the grouping is this scheduler's.
 STACK_DIRS = ("tests/integration/", "tests/e2e/")
+STACK_STREAMS = 2
 OWN_STACK = (
     "tests/e2e/test_demo.py::",
     "tests/integration/test_cli.py::test_stack_up_",
 )
+
+
+def stack_scope(nodeid: str) -> str:
+    """The scheduling unit of a test: its stream for a stack test, itself for a unit test."""
+    if nodeid.startswith(OWN_STACK):
+        return "own-stack"
+    if nodeid.startswith(STACK_DIRS):
+        module = nodeid.split("::", 1)[0]
+        return f"stack-{zlib.crc32(module.encode()) % STACK_STREAMS}"
+    return nodeid
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
@@ -33,9 +45,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
     class StackScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            if nodeid.startswith(OWN_STACK):
-                return "own-stack"
-            return "stack" if nodeid.startswith(STACK_DIRS) else nodeid
+            return stack_scope(nodeid)
 
     return StackScheduling(config, log)
 
