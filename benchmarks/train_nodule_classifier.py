@@ -131,22 +131,9 @@ def phantom_case(seed: int, quick: bool = False) -> tuple[np.ndarray, Geometry, 
         img, spacing = apply_step(img, step, spacing)
     vol = np.rint(np.asarray(img)).clip(-32768, 32767).astype(np.int16).astype(np.float32)
     geo = Geometry(spacing, tuple(case.origin), (1, 0, 0, 0, 1, 0, 0, 0, 1))  # type: ignore[arg-type]
-    truth = {
-        "lung_left": case.truth["lung_left"],
-        "lung_right": case.truth["lung_right"],
-        "lesion_labels": case.truth["lesions"],
-        "geometry": geo,
-        "lesions": [
-            {
-                "centre_mm": les.get("centroid_mm", les["center_mm"]),
-                "diameter_mm": les.get("equivalent_diameter_mm") or les.get("diameter_mm"),
-                "kind": les["kind"],
-                "attachment": les.get("attachment"),
-                "label": les["label"],
-            }
-            for les in case.lesions
-        ],
-    }
+    truth = _truth(
+        case.truth["lung_left"], case.truth["lung_right"], case.truth["lesions"], geo, case.lesions
+    )
     return vol, geo, truth
 
 
@@ -156,10 +143,22 @@ def _cached_phantom(d: Path) -> tuple[np.ndarray, Geometry, dict[str, Any]]:
     meta = json.loads((d / "meta.json").read_text())
     lungs = np.load(d / "lungs.npz")
     geo = Geometry(tuple(meta["spacing"]), tuple(meta["origin"]), (1, 0, 0, 0, 1, 0, 0, 0, 1))
-    truth = {
-        "lung_left": lungs["left"],
-        "lung_right": lungs["right"],
-        "lesion_labels": np.load(d / "lesions.npy"),
+    truth = _truth(lungs["left"], lungs["right"], np.load(d / "lesions.npy"), geo, meta["lesions"])
+    return np.load(d / "vol.npy").astype(np.float32), geo, truth
+
+
+def _truth(
+    left: np.ndarray,
+    right: np.ndarray,
+    labels: np.ndarray,
+    geo: Geometry,
+    lesions: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The truth record the candidate matcher reads, from a fresh or a cached phantom."""
+    return {
+        "lung_left": left,
+        "lung_right": right,
+        "lesion_labels": labels,
         "geometry": geo,
         "lesions": [
             {
@@ -169,10 +168,9 @@ def _cached_phantom(d: Path) -> tuple[np.ndarray, Geometry, dict[str, Any]]:
                 "attachment": les.get("attachment"),
                 "label": les["label"],
             }
-            for les in meta["lesions"]
+            for les in lesions
         ],
     }
-    return np.load(d / "vol.npy").astype(np.float32), geo, truth
 
 
 def cartoon_case(seed: int, quick: bool = False) -> tuple[np.ndarray, Geometry, dict[str, Any]]:
