@@ -292,6 +292,14 @@ async def group_settled(env: Env, group: str, topic: str) -> bool:
         await consumer.stop()
 
 
+# How long a test waits for a service to exit after SIGTERM. The service itself bounds its
+# close at ``shutdown_timeout_s`` (8 s), after the batch in flight; the rest is headroom for a
+# CI machine running three test workers, their brokers and services on two cores, where the
+# results service (nice 10) gets a tenth of a core. CI failed once at 15 s; a stop that hangs
+# still fails here, with the service's log.
+STOP_BOUND_S = 60.0
+
+
 class StageProcess:
     """A stage run as its own OS process, as in production."""
 
@@ -322,10 +330,20 @@ class StageProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
 
-    def terminate(self, timeout: float = 10.0) -> int:
+    def terminate(self, timeout: float = STOP_BOUND_S) -> int:
+        """SIGTERM, then the exit code. A service that has not exited within ``timeout`` fails
+        the test with the end of its log (what it was doing), not a bare TimeoutExpired."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            from shared.stack.local import tail
+
+            raise AssertionError(
+                f"{self.module} did not exit within {timeout:.0f} s of SIGTERM; its log ends:\n"
+                + tail(self.log, 30)
+            ) from None
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -123,6 +123,6 @@ async def test_orthanc_stow_rs_to_radstream_raises_the_alert(env: Env, tmp_path:
         sender.stop()
         for proc in procs.values():
             if proc.alive():
-                proc.terminate(30)
+                proc.terminate()
     gateway_log = (tmp_path / "gateway.log").read_text()
     assert head.series_instance_uid not in gateway_log and TOKEN not in gateway_log

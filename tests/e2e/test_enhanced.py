@@ -124,5 +124,5 @@ async def test_enhanced_ct_twin_gives_the_same_findings_alerts_and_a_seg_on_its_
     finally:
         for proc in procs.values():
             if proc.alive():
-                proc.terminate(15)
+                proc.terminate()
         pacs.stop()

@@ -187,7 +187,7 @@ async def test_pipeline_end_to_end_with_orthanc_and_a_kill(env: Env, tmp_path: P
     finally:
         for proc in procs.values():
             if proc.alive():
-                proc.terminate(15)
+                proc.terminate()
         pacs.stop()
         prom.stop()
 

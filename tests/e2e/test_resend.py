@@ -58,7 +58,7 @@ def start(env: Env, tmp: Path, gateway_port: int, round_: int) -> dict[str, Stag
 def stop(procs: dict[str, StageProcess]) -> None:
     for name, proc in procs.items():
         if proc.alive():
-            assert proc.terminate(30) == 0, f"{name} did not stop cleanly"
+            assert proc.terminate() == 0, f"{name} did not stop cleanly"
 
 
 def storescu(port: int, files: list[Path]) -> None:

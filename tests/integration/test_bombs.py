@@ -60,8 +60,8 @@ def stack(env: Env, tmp_path: Path) -> Iterator[tuple[StageProcess, StageProcess
     for proc in (ingest, gateway):
         wait_until_sync(lambda proc=proc: http_ok(proc.port, "/readyz"), 90, "service ready")
     yield ingest, gateway, port
-    assert gateway.terminate(15) == 0
-    assert ingest.terminate(15) == 0
+    assert gateway.terminate() == 0
+    assert ingest.terminate() == 0
 
 
 def store(port: int, files: list[Path]) -> list[int]:

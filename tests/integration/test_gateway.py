@@ -42,7 +42,7 @@ def gateway(env: Env, tmp_path: Path):  # type: ignore[no-untyped-def]
     ).start()
     wait_until_sync(lambda: http_ok(proc.port, "/readyz"), 60, "gateway ready")
     yield port, proc
-    assert proc.terminate(15) == 0
+    assert proc.terminate() == 0
 
 
 def storescu(

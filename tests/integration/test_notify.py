@@ -210,7 +210,7 @@ async def test_an_always_failing_endpoint_produces_a_dead_letter_with_its_reason
             await wait_until(counted, 30, "the dead letters counted in /metrics")
             metrics = await asyncio.to_thread(scrape, proc.port)
         finally:
-            assert proc.terminate(30) == 0
+            assert proc.terminate() == 0
     assert {d.reason for d in letters} == {Reason.NOTIFICATION_FAILED}
     for d in letters:
         assert d.stage == "notify" and d.attempts == 4

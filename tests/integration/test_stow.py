@@ -122,7 +122,7 @@ def stow(env: Env, tmp_path: Path) -> Iterator[Stow]:
     ).start()
     wait_until_sync(lambda: http_ok(proc.port, "/readyz"), 60, "gateway ready")
     yield Stow(port, pki, proc)
-    assert proc.terminate(15) == 0
+    assert proc.terminate() == 0
 
 
 def ct_files() -> list[Path]:
