@@ -143,7 +143,11 @@ def _rays(
     # outside the search region the pyramid holds lung: the scan falls there too, so a ray
     # walls when it leaves the region within a voxel of where it falls
     walled = first_wall <= first_below + 2
-    long_ = (length >= 2.0 * r) & ~walled
+    # a ray that leaves the crop while still above the threshold has not ended: it runs on
+    # (a vessel cut by the crop is no compact blob)
+    first_out = np.where((~inside).any(axis=1), (~inside).argmax(axis=1), n)
+    cut = (first_out <= first_below) & (first_out < n) & OPEN_RAYS
+    long_ = ((length >= 2.0 * r) | cut) & ~walled
     out_ = long_ | walled
     pair = long_ & long_[::-1]
     free = ~out_
@@ -169,6 +173,22 @@ def level_for(radius_mm: float, pyr: Pyramid) -> int:
 
 
 MIN_LESION_MM = 4.0  # the pipeline reports nothing smaller
+OPEN_RAYS = False  # rays cut by the crop count as running on (needs a retrained model)
+
+
+def runs_out(lesion: np.ndarray, box: tuple[slice, ...], shape: tuple[int, ...]) -> list[bool]:
+    """Per axis, whether ``lesion`` touches a face of its crop that is not the image's edge."""
+    out = []
+    for a in range(3):
+        lo = [slice(None)] * 3
+        lo[a] = slice(0, 1)
+        hi = [slice(None)] * 3
+        hi[a] = slice(-1, None)
+        out.append(
+            bool(box[a].start > 0 and lesion[tuple(lo)].any())
+            or bool(box[a].stop < shape[a] and lesion[tuple(hi)].any())
+        )
+    return out
 
 
 def _opened(
@@ -207,6 +227,7 @@ def segment_seed(
     half_width: float,
     full_spacing: tuple[float, float, float],
     superior: int,
+    grow_steps: int = 0,
 ) -> Candidate | None:
     level = level_for(seed.radius_mm, pyr)
     g = pyr.grids[level]
@@ -214,51 +235,61 @@ def segment_seed(
     c = [(seed.zyx[a] - g.box[a].start + 0.5) / g.factors[a] - 0.5 for a in range(3)]
     r = max(seed.radius_mm, 1.5)
     half = [math.ceil((2.0 * r + 5.0) / s) for s in sp]
-    box = tuple(
-        slice(max(0, round(c[a]) - half[a]), min(g.shape[a], round(c[a]) + half[a] + 1))
-        for a in range(3)
-    )
-    img = host(pyr.images[level][box]).astype(np.float32)
-    search = host(pyr.search[level][box]).astype(bool)
-    lung = host(lungs_at(level)[box]).astype(bool)
-    p = tuple(min(max(round(c[a]) - box[a].start, 0), img.shape[a] - 1) for a in range(3))
-    zz, yy, xx = np.meshgrid(
-        *[(np.arange(img.shape[a]) - p[a]) * sp[a] for a in range(3)], indexing="ij"
-    )
-    dist_seed = np.sqrt(zz**2 + yy**2 + xx**2)
-    sm = ndi.gaussian_filter(img, sigma=[0.5 * min(sp) / s for s in sp])
-    bg_vox = sm[lung & (sm < -500) & (dist_seed > r)]
-    background = float(np.median(bg_vox)) if bg_vox.size > 20 else -850.0
-    near = dist_seed <= max(0.5 * r, 1.01 * max(sp))
-    # the lesion's own level: a high percentile near the seed, not the maximum (a vessel
-    # crossing a ground-glass nodule, or a part-solid nodule's core, would set the threshold
-    # above the ground glass)
-    peak = float(np.percentile(sm[near & search], 70)) if (near & search).any() else float(sm[p])
-    thr = float(np.clip(background + 0.5 * (peak - background), -750.0, -350.0))
-    region = (sm > thr) & search
-    labels, n = ndi.label(region)
-    if n == 0:
-        return None
-    hit = labels[p]
-    if hit == 0:  # nearest voxel of the region within the seed's radius
-        cand = np.where(labels > 0, dist_seed, np.inf)
-        k = np.unravel_index(np.argmin(cand), cand.shape)
-        if cand[k] > max(0.6 * r, 2.0 * max(sp)):
+    # the crop grows (x2, at most ``grow_steps`` times) while the segment runs into one of its
+    # inner faces: a vessel cut by a small crop looks like a compact blob (the cartoon
+    # phantom's apex: a juxtapleural vessel column cut 5 slices below its pleural notch)
+    for step in range(grow_steps + 1):
+        box = tuple(
+            slice(max(0, round(c[a]) - half[a]), min(g.shape[a], round(c[a]) + half[a] + 1))
+            for a in range(3)
+        )
+        img = host(pyr.images[level][box]).astype(np.float32)
+        search = host(pyr.search[level][box]).astype(bool)
+        lung = host(lungs_at(level)[box]).astype(bool)
+        p = tuple(min(max(round(c[a]) - box[a].start, 0), img.shape[a] - 1) for a in range(3))
+        zz, yy, xx = np.meshgrid(
+            *[(np.arange(img.shape[a]) - p[a]) * sp[a] for a in range(3)], indexing="ij"
+        )
+        dist_seed = np.sqrt(zz**2 + yy**2 + xx**2)
+        sm = ndi.gaussian_filter(img, sigma=[0.5 * min(sp) / s for s in sp])
+        bg_vox = sm[lung & (sm < -500) & (dist_seed > r)]
+        background = float(np.median(bg_vox)) if bg_vox.size > 20 else -850.0
+        near = dist_seed <= max(0.5 * r, 1.01 * max(sp))
+        # the lesion's own level: a high percentile near the seed, not the maximum (a vessel
+        # crossing a ground-glass nodule, or a part-solid nodule's core, would set the threshold
+        # above the ground glass)
+        peak = (
+            float(np.percentile(sm[near & search], 70)) if (near & search).any() else float(sm[p])
+        )
+        thr = float(np.clip(background + 0.5 * (peak - background), -750.0, -350.0))
+        region = (sm > thr) & search
+        labels, n = ndi.label(region)
+        if n == 0:
             return None
-        hit = labels[k]
-    comp = labels == hit
-    # opening radius from the lesion's own thickness: 0.7 x the largest inscribed ball near
-    # the seed, so a vessel thinner than that is cut off however the seed's scale came out;
-    # when that leaves less than a reportable lesion (a thin wall nodule shrunk to its core),
-    # 0.45 x the seed's radius instead
-    edt = ndi.distance_transform_edt(comp, sampling=sp)
-    near_r = dist_seed <= max(0.6 * r, 1.5 * max(sp))
-    inscribed = float(edt[near_r].max()) if (near_r & comp).any() else 0.0
-    rho = 0.7 * inscribed if inscribed > 0 else 0.45 * r
-    lesion = _opened(comp, edt, dist_seed, rho, r, sp)
-    small = lesion.sum() * sp[0] * sp[1] * sp[2] < math.pi / 6 * MIN_LESION_MM**3
-    if small and 0.45 * r > rho:
-        lesion = _opened(comp, edt, dist_seed, 0.45 * r, r, sp)
+        hit = labels[p]
+        if hit == 0:  # nearest voxel of the region within the seed's radius
+            cand = np.where(labels > 0, dist_seed, np.inf)
+            k = np.unravel_index(np.argmin(cand), cand.shape)
+            if cand[k] > max(0.6 * r, 2.0 * max(sp)):
+                return None
+            hit = labels[k]
+        comp = labels == hit
+        # opening radius from the lesion's own thickness: 0.7 x the largest inscribed ball near
+        # the seed, so a vessel thinner than that is cut off however the seed's scale came out;
+        # when that leaves less than a reportable lesion (a thin wall nodule shrunk to its core),
+        # 0.45 x the seed's radius instead
+        edt = ndi.distance_transform_edt(comp, sampling=sp)
+        near_r = dist_seed <= max(0.6 * r, 1.5 * max(sp))
+        inscribed = float(edt[near_r].max()) if (near_r & comp).any() else 0.0
+        rho = 0.7 * inscribed if inscribed > 0 else 0.45 * r
+        lesion = _opened(comp, edt, dist_seed, rho, r, sp)
+        small = lesion.sum() * sp[0] * sp[1] * sp[2] < math.pi / 6 * MIN_LESION_MM**3
+        if small and 0.45 * r > rho:
+            lesion = _opened(comp, edt, dist_seed, 0.45 * r, r, sp)
+        runs = runs_out(lesion, box, pyr.images[level].shape)
+        if step == grow_steps or not any(runs):
+            break
+        half = [2 * h if ra else h for h, ra in zip(half, runs, strict=True)]
     n_vox = int(lesion.sum())
     if n_vox < 2:
         return None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,7 +18,7 @@ from services.segmentation.chest.candidates import (
     resample_mask,
     wall_seeds,
 )
-from services.segmentation.chest.features import Candidate, segment_seed
+from services.segmentation.chest.features import Candidate, runs_out, segment_seed
 from services.segmentation.chest.grid import Grid, bbox, host
 from services.segmentation.chest.lungs import SIDES, Lungs, full_masks, segment_lungs
 from shared.imaging.backend import namespace
@@ -44,6 +44,8 @@ class Analysis:
     lungs: Lungs
     pyramid: Pyramid | None
     candidates: list[Candidate]
+    # what ``segment_seed`` was called with (``regrow`` segments a candidate again)
+    context: dict[str, Any] = field(default_factory=dict)
 
 
 def _hila(lungs: Lungs) -> dict[str, tuple[float, float, float]]:
@@ -105,22 +107,37 @@ def analyse(vol: Any, geo: Geometry, *, lung_hu: float = -400.0, max_seeds: int 
     bb = bbox(lungs.body)
     half_width = (bb[2].stop - bb[2].start) * g.factors[2] / 2 if bb else vol.shape[2] / 2
     midline = g.to_full((0.0, 0.0, lungs.midline_x))[2]
+    context: dict[str, Any] = {
+        "lungs_at": lungs_at,
+        "hila": hila,
+        "lung_z": lung_z,
+        "midline_x": midline,
+        "half_width": half_width,
+        "full_spacing": geo.spacing,
+        "superior": lungs.superior,
+    }
     cands = []
     for s in seeds:
-        c = segment_seed(
-            s,
-            pyr,
-            lungs_at,
-            hila=hila,
-            lung_z=lung_z,
-            midline_x=midline,
-            half_width=half_width,
-            full_spacing=geo.spacing,
-            superior=lungs.superior,
-        )
+        c = segment_seed(s, pyr, **context)
         if c is not None:
             cands.append(c)
-    return Analysis(lungs, pyr, cands)
+    return Analysis(lungs, pyr, cands, context)
+
+
+GROW_STEPS = 1  # crop growths (x2 along each axis the segment runs out of) before reporting
+
+
+def regrow(an: Analysis, i: int, steps: int | None = None) -> Candidate | None:
+    """Candidate ``i`` segmented again in a crop grown along the axes where its segment ran
+    out of the first one (``None``: it did not run out, nothing changes). A vessel cut by a
+    small crop looks like a compact blob; grown, it is the tube it is."""
+    c = an.candidates[i]
+    steps = GROW_STEPS if steps is None else steps
+    if an.pyramid is None or steps < 1:
+        return None
+    if not any(runs_out(c.mask, c.box, an.pyramid.images[an.pyramid.grids.index(c.grid)].shape)):
+        return None
+    return segment_seed(c.seed, an.pyramid, **an.context, grow_steps=steps)
 
 
 def measure(mask: Any, geo: Geometry, kind: str, label: str, vol: Any = None) -> dict[str, Any]:
@@ -210,6 +227,16 @@ def chest_ct(
     probs = model.predict(rows)  # host: a few hundred rows of features
     vetoed = [classifier.veto(r) for r in rows]
     probs = np.where([v is None for v in vetoed], probs, 0.0) if len(rows) else probs
+    # what would be reported and was cut by its crop is measured again in a grown crop (a few
+    # candidates per scan: growing every crop costs ~40 % more time for the same ranking)
+    for k in (int(j) for j in np.flatnonzero(probs >= op)):
+        c2 = regrow(an, k)
+        if c2 is None:
+            continue
+        an.candidates[k] = c2
+        rows[k] = c2.features
+        vetoed[k] = classifier.veto(c2.features)
+        probs[k] = 0.0 if vetoed[k] is not None else float(model.predict([c2.features])[0])
     findings: list[dict[str, Any]] = []
     nodules = xp.zeros(vol.shape, dtype=bool)
     # one finding per lesion: its confidence is the group's best; its mask and measurements
