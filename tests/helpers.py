@@ -340,6 +340,8 @@ class StageProcess:
         except subprocess.TimeoutExpired:
             from shared.stack.local import tail
 
+            self.proc.kill()  # not left running into the next test
+            self.proc.wait(10)
             raise AssertionError(
                 f"{self.module} did not exit within {timeout:.0f} s of SIGTERM; its log ends:\n"
                 + tail(self.log, 30)

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -115,7 +116,31 @@ def run_stage(
     built = spec if isinstance(spec, StageSpec) else spec(keyring, registry)
     runner = StageRunner(built, settings, keyring, registry)
     asyncio.run(_serve(runner))
+    _leave_busy_handlers(HANDLER_JOIN_S)
     return 0
+
+
+HANDLER_JOIN_S = 1.0  # after the stage stopped: how long a handler thread may still run
+
+
+def _leave_busy_handlers(bound_s: float) -> None:
+    """Python joins executor threads at exit, so a handler still computing (its result can no
+    longer be committed: the transaction is gone) would hold the process past the stop's bound.
+    Give the handler threads ``bound_s``, then exit without them: their work is uncommitted
+    and the next owner of the partition redoes it."""
+    deadline = time.monotonic() + bound_s
+    main = threading.main_thread()
+    busy = [t for t in threading.enumerate() if t is not main and not t.daemon]
+    for thread in busy:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    left = sum(t.is_alive() for t in busy)
+    if left:
+        logging.getLogger("radstream.runtime").warning(
+            "stopped with %d handler thread(s) still busy; their work is redone by the next owner",
+            left,
+        )
+        logging.shutdown()
+        os._exit(0)
 
 
 def serve(

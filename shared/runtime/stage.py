@@ -20,6 +20,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
@@ -68,6 +69,7 @@ class StageRunner(Generic[In]):
         self._stop = asyncio.Event()
         self._stopping = threading.Event()  # seen by handler threads (retry waits)
         self._evloop: asyncio.AbstractEventLoop | None = None
+        self._stop_at: float | None = None  # monotonic time of the stop request
         self.dispatcher: Dispatcher[In] = Dispatcher(
             spec,
             keyring=keyring,
@@ -91,6 +93,8 @@ class StageRunner(Generic[In]):
 
     # ---- lifecycle ------------------------------------------------------------------------
     def stop(self) -> None:
+        if self._stop_at is None:
+            self._stop_at = time.monotonic()
         self._stopping.set()
         if self._evloop is not None:
             self._evloop.call_soon_threadsafe(self._stop.set)
@@ -170,7 +174,11 @@ class StageRunner(Generic[In]):
                 await self._restorer.stop()
 
         try:
-            await asyncio.wait_for(close(), self.settings.shutdown_timeout_s)
+            # what is left of the stop's bound (at least a second: leaving the group)
+            bound = self.settings.shutdown_timeout_s
+            if self._stop_at is not None:
+                bound = max(1.0, bound - (time.monotonic() - self._stop_at))
+            await asyncio.wait_for(close(), bound)
         except TimeoutError:
             log.warning(
                 "stage %s: shutdown timed out; open transactions are aborted by the broker",
@@ -185,13 +193,41 @@ class StageRunner(Generic[In]):
             # No max_records here: aiokafka then drains one partition's buffer before the
             # next, which starves partitions. Transactions are sized in _process instead.
             batches = await consumer.getmany(timeout_ms=200)
-            if batches:
-                await asyncio.gather(
-                    *(self._process(ownership, tp, recs) for tp, recs in batches.items())
-                )
-            if self.spec.tick is not None:
-                await self._ticks(ownership)
+            if not await self._until_drained(self._round(ownership, batches)):
+                return
             ownership.update_lag()
+
+    async def _round(self, ownership: Ownership, batches: dict[TopicPartition, list[Any]]) -> None:
+        if batches:
+            await asyncio.gather(
+                *(self._process(ownership, tp, recs) for tp, recs in batches.items())
+            )
+        if self.spec.tick is not None and not self._stop.is_set():
+            await self._ticks(ownership)
+
+    async def _until_drained(self, work: Coroutine[Any, Any, None]) -> bool:
+        """Run one round of work. After a stop request the transactions in flight get half
+        of ``shutdown_timeout_s`` to finish (e.g. a broker that does not answer); then they
+        are cancelled and left open, for the next owner's ``init_transactions`` to abort (the
+        batch is redone there). Returns False when it cancelled the round."""
+        task = asyncio.ensure_future(work)
+        stopped = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():
+                await asyncio.wait({task}, timeout=self.settings.shutdown_timeout_s / 2)
+            if not task.done():
+                log.warning(
+                    "stage %s: stopping with a transaction in flight; the broker aborts it",
+                    self.spec.name,
+                )
+                task.cancel()
+                await asyncio.wait({task}, timeout=1.0)
+                return False
+            task.result()
+            return True
+        finally:
+            stopped.cancel()
 
     # ---- processing -----------------------------------------------------------------------
     async def _process(self, ownership: Ownership, tp: TopicPartition, records: list[Any]) -> None:
@@ -202,7 +238,7 @@ class StageRunner(Generic[In]):
             if part.closed or ownership.get(tp) is not part:
                 return
             records = [r for r in records if r.offset >= part.next_offset]
-            while records:
+            while records and not self._stop.is_set():  # stopping: no new transaction
                 done = await self._batch(ownership, part, self._chunk(records))
                 if done is None:
                     return  # not committed: redone from the last committed offset (or gone)
