@@ -228,13 +228,17 @@ def segment_seed(
     full_spacing: tuple[float, float, float],
     superior: int,
     grow_steps: int = 0,
+    grown: tuple[bool, bool, bool] = (False, False, False),
 ) -> Candidate | None:
     level = level_for(seed.radius_mm, pyr)
     g = pyr.grids[level]
     sp = g.spacing
     c = [(seed.zyx[a] - g.box[a].start + 0.5) / g.factors[a] - 0.5 for a in range(3)]
     r = max(seed.radius_mm, 1.5)
-    half = [math.ceil((2.0 * r + 5.0) / s) for s in sp]
+    # ``grown``: axes whose crop starts doubled (a candidate known to run out of its crop)
+    half = [
+        math.ceil((2.0 * r + 5.0) / s) * (2 if gr else 1) for s, gr in zip(sp, grown, strict=True)
+    ]
     # the crop grows (x2, at most ``grow_steps`` times) while the segment runs into one of its
     # inner faces: a vessel cut by a small crop looks like a compact blob (the cartoon
     # phantom's apex: a juxtapleural vessel column cut 5 slices below its pleural notch)

@@ -135,9 +135,12 @@ def regrow(an: Analysis, i: int, steps: int | None = None) -> Candidate | None:
     steps = GROW_STEPS if steps is None else steps
     if an.pyramid is None or steps < 1:
         return None
-    if not any(runs_out(c.mask, c.box, an.pyramid.images[an.pyramid.grids.index(c.grid)].shape)):
+    runs = runs_out(c.mask, c.box, an.pyramid.images[an.pyramid.grids.index(c.grid)].shape)
+    if not any(runs):
         return None
-    return segment_seed(c.seed, an.pyramid, **an.context, grow_steps=steps)
+    # the first crop is the candidate's own: start from the grown one, not segment it again
+    grown = (runs[0], runs[1], runs[2])
+    return segment_seed(c.seed, an.pyramid, **an.context, grow_steps=steps - 1, grown=grown)
 
 
 def measure(mask: Any, geo: Geometry, kind: str, label: str, vol: Any = None) -> dict[str, Any]:
