@@ -300,6 +300,28 @@ async def group_settled(env: Env, group: str, topic: str) -> bool:
 STOP_BOUND_S = 60.0
 
 
+def metrics_text(port: int, timeout: float = 5.0) -> str:
+    """A service's /metrics page (Prometheus text format)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as r:
+        return str(r.read().decode())
+
+
+def metric_sum(port: int, name: str) -> float:
+    """The sum of a metric's samples on a service's /metrics (0 when none yet, or the service
+    does not answer yet)."""
+    try:
+        text = metrics_text(port, timeout=2.0)
+    except OSError:
+        return 0.0
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    )
+
+
 class StageProcess:
     """A stage run as its own OS process, as in production."""
 

@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from shared.schemas import Probe
-from tests.helpers import Env, Reader, StageProcess, group_caught_up, wait_until, wait_until_sync
+from tests.helpers import (
+    Env,
+    Reader,
+    StageProcess,
+    group_caught_up,
+    metric_sum,
+    wait_until,
+    wait_until_sync,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -18,22 +26,6 @@ MODULE = "shared.runtime.passthrough"
 # a stop's bound (shutdown_timeout_s, at most 8 s here) plus the interpreter's start of exit
 # on a CI machine with three test workers on two cores
 STOP_S = 14.0
-
-
-def metric(port: int, name: str) -> float:
-    """The sum of a metric's samples on a stage's /metrics (0 when it has none yet)."""
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-            text = r.read().decode()
-    except OSError:
-        return 0.0
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name + "{") or line.startswith(name + " ")
-    )
 
 
 def inputs(n: int) -> list[tuple[bytes, Probe]]:
@@ -148,7 +140,7 @@ async def test_sigterm_mid_handler_exits_in_bound_and_the_record_is_redone_once(
         ).start()
 
         def handling() -> bool:  # the handler has taken its first record
-            return metric(slow.port, "radstream_input_wait_seconds_count") >= 1
+            return metric_sum(slow.port, "radstream_input_wait_seconds_count") >= 1
 
         await asyncio.to_thread(wait_until_sync, handling, 90, "the slow handler to start")
         t0 = time.monotonic()

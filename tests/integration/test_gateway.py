@@ -16,7 +16,15 @@ from shared.dicom import phantom
 from shared.runtime.stage import StageRunner
 from shared.schemas import SeriesReady
 from shared.stack.broker import free_port
-from tests.helpers import Env, Reader, StageProcess, http_ok, running, wait_until_sync
+from tests.helpers import (
+    Env,
+    Reader,
+    StageProcess,
+    http_ok,
+    metrics_text,
+    running,
+    wait_until_sync,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -108,10 +116,7 @@ def test_unknown_calling_ae_title_is_rejected_at_association(
     res = storescu(port, ph.files, "INTRUDER")
     assert res.returncode != 0
     assert "Association Rejected" in res.stdout + res.stderr
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{proc.port}/metrics", timeout=5) as r:
-        text = r.read().decode()
+    text = metrics_text(proc.port)
     assert 'radstream_gateway_associations_total{outcome="rejected"} 1.0' in text
     assert 'radstream_gateway_instances_total{outcome="stored"}' not in text  # nothing got in
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import http.client
-import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,15 @@ from shared.runtime.stage import StageRunner
 from shared.schemas import Alert, AuditEvent, DeadLetter
 from shared.schemas.reasons import Reason
 from shared.security.webhook import IDEMPOTENCY_HEADER, sign
-from tests.helpers import Env, Reader, StageProcess, group_caught_up, running, wait_until
+from tests.helpers import (
+    Env,
+    Reader,
+    StageProcess,
+    group_caught_up,
+    metrics_text,
+    running,
+    wait_until,
+)
 from tests.integration.test_acls import consume, denied, produce
 from tests.notify_peers import FhirServer, MllpPeer, WebhookReceiver, write_secret
 
@@ -205,10 +212,10 @@ async def test_an_always_failing_endpoint_produces_a_dead_letter_with_its_reason
             )
 
             async def counted() -> bool:
-                return dead_counted in await asyncio.to_thread(scrape, proc.port)
+                return dead_counted in await asyncio.to_thread(metrics_text, proc.port)
 
             await wait_until(counted, 30, "the dead letters counted in /metrics")
-            metrics = await asyncio.to_thread(scrape, proc.port)
+            metrics = await asyncio.to_thread(metrics_text, proc.port)
         finally:
             assert proc.terminate() == 0
     assert {d.reason for d in letters} == {Reason.NOTIFICATION_FAILED}
@@ -225,11 +232,6 @@ async def test_an_always_failing_endpoint_produces_a_dead_letter_with_its_reason
     assert "dead letter notification_failed" in log
     assert "1.2.826" not in log and batch[0][1].alert_id not in log
     assert SECRET.decode() not in log
-
-
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        return str(r.read().decode())
 
 
 async def test_notify_reads_alerts_and_nothing_upstream(env: Env) -> None:

@@ -29,7 +29,7 @@ from shared.dicomweb.stow import (
 )
 from shared.schemas import DeadLetter, InstanceData, InstancesRecord
 from shared.stack.broker import free_port
-from tests.helpers import Env, Reader, StageProcess, http_ok, wait_until_sync
+from tests.helpers import Env, Reader, StageProcess, http_ok, metrics_text, wait_until_sync
 from tests.tls import CLIENT, SERVER, make_pki
 
 pytestmark = pytest.mark.integration
@@ -131,13 +131,6 @@ def ct_files() -> list[Path]:
     return files
 
 
-def metrics(port: int) -> str:
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        return str(r.read().decode())
-
-
 async def instances_on_kafka(env: Env, count: int) -> list[InstanceData]:
     async with Reader(env, "instances", InstancesRecord) as reader:
         await reader.wait_for(count, timeout=30)
@@ -163,7 +156,7 @@ async def test_dicomweb_client_stores_a_series_only_after_the_broker_has_each_in
     got = sorted(str(pydicom.dcmread(io.BytesIO(r.data)).SOPInstanceUID) for r in records)
     assert got == sorted(referenced)
     assert {r.source for r in records} == {"gateway"}
-    assert 'radstream_stow_instances_total{outcome="stored"} 4.0' in metrics(stow.proc.port)
+    assert 'radstream_stow_instances_total{outcome="stored"} 4.0' in metrics_text(stow.proc.port)
 
 
 async def test_without_a_valid_token_401_and_nothing_reaches_kafka(env: Env, stow: Stow) -> None:
@@ -181,7 +174,7 @@ async def test_without_a_valid_token_401_and_nothing_reaches_kafka(env: Env, sto
     assert status == 200, answer
     records = await instances_on_kafka(env, 1)
     assert [r.data for r in records] == [ct_files()[1].read_bytes()]
-    text = metrics(stow.proc.port)
+    text = metrics_text(stow.proc.port)
     assert 'radstream_stow_requests_total{status="401"} 3.0' in text
 
 
@@ -226,7 +219,7 @@ async def test_bad_parts_are_answered_per_instance_and_dead_lettered(env: Env, s
         assert study not in letter.message and str(other.SOPInstanceUID) not in letter.message
     records = await instances_on_kafka(env, 1)
     assert [r.data for r in records] == [good]
-    text = metrics(stow.proc.port)
+    text = metrics_text(stow.proc.port)
     assert 'radstream_deadletters_total{reason="study_mismatch",stage="gateway"} 1.0' in text
 
     # all parts bad: 409, nothing stored
