@@ -228,6 +228,8 @@ class StageRunner(Generic[In]):
             return True
         finally:
             stopped.cancel()
+            if not task.done():  # this coroutine was cancelled itself: so is its round
+                task.cancel()
 
     # ---- processing -----------------------------------------------------------------------
     async def _process(self, ownership: Ownership, tp: TopicPartition, records: list[Any]) -> None:
