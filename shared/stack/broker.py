@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import random
 import secrets
 import signal
 import socket
@@ -50,8 +51,36 @@ class BrokerError(RuntimeError):
     """The broker could not be installed, configured or started."""
 
 
+_GIVEN: set[int] = set()  # ports this process has handed out
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's range for outgoing connections' source ports."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port to listen on, chosen below the kernel's ephemeral range: between this check and
+    the listener's bind, no outgoing connection can take it as its source port (seen: a
+    service's metrics port taken by a Kafka client's connection while tests ran in parallel).
+    Random, so parallel test workers rarely pick the same one; never the same twice here."""
+    low = _ephemeral_low()
+    pick = random.SystemRandom()
+    for _ in range(200):
+        port = pick.randint(max(1025, low - 12000), max(1025, low - 1))
+        if port in _GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
+    with socket.socket() as s:  # the range is exhausted: any port the kernel gives
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
