@@ -577,7 +577,12 @@ def _plane(
         f = np.full(x.shape, -1.0, F32)
         f[pts] = b.field(an, x[pts], y[pts], z, (depth[pts], tsk[pts]), fl[pts])
         if b.kind == "intraparenchymal":
-            rim = cavity & (f > -(2.0 + 0.12 * b.radii.mean())) & (f <= 0) & ~calc_full
+            # oedema 2 mm + 12 % of the radius wide: ``f`` is in units of the clot's radius,
+            # so the width is divided by it (in mm it reached ~5 radii: the whole hemisphere
+            # lost its cortex, and blood painted before this clot vanished from the image
+            # while its truth label stayed); another bleed's blood is never covered
+            r = float(b.radii.mean())
+            rim = cavity & (f > -(2.0 + 0.12 * r) / r) & (f <= 0) & ~calc_full & (lab == 0)
             img[rim] = np.minimum(img[rim], an.wm - 6)
         m = cavity & (f > 0)
         lab[m] = i
