@@ -81,6 +81,31 @@ def test_thin_extra_axial_collections_along_the_inner_table_are_found(
     assert found["location"] == ("left" if spec.side == 1 else "right")
 
 
+@pytest.mark.parametrize(
+    "seed,first,clot_side",
+    [
+        (131, BleedSpec("subdural", 15.0, side=1, hu=65.0), -1),
+        (132, BleedSpec("epidural", 18.0, side=-1, hu=72.0), -1),
+    ],
+)
+def test_extra_axial_blood_beside_a_large_clot_is_in_the_image_and_found(
+    seed: int, first: BleedSpec, clot_side: int
+) -> None:
+    """An extra-axial collection drawn before a large intraparenchymal clot: the clot's
+    oedema rim (a few mm wide) neither covers the collection's blood nor flattens the cortex
+    of the hemisphere, so the image holds what the truth says, and both bleeds are found
+    (dev seeds 21016 and 21037 lost 15 and 18 mL this way)."""
+    clot = BleedSpec("intraparenchymal", 30.0, side=clot_side, hu=62.0)
+    case = head_case(seed, size=256, bleed=[first, clot])
+    blood = case.hu[case.haemorrhage == 1]
+    assert np.median(blood) >= 55, np.percentile(blood, [10, 50, 90])
+    ev = evaluate_head(case, analyse(case))
+    assert [b["found"] for b in ev["bleeds"]] == [True, True], ev
+    assert ev["bleeds"][0]["subtype"] in ("epidural", "subdural"), ev
+    assert abs(ev["bleeds"][0]["volume_error"]) <= 0.3, ev
+    assert ev["false_bleeds"] == 0, ev
+
+
 @pytest.mark.parametrize("seed", [201, 202, 203, 204])
 def test_normal_heads_with_calcifications_and_beam_hardening_give_no_bleed(seed: int) -> None:
     case = head_case(seed, size=256, bleed="none")
