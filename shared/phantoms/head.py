@@ -581,8 +581,8 @@ def _plane(
             # so the width is divided by it (in mm it reached ~5 radii: the whole hemisphere
             # lost its cortex, and blood painted before this clot vanished from the image
             # while its truth label stayed); another bleed's blood is never covered
-            r = float(b.radii.mean())
-            rim = cavity & (f > -(2.0 + 0.12 * r) / r) & (f <= 0) & ~calc_full & (lab == 0)
+            r_mm = float(b.radii.mean())
+            rim = cavity & (f > -(2.0 + 0.12 * r_mm) / r_mm) & (f <= 0) & ~calc_full & (lab == 0)
             img[rim] = np.minimum(img[rim], an.wm - 6)
         m = cavity & (f > 0)
         lab[m] = i
