@@ -219,7 +219,7 @@ def main() -> None:
         head.derived(r)
     y = np.array([r["y"] for r in rows], float)
     model: dict[str, Any] = {
-        "version": "4",
+        "version": "5",
         "kind": "logistic regression (IRLS, L2=1) over standardised candidate features",
         **logistic(rows, head.FEATURES, y),
     }

@@ -6,6 +6,9 @@ centroid inside the lesion (dilated by one voxel) or within the lesion's radius 
 positive. Head: a truth bleed is found when reported blood covers at least 10 % of it; a
 reported blood component with less than 10 % of its voxels in any truth bleed is a false
 bleed; volume error compares the reported components touching a bleed with its true volume.
+Bleeds that share a reported component (two collections that touch, which one segmentation of
+same-density blood cannot split) are measured together: the components touching any of them
+against the sum of their true volumes, the volume a reader would measure for that collection.
 """
 
 from __future__ import annotations
@@ -135,6 +138,60 @@ def score_chest(
     return out
 
 
+def bleed_volumes(
+    pred: np.ndarray,
+    comp: np.ndarray,
+    sizes: np.ndarray,
+    bleed_labels: np.ndarray,
+    bleeds: Sequence[dict[str, Any]],
+    voxel_ml: float,
+) -> list[dict[str, Any]]:
+    """Per truth bleed: found (reported blood covers >= 10 % of it), coverage, and the volume
+    of the reported components (``comp`` labels of ``pred``, ``sizes`` their voxel counts)
+    touching it. Bleeds linked through a shared component form one group, whose reported
+    volume is set against the group's summed truth (``merged_with``: the others in it)."""
+    touching: list[set[int]] = []
+    cover: list[float] = []
+    for b in bleeds:
+        t = bleed_labels == int(b["label"])
+        ids = np.unique(comp[t & pred])
+        touching.append({int(i) for i in ids if i > 0})
+        cover.append(float((pred & t).sum()) / max(int(t.sum()), 1))
+    group = list(range(len(bleeds)))
+
+    def root(i: int) -> int:
+        while group[i] != i:
+            group[i] = group[group[i]]
+            i = group[i]
+        return i
+
+    owner: dict[int, int] = {}
+    for i, ids in enumerate(touching):
+        for c in ids:
+            if c in owner:
+                group[root(i)] = root(owner[c])
+            else:
+                owner[c] = i
+    out: list[dict[str, Any]] = []
+    for i, b in enumerate(bleeds):
+        members = [j for j in range(len(bleeds)) if root(j) == root(i)]
+        comps = sorted(set().union(*(touching[j] for j in members)))
+        volume = float(sizes[comps].sum()) * voxel_ml
+        truth_ml = sum(float(bleeds[j]["volume_ml"]) for j in members)
+        out.append(
+            {
+                "kind": b.get("kind"),
+                "truth_ml": round(float(b["volume_ml"]), 2),
+                "found": cover[i] >= 0.1,
+                "coverage": round(cover[i], 3),
+                "volume_ml": round(volume, 2),
+                "volume_error": round((volume - truth_ml) / truth_ml, 3) if truth_ml else None,
+                "merged_with": len(members) - 1,
+            }
+        )
+    return out
+
+
 def score_head(
     findings: list[dict[str, Any]],
     masks: dict[str, np.ndarray],
@@ -151,24 +208,7 @@ def score_head(
     sizes = np.bincount(comp.ravel(), minlength=n + 1)
     in_truth = np.bincount(comp[bleed_labels > 0].ravel(), minlength=n + 1)
     false = [i for i in range(1, n + 1) if in_truth[i] < 0.1 * sizes[i]]
-    per_bleed: list[dict[str, Any]] = []
-    for b in bleeds:
-        t = bleed_labels == int(b["label"])
-        cover = float((pred & t).sum()) / max(int(t.sum()), 1)
-        touching = np.unique(comp[t & pred])
-        touching = touching[touching > 0]
-        volume = float(sizes[touching].sum()) * voxel_ml
-        truth_ml = float(b["volume_ml"])
-        per_bleed.append(
-            {
-                "kind": b.get("kind"),
-                "truth_ml": round(truth_ml, 2),
-                "found": cover >= 0.1,
-                "coverage": round(cover, 3),
-                "volume_ml": round(volume, 2),
-                "volume_error": round((volume - truth_ml) / truth_ml, 3) if truth_ml else None,
-            }
-        )
+    per_bleed = bleed_volumes(pred, comp, sizes, bleed_labels, bleeds, voxel_ml)
     shift = next((f for f in findings if f.get("type") == "midline_shift"), None)
     measured = None
     if shift is not None and shift.get("shift_mm") is not None:

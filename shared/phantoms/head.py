@@ -38,6 +38,8 @@ import scipy.ndimage as ndi
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from shared.evaluation.metrics import bleed_volumes
+
 BleedKind = Literal["intraparenchymal", "subdural", "epidural"]
 KINDS: tuple[BleedKind, ...] = ("intraparenchymal", "subdural", "epidural")
 # midline shift per mL of blood (mm/mL): extra-axial blood pushes harder than a parenchymal
@@ -862,7 +864,8 @@ def evaluate_head(case: HeadCase, result: Any, *, min_ml: float = 2.0) -> dict[s
     """Score an analysis result (``.masks['haemorrhage']``, ``.findings``) on a case.
 
     A truth bleed is found when reported blood covers >= 10 % of it; its volume error is the
-    reported volume of the blood components touching it versus the truth. A false bleed is a
+    reported volume of the blood components touching it versus the truth (bleeds sharing a
+    component measured together: ``shared.evaluation.metrics.bleed_volumes``). A false bleed is a
     reported component with < 10 % of its voxels in any truth bleed. Midline shift error is
     signed (+ toward patient left) measured minus truth."""
     pred = np.asarray(result.masks["haemorrhage"], bool)
@@ -872,32 +875,18 @@ def evaluate_head(case: HeadCase, result: Any, *, min_ml: float = 2.0) -> dict[s
     comp_sizes = np.bincount(labels.ravel(), minlength=n + 1)
     comp_in_truth = np.bincount(labels[truth_ids > 0].ravel(), minlength=n + 1)
     false = [i for i in range(1, n + 1) if comp_in_truth[i] < 0.1 * comp_sizes[i]]
-    per_bleed: list[dict[str, Any]] = []
     findings = [f for f in result.findings if f.get("type") == "haemorrhage"]
-    for b in case.bleeds:
-        t = truth_ids == b.label
-        cover = float((pred & t).sum()) / max(int(t.sum()), 1)
-        touching = np.unique(labels[t & pred])
-        touching = touching[touching > 0]
-        vol = float(comp_sizes[touching].sum()) * vox
+    bleeds = [{"label": b.label, "kind": b.kind, "volume_ml": b.volume_ml} for b in case.bleeds]
+    per_bleed = bleed_volumes(pred, labels, comp_sizes, truth_ids, bleeds, vox)
+    for b, p in zip(case.bleeds, per_bleed, strict=True):
+        p["truth_ml"] = b.volume_ml
         # the subtype of the reported finding nearest the bleed's centroid
-        sub = None
-        if touching.size and findings:
+        p["subtype"] = None
+        if p["coverage"] > 0 and findings:
             zc = b.centroid_zyx[0]
-            sub = min(findings, key=lambda f: abs(float(f.get("slice_index", 0)) - zc)).get(
-                "subtype"
-            )
-        per_bleed.append(
-            {
-                "kind": b.kind,
-                "truth_ml": b.volume_ml,
-                "found": cover >= 0.1,
-                "coverage": round(cover, 3),
-                "volume_ml": round(vol, 3),
-                "volume_error": round((vol - b.volume_ml) / b.volume_ml, 3),
-                "subtype": sub,
-            }
-        )
+            p["subtype"] = min(
+                findings, key=lambda f: abs(float(f.get("slice_index", 0)) - zc)
+            ).get("subtype")
     big = [p for p in per_bleed if p["truth_ml"] >= min_ml]
     shift = next((f for f in result.findings if f.get("type") == "midline_shift"), None)
     measured = None

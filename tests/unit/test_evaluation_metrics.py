@@ -87,3 +87,27 @@ def test_head_scores_found_bleeds_false_bleeds_volume_and_shift() -> None:
     assert bleed["found"] and abs(bleed["volume_error"] - (-0.1)) < 1e-6
     assert score["false_bleeds"] == 1
     assert score["shift_mm"] == -4.0 and score["shift_error_mm"] == 1.0
+
+
+def test_touching_bleeds_are_measured_together_and_separate_ones_alone() -> None:
+    """Two collections that touch come out as one component: each is set against the pair's
+    summed truth (not 100 % too large); a third, apart, keeps its own error."""
+    labels = np.zeros((10, 40, 40), np.uint8)
+    labels[2:6, 5:15, 5:15] = 1  # 400 voxels
+    labels[2:6, 5:15, 15:20] = 2  # 200 voxels, touching bleed 1
+    labels[2:6, 30:35, 30:35] = 3  # 100 voxels, apart
+    pred = labels > 0
+    pred[2:6, 5:15, 20] = True  # 40 voxels too many, on the pair
+    pred[2:6, 30:35, 34] = False  # 20 voxels short, on the lone bleed
+    bleeds = [
+        {"label": 1, "kind": "subdural", "volume_ml": 4.0},
+        {"label": 2, "kind": "epidural", "volume_ml": 2.0},
+        {"label": 3, "kind": "subdural", "volume_ml": 1.0},
+    ]
+    score = score_head([], {"haemorrhage": pred}, labels, bleeds, None, 0.01)
+    b1, b2, b3 = score["bleeds"]
+    assert b1["volume_ml"] == b2["volume_ml"] == 6.4
+    assert b1["volume_error"] == b2["volume_error"] == round(0.4 / 6.0, 3)
+    assert b1["merged_with"] == b2["merged_with"] == 1
+    assert b3["volume_error"] == -0.2 and b3["merged_with"] == 0
+    assert score["false_bleeds"] == 0
