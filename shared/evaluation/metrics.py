@@ -166,8 +166,8 @@ def bleed_volumes(
         return i
 
     owner: dict[int, int] = {}
-    for i, ids in enumerate(touching):
-        for c in ids:
+    for i, comps_i in enumerate(touching):
+        for c in comps_i:
             if c in owner:
                 group[root(i)] = root(owner[c])
             else:
