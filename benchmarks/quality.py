@@ -15,7 +15,9 @@ before it (same anatomy and noise), which is what "normal scan" means below; hea
 thickness, bleed shape and size, and one in four is normal.
 
 Printed figures (and ``--json``): lung_dice, nodule_sensitivity by size bin (4-6, 6-10,
-10-30 mm), nodule_sensitivity_ge6, mass_sensitivity, fp_per_scan, fp_per_normal_scan,
+10-30 mm), nodule_sensitivity_ge6, mass_sensitivity, sensitivity_ge6_by_attachment (nodules
+>= 6 mm and masses by isolated / juxtavascular / juxtapleural / mediastinal), fp_per_scan,
+fp_per_normal_scan,
 high_alerts_per_normal_scan, bleed_sensitivity (>= 2 mL), bleed_fp_per_scan,
 bleed_volume_error (median and max |relative error| of found bleeds >= 2 mL),
 midline_shift_error_mm, seconds per series (algorithm) for chest and head, a confidence
@@ -196,13 +198,16 @@ def run_chest(plan: dict[str, Any]) -> dict[str, Any]:
 def chest_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     found: dict[str, list[bool]] = {name: [] for name, _lo, _hi in SIZE_BINS}
     ge6: list[bool] = []
+    by_attachment: dict[str, list[bool]] = {}  # nodules >= 6 mm and masses, by attachment
     masses: list[bool] = []
     masses_typed: list[bool] = []
     calcified: list[bool] = []
     for r in rows:
         for les in r["lesions"]:
+            att = les.get("attachment") or "unknown"
             if les["kind"] == "mass":
                 masses.append(les["found"])
+                by_attachment.setdefault(att, []).append(les["found"])
                 masses_typed.append(les["reported_as"] == "mass")
                 continue
             if les["kind"] == "calcified":
@@ -214,6 +219,7 @@ def chest_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
                     found[name].append(les["found"])
             if d >= 6.0:
                 ge6.append(les["found"])
+                by_attachment.setdefault(att, []).append(les["found"])
     normal = [r for r in rows if r["normal"]]
 
     def rate(xs: list[bool]) -> float | None:
@@ -227,6 +233,10 @@ def chest_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "nodule_sensitivity": {k: rate(v) for k, v in found.items()},
         "nodule_counts": {k: len(v) for k, v in found.items()},
         "nodule_sensitivity_ge6": rate(ge6),
+        # where the misses are: nodules >= 6 mm and masses together, by how the lesion sits
+        # (isolated, juxtavascular, juxtapleural, mediastinal), with their counts
+        "sensitivity_ge6_by_attachment": {k: rate(v) for k, v in sorted(by_attachment.items())},
+        "counts_by_attachment": {k: len(v) for k, v in sorted(by_attachment.items())},
         "mass_sensitivity": rate(masses),
         "mass_reported_as_mass": rate(masses_typed),
         "masses": len(masses),
