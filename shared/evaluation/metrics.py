@@ -138,18 +138,24 @@ def score_chest(
     return out
 
 
-def bleed_volumes(
+def score_bleeds(
     pred: np.ndarray,
-    comp: np.ndarray,
-    sizes: np.ndarray,
     bleed_labels: np.ndarray,
     bleeds: Sequence[dict[str, Any]],
     voxel_ml: float,
-) -> list[dict[str, Any]]:
-    """Per truth bleed: found (reported blood covers >= 10 % of it), coverage, and the volume
-    of the reported components (``comp`` labels of ``pred``, ``sizes`` their voxel counts)
-    touching it. Bleeds linked through a shared component form one group, whose reported
-    volume is set against the group's summed truth (``merged_with``: the others in it)."""
+) -> tuple[list[dict[str, Any]], list[float]]:
+    """The head scoring both scorers share (``score_head`` here, ``evaluate_head`` in the
+    phantom): the reported blood ``pred`` as connected components against the truth labels.
+
+    Returns, per truth bleed: found (reported blood covers >= 10 % of it), coverage, and the
+    volume of the reported components touching it. Bleeds linked through a shared component
+    form one group, whose reported volume is set against the group's summed truth
+    (``merged_with``: the others in it). And the volumes (mL) of the false bleeds: reported
+    components with < 10 % of their voxels in any truth bleed."""
+    comp, n = ndi.label(pred)
+    sizes = np.bincount(comp.ravel(), minlength=n + 1)
+    in_truth = np.bincount(comp[bleed_labels > 0].ravel(), minlength=n + 1)
+    false_ml = [float(sizes[i]) * voxel_ml for i in range(1, n + 1) if in_truth[i] < 0.1 * sizes[i]]
     touching: list[set[int]] = []
     cover: list[float] = []
     for b in bleeds:
@@ -172,12 +178,15 @@ def bleed_volumes(
                 group[root(i)] = root(owner[c])
             else:
                 owner[c] = i
+    members: dict[int, list[int]] = {}
+    for i in range(len(bleeds)):
+        members.setdefault(root(i), []).append(i)
     out: list[dict[str, Any]] = []
     for i, b in enumerate(bleeds):
-        members = [j for j in range(len(bleeds)) if root(j) == root(i)]
-        comps = sorted(set().union(*(touching[j] for j in members)))
+        grp = members[root(i)]
+        comps = sorted(set().union(*(touching[j] for j in grp)))
         volume = float(sizes[comps].sum()) * voxel_ml
-        truth_ml = sum(float(bleeds[j]["volume_ml"]) for j in members)
+        truth_ml = sum(float(bleeds[j]["volume_ml"]) for j in grp)
         out.append(
             {
                 "kind": b.get("kind"),
@@ -186,10 +195,10 @@ def bleed_volumes(
                 "coverage": round(cover[i], 3),
                 "volume_ml": round(volume, 2),
                 "volume_error": round((volume - truth_ml) / truth_ml, 3) if truth_ml else None,
-                "merged_with": len(members) - 1,
+                "merged_with": len(grp) - 1,
             }
         )
-    return out
+    return out, false_ml
 
 
 def score_head(
@@ -204,11 +213,7 @@ def score_head(
 ) -> dict[str, Any]:
     """``bleeds``: one dict per label with ``label``, ``kind``, ``volume_ml``."""
     pred = np.asarray(masks.get("haemorrhage", np.zeros(bleed_labels.shape, bool)), bool)
-    comp, n = ndi.label(pred)
-    sizes = np.bincount(comp.ravel(), minlength=n + 1)
-    in_truth = np.bincount(comp[bleed_labels > 0].ravel(), minlength=n + 1)
-    false = [i for i in range(1, n + 1) if in_truth[i] < 0.1 * sizes[i]]
-    per_bleed = bleed_volumes(pred, comp, sizes, bleed_labels, bleeds, voxel_ml)
+    per_bleed, false = score_bleeds(pred, bleed_labels, bleeds, voxel_ml)
     shift = next((f for f in findings if f.get("type") == "midline_shift"), None)
     measured = None
     if shift is not None and shift.get("shift_mm") is not None:

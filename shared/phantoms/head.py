@@ -38,7 +38,7 @@ import scipy.ndimage as ndi
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from shared.evaluation.metrics import bleed_volumes
+from shared.evaluation.metrics import score_bleeds
 
 BleedKind = Literal["intraparenchymal", "subdural", "epidural"]
 KINDS: tuple[BleedKind, ...] = ("intraparenchymal", "subdural", "epidural")
@@ -865,19 +865,13 @@ def evaluate_head(case: HeadCase, result: Any, *, min_ml: float = 2.0) -> dict[s
 
     A truth bleed is found when reported blood covers >= 10 % of it; its volume error is the
     reported volume of the blood components touching it versus the truth (bleeds sharing a
-    component measured together: ``shared.evaluation.metrics.bleed_volumes``). A false bleed is a
+    component measured together: ``shared.evaluation.metrics.score_bleeds``). A false bleed is a
     reported component with < 10 % of its voxels in any truth bleed. Midline shift error is
     signed (+ toward patient left) measured minus truth."""
     pred = np.asarray(result.masks["haemorrhage"], bool)
-    labels, n = ndi.label(pred)
-    vox = case.voxel_ml
-    truth_ids = case.haemorrhage
-    comp_sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    comp_in_truth = np.bincount(labels[truth_ids > 0].ravel(), minlength=n + 1)
-    false = [i for i in range(1, n + 1) if comp_in_truth[i] < 0.1 * comp_sizes[i]]
     findings = [f for f in result.findings if f.get("type") == "haemorrhage"]
     bleeds = [{"label": b.label, "kind": b.kind, "volume_ml": b.volume_ml} for b in case.bleeds]
-    per_bleed = bleed_volumes(pred, labels, comp_sizes, truth_ids, bleeds, vox)
+    per_bleed, false_ml = score_bleeds(pred, case.haemorrhage, bleeds, case.voxel_ml)
     for b, p in zip(case.bleeds, per_bleed, strict=True):
         p["truth_ml"] = b.volume_ml
         # the subtype of the reported finding nearest the bleed's centroid
@@ -898,8 +892,8 @@ def evaluate_head(case: HeadCase, result: Any, *, min_ml: float = 2.0) -> dict[s
         "bleeds": per_bleed,
         "bleeds_ge_min": len(big),
         "found_ge_min": sum(p["found"] for p in big),
-        "false_bleeds": len(false),
-        "false_bleed_ml": round(float(comp_sizes[false].sum()) * vox, 3),
+        "false_bleeds": len(false_ml),
+        "false_bleed_ml": round(sum(false_ml, 0.0), 3),
         "volume_errors": [p["volume_error"] for p in big if p["found"]],
         "subtype_correct": [p["subtype"] == p["kind"] for p in big if p["found"]],
         "midline_shift_mm": measured,
