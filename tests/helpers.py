@@ -372,6 +372,29 @@ class StageProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def ready(self) -> bool:
+        """This process answers ``/readyz`` as ready (its own pid in the answer: not another
+        process that holds the port). A process that has exited fails the test at once with
+        the end of its log, rather than after the caller's whole timeout."""
+        import json
+        import urllib.request
+
+        assert self.proc is not None
+        code = self.proc.poll()
+        if code is not None:
+            from shared.stack.local import tail
+
+            raise AssertionError(
+                f"{self.module} exited ({code}) before it was ready; its log ends:\n"
+                + tail(self.log, 30)
+            )
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as r:
+                body = json.loads(r.read() or b"{}")
+                return bool(r.status == 200 and body.get("pid") == self.proc.pid)
+        except (OSError, ValueError):
+            return False
+
 
 class running:
     """Run a StageRunner in this event loop for the duration of an ``async with``."""

@@ -1,8 +1,10 @@
 """One small aiohttp server per process: ``/metrics``, ``/healthz`` (the loop answers) and
-``/readyz`` (the stage joined its group and restored its state)."""
+``/readyz`` (the stage joined its group and restored its state; the answer names the process,
+so that a probe can tell it from another process on the same port)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from aiohttp import web
@@ -46,4 +48,4 @@ class HealthServer:
 
     async def _readyz(self, _: web.Request) -> web.Response:
         ok = self._ready()
-        return web.json_response({"ready": ok}, status=200 if ok else 503)
+        return web.json_response({"ready": ok, "pid": os.getpid()}, status=200 if ok else 503)

@@ -30,6 +30,7 @@ import secrets
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -62,11 +63,42 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+PORT_CLAIMS = Path(tempfile.gettempdir()) / "radstream-ports"
+
+
+def _claim(port: int) -> bool:
+    """Claim ``port`` machine-wide for this process's lifetime: a file named after it, holding
+    our pid, created exclusively. Another live process's claim is respected; a dead one's is
+    taken over. Between ``free_port``'s bind check and the service's own bind, another test
+    worker (or another checkout's tests) could otherwise pick the same free port: seen, a
+    stage that died on "address already in use" while the other process answered its
+    readiness probe."""
+    PORT_CLAIMS.mkdir(mode=0o700, exist_ok=True)
+    path = PORT_CLAIMS / str(port)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text() or "0")
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _pid_alive(pid):
+                return False
+            path.unlink(missing_ok=True)  # a dead process's claim (or a torn write): retry
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        return True
+    return False
+
+
 def free_port() -> int:
     """A port to listen on, chosen below the kernel's ephemeral range: between this check and
     the listener's bind, no outgoing connection can take it as its source port (seen: a
     service's metrics port taken by a Kafka client's connection while tests ran in parallel).
-    Random, so parallel test workers rarely pick the same one; never the same twice here."""
+    Random, never the same twice here, and claimed machine-wide (``_claim``) so that parallel
+    test workers never hand out the same one."""
     low = _ephemeral_low()
     pick = random.SystemRandom()
     for _ in range(200):
@@ -78,6 +110,8 @@ def free_port() -> int:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
+        if not _claim(port):
+            continue
         _GIVEN.add(port)
         return port
     with socket.socket() as s:  # the range is exhausted: any port the kernel gives

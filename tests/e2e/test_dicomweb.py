@@ -21,7 +21,6 @@ from tests.helpers import (
     Orthanc,
     Reader,
     StageProcess,
-    http_ok,
     wait_until_sync,
 )
 from tests.tls import CLIENT, SERVER, make_pki
@@ -87,7 +86,7 @@ async def test_orthanc_stow_rs_to_radstream_raises_the_alert(env: Env, tmp_path:
     ).start()
     try:
         for name, proc in procs.items():
-            wait_until_sync(lambda p=proc: http_ok(p.port, "/readyz"), 120, f"{name} ready")
+            wait_until_sync(proc.ready, 120, f"{name} ready")
         head = phantom.head_ct(tmp_path / "head", seed=81, size=128, slices=20, bleed_ml=5.0)
         study = None
         for f in head.files:

@@ -26,7 +26,6 @@ from tests.helpers import (
     Reader,
     StageProcess,
     group_settled,
-    http_ok,
     wait_until,
     wait_until_sync,
 )
@@ -51,7 +50,7 @@ def start(env: Env, tmp: Path, gateway_port: int, round_: int) -> dict[str, Stag
         for name in ("gateway", *STAGE_NAMES)
     }
     for name, proc in procs.items():
-        wait_until_sync(lambda p=proc: http_ok(p.port, "/readyz"), 120, f"{name} ready")
+        wait_until_sync(proc.ready, 120, f"{name} ready")
     return procs
 
 

@@ -35,7 +35,7 @@ from shared.security.accounts import add_user
 from shared.stack.broker import free_port
 from shared.stack.tls import issue_server_cert
 from shared.storage import BlobStore, LocalDirBackend
-from tests.helpers import REPO, Env, Reader, StageProcess, http_ok, wait_until, wait_until_sync
+from tests.helpers import REPO, Env, Reader, StageProcess, wait_until, wait_until_sync
 from tests.pipeline import files, series_ready
 
 pytestmark = [pytest.mark.integration]
@@ -207,7 +207,7 @@ async def test_alert_appears_live_is_acknowledged_and_each_role_sees_what_it_may
     worklist = procs[0]
     try:
         for p in procs:
-            wait_until_sync(lambda p=p: http_ok(p.port, "/readyz"), 120, f"{p.module} ready")
+            wait_until_sync(p.ready, 120, f"{p.module} ready")
 
         # HTTPS with the stack CA's certificate; nothing without signing in
         ca = ssl.create_default_context(cafile=str(env.broker.ca_file))

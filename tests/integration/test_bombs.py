@@ -25,7 +25,7 @@ from shared.dicom import phantom
 from shared.schemas import DeadLetter, SeriesReady
 from shared.stack.broker import free_port
 from tests import bombs
-from tests.helpers import Env, Reader, StageProcess, http_ok, wait_until_sync
+from tests.helpers import Env, Reader, StageProcess, wait_until_sync
 
 pytestmark = pytest.mark.integration
 
@@ -58,7 +58,7 @@ def stack(env: Env, tmp_path: Path) -> Iterator[tuple[StageProcess, StageProcess
         tmp_path / "gateway.log",
     ).start()
     for proc in (ingest, gateway):
-        wait_until_sync(lambda proc=proc: http_ok(proc.port, "/readyz"), 90, "service ready")
+        wait_until_sync(proc.ready, 90, "service ready")
     yield ingest, gateway, port
     assert gateway.terminate() == 0
     assert ingest.terminate() == 0

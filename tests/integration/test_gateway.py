@@ -20,7 +20,6 @@ from tests.helpers import (
     Env,
     Reader,
     StageProcess,
-    http_ok,
     metrics_text,
     running,
     wait_until_sync,
@@ -48,7 +47,7 @@ def gateway(env: Env, tmp_path: Path):  # type: ignore[no-untyped-def]
         "services.gateway.main",
         tmp_path / "gateway.log",
     ).start()
-    wait_until_sync(lambda: http_ok(proc.port, "/readyz"), 60, "gateway ready")
+    wait_until_sync(proc.ready, 60, "gateway ready")
     yield port, proc
     assert proc.terminate() == 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -129,7 +130,9 @@ async def test_metrics_and_readiness(env: Env, stage: StageRunner[Probe]) -> Non
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{base}/readyz") as r:
             assert r.status == 200
-            assert (await r.json())["ready"] is True
+            body = await r.json()
+            assert body["ready"] is True
+            assert body["pid"] == os.getpid()  # the answer names its process
         async with http.get(f"{base}/healthz") as r:
             assert r.status == 200
 

@@ -29,7 +29,7 @@ from shared.dicomweb.stow import (
 )
 from shared.schemas import DeadLetter, InstanceData, InstancesRecord
 from shared.stack.broker import free_port
-from tests.helpers import Env, Reader, StageProcess, http_ok, metrics_text, wait_until_sync
+from tests.helpers import Env, Reader, StageProcess, metrics_text, wait_until_sync
 from tests.tls import CLIENT, SERVER, make_pki
 
 pytestmark = pytest.mark.integration
@@ -120,7 +120,7 @@ def stow(env: Env, tmp_path: Path) -> Iterator[Stow]:
         "services.gateway.main",
         tmp_path / "gateway.log",
     ).start()
-    wait_until_sync(lambda: http_ok(proc.port, "/readyz"), 60, "gateway ready")
+    wait_until_sync(proc.ready, 60, "gateway ready")
     yield Stow(port, pki, proc)
     assert proc.terminate() == 0
 
