@@ -26,7 +26,7 @@ from shared.imaging.backend import namespace
 if TYPE_CHECKING:  # tasks re-exports chest_ct: import it at call time, not at import time
     from services.segmentation.tasks import Geometry, TaskResult
 
-VERSION = "2.1.0"  # 2.1: reported candidates cut by their crop are segmented again (regrow)
+VERSION = "2.2.0"  # 2.2: air is lung only when deep in-plane (mattress, arm gaps out); 2.1: regrow
 MASS_MM = 30.0
 MIN_REPORT_MM = (
     4.0  # below this nothing is reported (under the 6 mm follow-up size of the guidelines)
