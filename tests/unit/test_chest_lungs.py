@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from services.segmentation.chest import lungs as L
+from services.segmentation.chest.pipeline import chest_ct
+from services.segmentation.tasks import Geometry
 from tests import chest_synth as cs
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -137,3 +139,19 @@ def test_air_enclosed_under_the_back_and_beside_the_arms_is_no_lung() -> None:
     assert not (both & pocket).any()
     for side in L.SIDES:
         assert dice(full[side], c.truth[side]) >= 0.97, side
+    truth_ml = float((c.truth["lung_left"] | c.truth["lung_right"]).sum()) * np.prod(c.spacing)
+    assert lungs.notes["lung_ml"] == pytest.approx(truth_ml / 1000.0, rel=0.05)
+
+
+def test_a_chest_without_a_lung_deep_enough_reports_none_and_says_so() -> None:
+    # a water body with a 9 mm layer of air across it: no lung, no finding, lung_ml 0
+    vol = np.full((40, 128, 128), -1000.0, np.float32)
+    yy, xx = np.mgrid[0:128, 0:128]
+    body = ((yy - 64) / 40) ** 2 + ((xx - 64) / 55) ** 2 <= 1
+    vol[:, body] = 40.0
+    vol[:, body & (np.abs(yy - 64) < 3) & (np.abs(xx - 64) < 40)] = -850.0
+    geo = Geometry((2.5, 1.5, 1.5), (0.0, 0.0, 0.0), IDENTITY)
+    result = chest_ct(vol, geo)
+    assert result.findings == []
+    assert result.params["lung_ml"] == 0.0
+    assert not any(m.any() for m in result.masks.values())

@@ -111,7 +111,8 @@ def _thick_labels(
     a disc of radius ``core_mm`` (in-plane distances on a ~4 mm grid). A lung is 37 mm deep or
     more in the realistic phantoms and 46 mm or more in the registries' real chests; the air
     between the back and a table's mattress, between the arms and the chest, and stomach gas
-    are layers or pockets under 20 mm (a table pad 5-17 mm, an arm gap 13 mm)."""
+    are less than 20 mm deep (a mattress 5-17 mm, an arm gap 13 mm, stomach gas up to 19 mm).
+    A lung squeezed thinner than 50 mm in every slice (massive effusion, collapse) is lost."""
     xp, ndi = namespace(air)
     full = (slice(0, air.shape[0]), slice(0, air.shape[1]), slice(0, air.shape[2]))
     g = Grid.over(full, factors_for(sp, 4.0), sp)
@@ -462,6 +463,9 @@ def segment_lungs(
         for name in SIDES:
             masks[name] = masks[name] & ~domes
         notes["dome_ml"] = round(float(host(domes.sum())) * vox_ml, 1)
+    # 0 says no lung was found (and nothing searched): in the findings record's parameters
+    both = masks[SIDES[0]] | masks[SIDES[1]]
+    notes["lung_ml"] = round(float(host(both.sum())) * vox_ml, 1)
     for name in SIDES:
         other = masks[SIDES[1 - SIDES.index(name)]]
         if bool(host(masks[name].any())):
