@@ -376,24 +376,16 @@ class StageProcess:
         """This process answers ``/readyz`` as ready (its own pid in the answer: not another
         process that holds the port). A process that has exited fails the test at once with
         the end of its log, rather than after the caller's whole timeout."""
-        import json
-        import urllib.request
+        from shared.stack.local import ready_as, tail
 
         assert self.proc is not None
         code = self.proc.poll()
         if code is not None:
-            from shared.stack.local import tail
-
             raise AssertionError(
                 f"{self.module} exited ({code}) before it was ready; its log ends:\n"
                 + tail(self.log, 30)
             )
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as r:
-                body = json.loads(r.read() or b"{}")
-                return bool(r.status == 200 and body.get("pid") == self.proc.pid)
-        except (OSError, ValueError):
-            return False
+        return ready_as(self.port, self.proc.pid)
 
 
 class running:

@@ -491,8 +491,7 @@ def _features(
     if nvox == 0 or ncore == 0:
         return None
     zz, yy, xx = np.nonzero(part)
-    edt = sndi.distance_transform_edt(np.pad(part, 1), sampling=(1e3, py, px))
-    thickness = 2.0 * float(edt.max())
+    thickness = 2.0 * float(seg.edt_in_plane(part, sampling).max())
     solidity, long_ax, short_ax = _solidity_and_axes(part, py, px)
     zext = (zz.max() - zz.min() + 1) * gz
     ext = math.hypot((yy.max() - yy.min() + 1) * py, (xx.max() - xx.min() + 1) * px)

@@ -125,6 +125,17 @@ def closing(mask: Any, *, iterations: int = 1, structure: Any = None) -> Any:
     )
 
 
+def edt_in_plane(mask: Any, spacing: tuple[float, float, float]) -> Any:
+    """Per axial slice, each voxel's distance (mm) to the nearest background voxel of its own
+    slice, the slice's border counting as background: one 3D transform whose z step costs
+    more than crossing a whole slice, so the nearest background is always found in-plane."""
+    xp, ndi = namespace(mask)
+    padded = xp.pad(mask, ((0, 0), (1, 1), (1, 1)))
+    sz, sy, sx = spacing
+    far = 4.0 * (padded.shape[1] * sy + padded.shape[2] * sx) + sz
+    return ndi.distance_transform_edt(padded, sampling=(far, sy, sx))[:, 1:-1, 1:-1]
+
+
 def fill_holes_2d(mask: Any) -> Any:
     """Fill holes slice by slice (axial), as lungs and skulls are closed in-plane.
 

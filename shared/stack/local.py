@@ -342,7 +342,8 @@ class LocalStack:
             time.sleep(0.2)  # polling other processes' readiness, not synchronising threads
 
     def _service_ready(self, svc: Service) -> bool:
-        if not _http_ok(self.metrics_port(svc), "/readyz"):
+        pid = self.service_pid(svc)
+        if pid is None or not ready_as(self.metrics_port(svc), pid):
             return False
         return svc.name != "gateway" or self._echo(self.service_env(svc))
 
@@ -453,7 +454,7 @@ class LocalStack:
                     "pid": pid,
                     "running": pid is not None,
                     "healthy": pid is not None and _http_ok(port, "/healthz"),
-                    "ready": pid is not None and _http_ok(port, "/readyz"),
+                    "ready": pid is not None and ready_as(port, pid),
                     "metrics": f"http://127.0.0.1:{port}/metrics",
                     "processed": _processed(port) if pid is not None else {},
                 }
@@ -496,6 +497,18 @@ def _http_ok(port: int, path: str) -> bool:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1) as r:
             return bool(r.status == 200)
     except OSError:
+        return False
+
+
+def ready_as(port: int, pid: int) -> bool:
+    """``/readyz`` on ``port`` answers ready *for process* ``pid`` (the answer names its pid):
+    another process that holds the port (a stale service, another checkout's test worker) is
+    not taken for the one we started."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+            body = json.loads(r.read() or b"{}")
+            return bool(r.status == 200 and body.get("pid") == pid)
+    except (OSError, ValueError):
         return False
 
 

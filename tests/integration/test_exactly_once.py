@@ -161,19 +161,8 @@ async def test_sigterm_mid_handler_exits_in_bound_and_the_record_is_redone_once(
 
 
 def test_stage_process_serves_readyz(env: Env, tmp_path: Path) -> None:
-    import urllib.request
-
     proc = stage(env, tmp_path, "ready", "0").start()
-    url = f"http://127.0.0.1:{proc.port}/readyz"
-
-    def ready() -> bool:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                return bool(r.status == 200)
-        except OSError:
-            return False
-
     try:
-        wait_until_sync(ready, 60, "readyz 200")
+        wait_until_sync(proc.ready, 60, "readyz 200")
     finally:
         assert proc.terminate() == 0

@@ -9,6 +9,7 @@ import pytest
 from services.segmentation.chest import lungs as L
 from services.segmentation.chest.pipeline import chest_ct
 from services.segmentation.tasks import Geometry
+from shared.imaging import segment as seg
 from tests import chest_synth as cs
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -95,9 +96,7 @@ def _enclose_mattress_and_arm_gaps(vol: np.ndarray, sxy: float) -> tuple[np.ndar
     yy, xx = np.mgrid[0:ny, 0:nx]
     pocket = np.zeros(vol.shape, bool)
     for z in range(nz):
-        body = ndi.binary_fill_holes(vol[z] > -500)
-        lab, _ = ndi.label(body)
-        body = lab == np.bincount(lab.ravel()[lab.ravel() > 0]).argmax()
+        body = seg.largest_components(seg.fill_holes_2d(vol[z] > -500))
         ys, xs = np.nonzero(body)
         cy, cx = ys.mean(), xs.mean()
         half_h, half_w = (ys.max() - ys.min()) / 2, (xs.max() - xs.min()) / 2

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.stack import broker
-from tests.helpers import StageProcess
+from shared.stack import broker, local
+from tests.helpers import StageProcess, wait_until_sync
 
 
 @pytest.fixture
@@ -59,3 +59,27 @@ def test_a_service_that_exits_fails_its_readiness_wait_at_once(tmp_path: Path) -
     proc.proc.wait(30)
     with pytest.raises(AssertionError, match="exited"):
         proc.ready()
+
+
+def test_readiness_counts_only_for_the_process_that_answers() -> None:
+    # another process holding the port answers /readyz 200 with its own pid: not ours
+    port = broker.free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import http.server, json, os\n"
+            "class H(http.server.BaseHTTPRequestHandler):\n"
+            "    def do_GET(self):\n"
+            "        body = json.dumps({'ready': True, 'pid': os.getpid()}).encode()\n"
+            "        self.send_response(200); self.end_headers(); self.wfile.write(body)\n"
+            f"http.server.HTTPServer(('127.0.0.1', {port}), H).serve_forever()\n",
+        ]
+    )
+    try:
+        wait_until_sync(lambda: local.ready_as(port, server.pid), 30, "the server's /readyz")
+        assert local.ready_as(port, server.pid + 1) is False
+        assert local.ready_as(broker.free_port(), server.pid) is False  # nobody listens
+    finally:
+        server.kill()
+        server.wait(10)

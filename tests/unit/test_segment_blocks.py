@@ -72,3 +72,13 @@ def test_morphology_and_threshold() -> None:
     assert seg.closing(mask, iterations=1)[1, 10, 10]
     img = np.linspace(-1000, 1000, 100)
     assert seg.threshold(img, low=-100, high=100).sum() == 10
+
+
+def test_edt_in_plane_equals_per_slice_scipy_with_the_border_as_background() -> None:
+    rng = np.random.default_rng(3)
+    mask = rng.random((5, 40, 50)) > 0.2
+    mask[2] = True  # a full slice: its distances come from the border, never from z
+    got = seg.edt_in_plane(mask, (2.5, 0.7, 0.9))
+    for z in range(mask.shape[0]):
+        want = ndi.distance_transform_edt(np.pad(mask[z], 1), sampling=(0.7, 0.9))[1:-1, 1:-1]
+        np.testing.assert_allclose(got[z], want, rtol=0, atol=1e-9)
