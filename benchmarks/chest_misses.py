@@ -1,0 +1,275 @@
+"""Where the chest misses stand: for every nodule >= 6 mm and every mass of the realistic set,
+the best candidate the pipeline made on it and what became of it.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/chest_misses.py [--chest 20] [--seed 30000]
+        [--workers 2] [--cache DIR] [--rows FILE.jsonl] [--json]
+
+The cases are ``benchmarks/quality.py``'s (same plans, seeds and ``--cache``). Each runs the
+chest pipeline up to the candidates (``chest.pipeline.analyse``) and scores every candidate
+with the shipped model (calibrated confidence and raw score) and the veto. A candidate sits on
+a lesion by the quality benchmark's rule (its centroid inside the lesion's label grown by one
+voxel, or within max(3 mm, the lesion's radius) of its centre). Each lesion gets a status:
+
+- ``no_candidate``: no candidate sits on it (the candidate stage missed it);
+- ``vetoed``: only vetoed candidates (metal, dense tube);
+- ``below_point``: its best candidate scores under the model's operating point (the
+  classifier's ranking missed it);
+- ``at_point``: a candidate reaches the point.
+
+Printed (and ``--json``): the statuses by lesion kind and attachment, candidate recall
+(lesions with a candidate) and a candidate-level sweep of sensitivity against false candidate
+groups per scan (candidates grouped as the pipeline groups them; no crop regrowth and no
+choice of the reported member, so it reads a little above ``quality.py``'s false findings at
+the same threshold). ``--rows`` writes every candidate with its features (one JSON line per
+case) for offline work on the classifier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import scipy.ndimage as ndi
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.append(str(REPO))  # after PYTHONPATH and the editable install
+
+from benchmarks import quality  # noqa: E402
+from services.segmentation import tasks  # noqa: E402
+from services.segmentation.chest import classifier  # noqa: E402
+from services.segmentation.chest.pipeline import _groups, analyse  # noqa: E402
+
+STATUSES = ("no_candidate", "vetoed", "below_point", "at_point")
+SWEEP = (0.002, 0.005, 0.01, 0.02, 0.03, 0.048, 0.075, 0.1, 0.2, 0.3, 0.5, 0.6, 0.8)
+
+
+def lesion_of(
+    centroid: tuple[float, float, float],
+    grown: np.ndarray,
+    lesions: list[dict[str, Any]],
+    spacing: tuple[float, float, float],
+) -> int | None:
+    """The label of the lesion a candidate centroid (voxel index) sits on, or ``None``: inside
+    its label grown by one voxel, or within max(3 mm, its radius) of its centre; the nearest
+    such lesion wins."""
+    iz, iy, ix = (round(v) for v in centroid)
+    inside = 0
+    if all(0 <= i < n for i, n in zip((iz, iy, ix), grown.shape, strict=True)):
+        inside = int(grown[iz, iy, ix])
+    best: tuple[float, int] | None = None
+    for les in lesions:
+        dist = float(
+            np.linalg.norm(
+                (np.array(centroid) - np.array(les["centroid_voxel"], float)) * np.array(spacing)
+            )
+        )
+        if (inside == int(les["label"]) or dist <= max(3.0, les["diameter_mm"] / 2)) and (
+            best is None or dist < best[0]
+        ):
+            best = (dist, int(les["label"]))
+    return best[1] if best else None
+
+
+def candidate_rows(plan: dict[str, Any]) -> dict[str, Any]:
+    """One case of the quality plan: its lesions and every candidate, scored and matched."""
+    case = quality.chest_phantom(plan)
+    vol = quality.prepared(case.hu, case.spacing, "chest")
+    geo = tasks.Geometry(case.spacing, case.origin, quality.IDENTITY)
+    an = analyse(vol, geo)
+    model = classifier.load(None)
+    feats = [c.features for c in an.candidates]
+    probs = model.predict(feats) if feats else np.zeros(0)
+    raws = model.predict_raw(feats) if feats else np.zeros(0)
+    lesions = [
+        {
+            "label": int(les["label"]),
+            "kind": les["kind"],
+            "attachment": les.get("attachment"),
+            "diameter_mm": float(les.get("equivalent_diameter_mm") or les.get("diameter_mm")),
+            "centroid_voxel": [float(v) for v in les["centroid_voxel"]],
+        }
+        for les in case.lesions
+    ]
+    labels = case.truth.get("lesions")
+    grown = (
+        ndi.grey_dilation(labels, size=(3, 3, 3))
+        if labels is not None
+        else np.zeros(case.hu.shape, np.int16)
+    )
+    cands = []
+    for c, f, p, raw in zip(an.candidates, feats, probs, raws, strict=True):
+        cen = (float(c.centroid[0]), float(c.centroid[1]), float(c.centroid[2]))
+        cands.append(
+            {
+                "confidence": float(p),
+                "raw": float(raw),
+                "veto": classifier.veto(f),
+                "source": c.seed.source,
+                "lesion": lesion_of(cen, grown, lesions, case.spacing),
+                "centroid_voxel": list(cen),
+                "features": {k: float(v) for k, v in f.items()},
+            }
+        )
+    return {
+        "plan": plan,
+        "spacing": list(case.spacing),
+        "threshold": model.threshold,
+        "lesions": lesions,
+        "candidates": cands,
+    }
+
+
+def counted(les: dict[str, Any]) -> bool:
+    """The lesions the sensitivity targets count: nodules >= 6 mm (not calcified) and masses."""
+    return bool(les["kind"] == "mass" or (les["kind"] != "calcified" and les["diameter_mm"] >= 6))
+
+
+def lesion_status(case: dict[str, Any], threshold: float) -> list[dict[str, Any]]:
+    """Every counted lesion of a case with its status and its best candidate."""
+    out = []
+    for les in case["lesions"]:
+        if not counted(les):
+            continue
+        on = [c for c in case["candidates"] if c["lesion"] == les["label"]]
+        live = [c for c in on if c["veto"] is None]
+        best = max(live or on, key=lambda c: (c["confidence"], c["raw"])) if on else None
+        if not on:
+            status = "no_candidate"
+        elif not live:
+            status = "vetoed"
+        elif best is not None and best["confidence"] < threshold:
+            status = "below_point"
+        else:
+            status = "at_point"
+        out.append(
+            {
+                "seed": case["plan"]["seed"],
+                "label": les["label"],
+                "kind": les["kind"],
+                "attachment": les.get("attachment") or "unknown",
+                "diameter_mm": round(les["diameter_mm"], 1),
+                "status": status,
+                "best_confidence": round(best["confidence"], 4) if best else None,
+                "best_raw": round(best["raw"], 4) if best else None,
+                "best_source": best["source"] if best else None,
+                "best_veto": best["veto"] if best else None,
+                "best_diameter_mm": round(best["features"]["diameter_mm"], 1) if best else None,
+            }
+        )
+    return out
+
+
+def false_groups(case: dict[str, Any], threshold: float) -> int:
+    """Groups of candidates at or above ``threshold`` (not vetoed) none of whose members sits on
+    a lesion, grouped as the pipeline groups them (``pipeline._groups``)."""
+    live = [c for c in case["candidates"] if c["veto"] is None and c["confidence"] >= threshold]
+    if not live:
+        return 0
+    shim = [SimpleNamespace(centroid=c["centroid_voxel"], features=c["features"]) for c in live]
+    probs = np.array([c["confidence"] for c in live])
+    groups = _groups(shim, probs, tuple(case["spacing"]))  # type: ignore[arg-type]
+    return sum(all(live[i]["lesion"] is None for i in g) for g in groups)
+
+
+def summarise(cases: list[dict[str, Any]]) -> dict[str, Any]:
+    threshold = float(cases[0]["threshold"]) if cases else 0.0
+    rows = [s for case in cases for s in lesion_status(case, threshold)]
+
+    def tally(key: str) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for r in rows:
+            name = r["kind"] if key == "kind" else r["attachment"]
+            out.setdefault(name, dict.fromkeys(STATUSES, 0))[r["status"]] += 1
+        return dict(sorted(out.items()))
+
+    n = len(rows)
+    sweep = []
+    for t in SWEEP:
+        hit = sum(
+            any(
+                c["lesion"] == r["label"] and c["veto"] is None and c["confidence"] >= t
+                for c in case["candidates"]
+            )
+            for case in cases
+            for r in lesion_status(case, threshold)
+        )
+        sweep.append(
+            {
+                "threshold": t,
+                "sensitivity_ge6_and_masses": round(hit / n, 3) if n else None,
+                "false_groups_per_scan": round(
+                    sum(false_groups(case, t) for case in cases) / len(cases), 2
+                )
+                if cases
+                else None,
+            }
+        )
+    return {
+        "cases": len(cases),
+        "operating_point": threshold,
+        "lesions": n,
+        "status": {s: sum(r["status"] == s for r in rows) for s in STATUSES},
+        "candidate_recall": round(sum(r["status"] != "no_candidate" for r in rows) / n, 3)
+        if n
+        else None,
+        "status_by_kind": tally("kind"),
+        "status_by_attachment": tally("attachment"),
+        "missed": [r for r in rows if r["status"] != "at_point"],
+        "candidate_sweep": sweep,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--chest", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=30000)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--cache", type=Path, help="folder: generated chest phantoms (quality.py's)")
+    ap.add_argument("--rows", type=Path, help="write every case's candidates here (JSON lines)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    quality.CACHE = args.cache
+    plans = quality.chest_cases(args.chest, args.seed)
+    if args.workers > 1 and len(plans) > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(args.workers) as pool:
+            cases = list(pool.imap(candidate_rows, plans))
+    else:
+        cases = [candidate_rows(p) for p in plans]
+    if args.rows:
+        with args.rows.open("w") as fh:
+            for case in cases:
+                fh.write(json.dumps(case) + "\n")
+    report = summarise(cases)
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    print(
+        f"{report['cases']} cases, {report['lesions']} nodules >= 6 mm and masses, operating "
+        f"point {report['operating_point']}: {report['status']}; candidate recall "
+        f"{report['candidate_recall']}"
+    )
+    for key in ("status_by_kind", "status_by_attachment"):
+        print(f"\n{key}:")
+        for name, counts in report[key].items():
+            print(f"  {name:14} {counts}")
+    print("\nmissed at the operating point:")
+    for r in report["missed"]:
+        print(f"  {json.dumps(r)}")
+    print("\ncandidate-level sweep (sensitivity, false candidate groups per scan):")
+    for s in report["candidate_sweep"]:
+        print(
+            f"  >= {s['threshold']:<6} {s['sensitivity_ge6_and_masses']}  "
+            f"{s['false_groups_per_scan']}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""benchmarks/chest_misses.py: where each missed chest lesion stands (no candidate, vetoed,
+scored under the operating point) and the candidate-level sweep."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from benchmarks.chest_misses import false_groups, lesion_of, lesion_status, summarise
+
+SPACING = (2.0, 1.0, 1.0)
+
+
+def _cand(
+    lesion: int | None,
+    confidence: float,
+    centroid: tuple[float, float, float],
+    *,
+    veto: str | None = None,
+    diameter: float = 8.0,
+) -> dict[str, Any]:
+    return {
+        "confidence": confidence,
+        "raw": confidence,
+        "veto": veto,
+        "source": "blob",
+        "lesion": lesion,
+        "centroid_voxel": list(centroid),
+        "features": {"diameter_mm": diameter},
+    }
+
+
+def _les(label: int, kind: str, diameter: float, attachment: str = "isolated") -> dict[str, Any]:
+    return {
+        "label": label,
+        "kind": kind,
+        "attachment": attachment,
+        "diameter_mm": diameter,
+        "centroid_voxel": [10.0, 10.0 * label, 10.0],
+    }
+
+
+def _case(cands: list[dict[str, Any]], lesions: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "plan": {"seed": 1},
+        "spacing": list(SPACING),
+        "threshold": 0.075,
+        "lesions": lesions,
+        "candidates": cands,
+    }
+
+
+def test_a_candidate_sits_on_a_lesion_inside_its_grown_label_or_within_its_radius() -> None:
+    labels = np.zeros((20, 60, 60), np.int16)
+    labels[8:13, 5:16, 5:16] = 1  # lesion 1, centre (10, 10, 10)
+    lesions = [_les(1, "solid", 10.0), _les(3, "solid", 8.0)]  # lesion 3 at (10, 30, 10)
+    grown = labels.copy()
+    grown[7:14, 4:17, 4:17] = 1
+    # inside the grown label, 6 mm off centre (radius 5 mm): on it
+    assert lesion_of((10.0, 16.0, 10.0), grown, lesions, SPACING) == 1
+    # no label there (lesion 3 has none in this volume), 3.5 mm from its centre: on it
+    assert lesion_of((10.0, 33.5, 10.0), grown, lesions, SPACING) == 3
+    # 4.5 mm from lesion 3's centre (radius 4 mm), outside every label: on nothing
+    assert lesion_of((10.0, 34.5, 10.0), grown, lesions, SPACING) is None
+    assert lesion_of((10.0, 50.0, 50.0), grown, lesions, SPACING) is None
+
+
+def test_each_counted_lesion_gets_the_status_of_its_best_candidate() -> None:
+    lesions = [
+        _les(1, "solid", 12.0),  # a candidate at the point
+        _les(2, "ground_glass", 9.0),  # no candidate
+        _les(3, "part_solid", 20.0, "juxtavascular"),  # only a vetoed candidate
+        _les(4, "mass", 45.0, "juxtapleural"),  # best candidate under the point
+        _les(5, "solid", 5.0),  # below 6 mm: not counted
+        _les(6, "calcified", 7.0),  # calcified: not counted
+    ]
+    cands = [
+        _cand(1, 0.9, (10, 10, 10)),
+        _cand(1, 0.01, (10, 11, 10)),
+        _cand(3, 0.95, (10, 30, 10), veto="dense_tube"),
+        _cand(4, 0.048, (10, 40, 10), diameter=27.0),
+        _cand(4, 0.011, (10, 41, 10)),
+        _cand(4, 0.6, (10, 42, 10), veto="dense_tube"),  # vetoed: does not count as best
+        _cand(5, 0.9, (10, 50, 10)),
+    ]
+    rows = {r["label"]: r for r in lesion_status(_case(cands, lesions), 0.075)}
+    assert set(rows) == {1, 2, 3, 4}
+    assert rows[1]["status"] == "at_point" and rows[1]["best_confidence"] == 0.9
+    assert rows[2]["status"] == "no_candidate" and rows[2]["best_confidence"] is None
+    assert rows[3]["status"] == "vetoed" and rows[3]["best_veto"] == "dense_tube"
+    assert rows[4]["status"] == "below_point"
+    assert rows[4]["best_confidence"] == 0.048 and rows[4]["best_diameter_mm"] == 27.0
+
+
+def test_false_groups_merge_near_candidates_and_skip_vetoed_and_lesion_groups() -> None:
+    lesions = [_les(1, "solid", 10.0)]
+    cands = [
+        _cand(1, 0.5, (10, 10, 10)),
+        _cand(None, 0.3, (10, 11, 10)),  # joins the lesion's group: not false
+        _cand(None, 0.4, (10, 40, 40)),  # a false group ...
+        _cand(None, 0.2, (10, 40, 42)),  # ... with a member 2 mm away
+        _cand(None, 0.2, (10, 55, 5)),  # a second false group
+        _cand(None, 0.9, (10, 5, 55), veto="metal"),  # vetoed: never reported
+        _cand(None, 0.01, (10, 25, 25)),  # under the threshold
+    ]
+    case = _case(cands, lesions)
+    assert false_groups(case, 0.1) == 2
+    assert false_groups(case, 0.25) == 1
+    assert false_groups(case, 0.6) == 0
+
+
+def test_summary_counts_statuses_recall_and_the_sweep() -> None:
+    lesions = [_les(1, "solid", 12.0), _les(2, "ground_glass", 9.0), _les(4, "mass", 45.0)]
+    cands = [
+        _cand(1, 0.9, (10, 10, 10)),
+        _cand(4, 0.048, (10, 40, 10)),
+        _cand(None, 0.05, (10, 55, 40)),
+    ]
+    s = summarise([_case(cands, lesions), _case([], [])])
+    assert s["lesions"] == 3
+    assert s["status"] == {"no_candidate": 1, "vetoed": 0, "below_point": 1, "at_point": 1}
+    assert s["candidate_recall"] == 0.667
+    assert s["status_by_kind"]["mass"]["below_point"] == 1
+    assert [m["label"] for m in s["missed"]] == [2, 4]
+    by_t = {row["threshold"]: row for row in s["candidate_sweep"]}
+    assert by_t[0.048]["sensitivity_ge6_and_masses"] == 0.667
+    assert by_t[0.048]["false_groups_per_scan"] == 0.5  # one false group over two scans
+    assert by_t[0.075]["sensitivity_ge6_and_masses"] == 0.333
+    assert by_t[0.075]["false_groups_per_scan"] == 0.0
