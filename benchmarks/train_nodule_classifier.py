@@ -395,7 +395,37 @@ def calibrate(cases: list[dict[str, Any]], model: _Fixed) -> dict[str, list[floa
     xs = np.r_[0.0, iso.X_thresholds_, 1.0]
     ys = np.r_[iso.predict([0.0])[0], iso.y_thresholds_, iso.predict([1.0])[0]]
     xs, idx = np.unique(xs, return_index=True)
-    return {"x": [round(float(v), 6) for v in xs], "y": [round(float(v), 6) for v in ys[idx]]}
+    return centre_plateaus(
+        {"x": [round(float(v), 6) for v in xs], "y": [round(float(v), 6) for v in ys[idx]]}
+    )
+
+
+CENTRE_BELOW = 0.1  # calibrated values under which plateaus become ramps (the operating region)
+
+
+def centre_plateaus(
+    cal: dict[str, list[float]], below: float = CENTRE_BELOW
+) -> dict[str, list[float]]:
+    """The isotonic table with each plateau under ``below`` replaced by one knot at its middle
+    (centred isotonic regression): between knots the table interpolates, so candidates that
+    the plateau tied keep their raw order there, where the operating point is chosen. Values
+    from ``below`` up (the alert rules' region) are left as they are."""
+    xs, ys = cal["x"], cal["y"]
+    out_x: list[float] = []
+    out_y: list[float] = []
+    i = 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and ys[j + 1] == ys[i]:
+            j += 1
+        if ys[i] < below and j > i:
+            out_x.append(round((xs[i] + xs[j]) / 2, 6))
+            out_y.append(ys[i])
+        else:
+            out_x += xs[i : j + 1]
+            out_y += ys[i : j + 1]
+        i = j + 1
+    return {"x": out_x, "y": out_y}
 
 
 def sweep(cases: list[dict[str, Any]], model: Any) -> list[dict[str, float]]:

@@ -167,3 +167,38 @@ def test_veto_keeps_granulomas_and_soft_tissue_but_drops_metal_and_enhanced_vess
     assert classifier.veto(_cand(ray_long=0.3)) == "dense_tube"  # rays run on: a vessel
     assert classifier.veto(_cand(ray_wall=0.5)) == "dense_tube"  # continuous with the wall
     assert classifier.veto(_cand(elongation=0.3)) == "dense_tube"
+
+
+def test_centred_plateaus_keep_the_raw_order_under_the_operating_region_only() -> None:
+    from benchmarks.train_nodule_classifier import centre_plateaus
+
+    table = {
+        "x": [0.0, 0.01, 0.02, 0.03, 0.06, 0.08, 0.1, 0.3, 0.31, 0.9, 1.0],
+        "y": [0.0, 0.0, 0.01, 0.05, 0.05, 0.06, 0.2, 0.2, 0.8, 0.8, 1.0],
+    }
+    out = centre_plateaus(table, below=0.1)
+    # plateaus under 0.1 become one knot at their middle; 0.2 and 0.8 stay plateaus
+    assert out["x"] == [0.005, 0.02, 0.045, 0.08, 0.1, 0.3, 0.31, 0.9, 1.0]
+    assert out["y"] == [0.0, 0.01, 0.05, 0.06, 0.2, 0.2, 0.8, 0.8, 1.0]
+    raw = np.array([0.032, 0.04, 0.05, 0.058])  # all 0.05 before: tied
+    before, after = np.interp(raw, table["x"], table["y"]), np.interp(raw, out["x"], out["y"])
+    assert np.all(before == 0.05)
+    assert np.all(np.diff(after) > 0)  # the raw order survives
+    high = np.array([0.1, 0.2, 0.3, 0.5, 0.95])  # from 0.1 up nothing changes
+    assert np.array_equal(
+        np.interp(high, table["x"], table["y"]), np.interp(high, out["x"], out["y"])
+    )
+
+
+def test_the_shipped_calibration_has_no_plateau_where_the_operating_point_sits() -> None:
+    m = classifier.load()
+    xs, ys = m.calibration  # type: ignore[misc]
+    low = ys < 0.1
+    assert np.all(np.diff(ys[low]) > 0)  # strictly increasing: no ties under 0.1
+    # the point is the calibrated value of the raw threshold recorded with it
+    raw = m.meta["operating_point"]["raw"]
+    assert m.threshold == pytest.approx(float(np.interp(raw, xs, ys)), abs=1e-4)
+    # the alert rules' region is the table it was before centring
+    before = m.meta["calibration_before_centring"]["table"]
+    probe = np.linspace(0.1, 1.0, 91)
+    assert np.allclose(np.interp(probe, xs, ys), np.interp(probe, before["x"], before["y"]))

@@ -128,3 +128,34 @@ def test_a_vessel_cut_by_its_crop_is_measured_again_as_the_tube_it_is() -> None:
     assert grown is not None
     assert grown.features["z_extent_mm"] > 1.5 * first.features["z_extent_mm"]
     assert grown.features["elongation"] < first.features["elongation"]
+
+
+def test_findings_under_0_1_are_reported_but_do_not_move_the_lungs(
+    monkeypatch,  # type: ignore[no-untyped-def]
+) -> None:
+    """Below 0.1 a finding is worklist-only and most likely false (a 70 mm "mass" on the heart
+    border at 0.053 took 180 mL into a held-out normal twin's left lung): it stays a finding
+    and in the nodules mask, but the lungs keep their outline."""
+    from services.segmentation.chest import pipeline
+    from shared.evaluation.metrics import dice
+
+    case = cs.chest(seed=22, size=192, thickness=2.5, z_mm=220, lesions=())
+    geo = tasks.Geometry(case.spacing, case.origin, IDENTITY)
+    gated = chest_ct(case.vol, geo, threshold=0.0)  # every candidate reported
+    low = [
+        f
+        for f in gated.findings
+        if f["type"] in ("nodule", "mass") and f["confidence"] < pipeline.LUNG_MASK_CONFIDENCE
+    ]
+    assert low
+    monkeypatch.setattr(pipeline, "LUNG_MASK_CONFIDENCE", 0.0)  # the old rule: every finding
+    ungated = chest_ct(case.vol, geo, threshold=0.0)
+    assert np.array_equal(gated.masks["nodules"], ungated.masks["nodules"])
+    taken = 0
+    for side in ("lung_left", "lung_right"):
+        g, u = np.asarray(gated.masks[side]), np.asarray(ungated.masks[side])
+        assert not (g & ~u).any()
+        assert not (u & ~g & ~np.asarray(gated.masks["nodules"])).any()  # only finding voxels
+        taken += int((u & ~g).sum())
+        assert dice(g, case.truth[side]) >= dice(u, case.truth[side])
+    assert taken > 0  # low findings outside the lungs' air: the old rule took them in

@@ -26,7 +26,8 @@ from shared.imaging.backend import namespace
 if TYPE_CHECKING:  # tasks re-exports chest_ct: import it at call time, not at import time
     from services.segmentation.tasks import Geometry, TaskResult
 
-VERSION = "2.2.0"  # 2.2: air is lung only when deep in-plane (mattress, arm gaps out); 2.1: regrow
+# 2.3: the lungs take findings from 0.1 only; 2.2: air is lung only when deep in-plane; 2.1: regrow
+VERSION = "2.3.0"
 MASS_MM = 30.0
 MIN_REPORT_MM = (
     4.0  # below this nothing is reported (under the 6 mm follow-up size of the guidelines)
@@ -37,6 +38,10 @@ CALCIFIED_FRAC = 0.3
 # into blobs), so they are capped below the alert rules' operating point and flagged
 MAX_SLICE_MM = 5.0
 OUT_OF_SPEC_CONFIDENCE = 0.3
+# a finding joins its lung's mask (a pleural lesion is lung, not chest wall) only from this
+# confidence: under it a finding is reported to the worklist but is most likely false (the
+# heart border, a hilar vessel), and adding it would move the lung's outline and volume
+LUNG_MASK_CONFIDENCE = 0.1
 
 
 @dataclass
@@ -281,7 +286,7 @@ def chest_ct(
         subtype = _subtype(f)
         side = c.seed.side or ""
         nodules |= lesion
-        if side in full:
+        if side in full and conf >= LUNG_MASK_CONFIDENCE:
             full[side] |= lesion
         m = measure(lesion, geo, kind, f"{kind} {len(findings) + 1}", vol)
         m.update(
