@@ -154,8 +154,8 @@ def lesion_status(case: dict[str, Any], threshold: float) -> list[dict[str, Any]
                 "attachment": les.get("attachment") or "unknown",
                 "diameter_mm": round(les["diameter_mm"], 1),
                 "status": status,
-                "best_confidence": round(best["confidence"], 4) if best else None,
-                "best_raw": round(best["raw"], 4) if best else None,
+                "best_confidence": best["confidence"] if best else None,
+                "best_raw": best["raw"] if best else None,
                 "best_source": best["source"] if best else None,
                 "best_veto": best["veto"] if best else None,
                 "best_diameter_mm": round(best["features"]["diameter_mm"], 1) if best else None,
@@ -190,13 +190,9 @@ def summarise(cases: list[dict[str, Any]]) -> dict[str, Any]:
     n = len(rows)
     sweep = []
     for t in SWEEP:
+        # a lesion counts at ``t`` when its best live candidate (the status rows') reaches it
         hit = sum(
-            any(
-                c["lesion"] == r["label"] and c["veto"] is None and c["confidence"] >= t
-                for c in case["candidates"]
-            )
-            for case in cases
-            for r in lesion_status(case, threshold)
+            r["status"] in ("below_point", "at_point") and r["best_confidence"] >= t for r in rows
         )
         sweep.append(
             {
