@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -549,6 +550,16 @@ def main() -> None:
     ap.add_argument(
         "--threshold", type=float, help="override the operating threshold (reported as such)"
     )
+    ap.add_argument(
+        "--kind",
+        choices=["auto", "logistic", "gbt"],
+        default="auto",
+        help="the model kind shipped (auto: the higher out-of-fold sensitivity at --max-fp)",
+    )
+    ap.add_argument(
+        "--threshold-why",
+        help="how the override was chosen (kept in the model's meta as operating_point.why)",
+    )
     ap.add_argument("--cache", type=Path, help="folder: one JSON of candidate features per case")
     ap.add_argument("--workers", type=int, default=1, help="cases generated in parallel")
     ap.add_argument(
@@ -678,6 +689,8 @@ def main() -> None:
             "validation": val,
         }
         score = (np.nan_to_num(cv["sensitivity_6mm_plus_and_masses"]), -cv["fp_per_scan"])
+        if args.kind not in ("auto", name):  # reported, not a choice
+            continue
         if best is None or score > best[0]:
             best_name, best = name, (score, t)
     assert best_name is not None and best is not None
@@ -736,7 +749,14 @@ def main() -> None:
             "max_fp_per_scan": args.max_fp,
             "candidates": report,
             "test": test,
-            "command": "python benchmarks/train_nodule_classifier.py " + " ".join(sys.argv[1:]),
+            "command": "python benchmarks/train_nodule_classifier.py " + shlex.join(sys.argv[1:]),
+            "operating_point": {
+                "threshold": round(threshold, 4),
+                "why": args.threshold_why
+                if args.threshold is not None
+                else "out of fold on the phantom training cases: the highest sensitivity for "
+                f"nodules >= 6 mm and masses at <= {args.max_fp} false positives per scan",
+            },
         },
     }
     args.out.write_text(json.dumps(out, indent=None, separators=(",", ":")) + "\n")

@@ -101,3 +101,28 @@ def test_a_nodule_on_contrast_enhanced_vessels_has_a_candidate_of_its_own() -> N
     cand, dist = _nearest(an, geo, np.array(les.centre_mm))
     assert dist <= max(les.diameter_mm / 2, 3.0)
     assert abs(cand.features["diameter_mm"] - les.diameter_mm) <= 0.4 * les.diameter_mm + 1
+
+
+def test_a_juxtapleural_nodule_is_segmented_whole_not_cut_at_the_coarse_search_region() -> None:
+    # the search region comes from a ~4 mm grid and the pyramid's image is dark outside it:
+    # segmented there, a nodule on the pleura lost the base of its dome (a 10 mm nodule came
+    # out 3 mm, a 14 mm one 6 mm); the lung closed at the crop's own resolution keeps it
+    lesions = (
+        ("juxtapleural", 8.0),
+        ("juxtapleural", 10.0),
+        ("juxtapleural", 14.0),
+        ("solid", 8.0),
+    )
+    case = cs.chest(seed=3, size=192, thickness=1.25, z_mm=220, lesions=lesions)
+    geo = Geometry(case.spacing, case.origin, (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    an = analyse(case.vol, geo)
+    for les in case.lesions[:3]:
+        on = [
+            c.features["diameter_mm"]
+            for c in an.candidates
+            if np.linalg.norm(np.array(geo.to_patient(c.centroid)) - np.array(les.centre_mm))
+            <= max(les.diameter_mm / 2, 3.0)
+        ]
+        assert on, les.diameter_mm
+        # part of the sphere lies in the chest wall: the lung side is most of it
+        assert 0.65 * les.diameter_mm <= max(on) <= 1.2 * les.diameter_mm, (les.diameter_mm, on)

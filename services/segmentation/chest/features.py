@@ -216,6 +216,65 @@ def _opened(
     return out
 
 
+# the ball that closes the lung around a candidate (at least 1.6 x its seed's radius): a
+# juxtapleural nodule is a bump of tissue into the lung, narrower than the ball
+CLOSING_MM = 10.0
+MAX_CLOSING_MM = 20.0  # larger lesions (masses) rely on the search region (a 40 mm ball)
+
+
+def _closed(lung: np.ndarray, radius_mm: float, sp: tuple[float, float, float]) -> np.ndarray:
+    """``lung`` closed with a ball of ``radius_mm``, on a grid of about 2 mm (the lung mask's
+    own resolution: ``lungs.segment_lungs`` works at 2 mm) and brought back by nearest
+    neighbour. Distance transforms; the crop is extended by replicating its faces, so a wall
+    that runs on past the crop stays a flat wall."""
+    radius_mm = min(radius_mm, MAX_CLOSING_MM)
+    if not lung.any():
+        return lung
+    f = [max(1, round(2.0 / s)) for s in sp]
+    small = lung[:: f[0], :: f[1], :: f[2]]
+    ssp = tuple(s * k for s, k in zip(sp, f, strict=True))
+    pad = [math.ceil(radius_mm / s) + 1 for s in ssp]
+    big = np.pad(small, [(p, p) for p in pad], mode="edge")
+    dil = ndi.distance_transform_edt(~big, sampling=ssp) <= radius_mm
+    closed = ndi.distance_transform_edt(dil, sampling=ssp) > radius_mm
+    closed = closed[pad[0] : -pad[0], pad[1] : -pad[1], pad[2] : -pad[2]]
+    for a, k in enumerate(f):
+        if k > 1:
+            closed = np.repeat(closed, k, axis=a)
+    out: np.ndarray = closed[: lung.shape[0], : lung.shape[1], : lung.shape[2]] | lung
+    return out
+
+
+def _raw_crop(
+    volume: Any,
+    pyr: Pyramid,
+    level: int,
+    box: tuple[slice, ...],
+    spacing: tuple[float, float, float],
+) -> np.ndarray:
+    """The scan itself (not darkened outside the search region) on ``box`` of pyramid level
+    ``level``: block means as the pyramid makes them (level 0 from the scan, each coarser level
+    from the one below)."""
+    g0, g = pyr.grids[0], pyr.grids[level]
+    rel = tuple(a // b for a, b in zip(g.factors, g0.factors, strict=True))
+    full = tuple(
+        slice(
+            g.box[a].start + box[a].start * g.factors[a],
+            g.box[a].start + box[a].stop * g.factors[a],
+        )
+        for a in range(3)
+    )
+    img = Grid.over(full, g0.factors, spacing).reduce(volume)  # type: ignore[arg-type]
+    if any(f > 1 for f in rel):
+        local = Grid.over(
+            (slice(0, img.shape[0]), slice(0, img.shape[1]), slice(0, img.shape[2])),
+            rel,  # type: ignore[arg-type]
+            g0.spacing,
+        )
+        img = local.reduce(img)
+    return host(img).astype(np.float32)
+
+
 def segment_seed(
     seed: Seed,
     pyr: Pyramid,
@@ -229,6 +288,8 @@ def segment_seed(
     superior: int,
     grow_steps: int = 0,
     grown: tuple[bool, bool, bool] = (False, False, False),
+    volume: Any = None,
+    closing_mm: float = CLOSING_MM,
 ) -> Candidate | None:
     level = level_for(seed.radius_mm, pyr)
     g = pyr.grids[level]
@@ -236,9 +297,8 @@ def segment_seed(
     c = [(seed.zyx[a] - g.box[a].start + 0.5) / g.factors[a] - 0.5 for a in range(3)]
     r = max(seed.radius_mm, 1.5)
     # ``grown``: axes whose crop starts doubled (a candidate known to run out of its crop)
-    half = [
-        math.ceil((2.0 * r + 5.0) / s) * (2 if gr else 1) for s, gr in zip(sp, grown, strict=True)
-    ]
+    half0 = [math.ceil((2.0 * r + 5.0) / s) for s in sp]  # the first crop's
+    half = [h * (2 if gr else 1) for h, gr in zip(half0, grown, strict=True)]
     # the crop grows (x2, at most ``grow_steps`` times) while the segment runs into one of its
     # inner faces: a vessel cut by a small crop looks like a compact blob (the cartoon
     # phantom's apex: a juxtapleural vessel column cut 5 slices below its pleural notch)
@@ -247,14 +307,34 @@ def segment_seed(
             slice(max(0, round(c[a]) - half[a]), min(g.shape[a], round(c[a]) + half[a] + 1))
             for a in range(3)
         )
-        img = host(pyr.images[level][box]).astype(np.float32)
         search = host(pyr.search[level][box]).astype(bool)
         lung = host(lungs_at(level)[box]).astype(bool)
-        p = tuple(min(max(round(c[a]) - box[a].start, 0), img.shape[a] - 1) for a in range(3))
+        p = tuple(min(max(round(c[a]) - box[a].start, 0), search.shape[a] - 1) for a in range(3))
         zz, yy, xx = np.meshgrid(
-            *[(np.arange(img.shape[a]) - p[a]) * sp[a] for a in range(3)], indexing="ij"
+            *[(np.arange(search.shape[a]) - p[a]) * sp[a] for a in range(3)], indexing="ij"
         )
         dist_seed = np.sqrt(zz**2 + yy**2 + xx**2)
+        if volume is not None and closing_mm != 0:
+            # the search region comes from a ~4 mm grid and the pyramid's image is dark
+            # outside it (eroded by a voxel): a juxtapleural nodule loses the base of its dome,
+            # the widest part. The lung closed at this crop's own resolution gives it back:
+            # a bump of tissue narrower than the ball is filled, the flat wall is not. Only
+            # inside the seed's first crop: a grown crop (``regrow``) adds the scan around it,
+            # not more of what the closing fills there (the hilum, the mediastinum's folds),
+            # which would join the lesion to them
+            ball = min(max(closing_mm, 1.6 * r), MAX_CLOSING_MM)
+            if closing_mm > 0 and not search.all():
+                first = (
+                    (np.abs(zz) <= half0[0] * sp[0])
+                    & (np.abs(yy) <= half0[1] * sp[1])
+                    & (np.abs(xx) <= half0[2] * sp[2])
+                )
+                search = search | (_closed(lung, ball, sp) & first)
+            img = np.where(
+                search, _raw_crop(volume, pyr, level, box, full_spacing), np.float32(-850.0)
+            )
+        else:
+            img = host(pyr.images[level][box]).astype(np.float32)
         sm = ndi.gaussian_filter(img, sigma=[0.5 * min(sp) / s for s in sp])
         bg_vox = sm[lung & (sm < -500) & (dist_seed > r)]
         background = float(np.median(bg_vox)) if bg_vox.size > 20 else -850.0

@@ -26,8 +26,10 @@ from shared.imaging.backend import namespace
 if TYPE_CHECKING:  # tasks re-exports chest_ct: import it at call time, not at import time
     from services.segmentation.tasks import Geometry, TaskResult
 
-# 2.3: the lungs take findings from 0.1 only; 2.2: air is lung only when deep in-plane; 2.1: regrow
-VERSION = "2.3.0"
+# 2.4: candidates segmented on the scan in the lung closed at their own resolution (whole
+# juxtapleural domes), classifier retrained on it; 2.3: the lungs take findings from 0.1 only;
+# 2.2: air is lung only when deep in-plane; 2.1: regrow
+VERSION = "2.4.0"
 MASS_MM = 30.0
 MIN_REPORT_MM = (
     4.0  # below this nothing is reported (under the 6 mm follow-up size of the guidelines)
@@ -120,6 +122,7 @@ def analyse(vol: Any, geo: Geometry, *, lung_hu: float = -400.0, max_seeds: int 
         "half_width": half_width,
         "full_spacing": geo.spacing,
         "superior": lungs.superior,
+        "volume": vol,
     }
     cands = []
     for s in seeds:
