@@ -8,7 +8,9 @@ The cases are ``benchmarks/quality.py``'s (same plans, seeds and ``--cache``). E
 chest pipeline up to the candidates (``chest.pipeline.analyse``) and scores every candidate
 with the shipped model (calibrated confidence and raw score) and the veto. A candidate sits on
 a lesion by the quality benchmark's rule (its centroid inside the lesion's label grown by one
-voxel, or within max(3 mm, the lesion's radius) of its centre). Each lesion gets a status:
+voxel, or within max(3 mm, the lesion's radius) of its centre:
+``shared.evaluation.metrics.lesion_at``, the rule the training labels use too). Each lesion
+gets a status:
 
 - ``no_candidate``: no candidate sits on it (the candidate stage missed it);
 - ``vetoed``: only vetoed candidates (metal, dense tube);
@@ -34,7 +36,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-import scipy.ndimage as ndi
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.append(str(REPO))  # after PYTHONPATH and the editable install
@@ -43,36 +44,10 @@ from benchmarks import quality  # noqa: E402
 from services.segmentation import tasks  # noqa: E402
 from services.segmentation.chest import classifier  # noqa: E402
 from services.segmentation.chest.pipeline import _groups, analyse  # noqa: E402
+from shared.evaluation.metrics import grown_labels, lesion_at  # noqa: E402
 
 STATUSES = ("no_candidate", "vetoed", "below_point", "at_point")
 SWEEP = (0.002, 0.005, 0.01, 0.02, 0.03, 0.048, 0.075, 0.1, 0.2, 0.3, 0.5, 0.6, 0.8)
-
-
-def lesion_of(
-    centroid: tuple[float, float, float],
-    grown: np.ndarray,
-    lesions: list[dict[str, Any]],
-    spacing: tuple[float, float, float],
-) -> int | None:
-    """The label of the lesion a candidate centroid (voxel index) sits on, or ``None``: inside
-    its label grown by one voxel, or within max(3 mm, its radius) of its centre; the nearest
-    such lesion wins."""
-    iz, iy, ix = (round(v) for v in centroid)
-    inside = 0
-    if all(0 <= i < n for i, n in zip((iz, iy, ix), grown.shape, strict=True)):
-        inside = int(grown[iz, iy, ix])
-    best: tuple[float, int] | None = None
-    for les in lesions:
-        dist = float(
-            np.linalg.norm(
-                (np.array(centroid) - np.array(les["centroid_voxel"], float)) * np.array(spacing)
-            )
-        )
-        if (inside == int(les["label"]) or dist <= max(3.0, les["diameter_mm"] / 2)) and (
-            best is None or dist < best[0]
-        ):
-            best = (dist, int(les["label"]))
-    return best[1] if best else None
 
 
 def candidate_rows(plan: dict[str, Any]) -> dict[str, Any]:
@@ -96,11 +71,7 @@ def candidate_rows(plan: dict[str, Any]) -> dict[str, Any]:
         for les in case.lesions
     ]
     labels = case.truth.get("lesions")
-    grown = (
-        ndi.grey_dilation(labels, size=(3, 3, 3))
-        if labels is not None
-        else np.zeros(case.hu.shape, np.int16)
-    )
+    grown = grown_labels(labels) if labels is not None else None
     cands = []
     for c, f, p, raw in zip(an.candidates, feats, probs, raws, strict=True):
         cen = (float(c.centroid[0]), float(c.centroid[1]), float(c.centroid[2]))
@@ -110,7 +81,7 @@ def candidate_rows(plan: dict[str, Any]) -> dict[str, Any]:
                 "raw": float(raw),
                 "veto": classifier.veto(f),
                 "source": c.seed.source,
-                "lesion": lesion_of(cen, grown, lesions, case.spacing),
+                "lesion": lesion_at(cen, lesions, case.spacing, grown),
                 "centroid_voxel": list(cen),
                 "features": {k: float(v) for k, v in f.items()},
             }

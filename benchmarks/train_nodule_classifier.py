@@ -34,6 +34,7 @@ from services.segmentation.chest.features import FEATURES
 from services.segmentation.chest.lungs import SIDES, full_masks
 from services.segmentation.chest.pipeline import MASS_MM, MIN_REPORT_MM, Analysis, analyse
 from services.segmentation.tasks import Geometry
+from shared.evaluation.metrics import grown_labels, lesion_at
 
 LOG_FEATURES = {
     "volume_ml",
@@ -228,27 +229,22 @@ def cartoon_case(seed: int, quick: bool = False) -> tuple[np.ndarray, Geometry, 
 
 
 def label_candidates(an: Analysis, geo: Geometry, truth: dict[str, Any]) -> list[int]:
-    """Index of the truth lesion each candidate hits (-1: none)."""
-    import scipy.ndimage as ndi
-
-    labels = ndi.grey_dilation(truth["lesion_labels"], size=(3, 3, 3))
+    """Index of the truth lesion each candidate sits on (-1: none), by the quality
+    benchmark's rule (``shared.evaluation.metrics.lesion_at``)."""
+    grown = grown_labels(truth["lesion_labels"])
+    lesions = [
+        {
+            "label": les["label"],
+            "diameter_mm": les["diameter_mm"],
+            "centroid_voxel": geo.to_index(les["centre_mm"]),
+        }
+        for les in truth["lesions"]
+    ]
+    index = {int(les["label"]): k for k, les in enumerate(truth["lesions"])}
     out = []
     for c in an.candidates:
-        p = np.array(geo.to_patient(c.centroid))
-        idx = tuple(round(v) for v in c.centroid)
-        inside = (
-            int(labels[idx])
-            if all(0 <= i < s for i, s in zip(idx, labels.shape, strict=True))
-            else 0
-        )
-        hit = -1
-        for k, les in enumerate(truth["lesions"]):
-            if inside == les["label"] or np.linalg.norm(p - np.array(les["centre_mm"])) <= max(
-                3.0, les["diameter_mm"] / 2
-            ):
-                hit = k
-                break
-        out.append(hit)
+        lab = lesion_at(c.centroid, lesions, geo.spacing, grown)
+        out.append(-1 if lab is None else index[lab])
     return out
 
 

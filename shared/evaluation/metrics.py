@@ -57,6 +57,45 @@ def _bin(diameter: float) -> str | None:
     return None
 
 
+def grown_labels(labels: np.ndarray) -> np.ndarray:
+    """Truth lesion labels dilated by one voxel: a centroid on a lesion's rim is on it."""
+    grown: np.ndarray = ndi.grey_dilation(labels, size=(3, 3, 3))
+    return grown
+
+
+def lesion_at(
+    voxel: Sequence[float],
+    lesions: Sequence[dict[str, Any]],
+    spacing: Sequence[float],
+    grown: np.ndarray | None = None,
+) -> int | None:
+    """The label of the truth lesion a centroid (continuous voxel index z, y, x) sits on, or
+    ``None``: inside the lesion's label grown by one voxel (``grown``, from
+    :func:`grown_labels`), or within max(3 mm, its radius) of its centre; the nearest such
+    lesion wins. ``lesions``: ``label``, ``diameter_mm`` (equivalent sphere) and
+    ``centroid_voxel``. The one rule the quality benchmark, the miss analysis and the
+    classifier's training labels share."""
+    inside = 0
+    if grown is not None:
+        idx = tuple(round(float(v)) for v in voxel)
+        if all(0 <= i < n for i, n in zip(idx, grown.shape, strict=True)):
+            inside = int(grown[idx])
+    best: tuple[float, int] | None = None
+    for les in lesions:
+        dist = math.sqrt(
+            sum(
+                ((float(a) - float(b)) * float(s)) ** 2
+                for a, b, s in zip(voxel, les["centroid_voxel"], spacing, strict=True)
+            )
+        )
+        lab = int(les["label"])
+        if (inside == lab or dist <= max(3.0, float(les.get("diameter_mm") or 0.0) / 2)) and (
+            best is None or dist < best[0]
+        ):
+            best = (dist, lab)
+    return best[1] if best else None
+
+
 def score_chest(
     findings: list[dict[str, Any]],
     masks: dict[str, np.ndarray],
@@ -77,29 +116,19 @@ def score_chest(
         out["lung_dice"] = round((out["dice_lung_left"] + out["dice_lung_right"]) / 2, 4)
     reported = [f for f in findings if f.get("type") in LESION_TYPES]
     labels = truth.get("lesions")
-    shape = next(iter(truth.values())).shape if truth else None
-    grown = ndi.grey_dilation(labels, size=(3, 3, 3)) if labels is not None else None
+    grown = grown_labels(labels) if labels is not None else None
+    on = [
+        lesion_at(frame.to_voxel(f["centroid_mm"]), lesions, frame.spacing, grown)
+        if f.get("centroid_mm") is not None
+        else None
+        for f in reported
+    ]
     matched_findings: set[int] = set()
     per_lesion = []
     for les in lesions:
         lab = int(les["label"])
         diameter = float(les.get("diameter_mm") or 0.0)
-        cz, cy, cx = (float(v) for v in les["centroid_voxel"])
-        radius_mm = max(3.0, diameter / 2)
-        hits = []
-        for i, f in enumerate(reported):
-            if f.get("centroid_mm") is None:
-                continue
-            vz, vy, vx = frame.to_voxel(f["centroid_mm"])
-            inside = False
-            if grown is not None and shape is not None:
-                iz, iy, ix = round(vz), round(vy), round(vx)
-                if 0 <= iz < shape[0] and 0 <= iy < shape[1] and 0 <= ix < shape[2]:
-                    inside = int(grown[iz, iy, ix]) == lab
-            sz, sy, sx = frame.spacing
-            dist = math.sqrt(((vz - cz) * sz) ** 2 + ((vy - cy) * sy) ** 2 + ((vx - cx) * sx) ** 2)
-            if inside or dist <= radius_mm:
-                hits.append(i)
+        hits = [i for i, o in enumerate(on) if o == lab]
         matched_findings.update(hits)
         best = reported[hits[0]] if hits else None
         lesion_dice = None

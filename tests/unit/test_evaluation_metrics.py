@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from shared.evaluation.metrics import VoxelFrame, dice, score_chest, score_head
+from shared.evaluation.metrics import (
+    VoxelFrame,
+    dice,
+    grown_labels,
+    lesion_at,
+    score_chest,
+    score_head,
+)
 
 FRAME = VoxelFrame((2.0, 1.0, 1.0), (-10.0, -20.0, 100.0))
 
@@ -111,3 +118,28 @@ def test_touching_bleeds_are_measured_together_and_separate_ones_alone() -> None
     assert b1["merged_with"] == b2["merged_with"] == 1
     assert b3["volume_error"] == -0.2 and b3["merged_with"] == 0
     assert score["false_bleeds"] == 0
+
+
+def test_a_centroid_sits_on_a_lesion_inside_its_grown_label_or_within_its_radius() -> None:
+    sp = (2.0, 1.0, 1.0)
+    labels = np.zeros((20, 60, 60), np.int16)
+    labels[9:12, 6:15, 6:15] = 1  # lesion 1, centre (10, 10, 10)
+    grown = grown_labels(labels)
+    assert grown[8, 5, 5] == 1 and grown[7, 10, 10] == 0  # one voxel, not two
+    lesions = [
+        {"label": 1, "diameter_mm": 10.0, "centroid_voxel": (10.0, 10.0, 10.0)},
+        {"label": 3, "diameter_mm": 8.0, "centroid_voxel": (10.0, 30.0, 10.0)},  # no label
+    ]
+    # inside the grown label, 5.5 mm off centre (radius 5 mm): on it
+    assert lesion_at((10.0, 15.4, 10.0), lesions, sp, grown) == 1
+    assert lesion_at((10.0, 15.6, 10.0), lesions, sp, None) is None  # without the label: off
+    # 3.5 mm from lesion 3's centre (radius 4 mm): on it; 4.5 mm: on nothing
+    assert lesion_at((10.0, 33.5, 10.0), lesions, sp, grown) == 3
+    assert lesion_at((10.0, 34.5, 10.0), lesions, sp, grown) is None
+    # a small lesion counts within 3 mm; two in range: the nearest wins
+    small = [
+        {"label": 5, "diameter_mm": 2.0, "centroid_voxel": (10.0, 40.0, 40.0)},
+        {"label": 6, "diameter_mm": 40.0, "centroid_voxel": (10.0, 40.0, 55.0)},
+    ]
+    assert lesion_at((10.0, 40.0, 42.5), small, sp) == 5
+    assert lesion_at((10.0, 40.0, 43.5), small, sp) == 6
