@@ -43,7 +43,7 @@ sys.path.append(str(REPO))  # after PYTHONPATH and the editable install
 from benchmarks import quality  # noqa: E402
 from services.segmentation import tasks  # noqa: E402
 from services.segmentation.chest import classifier  # noqa: E402
-from services.segmentation.chest.pipeline import _groups, analyse  # noqa: E402
+from services.segmentation.chest.pipeline import analyse, lesion_groups  # noqa: E402
 from shared.evaluation.metrics import grown_labels, lesion_at  # noqa: E402
 
 STATUSES = ("no_candidate", "vetoed", "below_point", "at_point")
@@ -137,13 +137,13 @@ def lesion_status(case: dict[str, Any], threshold: float) -> list[dict[str, Any]
 
 def false_groups(case: dict[str, Any], threshold: float) -> int:
     """Groups of candidates at or above ``threshold`` (not vetoed) none of whose members sits on
-    a lesion, grouped as the pipeline groups them (``pipeline._groups``)."""
+    a lesion, grouped as the pipeline groups them (``pipeline.lesion_groups``)."""
     live = [c for c in case["candidates"] if c["veto"] is None and c["confidence"] >= threshold]
     if not live:
         return 0
     shim = [SimpleNamespace(centroid=c["centroid_voxel"], features=c["features"]) for c in live]
     probs = np.array([c["confidence"] for c in live])
-    groups = _groups(shim, probs, tuple(case["spacing"]))  # type: ignore[arg-type]
+    groups = lesion_groups(shim, probs, tuple(case["spacing"]))  # type: ignore[arg-type]
     return sum(all(live[i]["lesion"] is None for i in g) for g in groups)
 
 

@@ -196,7 +196,7 @@ def _subtype(f: dict[str, float]) -> str:
     return "solid"
 
 
-def _groups(
+def lesion_groups(
     cands: list[Candidate], probs: np.ndarray, spacing: tuple[float, ...]
 ) -> list[list[int]]:
     """Candidates on one lesion, highest probability first: a candidate whose centroid lies
@@ -254,7 +254,7 @@ def chest_ct(
     # those of the largest member above the operating point (a juxtapleural mass is often
     # seeded by a small blob and by its pleural concavity: the concavity has it whole)
     picks = []
-    for grp in _groups(an.candidates, probs, geo.spacing):
+    for grp in lesion_groups(an.candidates, probs, geo.spacing):
         above = [
             i
             for i in grp
