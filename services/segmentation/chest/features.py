@@ -314,7 +314,7 @@ def segment_seed(
             *[(np.arange(search.shape[a]) - p[a]) * sp[a] for a in range(3)], indexing="ij"
         )
         dist_seed = np.sqrt(zz**2 + yy**2 + xx**2)
-        if volume is not None and closing_mm != 0:
+        if volume is not None:  # the pipeline's way (``analyse`` passes the scan)
             # the search region comes from a ~4 mm grid and the pyramid's image is dark
             # outside it (eroded by a voxel): a juxtapleural nodule loses the base of its dome,
             # the widest part. The lung closed at this crop's own resolution gives it back:
@@ -323,7 +323,7 @@ def segment_seed(
             # not more of what the closing fills there (the hilum, the mediastinum's folds),
             # which would join the lesion to them
             ball = min(max(closing_mm, 1.6 * r), MAX_CLOSING_MM)
-            if closing_mm > 0 and not search.all():
+            if closing_mm > 0 and not search.all():  # 0: the scan, no closing
                 first = (
                     (np.abs(zz) <= half0[0] * sp[0])
                     & (np.abs(yy) <= half0[1] * sp[1])
