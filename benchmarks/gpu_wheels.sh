@@ -14,7 +14,7 @@ PACKAGES=(
   pydantic pydantic_core pydantic-settings python-dotenv annotated-types typing-inspection
   pydicom highdicom pyjpegls pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle
   zstandard cryptography cffi pycparser aiokafka async-timeout typing_extensions
-  pytest pluggy pytest-asyncio pytest-timeout
+  pytest pluggy pytest-asyncio pytest-timeout pynetdicom
 )
 
 exclude="$(git rev-parse --git-common-dir)/info/exclude"

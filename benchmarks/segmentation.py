@@ -14,7 +14,6 @@ task the device cannot run is reported as failed and, through the handler, redon
 
 from __future__ import annotations
 
-import math
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ from services.segmentation import tasks
 from services.segmentation.core import SegmentationCore
 from shared.config import PreprocessSettings
 from shared.dicom import phantom
+from shared.evaluation.metrics import finding_differences
 from shared.imaging.backend import FALLBACK_CAUSES, Backend, DeviceRunner, select_backend
 from shared.imaging.packed import unpack_volume
 from shared.runtime.stage import Context
@@ -47,20 +47,9 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def same_findings(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> bool:
-    """Same findings in the same order, numbers within 0.1 % (or 0.05 absolute)."""
-    if [(f["type"], f["label"]) for f in got] != [(f["type"], f["label"]) for f in want]:
-        return False
-    for f, r in zip(got, want, strict=True):
-        for key, value in r.items():
-            if isinstance(value, float):
-                if not math.isclose(float(f[key]), value, rel_tol=1e-3, abs_tol=0.05):
-                    return False
-            elif isinstance(value, list):
-                if not np.allclose(np.asarray(f[key], float), value, atol=0.05):
-                    return False
-            elif f[key] != value:
-                return False
-    return True
+    """Same findings in the same order, numbers within 0.1 % (or 0.01 absolute), nested
+    records field by field (:func:`~shared.evaluation.metrics.finding_differences`)."""
+    return not finding_differences(got, want)
 
 
 def on_device(

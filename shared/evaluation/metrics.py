@@ -156,10 +156,7 @@ def score_chest(
     out["lesions"] = per_lesion
     out["false_positives"] = len(false_pos)
     out["false_positive_findings"] = [
-        {
-            k: f.get(k)
-            for k in ("type", "subtype", "diameter_mm", "confidence", "centroid_mm")
-        }
+        {k: f.get(k) for k in ("type", "subtype", "diameter_mm", "confidence", "centroid_mm")}
         | {"likely_benign": f.get("likely_benign")}
         for f in false_pos
     ]
@@ -266,3 +263,57 @@ def score_head(
 
 def size_bin(diameter: float) -> str | None:
     return _bin(diameter)
+
+
+def finding_differences(
+    got: Sequence[dict[str, Any]],
+    want: Sequence[dict[str, Any]],
+    *,
+    rel: float = 1e-3,
+    abs_tol: float = 1e-2,
+    list_atol: float = 0.05,
+) -> list[str]:
+    """How two analyses' findings differ (empty: the same), as the CPU/GPU parity judges them:
+    the same types and labels in the same order; every field equal, numbers within ``rel``
+    (or ``abs_tol``), coordinate lists within ``list_atol``, nested records (the classifier's
+    ``features``) field by field the same way. Float rounding in the last printed digit is not
+    a difference; a finding more or less, another label or subtype is."""
+    g = [(f.get("type"), f.get("label")) for f in got]
+    w = [(f.get("type"), f.get("label")) for f in want]
+    if g != w:
+        return [f"findings {g} != {w}"]
+    out: list[str] = []
+
+    def compare(path: str, a: Any, b: Any) -> None:
+        if isinstance(b, bool) or b is None or isinstance(b, str):
+            if a != b:
+                out.append(f"{path}: {a!r} != {b!r}")
+        elif isinstance(b, int | float):
+            if not isinstance(a, int | float) or not math.isclose(
+                float(a), float(b), rel_tol=rel, abs_tol=abs_tol
+            ):
+                out.append(f"{path}: {a!r} != {b!r}")
+        elif isinstance(b, dict):
+            if not isinstance(a, dict) or set(a) != set(b):
+                out.append(f"{path}: keys {sorted(a) if isinstance(a, dict) else a!r}")
+                return
+            for k in b:
+                compare(f"{path}.{k}", a[k], b[k])
+        elif isinstance(b, list | tuple):
+            x, y = np.asarray(a, dtype=object), np.asarray(b, dtype=object)
+            numeric = all(isinstance(v, int | float) for v in np.ravel(y))
+            if numeric and x.shape == y.shape and np.ravel(x).size:
+                if not np.allclose(x.astype(float), y.astype(float), atol=list_atol):
+                    out.append(f"{path}: {list(a)!r} != {list(b)!r}")
+            elif list(a) != list(b):
+                out.append(f"{path}: {a!r} != {b!r}")
+        elif a != b:
+            out.append(f"{path}: {a!r} != {b!r}")
+
+    for f, r in zip(got, want, strict=True):
+        for key in sorted(set(f) | set(r)):
+            if key not in f or key not in r:
+                out.append(f"{r.get('label')}.{key}: present on one side only")
+            else:
+                compare(f"{r.get('label')}.{key}", f[key], r[key])
+    return out
