@@ -39,6 +39,10 @@ def start(env: Env, tmp: Path, gateway_port: int, round_: int) -> dict[str, Stag
     extra = {
         "RADSTREAM_DEVICE": "cpu",
         "RADSTREAM_INGEST__INACTIVITY_TIMEOUT_S": "600",  # markers complete every series
+        # ... and close every re-send: with the default 5 s, a pause that long inside one
+        # storescu re-send (CI, under load) settled its first part on its own, one duplicate
+        # audit too many (21 for 20); a lost marker still settles, after a minute
+        "RADSTREAM_INGEST__LATE_QUIET_S": "60",
         "RADSTREAM_GATEWAY__PORT": str(gateway_port),
         "RADSTREAM_GATEWAY__ALLOWED_AE_TITLES": "STORESCU",
         "RADSTREAM_GATEWAY__PLAIN_DICOM": "true",  # dcmtk without TLS, as in the local demo
