@@ -40,8 +40,13 @@ def test_dot_filter_prefers_blobs_to_tubes_and_plates(r: float) -> None:
     assert score["tube"] < 0.05 * score["sphere"] and score["plate"] < 0.05 * score["sphere"]
 
 
+def _distances(an, geo, centre):  # type: ignore[no-untyped-def]
+    """Each candidate's distance (mm) from ``centre`` (patient mm)."""
+    return [np.linalg.norm(np.array(geo.to_patient(c.centroid)) - centre) for c in an.candidates]
+
+
 def _nearest(an, geo, centre):  # type: ignore[no-untyped-def]
-    d = [np.linalg.norm(np.array(geo.to_patient(c.centroid)) - centre) for c in an.candidates]
+    d = _distances(an, geo, centre)
     k = int(np.argmin(d))
     return an.candidates[k], d[k]
 
@@ -117,12 +122,8 @@ def test_a_juxtapleural_nodule_is_segmented_whole_not_cut_at_the_coarse_search_r
     geo = Geometry(case.spacing, case.origin, (1, 0, 0, 0, 1, 0, 0, 0, 1))
     an = analyse(case.vol, geo)
     for les in case.lesions[:3]:
-        on = [
-            c.features["diameter_mm"]
-            for c in an.candidates
-            if np.linalg.norm(np.array(geo.to_patient(c.centroid)) - np.array(les.centre_mm))
-            <= max(les.diameter_mm / 2, 3.0)
-        ]
+        near = zip(an.candidates, _distances(an, geo, np.array(les.centre_mm)), strict=True)
+        on = [c.features["diameter_mm"] for c, d in near if d <= max(les.diameter_mm / 2, 3.0)]
         assert on, les.diameter_mm
         # part of the sphere lies in the chest wall: the lung side is most of it
         assert 0.65 * les.diameter_mm <= max(on) <= 1.2 * les.diameter_mm, (les.diameter_mm, on)
