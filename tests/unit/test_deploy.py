@@ -134,6 +134,13 @@ def test_kubernetes_manifests() -> None:
         (container,) = patch["spec"]["template"]["spec"]["containers"]
         assert container["name"] == name and container["resources"]["limits"]["nvidia.com/gpu"] == 1
         assert {"name": "RADSTREAM_DEVICE", "value": "gpu"} in container["env"]
+        # CuPy's kernel cache on the volume the base deployment mounts: kept across restarts
+        cache = {e["name"]: e["value"] for e in container["env"]}["CUPY_CACHE_DIR"]
+        mounts = by_kind["Deployment"][name]["spec"]["template"]["spec"]["containers"][0]
+        assert any(
+            cache.startswith(m["mountPath"] + "/") and not m["mountPath"].startswith("/secrets")
+            for m in mounts["volumeMounts"]
+        ), (name, cache)
 
 
 def test_pacs_delivery_is_the_results_stage_s_in_every_deployment() -> None:
