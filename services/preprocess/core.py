@@ -32,7 +32,7 @@ from shared.imaging.packed import pack_volume
 from shared.imaging.volume import Assembled, Slice, Volume, VoxelBudget, assemble, decode
 from shared.runtime.errors import PoisonError
 from shared.runtime.stage import Context
-from shared.schemas import SeriesReady, VolumePrepared
+from shared.schemas import InstanceRef, SeriesReady, VolumePrepared
 from shared.storage import BlobError, BlobStore
 from shared.topology import VOLUMES
 
@@ -211,12 +211,6 @@ class PreprocessCore:
             raise ImagingError(
                 "volume_too_large", f"{declared} voxels declared exceed the configured cap"
             )
-        try:
-            blobs = [self.store.get(ref.blob) for ref in msg.instances]
-        except BlobError as exc:
-            raise PoisonError(
-                exc.reason, "a referenced instance is missing or corrupt in the blob store"
-            ) from None
         one = partial(
             decode,
             max_voxels=self.settings.max_voxels,
@@ -224,9 +218,20 @@ class PreprocessCore:
             shape=(msg.rows, msg.columns) if msg.rows > 0 and msg.columns > 0 else None,
             budget=VoxelBudget(self.settings.max_voxels),
         )
+
+        def fetched_and_decoded(ref: InstanceRef) -> Slice:
+            # read, decrypt and decode in the same thread: the blob store's reads and the AEAD
+            # overlap the decoders (and each instance's bytes are dropped once decoded)
+            try:
+                data = self.store.get(ref.blob)
+            except BlobError as exc:
+                raise PoisonError(
+                    exc.reason, "a referenced instance is missing or corrupt in the blob store"
+                ) from None
+            return one(data)
+
         with ThreadPoolExecutor(max(1, self.settings.threads)) as pool:
-            slices: list[Slice] = list(pool.map(one, blobs))
-        del blobs
+            slices: list[Slice] = list(pool.map(fetched_and_decoded, msg.instances))
         timings["decode"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
