@@ -36,6 +36,7 @@ def build(
         plugin,
         runner=DeviceRunner(backend, stage="segmentation", registry=registry),
     )
+    core.warm_up()  # on a GPU: the tasks' kernels compiled before the first series
     return StageSpec(
         name="segmentation",
         input_topic="volumes",

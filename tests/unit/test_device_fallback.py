@@ -258,7 +258,10 @@ def test_bad_input_on_the_gpu_path_still_dead_letters_with_its_reason(
     assert sum(fallbacks(registry, "preprocess").values()) == 0.0
     seg, seg_registry = stage("segmentation", settings, keyring)
     corrupt = VolumePrepared.model_validate(
-        {**_volume(store, keyring, tmp_path).model_dump(), "volume": store.put(b"not a volume", "volumes")}
+        {
+            **_volume(store, keyring, tmp_path).model_dump(),
+            "volume": store.put(b"not a volume", "volumes"),
+        }
     )
     (letter,) = seg.send(corrupt, key=corrupt.series_instance_uid).dead_letters
     assert letter.reason == "undecodable" and letter.stage == "segmentation"
@@ -320,3 +323,27 @@ def test_a_warm_up_the_device_fails_does_not_stop_the_service(
         PreprocessCore(
             store, select_backend("gpu"), PreprocessSettings(warmup_shapes="64x64")
         ).warm_up()
+
+
+def test_segmentation_warms_its_tasks_on_the_device_and_survives_a_device_failure(
+    strict_cupy: Any, store: BlobStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The chest and head tasks run once on the device before the first series (CuPy compiles
+    a kernel on first use: 17-78 s for the first series on a fresh H200), once per process; a
+    device failure is logged and the service starts; on the CPU nothing runs."""
+    assert SegmentationCore(store, select_backend("cpu")).warm_up() == []
+    core = SegmentationCore(store, select_backend("gpu"))
+    assert core.warm_up() == ["chest_ct", "head_ct"]
+    assert strict_cupy.uploads and "label" in strict_cupy.ndi_calls  # ran on the device
+    calls = len(strict_cupy.ndi_calls)
+    assert core.warm_up() == [] and len(strict_cupy.ndi_calls) == calls  # warm already
+
+    failing = SegmentationCore(store, select_backend("gpu"))
+    strict_cupy.faults.add("ndimage.label", fake_cupy.CUDARuntimeError(700))
+    with caplog.at_level(logging.WARNING, logger="radstream.segmentation"):
+        assert failing.warm_up() == ["head_ct"]
+    assert strict_cupy.faults.fired == ["ndimage.label"]
+    assert any(
+        "warm-up of chest_ct" in r.getMessage() and "cuda_error" in r.getMessage()
+        for r in caplog.records
+    )
