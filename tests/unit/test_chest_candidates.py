@@ -45,6 +45,13 @@ def _distances(an, geo, centre):  # type: ignore[no-untyped-def]
     return [np.linalg.norm(np.array(geo.to_patient(c.centroid)) - centre) for c in an.candidates]
 
 
+def _analysed(lesions):  # type: ignore[no-untyped-def]
+    """The candidate stage on the synthetic chest of seed 3 (192², 1.25 mm) with ``lesions``."""
+    case = cs.chest(seed=3, size=192, thickness=1.25, z_mm=220, lesions=lesions)
+    geo = Geometry(case.spacing, case.origin, (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    return case, geo, analyse(case.vol, geo)
+
+
 def _nearest(an, geo, centre):  # type: ignore[no-untyped-def]
     d = _distances(an, geo, centre)
     k = int(np.argmin(d))
@@ -61,9 +68,7 @@ def test_every_lesion_kind_is_a_candidate_and_is_measured() -> None:
         ("mass", 45.0),
         ("solid", 20.0),
     )
-    case = cs.chest(seed=3, size=192, thickness=1.25, z_mm=220, lesions=lesions)
-    geo = Geometry(case.spacing, case.origin, (1, 0, 0, 0, 1, 0, 0, 0, 1))
-    an = analyse(case.vol, geo)
+    case, geo, an = _analysed(lesions)
     assert 0 < len(an.candidates) <= 150
     for les in case.lesions:
         cand, dist = _nearest(an, geo, np.array(les.centre_mm))
@@ -118,9 +123,7 @@ def test_a_juxtapleural_nodule_is_segmented_whole_not_cut_at_the_coarse_search_r
         ("juxtapleural", 14.0),
         ("solid", 8.0),
     )
-    case = cs.chest(seed=3, size=192, thickness=1.25, z_mm=220, lesions=lesions)
-    geo = Geometry(case.spacing, case.origin, (1, 0, 0, 0, 1, 0, 0, 0, 1))
-    an = analyse(case.vol, geo)
+    case, geo, an = _analysed(lesions)
     for les in case.lesions[:3]:
         near = zip(an.candidates, _distances(an, geo, np.array(les.centre_mm)), strict=True)
         on = [c.features["diameter_mm"] for c, d in near if d <= max(les.diameter_mm / 2, 3.0)]
