@@ -322,7 +322,7 @@ def segment_seed(
             # inside the seed's first crop: a grown crop (``regrow``) adds the scan around it,
             # not more of what the closing fills there (the hilum, the mediastinum's folds),
             # which would join the lesion to them
-            ball = min(max(closing_mm, 1.6 * r), MAX_CLOSING_MM)
+            ball = max(closing_mm, 1.6 * r)  # _closed caps it at MAX_CLOSING_MM
             if closing_mm > 0 and not search.all():  # 0: the scan, no closing
                 first = (
                     (np.abs(zz) <= half0[0] * sp[0])
