@@ -14,6 +14,7 @@ against the sum of their true volumes, the volume a reader would measure for tha
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -288,8 +289,8 @@ def finding_differences(
         if isinstance(b, bool) or b is None or isinstance(b, str):
             if a != b:
                 out.append(f"{path}: {a!r} != {b!r}")
-        elif isinstance(b, int | float):
-            if not isinstance(a, int | float) or not math.isclose(
+        elif isinstance(b, numbers.Real):  # NumPy scalars too
+            if not isinstance(a, numbers.Real) or not math.isclose(
                 float(a), float(b), rel_tol=rel, abs_tol=abs_tol
             ):
                 out.append(f"{path}: {a!r} != {b!r}")
@@ -301,7 +302,7 @@ def finding_differences(
                 compare(f"{path}.{k}", a[k], b[k])
         elif isinstance(b, list | tuple):
             x, y = np.asarray(a, dtype=object), np.asarray(b, dtype=object)
-            numeric = all(isinstance(v, int | float) for v in np.ravel(y))
+            numeric = all(isinstance(v, numbers.Real) for v in np.ravel(y))
             if numeric and x.shape == y.shape and np.ravel(x).size:
                 if not np.allclose(x.astype(float), y.astype(float), atol=list_atol):
                     out.append(f"{path}: {list(a)!r} != {list(b)!r}")

@@ -166,6 +166,9 @@ def test_finding_differences_forgive_rounding_but_not_another_finding_or_feature
     same[1]["features"]["dot"] = 90.2306
     same[0]["centroid_mm"] = [1.01, 2.0]
     assert finding_differences(same, want) == []
+    numpy_scalars = copy.deepcopy(same)
+    numpy_scalars[1]["diameter_mm"] = np.float32(8.2)  # within tolerance, not compared exactly
+    assert finding_differences(numpy_scalars, want) == []
     moved = copy.deepcopy(want)
     moved[1]["features"]["dot"] = 80.0
     assert finding_differences(moved, want) == ["nodule_1.features.dot: 80.0 != 90.2307"]
