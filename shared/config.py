@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -9,6 +11,41 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.topology import GATEWAY_AE_TITLE, PORTS
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def usable_cpus(cgroup_root: Path | None = None) -> int:
+    """CPUs this process may keep busy: its affinity mask, bounded by the CPU quota of its
+    cgroup (a container's CPU limit: ``cpu.max`` in cgroup v2, ``cpu.cfs_quota_us`` /
+    ``cpu.cfs_period_us`` in v1), rounded up; at least 1. Unreadable or unlimited quotas
+    leave the affinity count. ``cgroup_root`` defaults to :data:`CGROUP_ROOT`."""
+    cgroup_root = CGROUP_ROOT if cgroup_root is None else cgroup_root
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    n = cpus or 1
+    quota: float | None = None
+    try:
+        fields = (cgroup_root / "cpu.max").read_text().split()
+        if len(fields) == 2 and fields[0] != "max":
+            quota = int(fields[0]) / int(fields[1])
+    except (OSError, ValueError, ZeroDivisionError):
+        try:
+            q = int((cgroup_root / "cpu" / "cpu.cfs_quota_us").read_text())
+            period = int((cgroup_root / "cpu" / "cpu.cfs_period_us").read_text())
+            if q > 0:
+                quota = q / period
+        except (OSError, ValueError, ZeroDivisionError):
+            pass
+    if quota is not None and quota > 0:
+        n = min(n, math.ceil(quota))
+    return max(1, n)
+
+
+def default_threads() -> int:
+    """Host threads for a stage's parallel decode and slab work: the usable CPUs, at most 8
+    (past that, more decode threads starve the thread that feeds the device and the
+    service's own consumer)."""
+    return min(8, usable_cpus())
 
 
 class KafkaSettings(BaseModel):
@@ -175,7 +212,12 @@ class PreprocessSettings(BaseModel):
         "overriding the default chain per MODALITY[:BODYPART]",
     )
     gpu_memory_limit_bytes: int = Field(8 * 1024**3, description="CuPy memory pool cap")
-    threads: int = Field(2, description="CPU threads for decoding and slab-wise filtering")
+    threads: int = Field(
+        default_factory=default_threads,
+        ge=1,
+        description="CPU threads for decoding and slab-wise filtering; by default the CPUs "
+        "this process may use (affinity and the container's CPU limit), at most 8",
+    )
     warmup_shapes: str = Field("512x512", description="in-plane shapes to warm GPU kernels for")
     max_voxels: int = Field(
         600 * 512 * 512,
