@@ -42,14 +42,7 @@ def _cpu_case(body: str, plan: dict[str, Any]) -> dict[str, Any]:
         case = quality.chest_phantom(plan)
         hu, spacing, origin = case.hu, case.spacing, case.origin
     else:
-        from shared.phantoms.head import head_case
-
-        c = head_case(
-            plan["seed"],
-            size=plan["size"],
-            thickness_mm=plan["thickness_mm"],
-            bleed="none" if plan["normal"] else "random",
-        )
+        c = quality.head_phantom(plan)
         hu, spacing, origin = c.hu, c.spacing, (0.0, 0.0, 0.0)
     vol = quality.prepared(hu, spacing, body)
     generate = time.perf_counter() - t0

@@ -34,7 +34,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -48,6 +48,9 @@ from services.segmentation.core import _clean  # noqa: E402
 from shared.evaluation import realdata  # noqa: E402
 from shared.evaluation.metrics import SIZE_BINS, VoxelFrame, score_chest, score_head  # noqa: E402
 from shared.schemas import Finding  # noqa: E402
+
+if TYPE_CHECKING:
+    from shared.phantoms.head import HeadCase
 
 RULES = RuleSet.load(REPO / "deploy" / "alerts" / "rules.yaml")
 THICKNESS = (1.25, 0.625, 2.5, 1.0, 5.0, 2.0, 3.0)
@@ -304,16 +307,23 @@ def head_cases(n: int, seed0: int) -> list[dict[str, Any]]:
     ]
 
 
-def run_head(plan: dict[str, Any]) -> dict[str, Any]:
-    from shared.phantoms.head import evaluate_head, head_case
+def head_phantom(plan: dict[str, Any]) -> HeadCase:
+    """The plan's head phantom (one of :func:`head_cases`)."""
+    from shared.phantoms.head import head_case
 
-    t0 = time.perf_counter()
-    case = head_case(
+    return head_case(
         plan["seed"],
         size=plan["size"],
         thickness_mm=plan["thickness_mm"],
         bleed="none" if plan["normal"] else "random",
     )
+
+
+def run_head(plan: dict[str, Any]) -> dict[str, Any]:
+    from shared.phantoms.head import evaluate_head
+
+    t0 = time.perf_counter()
+    case = head_phantom(plan)
     gen = time.perf_counter() - t0
     result, seconds, alerts = analyse(case.hu, case.spacing, (0.0, 0.0, 0.0), "head")
     bleeds = [{"label": b.label, "kind": b.kind, "volume_ml": b.volume_ml} for b in case.bleeds]
