@@ -319,8 +319,35 @@ def without_vetoed(case: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def reported(
+    case: dict[str, Any], own: np.ndarray, combined: np.ndarray, threshold: float
+) -> list[dict[str, Any]]:
+    """What the pipeline reports (``pipeline.chest_ct``): the main model's findings, then what
+    only the large-candidate model's second opinion raises (``combined`` where ``own`` is under
+    the threshold), away from every finding of the main model."""
+    main = _kept(case, own, threshold)
+    extra = _kept(case, np.where(own < threshold, combined, 0.0), threshold)
+    cents = [np.array(c) for c in case["centroids"]]
+    feats = case["features"]
+    extra = [
+        i
+        for i in extra
+        if not any(
+            np.linalg.norm(cents[i] - cents[k])
+            < max(feats[i]["diameter_mm"] / 2, feats[k]["diameter_mm"] / 2, 2.0)
+            for k in main
+        )
+    ]
+    probs = np.where(own >= threshold, own, combined)
+    return _as_findings(case, probs, main + extra)
+
+
 def findings_at(case: dict[str, Any], probs: np.ndarray, threshold: float) -> list[dict[str, Any]]:
     """The pipeline's reporting rule on cached candidates: dedupe by radius, threshold."""
+    return _as_findings(case, probs, _kept(case, probs, threshold))
+
+
+def _kept(case: dict[str, Any], probs: np.ndarray, threshold: float) -> list[int]:
     order = np.argsort(-probs)
     kept: list[int] = []
     cents = [np.array(c) for c in case["centroids"]]
@@ -337,6 +364,11 @@ def findings_at(case: dict[str, Any], probs: np.ndarray, threshold: float) -> li
         ):
             continue
         kept.append(int(i))
+    return kept
+
+
+def _as_findings(case: dict[str, Any], probs: np.ndarray, kept: list[int]) -> list[dict[str, Any]]:
+    feats = case["features"]
     return [
         {
             "type": "mass"
@@ -350,20 +382,30 @@ def findings_at(case: dict[str, Any], probs: np.ndarray, threshold: float) -> li
 
 
 class _Fixed:
-    """Stands for a model whose probabilities are already known (out-of-fold)."""
+    """Stands for a model whose probabilities are already known (out-of-fold); ``combined``:
+    with a large-candidate model's second opinion (``with_large``)."""
 
-    def __init__(self, probs: dict[int, np.ndarray]) -> None:
+    def __init__(
+        self, probs: dict[int, np.ndarray], combined: dict[int, np.ndarray] | None = None
+    ) -> None:
         self.probs = probs
+        self.combined = combined
 
     def predict_case(self, case: dict[str, Any]) -> np.ndarray:
+        return (self.combined or self.probs)[case["seed"]]
+
+    def own_case(self, case: dict[str, Any]) -> np.ndarray:
         return self.probs[case["seed"]]
 
 
 def evaluate(cases: list[dict[str, Any]], model: Any, threshold: float) -> dict[str, float]:
     per = []
     for c in cases:
-        probs = model.predict_case(c) if isinstance(model, _Fixed) else model.predict(c["features"])
-        r = evaluate_chest(c["truth"], {"findings": findings_at(c, probs, threshold)})
+        if isinstance(model, _Fixed):
+            own, combined = model.own_case(c), model.predict_case(c)
+        else:
+            own, combined = model.predict_own(c["features"]), model.predict(c["features"])
+        r = evaluate_chest(c["truth"], {"findings": reported(c, own, combined, threshold)})
         r["dice_lung_left"] = c["dice"]["lung_left"]
         r["dice_lung_right"] = c["dice"]["lung_right"]
         per.append(r)
@@ -533,6 +575,148 @@ def matrix(cases: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+def exported_trees(gb: Any, xs: np.ndarray, prior: float) -> dict[str, Any]:
+    """A fitted GradientBoostingClassifier as the model file's trees; checked to reproduce
+    scikit-learn's probabilities on its (standardised) training matrix ``xs``. ``prior``: the
+    (weighted) share of positives its initial estimate starts from."""
+    trees = []
+    for est in gb.estimators_[:, 0]:
+        t = est.tree_
+        trees.append(
+            {
+                "left": t.children_left.tolist(),
+                "right": t.children_right.tolist(),
+                "feature": t.feature.tolist(),
+                "threshold": t.threshold.tolist(),
+                "value": t.value[:, 0, 0].tolist(),
+            }
+        )
+    out = {
+        "kind": "gbt",
+        "trees": trees,
+        "learning_rate": gb.learning_rate,
+        "init": float(np.log(prior / (1 - prior))),
+    }
+    check = clf_mod.from_dict(
+        {
+            **out,
+            "features": list(FEATURES),
+            "log": [False] * len(FEATURES),
+            "mean": [0.0] * len(FEATURES),
+            "scale": [1.0] * len(FEATURES),
+            "version": "check",
+            "threshold": 0.5,
+        }
+    )
+    raw = check.init + sum(check.learning_rate * clf_mod._tree_value(t, xs) for t in check.trees)
+    mine = 1.0 / (1.0 + np.exp(-np.clip(raw, -50, 50)))
+    ref = gb.predict_proba(xs)[:, 1]
+    assert np.allclose(ref, mine, atol=1e-9), float(np.abs(ref - mine).max())
+    return out
+
+
+LARGE_GBT: dict[str, Any] = {
+    "n_estimators": 200,
+    "max_depth": 3,
+    "learning_rate": 0.05,
+    "subsample": 0.8,
+    "min_samples_leaf": 5,
+}
+LARGE_POSITIVE_SHARE = 5.0  # positives weigh (negatives / positives) / this, in all
+
+
+def large_only(cases: list[dict[str, Any]], from_mm: float) -> list[dict[str, Any]]:
+    """The cases with only their candidates of ``from_mm`` diameter or more."""
+    out = []
+    for c in cases:
+        keep = [i for i, f in enumerate(c["features"]) if f["diameter_mm"] >= from_mm]
+        d = dict(c)
+        for k in ("features", "hits", "centroids"):
+            d[k] = [c[k][i] for i in keep]
+        out.append(d)
+    return out
+
+
+def fit_large(
+    cases: list[dict[str, Any]], from_mm: float, cap: float, seed: int, folds: int = 5
+) -> tuple[dict[str, Any], _Fixed] | None:
+    """The second model for large candidates (``classifier.Large``): gradient-boosted trees on
+    the candidates of ``from_mm`` or more of every training case, positives weighted up to a
+    fifth of the negatives' total (a mass has a few large candidates among dozens of pieces of
+    heart border and chest wall); calibrated by isotonic regression of its out-of-fold
+    probabilities (``folds`` folds by case, every case). Returns the file's ``large`` entry and
+    the calibrated out-of-fold probabilities of each case's large candidates (None when the
+    training cases have too few large positives)."""
+    from sklearn.ensemble import GradientBoostingClassifier
+
+    big = large_only(cases, from_mm)
+    x, y = matrix(big)
+    if int(y.sum()) < 10 or int((1 - y).sum()) < 10:
+        return None
+
+    def fit(xf: np.ndarray, yf: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray]:
+        mu, sd = xf.mean(axis=0), xf.std(axis=0)
+        sd[sd < 1e-9] = 1.0
+        w = np.where(yf == 1, (len(yf) - yf.sum()) / max(1, yf.sum()) / LARGE_POSITIVE_SHARE, 1.0)
+        est = GradientBoostingClassifier(**LARGE_GBT, random_state=seed)
+        est.fit((xf - mu) / sd, yf, sample_weight=w)
+        return est, mu, sd
+
+    probs: dict[int, np.ndarray] = {}
+    for k in range(folds):
+        held = [c for i, c in enumerate(big) if i % folds == k]
+        rest = [c for i, c in enumerate(big) if i % folds != k]
+        est, mu, sd = fit(*matrix(rest))
+        for c in held:
+            probs[c["seed"]] = (
+                est.predict_proba((matrix([c])[0] - mu) / sd)[:, 1]
+                if c["features"]
+                else np.zeros(0)
+            )
+    oof = _Fixed(probs)
+    cal = calibrate(big, oof)
+    est, mu, sd = fit(x, y)
+    trees = exported_trees(est, (x - mu) / sd, float(est.init_.class_prior_[1]))
+    model = {
+        "version": f"large-gbt-s{seed}-from{from_mm:g}mm",
+        "features": list(FEATURES),
+        "log": [k in LOG_FEATURES for k in FEATURES],
+        "mean": mu.tolist(),
+        "scale": sd.tolist(),
+        **trees,
+        "threshold": 0.0,  # the main model's operating point applies
+        "calibration": cal,
+        "meta": {
+            "gbt_params": LARGE_GBT,
+            "train_candidates": len(y),
+            "train_positives": int(y.sum()),
+            "sample_weights": f"positives weigh (negatives / positives) / {LARGE_POSITIVE_SHARE}",
+            "calibration": f"isotonic regression of the out-of-fold probabilities ({folds} folds "
+            "by case, all training cases)",
+        },
+    }
+    oof_cal = _Fixed(
+        {k: np.interp(v, cal["x"], cal["y"]) if v.size else v for k, v in probs.items()}
+    )
+    return {"from_mm": from_mm, "max_confidence": cap, "model": model}, oof_cal
+
+
+def with_large(
+    cases: list[dict[str, Any]], main: _Fixed, large: _Fixed, from_mm: float, cap: float
+) -> _Fixed:
+    """Out-of-fold probabilities as ``classifier.Model.predict`` combines them: a large
+    candidate gets the higher of the main model's and the large model's (capped at ``cap``);
+    the main model's own stay ``own_case``."""
+    out = {}
+    for c in cases:
+        p = np.array(main.own_case(c), dtype=np.float64, copy=True)
+        big = np.array([f["diameter_mm"] >= from_mm for f in c["features"]], dtype=bool)
+        if big.any():
+            p[big] = np.maximum(p[big], np.minimum(large.predict_case(c), cap))
+        out[c["seed"]] = p
+    return _Fixed(main.probs, out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -563,6 +747,19 @@ def main() -> None:
         type=Path,
         nargs="*",
         help="folders of cached cases (other seeds or sources) added to the training split only",
+    )
+    ap.add_argument(
+        "--large-from-mm",
+        type=float,
+        default=0.0,
+        help="also train a second model on the candidates of this diameter or more (0: none)",
+    )
+    ap.add_argument(
+        "--large-cap",
+        type=float,
+        default=0.5,
+        help="the highest confidence the large-candidate model may give (below the paging "
+        "rules' 0.6: what only it finds goes to the worklist)",
     )
     ap.add_argument("--out", type=Path, default=clf_mod.MODEL_PATH)
     ap.add_argument("--quick", action="store_true")
@@ -622,32 +819,7 @@ def main() -> None:
     }
     gb = make("gbt")
     gb.fit(xs, y, sample_weight=sw)
-    prior = float(y.mean())
-    trees = []
-    for est in gb.estimators_[:, 0]:
-        t = est.tree_
-        trees.append(
-            {
-                "left": t.children_left.tolist(),
-                "right": t.children_right.tolist(),
-                "feature": t.feature.tolist(),
-                "threshold": t.threshold.tolist(),
-                "value": t.value[:, 0, 0].tolist(),
-            }
-        )
-    models["gbt"] = {
-        **common,
-        "kind": "gbt",
-        "trees": trees,
-        "learning_rate": gb.learning_rate,
-        "init": float(np.log(prior / (1 - prior))),
-    }
-    # exported trees reproduce scikit-learn's decision function (on the standardised matrix)
-    check = clf_mod.from_dict({**models["gbt"], "version": "check", "threshold": 0.5})
-    raw = check.init + sum(check.learning_rate * clf_mod._tree_value(t, xs) for t in check.trees)
-    mine = 1.0 / (1.0 + np.exp(-np.clip(raw, -50, 50)))
-    ref = gb.predict_proba(xs)[:, 1]
-    assert np.allclose(ref, mine, atol=1e-9), float(np.abs(ref - mine).max())
+    models["gbt"] = {**common, **exported_trees(gb, xs, float(y.mean()))}
     # calibration and operating point: out-of-fold over the phantom training cases (the
     # validation split is small); the validation split is reported at that threshold
     target = [c for c in data["train"] + extra if c.get("source", args.source) == args.source]
@@ -667,6 +839,7 @@ def main() -> None:
     report: dict[str, Any] = {}
     best_name, best = None, None
     calibrations: dict[str, dict[str, list[float]]] = {}
+    oofs: dict[str, _Fixed] = {}
     for name, d in models.items():
         oof = out_of_fold(target, others, fitter(name))
         cal = calibrate(target, oof)
@@ -674,6 +847,7 @@ def main() -> None:
         oof_cal = _Fixed(
             {k: np.interp(v, cal["x"], cal["y"]) if v.size else v for k, v in oof.probs.items()}
         )
+        oofs[name] = oof_cal
         t, cv = choose_threshold(target, oof_cal, args.max_fp)
         m = clf_mod.from_dict({**d, "version": "tmp", "threshold": t, "calibration": cal})
         val = evaluate(data["val"], m, t) if data["val"] else {}
@@ -692,16 +866,27 @@ def main() -> None:
     assert best_name is not None and best is not None
     threshold = best[1]
     models[best_name]["calibration"] = calibrations[best_name]
+    oof_best = oofs[best_name]
+    if args.large_from_mm > 0:
+        fitted = fit_large(data["train"] + extra, args.large_from_mm, args.large_cap, args.seed)
+        if fitted is None:
+            print("large model: too few large candidates, none trained", file=sys.stderr)
+        else:
+            large, large_oof = fitted
+            models[best_name]["large"] = large
+            oof_best = with_large(target, oof_best, large_oof, args.large_from_mm, args.large_cap)
+            threshold, cv = choose_threshold(target, oof_best, args.max_fp)
+            report["with_large"] = {
+                "threshold": round(threshold, 3),
+                "out_of_fold": cv,
+                "out_of_fold_by_kind": recall_report(target, oof_best, threshold),
+                "out_of_fold_sweep": sweep(target, oof_best),
+            }
     if args.threshold is not None:  # a documented override, its out-of-fold figures reported
         threshold = args.threshold
-        cal = calibrations[best_name]
-        oof = out_of_fold(target, others, fitter(best_name))
-        oof_cal = _Fixed(
-            {k: np.interp(v, cal["x"], cal["y"]) if v.size else v for k, v in oof.probs.items()}
-        )
         report["override"] = {
             "threshold": threshold,
-            "out_of_fold": evaluate(target, oof_cal, threshold),
+            "out_of_fold": evaluate(target, oof_best, threshold),
             "validation": evaluate(
                 data["val"],
                 clf_mod.from_dict({**models[best_name], "version": "tmp", "threshold": threshold}),
@@ -712,7 +897,9 @@ def main() -> None:
         }
     final = clf_mod.from_dict({**models[best_name], "version": "tmp", "threshold": threshold})
     test = evaluate(data["test"], final, threshold)
-    version = f"{best_name}-s{args.seed}-n{args.cases}"
+    version = f"{best_name}-s{args.seed}-n{args.cases}" + (
+        "-large" if "large" in models[best_name] else ""
+    )
     out = {
         "version": version,
         **models[best_name],

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -197,5 +199,147 @@ def test_the_shipped_operating_point_is_recorded_with_its_reason_and_centred_bel
     op = m.meta["operating_point"]
     assert op["threshold"] == pytest.approx(m.threshold) and len(op["why"]) > 40
     if "--threshold " not in m.meta["command"]:  # no override: the out-of-fold choice
-        chosen = m.meta["candidates"][m.version.split("-")[0]]["threshold"]
+        choice = "with_large" if m.large is not None else m.version.split("-")[0]
+        chosen = m.meta["candidates"][choice]["threshold"]
         assert m.threshold == pytest.approx(chosen, abs=1e-3)
+
+
+def _logistic(coef: list[float], version: str) -> dict[str, Any]:
+    return {
+        "version": version,
+        "kind": "logistic",
+        "features": ["a", "b", "diameter_mm"],
+        "log": [False] * 3,
+        "mean": [0.0] * 3,
+        "scale": [1.0] * 3,
+        "coef": coef,
+        "intercept": 0.0,
+        "threshold": 0.1,
+    }
+
+
+def test_large_candidates_get_the_large_models_capped_second_opinion(tmp_path: Path) -> None:
+    d = {
+        **_logistic([1.0, 0.0, 0.0], "main"),
+        "large": {"from_mm": 20.0, "max_confidence": 0.5, "model": _logistic([0.0, 2.0, 0.0], "L")},
+    }
+    p = tmp_path / "m.json"
+    p.write_text(json.dumps(d))
+    m = classifier.load(str(p))
+    assert m.large is not None and m.large.from_mm == 20.0
+    rows = [
+        {"a": a, "b": b, "diameter_mm": dmm}
+        for a in (-3.0, 0.0, 3.0)
+        for b in (-3.0, 0.0, 3.0)
+        for dmm in (8.0, 19.9, 20.0, 45.0)
+    ]
+    own = 1 / (1 + np.exp(-np.array([r["a"] for r in rows])))
+    second = 1 / (1 + np.exp(-2 * np.array([r["b"] for r in rows])))
+    big = np.array([r["diameter_mm"] >= 20.0 for r in rows])
+    got = m.predict(rows)
+    np.testing.assert_allclose(m.predict_own(rows), own)
+    np.testing.assert_allclose(got[~big], own[~big])  # small candidates: the main model only
+    np.testing.assert_allclose(got[big], np.maximum(own[big], np.minimum(second[big], 0.5)))
+    # the second opinion raises a large candidate the main model doubts, but only to the cap
+    doubted = [i for i, r in enumerate(rows) if big[i] and r["a"] == -3.0 and r["b"] == 3.0]
+    assert doubted and all(got[i] == pytest.approx(0.5) and own[i] < 0.05 for i in doubted)
+    # a nested large model or a cap outside [0, 1] is refused
+    for bad in (
+        {**d, "large": {**d["large"], "max_confidence": 1.5}},
+        {**d, "large": {**d["large"], "model": d}},
+    ):
+        q = tmp_path / "bad.json"
+        q.write_text(json.dumps(bad))
+        classifier.load.cache_clear()
+        with pytest.raises(ValueError):
+            classifier.load(str(q))
+
+
+def test_the_shipped_large_model_never_gives_a_paging_confidence() -> None:
+    from services.alert.rules import RuleSet
+
+    m = classifier.load()
+    if m.large is None:
+        pytest.skip("the shipped model has no large-candidate model")
+    rules = RuleSet.load(Path(__file__).parents[2] / "deploy" / "alerts" / "rules.yaml")
+    paging = [
+        r.min["confidence"]
+        for r in rules.rules
+        if r.finding in ("nodule", "mass") and r.severity in ("high", "critical")
+    ]
+    assert paging
+    assert m.large.max_confidence < min(paging)
+    assert m.large.model.calibration is not None and m.large.from_mm >= 10.0
+    assert m.large.model.meta["train_positives"] >= 10
+
+
+def _fake_case(seed: int, rng: np.random.Generator, n: int) -> dict[str, Any]:
+    feats, hits = [], []
+    for _ in range(n):
+        f = {k: float(rng.normal()) for k in FEATURES}
+        f["diameter_mm"] = float(rng.uniform(5, 60))
+        lesion = f["diameter_mm"] >= 20 and f["p50_hu"] > 0.8
+        hits.append(0 if lesion else -1)
+        feats.append(f)
+    return {"seed": seed, "features": feats, "hits": hits, "centroids": [[0.0] * 3] * n}
+
+
+def test_the_training_script_fits_and_combines_the_large_model_as_inference_does() -> None:
+    from benchmarks.train_nodule_classifier import _Fixed, fit_large, with_large
+
+    rng = np.random.default_rng(5)
+    cases = [_fake_case(s, rng, 60) for s in range(20)]
+    fitted = fit_large(cases, 20.0, 0.5, seed=3)
+    assert fitted is not None
+    entry, oof = fitted
+    m = classifier.from_dict({**_logistic([0.0, 0.0, 0.0], "main"), "large": entry})
+    assert m.large is not None and m.large.max_confidence == 0.5
+    # out-of-fold: a probability per large candidate of every case, calibrated to [0, 1]
+    for c in cases:
+        n_big = sum(f["diameter_mm"] >= 20 for f in c["features"])
+        assert oof.predict_case(c).shape == (n_big,)
+    # it learned the rule (the large positives are the bright ones)
+    rows = [f for c in cases for f in c["features"] if f["diameter_mm"] >= 20]
+    y = np.array(
+        [
+            h >= 0
+            for c in cases
+            for h, f in zip(c["hits"], c["features"], strict=True)
+            if f["diameter_mm"] >= 20
+        ]
+    )
+    p = m.large.model.predict_own(rows)
+    assert p[y].mean() > 0.5 > p[~y].mean()
+    # the script's combination is the file's: main 0.2 everywhere, the large one capped
+    main = _Fixed({c["seed"]: np.full(len(c["features"]), 0.2) for c in cases})
+    combined = with_large(cases, main, oof, 20.0, 0.5)
+    for c in cases:
+        big = np.array([f["diameter_mm"] >= 20 for f in c["features"]])
+        got = combined.predict_case(c)
+        assert np.all(got[~big] == 0.2)
+        np.testing.assert_allclose(got[big], np.maximum(0.2, np.minimum(oof.predict_case(c), 0.5)))
+    # too few large positives: no large model
+    none = [{**c, "hits": [-1] * len(c["hits"])} for c in cases]
+    assert fit_large(none, 20.0, 0.5, seed=3) is None
+
+
+def test_the_training_scripts_reporting_rule_lets_the_second_opinion_only_add() -> None:
+    from benchmarks.train_nodule_classifier import reported
+
+    def feats(diameter: float) -> dict[str, float]:
+        return {"diameter_mm": diameter, "long_axis_mm": diameter}
+
+    case = {
+        "features": [feats(8.0), feats(35.0), feats(40.0)],
+        "centroids": [[0.0, 0.0, 0.0], [5.0, 0.0, 0.0], [100.0, 0.0, 0.0]],
+    }
+    own = np.array([0.6, 0.01, 0.02])
+    combined = np.array([0.6, 0.7, 0.5])
+    out = reported(case, own, combined, 0.15)
+    # the nodule stays the finding there (the lifted piece beside it is not reported), the
+    # far mass is added with its second-opinion confidence
+    assert [(f["type"], f["centroid_mm"], f["confidence"]) for f in out] == [
+        ("nodule", [0.0, 0.0, 0.0], 0.6),
+        ("mass", [100.0, 0.0, 0.0], 0.5),
+    ]
+    assert [f["type"] for f in reported(case, own, own, 0.15)] == ["nodule"]

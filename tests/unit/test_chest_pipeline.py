@@ -159,3 +159,33 @@ def test_findings_under_0_1_are_reported_but_do_not_move_the_lungs(
         taken += int((u & ~g).sum())
         assert dice(g, case.truth[side]) >= dice(u, case.truth[side])
     assert taken > 0  # low findings outside the lungs' air: the old rule took them in
+
+
+def test_the_large_candidate_second_opinion_adds_findings_and_never_moves_one() -> None:
+    from types import SimpleNamespace
+
+    from services.segmentation.chest.pipeline import reported_picks
+
+    def cand(z: float, diameter: float) -> SimpleNamespace:
+        volume = np.pi / 6 * diameter**3 / 1000
+        return SimpleNamespace(
+            centroid=(z, 0.0, 0.0), features={"diameter_mm": diameter, "volume_ml": volume}
+        )
+
+    cands = [
+        cand(0.0, 8.0),  # a nodule the main model reports
+        cand(5.0, 35.0),  # a heart-border piece around it that only the second opinion lifts
+        cand(100.0, 40.0),  # a mass the main model misses, far from everything
+        cand(200.0, 30.0),  # a large piece both doubt
+    ]
+    own = np.array([0.6, 0.01, 0.02, 0.01])
+    combined = np.array([0.6, 0.5, 0.5, 0.05])
+    picks = reported_picks(cands, own, combined, 0.15, (1.0, 1.0, 1.0))  # type: ignore[arg-type]
+    # the nodule keeps its own mask and confidence (the lifted piece would have led its group
+    # and, being larger, lent it its mask); the missed mass is added at the capped confidence
+    assert picks == [(0, 0.6), (2, 0.5)]
+    # without a second opinion (combined == own) nothing is added
+    assert reported_picks(cands, own, own, 0.15, (1.0, 1.0, 1.0)) == [(0, 0.6)]  # type: ignore[arg-type]
+    # what the combined scores alone would have reported: the piece's mask for the nodule
+    alone = reported_picks(cands, combined, combined, 0.15, (1.0, 1.0, 1.0))  # type: ignore[arg-type]
+    assert alone[0] == (1, 0.6)

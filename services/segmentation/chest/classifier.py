@@ -41,6 +41,7 @@ class Model:
     threshold: float  # operating point: candidates below it are not reported
     meta: dict[str, Any]
     calibration: tuple[np.ndarray, np.ndarray] | None = None  # raw -> calibrated, monotone
+    large: Large | None = None  # a second opinion on large candidates (see ``predict``)
 
     def transform(self, rows: list[dict[str, float]]) -> np.ndarray:
         x = np.array([[r.get(f, 0.0) for f in self.features] for r in rows], dtype=np.float64)
@@ -53,7 +54,19 @@ class Model:
 
     def predict(self, rows: list[dict[str, float]]) -> np.ndarray:
         """Probability that each candidate is a real nodule or mass (calibrated when the
-        file has a calibration table)."""
+        file has a calibration table). With a ``large`` model, a candidate of its size or
+        more gets the higher of the two, the large model's capped at its ``max_confidence``."""
+        out = self.predict_own(rows)
+        if self.large is None or out.size == 0:
+            return out
+        big = np.array([r.get("diameter_mm", 0.0) >= self.large.from_mm for r in rows])
+        if big.any():
+            second = self.large.model.predict_own([r for r, b in zip(rows, big, strict=True) if b])
+            out[big] = np.maximum(out[big], np.minimum(second, self.large.max_confidence))
+        return out
+
+    def predict_own(self, rows: list[dict[str, float]]) -> np.ndarray:
+        """This model's calibrated probability, without the ``large`` model."""
         raw = self.predict_raw(rows)
         if self.calibration is None or raw.size == 0:
             return raw
@@ -75,6 +88,18 @@ class Model:
                 z += self.learning_rate * _tree_value(t, x)
         prob: np.ndarray = 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
         return prob
+
+
+@dataclass(frozen=True)
+class Large:
+    """The second model for candidates of ``from_mm`` or more (diameter): trained on those
+    alone, where masses are told from pieces of the heart border and chest wall. Its
+    confidence is capped at ``max_confidence`` (below the paging rules' threshold): what only
+    it finds goes to the worklist, never to a pager."""
+
+    from_mm: float
+    max_confidence: float
+    model: Model
 
 
 def _tree_value(t: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
@@ -122,6 +147,13 @@ def from_dict(d: dict[str, Any]) -> Model:
         )
         if d.get("calibration")
         else None,
+        large=Large(
+            from_mm=float(d["large"]["from_mm"]),
+            max_confidence=float(d["large"]["max_confidence"]),
+            model=from_dict(d["large"]["model"]),
+        )
+        if d.get("large")
+        else None,
     )
 
 
@@ -130,6 +162,15 @@ def load(path: str | None = None) -> Model:
     p = Path(path) if path else MODEL_PATH
     d = json.loads(p.read_text())
     m = from_dict(d)
+    _check(m)
+    if m.large is not None:
+        _check(m.large.model)
+        if m.large.model.large is not None or not 0.0 <= m.large.max_confidence <= 1.0:
+            raise ValueError("nodule classifier file is inconsistent (large model)")
+    return m
+
+
+def _check(m: Model) -> None:
     if len(m.log) != len(m.features) or m.mean.shape != (len(m.features),):
         raise ValueError("nodule classifier file is inconsistent (feature count)")
     if not 0.0 <= m.threshold <= 1.0 or not all(math.isfinite(v) for v in m.scale):
@@ -143,7 +184,6 @@ def load(path: str | None = None) -> Model:
             or (np.diff(ys) < 0).any()
         ):
             raise ValueError("nodule classifier file is inconsistent (calibration not monotone)")
-    return m
 
 
 METAL_HU = 2500.0  # steel wires, clips, ports; calcium stays below this after smoothing

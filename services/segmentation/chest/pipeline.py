@@ -26,10 +26,12 @@ from shared.imaging.backend import namespace
 if TYPE_CHECKING:  # tasks re-exports chest_ct: import it at call time, not at import time
     from services.segmentation.tasks import Geometry, TaskResult
 
-# 2.4: candidates segmented on the scan in the lung closed at their own resolution (whole
-# juxtapleural domes), classifier retrained on it; 2.3: the lungs take findings from 0.1 only;
-# 2.2: air is lung only when deep in-plane; 2.1: regrow
-VERSION = "2.4.0"
+# 2.5: a second classifier for candidates >= 20 mm (masses against heart border and chest
+# wall), capped below the paging point, that only adds findings; 2.4: candidates segmented on
+# the scan in the lung closed at their own resolution (whole juxtapleural domes), classifier
+# retrained on it; 2.3: the lungs take findings from 0.1 only; 2.2: air is lung only when deep
+# in-plane; 2.1: regrow
+VERSION = "2.5.0"
 MASS_MM = 30.0
 MIN_REPORT_MM = (
     4.0  # below this nothing is reported (under the 6 mm follow-up size of the guidelines)
@@ -218,6 +220,51 @@ def lesion_groups(
     return groups
 
 
+def reported_picks(
+    cands: list[Candidate],
+    own: np.ndarray,
+    probs: np.ndarray,
+    op: float,
+    spacing: tuple[float, ...],
+) -> list[tuple[int, float]]:
+    """(candidate, confidence) of each finding: what the main model reports (``own``), then
+    what only the second opinion raises (``probs`` where ``own`` is under ``op``) away from
+    those. The second opinion adds findings, it never moves one: a heart-border piece it lifts
+    would otherwise lead a nodule's group and lend the finding its mask."""
+    picks = _picks(cands, own, op, spacing)
+    for i, conf in _picks(cands, np.where(own < op, probs, 0.0), op, spacing):
+        if not any(_near(cands[i], cands[j], spacing) for j, _ in picks):
+            picks.append((i, conf))
+    return picks
+
+
+def _near(a: Candidate, b: Candidate, spacing: tuple[float, ...]) -> bool:
+    """``lesion_groups``' rule: a centroid within the other's radius (at least 2 mm)."""
+    sp = np.array(spacing)
+    d = np.linalg.norm(np.array(a.centroid) * sp - np.array(b.centroid) * sp)
+    return bool(d < max(a.features["diameter_mm"] / 2, b.features["diameter_mm"] / 2, 2.0))
+
+
+def _picks(
+    cands: list[Candidate], probs: np.ndarray, op: float, spacing: tuple[float, ...]
+) -> list[tuple[int, float]]:
+    """One finding per lesion: its confidence is the group's best; its mask and measurements
+    those of the largest member above the operating point (a juxtapleural mass is often
+    seeded by a small blob and by its pleural concavity: the concavity has it whole)."""
+    picks = []
+    for grp in lesion_groups(cands, probs, spacing):
+        above = [
+            i
+            for i in grp
+            if probs[i] >= max(op, probs[grp[0]] - 0.2)
+            and cands[i].features["diameter_mm"] >= MIN_REPORT_MM
+        ]
+        if above:
+            big = max(above, key=lambda i: cands[i].features["volume_ml"])
+            picks.append((big, float(probs[grp[0]])))
+    return picks
+
+
 def chest_ct(
     vol: Any,
     geo: Geometry,
@@ -235,9 +282,13 @@ def chest_ct(
     lungs = an.lungs
     full = full_masks(lungs, vol, lung_hu=lung_hu)
     rows = [c.features for c in an.candidates]
-    probs = model.predict(rows)  # host: a few hundred rows of features
+    # host: a few hundred rows of features. ``own``: the main model; ``probs``: with the
+    # large-candidate model's second opinion (``classifier.Large``; the same without one)
+    own, probs = model.predict_own(rows), model.predict(rows)
     vetoed = [classifier.veto(r) for r in rows]
-    probs = np.where([v is None for v in vetoed], probs, 0.0) if len(rows) else probs
+    if len(rows):
+        keep = np.array([v is None for v in vetoed])
+        own, probs = np.where(keep, own, 0.0), np.where(keep, probs, 0.0)
     # what would be reported and was cut by its crop is measured again in a grown crop (a few
     # candidates per scan: growing every crop costs ~40 % more time for the same ranking)
     for k in (int(j) for j in np.flatnonzero(probs >= op)):
@@ -247,23 +298,16 @@ def chest_ct(
         an.candidates[k] = c2
         rows[k] = c2.features
         vetoed[k] = classifier.veto(c2.features)
-        probs[k] = 0.0 if vetoed[k] is not None else float(model.predict([c2.features])[0])
+        if vetoed[k] is not None:
+            own[k] = probs[k] = 0.0
+        else:
+            own[k], probs[k] = (
+                float(model.predict_own([c2.features])[0]),
+                float(model.predict([c2.features])[0]),
+            )
     findings: list[dict[str, Any]] = []
     nodules = xp.zeros(vol.shape, dtype=bool)
-    # one finding per lesion: its confidence is the group's best; its mask and measurements
-    # those of the largest member above the operating point (a juxtapleural mass is often
-    # seeded by a small blob and by its pleural concavity: the concavity has it whole)
-    picks = []
-    for grp in lesion_groups(an.candidates, probs, geo.spacing):
-        above = [
-            i
-            for i in grp
-            if probs[i] >= max(op, probs[grp[0]] - 0.2)
-            and an.candidates[i].features["diameter_mm"] >= MIN_REPORT_MM
-        ]
-        if above:
-            big = max(above, key=lambda i: an.candidates[i].features["volume_ml"])
-            picks.append((big, float(probs[grp[0]])))
+    picks = reported_picks(an.candidates, own, probs, op, geo.spacing)
     out_of_spec = abs(geo.spacing[0]) > MAX_SLICE_MM * 1.02
     for i, conf in picks:
         if out_of_spec:
