@@ -5,6 +5,7 @@ transform of each feature (``log``: log1p of the magnitude, with sign), the stan
 and either logistic-regression coefficients or gradient-boosted trees (feature index,
 threshold, children, leaf values), an optional calibration (isotonic regression fitted on
 out-of-fold predictions, as a monotone table: the raw score is mapped by linear interpolation),
+optionally a second model of the same form for large candidates (``large``: see ``Large``),
 the training seeds and the held-out metrics. No pickle is ever loaded.
 
 ``veto``: what is never a finding whatever the classifier says (metal; dense tubes, i.e.
