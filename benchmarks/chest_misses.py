@@ -43,7 +43,7 @@ sys.path.append(str(REPO))  # after PYTHONPATH and the editable install
 from benchmarks import quality  # noqa: E402
 from services.segmentation import tasks  # noqa: E402
 from services.segmentation.chest import classifier  # noqa: E402
-from services.segmentation.chest.pipeline import analyse, lesion_groups  # noqa: E402
+from services.segmentation.chest.pipeline import analyse, lesion_groups, near  # noqa: E402
 from shared.evaluation.metrics import grown_labels, lesion_at  # noqa: E402
 
 STATUSES = ("no_candidate", "vetoed", "below_point", "at_point")
@@ -59,6 +59,7 @@ def candidate_rows(plan: dict[str, Any]) -> dict[str, Any]:
     model = classifier.load(None)
     feats = [c.features for c in an.candidates]
     probs = model.predict(feats) if feats else np.zeros(0)
+    owns = model.predict_own(feats) if feats else np.zeros(0)
     raws = model.predict_raw(feats) if feats else np.zeros(0)
     lesions = [
         {
@@ -73,11 +74,12 @@ def candidate_rows(plan: dict[str, Any]) -> dict[str, Any]:
     labels = case.truth.get("lesions")
     grown = grown_labels(labels) if labels is not None else None
     cands = []
-    for c, f, p, raw in zip(an.candidates, feats, probs, raws, strict=True):
+    for c, f, p, own, raw in zip(an.candidates, feats, probs, owns, raws, strict=True):
         cen = (float(c.centroid[0]), float(c.centroid[1]), float(c.centroid[2]))
         cands.append(
             {
                 "confidence": float(p),
+                "own": float(own),  # the main model's (``confidence``: with the second opinion)
                 "raw": float(raw),
                 "veto": classifier.veto(f),
                 "source": c.seed.source,
@@ -137,14 +139,28 @@ def lesion_status(case: dict[str, Any], threshold: float) -> list[dict[str, Any]
 
 def false_groups(case: dict[str, Any], threshold: float) -> int:
     """Groups of candidates at or above ``threshold`` (not vetoed) none of whose members sits on
-    a lesion, grouped as the pipeline groups them (``pipeline.lesion_groups``)."""
+    a lesion, grouped as the pipeline groups them (``pipeline.reported_picks``): the main
+    model's candidates (``own``) first, then those only the second opinion lifts, in groups of
+    their own, kept where their leader is away from every main group's. Rows without ``own``
+    (no second opinion) are one ranking."""
     live = [c for c in case["candidates"] if c["veto"] is None and c["confidence"] >= threshold]
-    if not live:
-        return 0
-    shim = [SimpleNamespace(centroid=c["centroid_voxel"], features=c["features"]) for c in live]
-    probs = np.array([c["confidence"] for c in live])
-    groups = lesion_groups(shim, probs, tuple(case["spacing"]))  # type: ignore[arg-type]
-    return sum(all(live[i]["lesion"] is None for i in g) for g in groups)
+    spacing = tuple(case["spacing"])
+    main = [c for c in live if c.get("own", c["confidence"]) >= threshold]
+    extra = [c for c in live if c.get("own", c["confidence"]) < threshold]
+    leaders: list[SimpleNamespace] = []
+    false = 0
+    for part, key in ((main, "own"), (extra, "confidence")):
+        if not part:
+            continue
+        shim = [SimpleNamespace(centroid=c["centroid_voxel"], features=c["features"]) for c in part]
+        probs = np.array([c.get(key, c["confidence"]) for c in part])
+        for g in lesion_groups(shim, probs, spacing):  # type: ignore[arg-type]
+            if part is extra and any(near(shim[g[0]], m, spacing) for m in leaders):  # type: ignore[arg-type]
+                continue
+            if part is main:
+                leaders.append(shim[g[0]])
+            false += all(part[i]["lesion"] is None for i in g)
+    return false
 
 
 def summarise(cases: list[dict[str, Any]]) -> dict[str, Any]:

@@ -4,14 +4,16 @@
 
 Cases come from a procedural generator (``--source synth``: tests/chest_synth.py; ``phantom``:
 shared/phantoms/chest.py when present), seeds ``seed*1000 + i``: training ``i < cases``,
-validation (model choice and operating point) the next ``val``, test (reported, never used for
-any choice) the next ``test``. Each case runs the real pipeline up to the candidates
+validation (reported) the next ``val``, test (reported, never used for any choice) the next
+``test``. Each case runs the real pipeline up to the candidates
 (``chest.pipeline.analyse``); a candidate is positive when its centroid lies inside a truth
 lesion or within its radius. Logistic regression and gradient-boosted trees (scikit-learn)
-are fitted on the training candidates; the one with the higher validation sensitivity for
-nodules >= 6 mm at <= 1 false positive per scan is kept, and its operating threshold is set
-there. The model is written as JSON (coefficients or trees, feature names, transform,
-threshold, seeds, metrics): no pickle.
+are fitted on the training candidates and calibrated on out-of-fold predictions (5 folds by
+case); the one with the higher out-of-fold sensitivity for nodules >= 6 mm and masses at
+``--max-fp`` false positives per scan is kept (or ``--kind``), and its operating threshold is
+set there. ``--large-from-mm`` adds a second model for large candidates (``fit_large``) and
+sets the threshold on the two combined. The model is written as JSON (coefficients or trees,
+feature names, transform, threshold, seeds, metrics): no pickle.
 """
 
 from __future__ import annotations
@@ -322,9 +324,11 @@ def without_vetoed(case: dict[str, Any]) -> dict[str, Any]:
 def reported(
     case: dict[str, Any], own: np.ndarray, combined: np.ndarray, threshold: float
 ) -> list[dict[str, Any]]:
-    """What the pipeline reports (``pipeline.chest_ct``): the main model's findings, then what
-    only the large-candidate model's second opinion raises (``combined`` where ``own`` is under
-    the threshold), away from every finding of the main model."""
+    """What the pipeline reports (``pipeline.reported_picks``): the main model's findings, then
+    what only the large-candidate model's second opinion raises (``combined`` where ``own`` is
+    under the threshold), away from every finding of the main model. Like ``findings_at``, a
+    simplification of the pipeline's rule: each group is its leader here, where the pipeline
+    takes the largest member above the point (for a juxtapleural mass, often not the leader)."""
     main = _kept(case, own, threshold)
     extra = _kept(case, np.where(own < threshold, combined, 0.0), threshold)
     cents = [np.array(c) for c in case["centroids"]]
@@ -649,6 +653,8 @@ def fit_large(
     training cases have too few large positives)."""
     from sklearn.ensemble import GradientBoostingClassifier
 
+    seeds = [c["seed"] for c in cases]
+    assert len(set(seeds)) == len(seeds), "out-of-fold probabilities are keyed by case seed"
     big = large_only(cases, from_mm)
     x, y = matrix(big)
     if int(y.sum()) < 10 or int((1 - y).sum()) < 10:

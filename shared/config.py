@@ -15,30 +15,50 @@ from shared.topology import GATEWAY_AE_TITLE, PORTS
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
-def usable_cpus(cgroup_root: Path | None = None) -> int:
-    """CPUs this process may keep busy: its affinity mask, bounded by the CPU quota of its
-    cgroup (a container's CPU limit: ``cpu.max`` in cgroup v2, ``cpu.cfs_quota_us`` /
-    ``cpu.cfs_period_us`` in v1), rounded up; at least 1. Unreadable or unlimited quotas
-    leave the affinity count. ``cgroup_root`` defaults to :data:`CGROUP_ROOT`."""
-    cgroup_root = CGROUP_ROOT if cgroup_root is None else cgroup_root
+def usable_cpus(cgroup_root: Path | None = None, proc_cgroup: Path | None = None) -> int:
+    """CPUs this process may keep busy: its affinity mask, bounded by the CPU quotas of its
+    cgroup and the cgroups above it (a container's CPU limit: ``cpu.max`` in cgroup v2, found
+    from the process's own path in ``/proc/self/cgroup``; ``cpu.cfs_quota_us`` /
+    ``cpu.cfs_period_us`` in v1), rounded up; at least 1. Unreadable or unlimited quotas leave
+    the affinity count. ``cgroup_root`` defaults to :data:`CGROUP_ROOT`."""
+    root = CGROUP_ROOT if cgroup_root is None else cgroup_root
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    n = cpus or 1
-    quota: float | None = None
-    try:
-        fields = (cgroup_root / "cpu.max").read_text().split()
-        if len(fields) == 2 and fields[0] != "max":
-            quota = int(fields[0]) / int(fields[1])
-    except (OSError, ValueError, ZeroDivisionError):
+    quotas = [q for d in _v2_dirs(root, proc_cgroup) if (q := _v2_quota(d)) is not None]
+    if not quotas:
         try:
-            q = int((cgroup_root / "cpu" / "cpu.cfs_quota_us").read_text())
-            period = int((cgroup_root / "cpu" / "cpu.cfs_period_us").read_text())
-            if q > 0:
-                quota = q / period
-        except (OSError, ValueError, ZeroDivisionError):
+            q = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+            period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+            if q > 0 and period > 0:
+                quotas.append(q / period)
+        except (OSError, ValueError):
             pass
-    if quota is not None and quota > 0:
-        n = min(n, math.ceil(quota))
+    n = cpus or 1
+    if quotas:
+        n = min(n, math.ceil(min(quotas)))
     return max(1, n)
+
+
+def _v2_dirs(root: Path, proc_cgroup: Path | None) -> list[Path]:
+    """The process's cgroup v2 directory and every one above it, up to ``root``."""
+    dirs = [root]
+    try:
+        for line in (proc_cgroup or Path("/proc/self/cgroup")).read_text().splitlines():
+            if line.startswith("0::"):
+                parts = [p for p in line[3:].strip().split("/") if p]
+                dirs += [root.joinpath(*parts[:k]) for k in range(1, len(parts) + 1)]
+    except OSError:
+        pass
+    return dirs
+
+
+def _v2_quota(d: Path) -> float | None:
+    try:
+        fields = (d / "cpu.max").read_text().split()
+        if len(fields) == 2 and fields[0] != "max" and int(fields[1]) > 0:
+            return max(int(fields[0]), 1) / int(fields[1])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def default_threads() -> int:

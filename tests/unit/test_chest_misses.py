@@ -111,3 +111,22 @@ def test_summary_counts_statuses_recall_and_the_sweep() -> None:
     assert by_t[0.048]["false_groups_per_scan"] == 0.5  # one false group over two scans
     assert by_t[0.075]["sensitivity_ge6_and_masses"] == 0.333
     assert by_t[0.075]["false_groups_per_scan"] == 0.0
+
+
+def test_false_groups_let_the_second_opinion_only_add_as_the_pipeline_does() -> None:
+    lesions = [_les(1, "solid", 10.0)]
+    nodule = {**_cand(1, 0.3, (10, 10, 10)), "own": 0.3}
+    false_nodule = {**_cand(None, 0.3, (10, 10, 24)), "own": 0.3}  # 14 mm away: its own group
+    # a large heart-border piece that only the second opinion lifts, between the two: in one
+    # ranking it would lead one group holding both (no false group); the pipeline reports
+    # both nodules as they are and drops the piece (one false group)
+    piece = {**_cand(None, 0.5, (10, 10, 17), diameter=35.0), "own": 0.01}
+    lone = {**_cand(None, 0.5, (10, 80, 80), diameter=40.0), "own": 0.02}  # added: false
+    doubted = {**_cand(None, 0.05, (10, 120, 20), diameter=30.0), "own": 0.01}
+    case = _case([nodule, false_nodule, piece, lone, doubted], lesions)
+    assert false_groups(case, 0.15) == 2
+    one_ranking = _case(
+        [{k: v for k, v in c.items() if k != "own"} for c in case["candidates"]], lesions
+    )
+    assert false_groups(one_ranking, 0.15) == 1
+    assert false_groups(case, 0.6) == 0

@@ -52,6 +52,17 @@ def test_decode_threads_follow_the_cpus_the_container_may_use(
     # a limit below one CPU still leaves one thread; garbage is ignored
     assert usable_cpus(_cgroup(tmp_path / "small", {"cpu.max": "20000 100000"})) == 1
     assert usable_cpus(_cgroup(tmp_path / "bad", {"cpu.max": "lots 0"})) == 16
+    # cgroup v2 without a cgroup namespace: the process's own cgroup and those above it
+    proc = tmp_path / "proc_cgroup"
+    proc.write_text("0::/kubepods/pod1/c1\n")
+    nested = {
+        "kubepods/cpu.max": "max 100000",
+        "kubepods/pod1/cpu.max": "300000 100000",
+        "kubepods/pod1/c1/cpu.max": "max 100000",
+    }
+    assert usable_cpus(_cgroup(tmp_path / "nested", nested), proc) == 3
+    parent = {"kubepods/cpu.max": "200000 100000", "kubepods/pod1/c1/cpu.max": "max 100000"}
+    assert usable_cpus(_cgroup(tmp_path / "parent", parent), proc) == 2
     # preprocess's default: those CPUs, at most 8; an explicit setting wins, 0 is refused
     monkeypatch.setattr("shared.config.CGROUP_ROOT", tmp_path / "none")
     assert PreprocessSettings().threads == 8

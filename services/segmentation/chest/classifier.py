@@ -95,8 +95,8 @@ class Model:
 class Large:
     """The second model for candidates of ``from_mm`` or more (diameter): trained on those
     alone, where masses are told from pieces of the heart border and chest wall. Its
-    confidence is capped at ``max_confidence`` (below the paging rules' threshold): what only
-    it finds goes to the worklist, never to a pager."""
+    confidence is capped at ``max_confidence``, under the alert rules' 0.6: what only it finds
+    reaches the worklist at ``low``, never a medium or high alert."""
 
     from_mm: float
     max_confidence: float

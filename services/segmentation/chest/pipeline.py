@@ -203,16 +203,10 @@ def lesion_groups(
 ) -> list[list[int]]:
     """Candidates on one lesion, highest probability first: a candidate whose centroid lies
     within a group leader's radius (or the leader's within its own) joins that group."""
-    order = np.argsort(-probs)
     groups: list[list[int]] = []
-    sp = np.array(spacing)
-    for i in order:
-        ci = np.array(cands[i].centroid) * sp
-        ri = cands[i].features["diameter_mm"] / 2
+    for i in np.argsort(-probs):
         for grp in groups:
-            k = grp[0]
-            rk = cands[k].features["diameter_mm"] / 2
-            if np.linalg.norm(ci - np.array(cands[k].centroid) * sp) < max(ri, rk, 2.0):
+            if near(cands[i], cands[grp[0]], spacing):
                 grp.append(int(i))
                 break
         else:
@@ -233,13 +227,14 @@ def reported_picks(
     would otherwise lead a nodule's group and lend the finding its mask."""
     picks = _picks(cands, own, op, spacing)
     for i, conf in _picks(cands, np.where(own < op, probs, 0.0), op, spacing):
-        if not any(_near(cands[i], cands[j], spacing) for j, _ in picks):
+        if not any(near(cands[i], cands[j], spacing) for j, _ in picks):
             picks.append((i, conf))
     return picks
 
 
-def _near(a: Candidate, b: Candidate, spacing: tuple[float, ...]) -> bool:
-    """``lesion_groups``' rule: a centroid within the other's radius (at least 2 mm)."""
+def near(a: Candidate, b: Candidate, spacing: tuple[float, ...]) -> bool:
+    """One lesion (``lesion_groups``' rule): a centroid within the other's radius (at least
+    2 mm)."""
     sp = np.array(spacing)
     d = np.linalg.norm(np.array(a.centroid) * sp - np.array(b.centroid) * sp)
     return bool(d < max(a.features["diameter_mm"] / 2, b.features["diameter_mm"] / 2, 2.0))
