@@ -58,8 +58,7 @@ def candidate_rows(plan: dict[str, Any]) -> dict[str, Any]:
     an = analyse(vol, geo)
     model = classifier.load(None)
     feats = [c.features for c in an.candidates]
-    probs = model.predict(feats) if feats else np.zeros(0)
-    owns = model.predict_own(feats) if feats else np.zeros(0)
+    owns, probs = model.scores(feats) if feats else (np.zeros(0), np.zeros(0))
     raws = model.predict_raw(feats) if feats else np.zeros(0)
     lesions = [
         {

@@ -57,14 +57,19 @@ class Model:
         """Probability that each candidate is a real nodule or mass (calibrated when the
         file has a calibration table). With a ``large`` model, a candidate of its size or
         more gets the higher of the two, the large model's capped at its ``max_confidence``."""
-        out = self.predict_own(rows)
+        return self.scores(rows)[1]
+
+    def scores(self, rows: list[dict[str, float]]) -> tuple[np.ndarray, np.ndarray]:
+        """(``predict_own``, ``predict``) in one pass: the main model runs once."""
+        own = self.predict_own(rows)
+        out = own.copy()
         if self.large is None or out.size == 0:
-            return out
+            return own, out
         big = np.array([r.get("diameter_mm", 0.0) >= self.large.from_mm for r in rows])
         if big.any():
             second = self.large.model.predict_own([r for r, b in zip(rows, big, strict=True) if b])
             out[big] = np.maximum(out[big], np.minimum(second, self.large.max_confidence))
-        return out
+        return own, out
 
     def predict_own(self, rows: list[dict[str, float]]) -> np.ndarray:
         """This model's calibrated probability, without the ``large`` model."""

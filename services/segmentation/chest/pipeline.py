@@ -204,13 +204,23 @@ def lesion_groups(
     """Candidates on one lesion, highest probability first: a candidate whose centroid lies
     within a group leader's radius (or the leader's within its own) joins that group."""
     groups: list[list[int]] = []
-    for i in np.argsort(-probs):
-        for grp in groups:
-            if near(cands[i], cands[grp[0]], spacing):
-                grp.append(int(i))
-                break
-        else:
-            groups.append([int(i)])
+    if not len(cands):
+        return groups
+    # ``near`` against every leader at once (one distance row per candidate, not one call per
+    # pair: a scan has a few hundred candidates and as many groups)
+    cen = np.array([c.centroid for c in cands], dtype=np.float64) * np.array(spacing)
+    rad = np.array([c.features["diameter_mm"] / 2 for c in cands], dtype=np.float64)
+    leaders: list[int] = []
+    for i in (int(j) for j in np.argsort(-probs)):
+        if leaders:
+            lead = np.array(leaders)
+            d = np.linalg.norm(cen[lead] - cen[i], axis=1)
+            hit = np.flatnonzero(d < np.maximum(np.maximum(rad[lead], rad[i]), 2.0))
+            if hit.size:
+                groups[int(hit[0])].append(i)
+                continue
+        leaders.append(i)
+        groups.append([i])
     return groups
 
 
@@ -279,7 +289,7 @@ def chest_ct(
     rows = [c.features for c in an.candidates]
     # host: a few hundred rows of features. ``own``: the main model; ``probs``: with the
     # large-candidate model's second opinion (``classifier.Large``; the same without one)
-    own, probs = model.predict_own(rows), model.predict(rows)
+    own, probs = model.scores(rows)
     vetoed = [classifier.veto(r) for r in rows]
     if len(rows):
         keep = np.array([v is None for v in vetoed])
@@ -296,10 +306,8 @@ def chest_ct(
         if vetoed[k] is not None:
             own[k] = probs[k] = 0.0
         else:
-            own[k], probs[k] = (
-                float(model.predict_own([c2.features])[0]),
-                float(model.predict([c2.features])[0]),
-            )
+            o2, p2 = model.scores([c2.features])
+            own[k], probs[k] = float(o2[0]), float(p2[0])
     findings: list[dict[str, Any]] = []
     nodules = xp.zeros(vol.shape, dtype=bool)
     picks = reported_picks(an.candidates, own, probs, op, geo.spacing)
