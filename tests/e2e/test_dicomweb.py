@@ -45,7 +45,12 @@ async def test_orthanc_stow_rs_to_radstream_raises_the_alert(env: Env, tmp_path:
     ]
     extra = {
         "RADSTREAM_DEVICE": "cpu",
-        "RADSTREAM_INGEST__INACTIVITY_TIMEOUT_S": "4",  # STOW-RS sends no end-of-series marker
+        # STOW-RS sends no end-of-series marker: ingest completes the series after this much
+        # quiet. Orthanc's client may split a study over several requests (StowMaxInstances).
+        # With 4 s, a busy CI machine once left a longer gap inside the send: ingest completed
+        # a partial revision 1 and the rest made revision 2 (the one alert came at revision 2).
+        # 15 s is half the default and far above any gap a send of 20 small slices has here.
+        "RADSTREAM_INGEST__INACTIVITY_TIMEOUT_S": "15",
         "RADSTREAM_GATEWAY__PORT": str(free_port()),
         "RADSTREAM_GATEWAY__STOW__PORT": str(stow_port),
         "RADSTREAM_GATEWAY__STOW__TLS_CERT": str(pki["gateway_pem"]),
