@@ -110,6 +110,7 @@ class AlertCore:
                         measurements=measurements,
                         subtype=finding.subtype,
                         confidence=finding.confidence,
+                        confidence_source=finding.confidence_source,
                         features=dict(finding.features),
                         centroid_mm=finding.centroid_mm,
                         seg_sop_instance_uid=msg.seg_sop_instance_uid,

@@ -195,7 +195,10 @@ def view(entry: Entry, role: Role, identity: Identity | None) -> AlertView:
         finding=a.finding_label,
         finding_type=a.finding,
         subtype=a.subtype or "",
-        confidence="" if a.confidence is None else f"{a.confidence:.0%}",
+        confidence=""
+        if a.confidence is None
+        else f"{a.confidence:.0%}"
+        + (f" ({a.confidence_source.replace('_', ' ')})" if a.confidence_source else ""),
         measurements=[
             _measure(k, v) for k, v in sorted(a.measurements.items()) if k != "confidence"
         ],

@@ -25,6 +25,7 @@ def describe(f: Mapping[str, Any]) -> tuple[str, str]:
     """SegmentLabel and SegmentDescription of a finding: what, how big, how sure, and why."""
     size = f.get("diameter_mm")
     conf = f.get("confidence")
+    source = f.get("confidence_source")  # the model the confidence came from, if said
     head = " ".join(
         p
         for p in (
@@ -45,7 +46,8 @@ def describe(f: Mapping[str, Any]) -> tuple[str, str]:
         f"mean {f['mean_value']:.0f} HU" if f.get("mean_value") is not None else "",
         f"location {f['location']}" if f.get("location") else "",
         "likely benign" if f.get("likely_benign") else "",
-        f"confidence {conf:.3f}" if conf is not None else "confidence not computed",
+        (f"confidence {conf:.3f}" if conf is not None else "confidence not computed")
+        + (f" ({source})" if conf is not None and source else ""),
     ]
     text = ", ".join(p for p in parts if p)
     features = f.get("features") or {}

@@ -2,10 +2,11 @@
 in the style of IHE AI Results: the algorithm is identified (device observer, algorithm
 identification on every group), each lesion finding is one measurement group (TID 1411,
 volumetric ROI) that references its segment in the DICOM SEG and carries the finding's
-numeric measurements with UCUM units (diameter, long/short axis, volume, mean HU, certainty)
-and its subtype and likely-benign call as qualitative evaluations; the Tracking UID of a group
-is that of its SEG segment. Organs whose segment is in the SEG (lungs, brain) get a group too
-(their volume): a study without lesions still has a report that says what was measured.
+numeric measurements with UCUM units (diameter, long/short axis, volume, mean HU, certainty:
+that one names the model it came from) and its subtype and likely-benign call as qualitative
+evaluations; the Tracking UID of a group is that of its SEG segment. Organs whose segment is in
+the SEG (lungs, brain) get a group too (their volume): a study without lesions still has a
+report that says what was measured.
 
 Deterministic SOP Instance UID (series, revision, algorithm, "sr"): the idempotency key of its
 PACS delivery, like the SEG's.
@@ -71,13 +72,29 @@ def reported(finding: Mapping[str, Any], segment_of: Mapping[str, int]) -> bool:
     )
 
 
-def _measurements(finding: Mapping[str, Any], modality: str) -> list[hd.sr.Measurement]:
+def _measurements(
+    finding: Mapping[str, Any], modality: str, algorithm: Algorithm
+) -> list[hd.sr.Measurement]:
+    """The finding's numeric measurements. Its certainty names the model it came from
+    (``confidence_source``) in its own algorithm identification (TID 4019 on the measurement):
+    a reader tells the chest classifier's 0.5 from the capped second opinion's."""
     measures = (*MEASURES, MEAN_HU) if modality == "CT" else MEASURES
+    source = finding.get("confidence_source")
     out = []
     for field, name, unit, scale in measures:
         value = finding.get(field)
-        if value is not None:
-            out.append(hd.sr.Measurement(name=name, value=float(value) * scale, unit=unit))
+        if value is None:
+            continue
+        algorithm_id = None
+        if field == "confidence" and source:
+            algorithm_id = hd.sr.AlgorithmIdentification(
+                name=f"{algorithm.name} {source}"[:64], version=algorithm.version
+            )
+        out.append(
+            hd.sr.Measurement(
+                name=name, value=float(value) * scale, unit=unit, algorithm_id=algorithm_id
+            )
+        )
     return out
 
 
@@ -186,7 +203,7 @@ def sr_dataset(
             else codes.SCT.AnatomicalStructure,
             "algorithm_id": algorithm_id,
             "finding_sites": _sites(task, finding) or None,
-            "measurements": _measurements(finding, modality) or None,
+            "measurements": _measurements(finding, modality, algorithm) or None,
             "qualitative_evaluations": _evaluations(finding) or None,
         }
         number = segment_of.get(label)

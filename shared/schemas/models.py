@@ -216,6 +216,12 @@ class Finding(BaseModel):
     confidence: float | None = Field(
         None, ge=0.0, le=1.0, description="probability that the finding is real (calibrated)"
     )
+    confidence_source: str | None = Field(
+        None,
+        max_length=32,
+        description="the model the confidence came from (chest: main_model, or "
+        "large_candidate_model, the capped second opinion on candidates of 20 mm or more)",
+    )
     likely_benign: bool | None = Field(None, description="e.g. a calcified granuloma")
     features: dict[str, float] = Field(
         default_factory=dict,
@@ -249,11 +255,12 @@ class SegmentationDone(Record):
     SCHEMA: ClassVar[str] = "radstream.segmentation_done"
     # 2: Finding.subtype, location, confidence, likely_benign, features, long/short_axis_mm,
     # shift_mm; 3: volume, shape, spacing_mm, origin_mm, direction, source_instances (what the
-    # results stage builds the SEG, SR and pictures from). Both additive.
-    VERSION: ClassVar[int] = 3
+    # results stage builds the SEG, SR and pictures from); 4: Finding.confidence_source. All
+    # additive.
+    VERSION: ClassVar[int] = 4
     MIN_READER: ClassVar[int | None] = 1
     schema_version: int = Field(
-        3, validate_default=True, description="version of this schema (the class's VERSION)"
+        4, validate_default=True, description="version of this schema (the class's VERSION)"
     )
     study_instance_uid: Uid
     series_instance_uid: Uid
@@ -302,10 +309,11 @@ class Alert(Record):
     """``alerts``: one alert per matching finding per series revision."""
 
     SCHEMA: ClassVar[str] = "radstream.alert"
-    VERSION: ClassVar[int] = 2  # 2: subtype, confidence, features (additive)
+    # 2: subtype, confidence, features; 3: confidence_source (both additive)
+    VERSION: ClassVar[int] = 3
     MIN_READER: ClassVar[int | None] = 1
     schema_version: int = Field(
-        2, validate_default=True, description="version of this schema (the class's VERSION)"
+        3, validate_default=True, description="version of this schema (the class's VERSION)"
     )
     alert_id: str = Field(max_length=64, description="deterministic id, idempotency key")
     severity: Literal["critical", "high", "medium", "low"]
@@ -321,6 +329,9 @@ class Alert(Record):
     measurements: dict[str, float] = Field(default_factory=dict)
     subtype: str | None = Field(None, max_length=32, description="the finding's subtype")
     confidence: float | None = Field(None, ge=0.0, le=1.0, description="finding confidence")
+    confidence_source: str | None = Field(
+        None, max_length=32, description="the model the confidence came from (the finding's)"
+    )
     features: dict[str, float] = Field(
         default_factory=dict, max_length=48, description="features behind the confidence"
     )
@@ -449,6 +460,8 @@ class AlertAck(Record):
     role: Literal["clinician", "operator"] = Field(description="the account's worklist role")
     source: str = Field(max_length=64, description="the worklist instance that wrote it")
     at: datetime = Field(default_factory=utcnow)
+
+
 class AuditEntry(Record):
     """``audit``: one link of the hash-chained audit trail, written only by the audit
     sequencer (services/auditlog). ``principal`` is broker-verified: the intake topic the event

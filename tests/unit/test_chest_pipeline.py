@@ -164,6 +164,7 @@ def test_findings_under_0_1_are_reported_but_do_not_move_the_lungs(
 def test_the_large_candidate_second_opinion_adds_findings_and_never_moves_one() -> None:
     from types import SimpleNamespace
 
+    from services.segmentation.chest import pipeline
     from services.segmentation.chest.pipeline import reported_picks
 
     def cand(z: float, diameter: float) -> SimpleNamespace:
@@ -180,12 +181,64 @@ def test_the_large_candidate_second_opinion_adds_findings_and_never_moves_one() 
     ]
     own = np.array([0.6, 0.01, 0.02, 0.01])
     combined = np.array([0.6, 0.5, 0.5, 0.05])
+    main, second = pipeline.MAIN_MODEL, pipeline.LARGE_CANDIDATE_MODEL
     picks = reported_picks(cands, own, combined, 0.15, (1.0, 1.0, 1.0))  # type: ignore[arg-type]
     # the nodule keeps its own mask and confidence (the lifted piece would have led its group
-    # and, being larger, lent it its mask); the missed mass is added at the capped confidence
-    assert picks == [(0, 0.6), (2, 0.5)]
+    # and, being larger, lent it its mask); the missed mass is added at the capped confidence,
+    # and each says which model its confidence came from
+    assert picks == [(0, 0.6, main), (2, 0.5, second)]
     # without a second opinion (combined == own) nothing is added
-    assert reported_picks(cands, own, own, 0.15, (1.0, 1.0, 1.0)) == [(0, 0.6)]  # type: ignore[arg-type]
+    assert reported_picks(cands, own, own, 0.15, (1.0, 1.0, 1.0)) == [(0, 0.6, main)]  # type: ignore[arg-type]
     # what the combined scores alone would have reported: the piece's mask for the nodule
     alone = reported_picks(cands, combined, combined, 0.15, (1.0, 1.0, 1.0))  # type: ignore[arg-type]
-    assert alone[0] == (1, 0.6)
+    assert alone[0] == (1, 0.6, main)
+
+
+def test_chest_ct_with_a_second_opinion_keeps_every_main_finding_and_the_lungs(
+    tmp_path: Path,
+) -> None:
+    """End to end: the shipped main model with a large-candidate model that says yes to every
+    candidate of 20 mm or more. The main model's findings come first, exactly as without a
+    second opinion; what only the second opinion raises is added after them at its cap, says
+    so (``confidence_source``), is in the nodules mask, and leaves the lungs as they were."""
+    import json
+
+    from services.segmentation.chest import classifier, pipeline
+
+    shipped = json.loads(classifier.MODEL_PATH.read_text())
+    yes = {
+        "version": "yes-to-large",
+        "kind": "logistic",
+        "features": ["diameter_mm"],
+        "log": [False],
+        "mean": [0.0],
+        "scale": [1.0],
+        "coef": [0.0],
+        "intercept": 10.0,
+        "threshold": 0.1,
+    }
+    alone, both = tmp_path / "alone.json", tmp_path / "both.json"
+    alone.write_text(json.dumps({k: v for k, v in shipped.items() if k != "large"}))
+    both.write_text(
+        json.dumps({**shipped, "large": {"from_mm": 20.0, "max_confidence": 0.5, "model": yes}})
+    )
+    case = cs.chest(seed=22, size=192, thickness=2.5, z_mm=220, lesions=(("mass", 44.0),))
+    geo = tasks.Geometry(case.spacing, case.origin, IDENTITY)
+    before = chest_ct(case.vol, geo, model_path=str(alone))
+    after = chest_ct(case.vol, geo, model_path=str(both))
+
+    def lesions(res: tasks.TaskResult) -> list[dict[str, object]]:
+        return [f for f in res.findings if f["type"] in ("nodule", "mass")]
+
+    main, added = lesions(before), lesions(after)[len(lesions(before)) :]
+    assert lesions(after)[: len(main)] == main  # every main finding, first and unchanged
+    assert all(f["confidence_source"] == pipeline.MAIN_MODEL for f in main)
+    assert added, "the second opinion said yes to every large candidate: some are away"
+    for f in added:
+        assert f["confidence_source"] == pipeline.LARGE_CANDIDATE_MODEL
+        assert f["confidence"] == 0.5 and f["features"]["diameter_mm"] >= 20.0
+    nodules_before = np.asarray(before.masks["nodules"])
+    nodules_after = np.asarray(after.masks["nodules"])
+    assert (nodules_after & ~nodules_before).any() and not (nodules_before & ~nodules_after).any()
+    for side in ("lung_left", "lung_right"):
+        np.testing.assert_array_equal(np.asarray(after.masks[side]), np.asarray(before.masks[side]))

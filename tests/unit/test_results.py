@@ -79,6 +79,15 @@ def _value(group: Any, name: Any) -> tuple[float, str]:
     return float(m.value), str(m.unit.value)
 
 
+def _algorithm_names(group: Any, name: Any) -> list[str]:
+    (m,) = [m for m in group.get_measurements() if m.name == name]
+    return [
+        str(item.TextValue)
+        for item in m[0].get("ContentSequence", [])
+        if item.ConceptNameCodeSequence[0].CodeMeaning == "Algorithm Name"
+    ]
+
+
 @pytest.mark.parametrize("name", ["chest", "head"])
 def test_seg_and_sr_validate_read_back_and_agree_with_the_findings(
     world: dict[str, Any], name: str
@@ -114,6 +123,8 @@ def test_seg_and_sr_validate_read_back_and_agree_with_the_findings(
     lesions = [f for f in done.findings if f.type in ("nodule", "mass", "haemorrhage")]
     groups = _groups(sr)
     assert lesions and len(groups) == len(lesions)
+    if name == "chest":  # the chest task says which model each confidence came from
+        assert all(f.confidence_source == "main_model" for f in lesions)
     by_label = {d.SegmentLabel.split(":")[0]: d for d in seg.SegmentSequence}
     refs = {r.finding_label: r for r in record.segments}
     for finding, group in zip(lesions, groups, strict=True):
@@ -136,6 +147,12 @@ def test_seg_and_sr_validate_read_back_and_agree_with_the_findings(
         if finding.confidence is not None:
             value, unit = _value(group, codes.DCM.CertaintyOfFinding)
             assert unit == "%" and value == pytest.approx(100 * finding.confidence)
+            # the certainty names the model it came from (its own algorithm identification)
+            names = _algorithm_names(group, codes.DCM.CertaintyOfFinding)
+            if finding.confidence_source:
+                assert names == [f"{done.algorithm} {finding.confidence_source}"]
+            else:
+                assert names == []
         if finding.mean_value is not None:
             assert _value(group, codes.SCT.Mean) == pytest.approx((finding.mean_value, "[hnsf'U]"))
         evaluations = {str(e.name.value): e.value for e in group.get_qualitative_evaluations()}

@@ -132,6 +132,7 @@ NEW_FINDING_FIELDS = {
     "subtype": "part_solid",
     "location": "lung_right",
     "confidence": 0.87,
+    "confidence_source": "main_model",
     "likely_benign": False,
     "features": {"sphericity": 0.9},
     "long_axis_mm": 11.0,
@@ -169,7 +170,7 @@ def test_v2_writer_declares_an_additive_change(codec: Codec) -> None:
     _, headers = codec.encode(TOPIC, KEY, seg_v2())
     assert dict(headers) == {
         "rs-schema": b"radstream.segmentation_done",
-        "rs-version": b"3",
+        "rs-version": b"4",
         "rs-min-reader": b"1",
     }
     _, v1_headers = codec.encode(TOPIC, KEY, seg_v1())  # a v1 writer: no declaration
@@ -186,7 +187,7 @@ def test_a_v1_reader_projects_a_v2_record_onto_its_fields(codec: Codec) -> None:
 def test_a_v2_reader_upgrades_a_v1_record(codec: Codec) -> None:
     value, headers = codec.encode(TOPIC, KEY, seg_v1())
     new = codec.decode(TOPIC, KEY, value, headers, TypeAdapter(SegmentationDone))
-    assert isinstance(new, SegmentationDone) and new.schema_version == 3
+    assert isinstance(new, SegmentationDone) and new.schema_version == 4
     assert new.volume is None and new.source_instances == []  # v3 fields: their defaults
     (finding,) = new.findings
     assert finding.diameter_mm == 9.5 and finding.subtype is None and finding.features == {}
@@ -195,17 +196,24 @@ def test_a_v2_reader_upgrades_a_v1_record(codec: Codec) -> None:
 
 
 def test_alert_v2_and_v1_interoperate_both_ways(codec: Codec) -> None:
-    v2 = Alert(subtype="solid", confidence=0.7, features={"contrast": 120.0}, **COMMON_ALERT)
+    v2 = Alert(
+        subtype="solid",
+        confidence=0.5,
+        confidence_source="large_candidate_model",
+        features={"contrast": 120.0},
+        **COMMON_ALERT,
+    )
     value, headers = codec.encode("radstream.alerts", KEY, v2)
     old = codec.decode("radstream.alerts", KEY, value, headers, TypeAdapter(AlertV1))
     assert isinstance(old, AlertV1) and old.schema_version == 1
     assert old.model_dump(exclude={"schema_version"}) == v2.model_dump(
-        exclude={"schema_version", "subtype", "confidence", "features"}
+        exclude={"schema_version", "subtype", "confidence", "confidence_source", "features"}
     )
     v1 = AlertV1(**COMMON_ALERT)
     value, headers = codec.encode("radstream.alerts", KEY, v1)
     new = codec.decode("radstream.alerts", KEY, value, headers, TypeAdapter(Alert))
-    assert new.schema_version == 2 and new.confidence is None and new.alert_id == "a-1"
+    assert new.schema_version == 3 and new.confidence is None and new.alert_id == "a-1"
+    assert new.confidence_source is None
 
 
 def test_the_version_declaration_is_bound_by_the_envelope(codec: Codec) -> None:
@@ -221,9 +229,9 @@ def test_the_version_declaration_is_bound_by_the_envelope(codec: Codec) -> None:
 
 
 # ---- unknown versions ------------------------------------------------------------------------
-def _v4_body(extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def _future_body(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     body = seg_v2().model_dump(mode="json")
-    body["schema_version"] = 4
+    body["schema_version"] = 5  # SegmentationDone.VERSION + 1
     body.update(extra or {})
     return body
 
@@ -231,26 +239,26 @@ def _v4_body(extra: dict[str, Any] | None = None) -> dict[str, Any]:
 @pytest.mark.parametrize(
     "headers",
     [
-        {"rs-version": b"4"},  # a breaking version 4
-        {"rs-version": b"4", "rs-min-reader": b"4"},  # readable from version 4 on only
+        {"rs-version": b"5"},  # a breaking version 5
+        {"rs-version": b"5", "rs-min-reader": b"5"},  # readable from version 5 on only
     ],
 )
 def test_an_unknown_version_is_a_schema_poison_in_the_codec(
     codec: Codec, headers: dict[str, bytes]
 ) -> None:
-    value = sealed(codec, _v4_body(), "radstream.segmentation_done", headers)
+    value = sealed(codec, _future_body(), "radstream.segmentation_done", headers)
     wire = [("rs-schema", b"radstream.segmentation_done"), *headers.items()]
     with pytest.raises(PoisonError) as info:
         codec.decode(TOPIC, KEY, value, wire, TypeAdapter(SegmentationDone))
     assert info.value.reason == Reason.SCHEMA
-    assert "version 4" in info.value.message and "1.2.3" not in info.value.message
+    assert "version 5" in info.value.message and "1.2.3" not in info.value.message
 
 
 def test_body_and_header_versions_must_agree(codec: Codec) -> None:
     body = seg_v1().model_dump(mode="json")  # says version 1 inside...
-    headers = {"rs-version": b"3"}  # ...and 3 outside
+    headers = {"rs-version": b"4"}  # ...and 4 outside
     value = sealed(codec, body, "radstream.segmentation_done", headers)
-    wire = [("rs-schema", b"radstream.segmentation_done"), ("rs-version", b"3")]
+    wire = [("rs-schema", b"radstream.segmentation_done"), ("rs-version", b"4")]
     with pytest.raises(PoisonError) as info:
         codec.decode(TOPIC, KEY, value, wire, TypeAdapter(SegmentationDone))
     assert info.value.reason == "schema"
@@ -259,7 +267,7 @@ def test_body_and_header_versions_must_agree(codec: Codec) -> None:
 def test_projection_is_only_for_newer_versions(codec: Codec) -> None:
     # a record at the reader's own version never has unknown fields, declaration or not
     body = seg_v2().model_dump(mode="json") | {"surprise": "Doe^John"}
-    headers = {"rs-version": b"3", "rs-min-reader": b"1"}
+    headers = {"rs-version": b"4", "rs-min-reader": b"1"}
     value = sealed(codec, body, "radstream.segmentation_done", headers)
     wire = [("rs-schema", b"radstream.segmentation_done"), *headers.items()]
     with pytest.raises(PoisonError) as info:
@@ -289,26 +297,26 @@ def _raw(harness: StageHarness[SegmentationDone], body: dict[str, Any], **header
 def test_unknown_versions_are_dead_lettered_with_reason_schema_by_the_stage(
     alert_stage: StageHarness[SegmentationDone],
 ) -> None:
-    result = _raw(alert_stage, _v4_body(), rs_version=b"4")
+    result = _raw(alert_stage, _future_body(), rs_version=b"5")
     (letter,) = result.dead_letters
     assert letter.reason == Reason.SCHEMA and letter.stage == "alert"
-    assert "version 4" in letter.message
+    assert "version 5" in letter.message
     assert result.outputs == {}
 
 
-def test_the_alert_stage_reads_v1_records_and_a_future_additive_v4(
+def test_the_alert_stage_reads_v1_records_and_a_future_additive_v5(
     alert_stage: StageHarness[SegmentationDone],
 ) -> None:
     v1 = _raw(alert_stage, seg_v1().model_dump(mode="json"), rs_version=b"1")
     # a v1 finding carries no confidence: it reaches the worklist at low, it never pages
     assert [a.rule for a in v1.outputs["alerts"]] == ["nodule-review"]  # type: ignore[attr-defined]
-    future = _v4_body({"new_in_v4": [1, 2]})
+    future = _future_body({"new_in_v5": [1, 2]})
     future["findings"][0]["also_new"] = "x"
     future["revision"] += 1  # the same revision again would be a duplicate: no alert
-    v4 = _raw(alert_stage, future, rs_version=b"4", rs_min_reader=b"2")
-    (alert,) = v4.outputs["alerts"]
+    v5 = _raw(alert_stage, future, rs_version=b"5", rs_min_reader=b"2")
+    (alert,) = v5.outputs["alerts"]
     assert isinstance(alert, Alert) and alert.rule == "large-nodule"
-    assert v4.dead_letters == []
+    assert v5.dead_letters == []
 
 
 def test_every_topic_model_writes_its_version_and_declares_additivity_consistently() -> None:
@@ -318,11 +326,11 @@ def test_every_topic_model_writes_its_version_and_declares_additivity_consistent
         assert cls.SCHEMA == schema
         assert cls.model_fields["schema_version"].default == cls.VERSION, schema
         assert cls.MIN_READER is None or 1 <= cls.MIN_READER < cls.VERSION, schema
-    assert (SegmentationDone.VERSION, SegmentationDone.MIN_READER) == (3, 1)
-    assert (Alert.VERSION, Alert.MIN_READER) == (2, 1)
+    assert (SegmentationDone.VERSION, SegmentationDone.MIN_READER) == (4, 1)
+    assert (Alert.VERSION, Alert.MIN_READER) == (3, 1)
     # built in Python: the current version; an older one is upgraded, a newer one refused
-    assert seg_v2().schema_version == 3
-    assert SegmentationDone(schema_version=1, **COMMON_SEG).schema_version == 3
-    assert SegmentationDone(schema_version=2, **COMMON_SEG).schema_version == 3
-    with pytest.raises(ValueError, match="version 4"):
-        SegmentationDone(schema_version=4, **COMMON_SEG)
+    assert seg_v2().schema_version == 4
+    for old in (1, 2, 3):
+        assert SegmentationDone(schema_version=old, **COMMON_SEG).schema_version == 4
+    with pytest.raises(ValueError, match="version 5"):
+        SegmentationDone(schema_version=5, **COMMON_SEG)

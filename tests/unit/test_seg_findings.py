@@ -59,3 +59,13 @@ def test_each_finding_is_a_segment_with_its_confidence_and_features(tmp_path: Pa
     number = int(described[0].SegmentNumber)
     pixels = seg.get_volume(segment_numbers=[number], combine_segments=True).array
     assert abs(int((pixels > 0).sum()) - bleeds[0]["voxels"]) <= 1
+
+
+def test_a_segment_description_names_the_model_its_confidence_came_from() -> None:
+    from shared.dicom.segments import describe
+
+    finding = {"type": "mass", "label": "mass 2", "diameter_mm": 41.0, "confidence": 0.5}
+    _, text = describe({**finding, "confidence_source": "large_candidate_model"})
+    assert "confidence 0.500 (large_candidate_model)" in text
+    _, plain = describe(finding)  # a task that does not say (the head's) is described as before
+    assert "confidence 0.500" in plain and "(" not in plain.split("confidence 0.500")[1][:2]

@@ -112,6 +112,13 @@ def test_an_operator_sees_a_pseudonym_and_never_the_identity() -> None:
     assert not waiting.identified and waiting.patient.startswith("S-0123456789")
 
 
+def test_a_row_says_which_model_its_confidence_came_from() -> None:
+    second = alert(confidence=0.5, confidence_source="large_candidate_model")
+    assert view(Entry(second, KEY), "operator", None).confidence == "50% (large candidate model)"
+    assert view(Entry(alert(confidence=0.92), KEY), "operator", None).confidence == "92%"
+    assert view(Entry(alert(), KEY), "operator", None).confidence == ""
+
+
 # ---- accounts ------------------------------------------------------------------------------
 def test_accounts_are_argon2id_hashes_in_a_private_file(tmp_path: Path) -> None:
     path = tmp_path / "users.json"

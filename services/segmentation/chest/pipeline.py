@@ -26,12 +26,13 @@ from shared.imaging.backend import namespace
 if TYPE_CHECKING:  # tasks re-exports chest_ct: import it at call time, not at import time
     from services.segmentation.tasks import Geometry, TaskResult
 
-# 2.5: a second classifier for candidates >= 20 mm (masses against heart border and chest
-# wall), capped below the paging point, that only adds findings; 2.4: candidates segmented on
-# the scan in the lung closed at their own resolution (whole juxtapleural domes), classifier
-# retrained on it; 2.3: the lungs take findings from 0.1 only; 2.2: air is lung only when deep
-# in-plane; 2.1: regrow
-VERSION = "2.5.0"
+# 2.6: each finding names the model its confidence came from (``confidence_source``), and
+# what only the second opinion raises no longer joins the lung mask; 2.5: a second classifier
+# for candidates >= 20 mm (masses against heart border and chest wall), capped below the
+# paging point, that only adds findings; 2.4: candidates segmented on the scan in the lung
+# closed at their own resolution (whole juxtapleural domes), classifier retrained on it; 2.3:
+# the lungs take findings from 0.1 only; 2.2: air is lung only when deep in-plane; 2.1: regrow
+VERSION = "2.6.0"
 MASS_MM = 30.0
 MIN_REPORT_MM = (
     4.0  # below this nothing is reported (under the 6 mm follow-up size of the guidelines)
@@ -46,6 +47,12 @@ OUT_OF_SPEC_CONFIDENCE = 0.3
 # confidence: under it a finding is reported to the worklist but is most likely false (the
 # heart border, a hilar vessel), and adding it would move the lung's outline and volume
 LUNG_MASK_CONFIDENCE = 0.1
+# ``confidence_source`` of a finding: the main classifier, or the large-candidate model's
+# second opinion (``classifier.Large``: capped at its ``max_confidence``). A finding only the
+# second opinion raises is a mass the main model doubts, or a piece of the heart border or
+# chest wall; it never joins the lung mask (a false one would move the lung's outline).
+MAIN_MODEL = "main_model"
+LARGE_CANDIDATE_MODEL = "large_candidate_model"
 
 
 @dataclass
@@ -230,15 +237,16 @@ def reported_picks(
     probs: np.ndarray,
     op: float,
     spacing: tuple[float, ...],
-) -> list[tuple[int, float]]:
-    """(candidate, confidence) of each finding: what the main model reports (``own``), then
-    what only the second opinion raises (``probs`` where ``own`` is under ``op``) away from
-    those. The second opinion adds findings, it never moves one: a heart-border piece it lifts
-    would otherwise lead a nodule's group and lend the finding its mask."""
-    picks = _picks(cands, own, op, spacing)
+) -> list[tuple[int, float, str]]:
+    """(candidate, confidence, its source) of each finding: what the main model reports
+    (``own``; ``MAIN_MODEL``), then what only the second opinion raises (``probs`` where
+    ``own`` is under ``op``; ``LARGE_CANDIDATE_MODEL``) away from those. The second opinion
+    adds findings, it never moves one: a heart-border piece it lifts would otherwise lead a
+    nodule's group and lend the finding its mask."""
+    picks = [(i, conf, MAIN_MODEL) for i, conf in _picks(cands, own, op, spacing)]
     for i, conf in _picks(cands, np.where(own < op, probs, 0.0), op, spacing):
-        if not any(near(cands[i], cands[j], spacing) for j, _ in picks):
-            picks.append((i, conf))
+        if not any(near(cands[i], cands[j], spacing) for j, _, _ in picks):
+            picks.append((i, conf, LARGE_CANDIDATE_MODEL))
     return picks
 
 
@@ -312,7 +320,7 @@ def chest_ct(
     nodules = xp.zeros(vol.shape, dtype=bool)
     picks = reported_picks(an.candidates, own, probs, op, geo.spacing)
     out_of_spec = abs(geo.spacing[0]) > MAX_SLICE_MM * 1.02
-    for i, conf in picks:
+    for i, conf, source in picks:
         if out_of_spec:
             conf = min(conf, OUT_OF_SPEC_CONFIDENCE)
         c = an.candidates[i]
@@ -336,7 +344,7 @@ def chest_ct(
         subtype = _subtype(f)
         side = c.seed.side or ""
         nodules |= lesion
-        if side in full and conf >= LUNG_MASK_CONFIDENCE:
+        if side in full and conf >= LUNG_MASK_CONFIDENCE and source == MAIN_MODEL:
             full[side] |= lesion
         m = measure(lesion, geo, kind, f"{kind} {len(findings) + 1}", vol)
         m.update(
@@ -344,6 +352,7 @@ def chest_ct(
                 "subtype": subtype,
                 "location": side or None,
                 "confidence": round(conf, 4),
+                "confidence_source": source,
                 "likely_benign": subtype == "calcified",
                 "features": {k: float(v) for k, v in f.items()},
                 "long_axis_mm": round(f["long_axis_mm"], 1),
