@@ -24,6 +24,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -34,7 +35,7 @@ from services.segmentation.chest import classifier as clf_mod
 from services.segmentation.chest.evaluate import evaluate_chest, summarise
 from services.segmentation.chest.features import FEATURES
 from services.segmentation.chest.lungs import SIDES, full_masks
-from services.segmentation.chest.pipeline import MASS_MM, MIN_REPORT_MM, Analysis, analyse
+from services.segmentation.chest.pipeline import MASS_MM, Analysis, analyse, reported_picks
 from services.segmentation.tasks import Geometry
 from shared.evaluation.metrics import grown_labels, lesion_at
 
@@ -324,54 +325,16 @@ def without_vetoed(case: dict[str, Any]) -> dict[str, Any]:
 def reported(
     case: dict[str, Any], own: np.ndarray, combined: np.ndarray, threshold: float
 ) -> list[dict[str, Any]]:
-    """What the pipeline reports (``pipeline.reported_picks``): the main model's findings, then
-    what only the large-candidate model's second opinion raises (``combined`` where ``own`` is
-    under the threshold), away from every finding of the main model. Like ``findings_at``, a
-    simplification of the pipeline's rule: each group is its leader here, where the pipeline
-    takes the largest member above the point (for a juxtapleural mass, often not the leader)."""
-    main = _kept(case, own, threshold)
-    extra = _kept(case, np.where(own < threshold, combined, 0.0), threshold)
-    cents = [np.array(c) for c in case["centroids"]]
-    feats = case["features"]
-    extra = [
-        i
-        for i in extra
-        if not any(
-            np.linalg.norm(cents[i] - cents[k])
-            < max(feats[i]["diameter_mm"] / 2, feats[k]["diameter_mm"] / 2, 2.0)
-            for k in main
-        )
+    """What the pipeline reports, by its own rule (``pipeline.reported_picks`` on the cached
+    candidates, centroids in mm): the main model's findings (each group's largest member
+    above the point, at its leader's confidence), then what only the large-candidate model's
+    second opinion raises (``combined`` where ``own`` is under the threshold), away from every
+    main finding. Only the pipeline's regrowth of cut candidates is not replayed here."""
+    shim = [
+        SimpleNamespace(centroid=c, features=f)
+        for c, f in zip(case["centroids"], case["features"], strict=True)
     ]
-    probs = np.where(own >= threshold, own, combined)
-    return _as_findings(case, probs, main + extra)
-
-
-def findings_at(case: dict[str, Any], probs: np.ndarray, threshold: float) -> list[dict[str, Any]]:
-    """The pipeline's reporting rule on cached candidates: dedupe by radius, threshold."""
-    return _as_findings(case, probs, _kept(case, probs, threshold))
-
-
-def _kept(case: dict[str, Any], probs: np.ndarray, threshold: float) -> list[int]:
-    order = np.argsort(-probs)
-    kept: list[int] = []
-    cents = [np.array(c) for c in case["centroids"]]
-    feats = case["features"]
-    for i in order:
-        if probs[i] < threshold:
-            break
-        if feats[i]["diameter_mm"] < MIN_REPORT_MM:
-            continue
-        ri = feats[i]["diameter_mm"] / 2
-        if any(
-            np.linalg.norm(cents[i] - cents[k]) < max(ri, feats[k]["diameter_mm"] / 2, 2.0)
-            for k in kept
-        ):
-            continue
-        kept.append(int(i))
-    return kept
-
-
-def _as_findings(case: dict[str, Any], probs: np.ndarray, kept: list[int]) -> list[dict[str, Any]]:
+    picks = reported_picks(shim, own, combined, threshold, (1.0, 1.0, 1.0))  # type: ignore[arg-type]
     feats = case["features"]
     return [
         {
@@ -379,9 +342,9 @@ def _as_findings(case: dict[str, Any], probs: np.ndarray, kept: list[int]) -> li
             if max(feats[i]["long_axis_mm"], feats[i]["diameter_mm"]) >= MASS_MM
             else "nodule",
             "centroid_mm": case["centroids"][i],
-            "confidence": float(probs[i]),
+            "confidence": conf,
         }
-        for i in kept
+        for i, conf, _source in picks
     ]
 
 

@@ -335,7 +335,8 @@ def test_the_training_scripts_reporting_rule_lets_the_second_opinion_only_add() 
     from benchmarks.train_nodule_classifier import reported
 
     def feats(diameter: float) -> dict[str, float]:
-        return {"diameter_mm": diameter, "long_axis_mm": diameter}
+        volume = np.pi / 6 * diameter**3 / 1000
+        return {"diameter_mm": diameter, "long_axis_mm": diameter, "volume_ml": volume}
 
     case = {
         "features": [feats(8.0), feats(35.0), feats(40.0)],
@@ -351,3 +352,8 @@ def test_the_training_scripts_reporting_rule_lets_the_second_opinion_only_add() 
         ("mass", [100.0, 0.0, 0.0], 0.5),
     ]
     assert [f["type"] for f in reported(case, own, own, 0.15)] == ["nodule"]
+    # the pipeline's rule, not a simpler one: a group is reported by its largest member above
+    # the point (a juxtapleural nodule's concavity has it whole), at its leader's confidence
+    dome = {"features": [feats(8.0), feats(14.0)], "centroids": [[0.0, 0.0, 0.0], [2.0, 0.0, 0.0]]}
+    (found,) = reported(dome, np.array([0.6, 0.5]), np.array([0.6, 0.5]), 0.15)
+    assert (found["centroid_mm"], found["confidence"]) == ([2.0, 0.0, 0.0], 0.6)
