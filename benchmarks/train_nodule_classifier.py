@@ -35,7 +35,12 @@ from services.segmentation.chest import classifier as clf_mod
 from services.segmentation.chest.evaluate import evaluate_chest, summarise
 from services.segmentation.chest.features import FEATURES
 from services.segmentation.chest.lungs import SIDES, full_masks
-from services.segmentation.chest.pipeline import MASS_MM, Analysis, analyse, reported_picks
+from services.segmentation.chest.pipeline import (
+    Analysis,
+    analyse,
+    finding_kind,
+    reported_picks,
+)
 from services.segmentation.tasks import Geometry
 from shared.evaluation.metrics import grown_labels, lesion_at
 
@@ -335,12 +340,9 @@ def reported(
         for c, f in zip(case["centroids"], case["features"], strict=True)
     ]
     picks = reported_picks(shim, own, combined, threshold, (1.0, 1.0, 1.0))  # type: ignore[arg-type]
-    feats = case["features"]
     return [
         {
-            "type": "mass"
-            if max(feats[i]["long_axis_mm"], feats[i]["diameter_mm"]) >= MASS_MM
-            else "nodule",
+            "type": finding_kind(case["features"][i]),
             "centroid_mm": case["centroids"][i],
             "confidence": conf,
         }

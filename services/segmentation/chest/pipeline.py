@@ -192,6 +192,12 @@ def measure(mask: Any, geo: Geometry, kind: str, label: str, vol: Any = None) ->
     return out
 
 
+def finding_kind(f: dict[str, float]) -> str:
+    """A reported candidate is a mass from ``MASS_MM`` (its long axis or its diameter), else a
+    nodule (the training script types its out-of-fold findings by the same rule)."""
+    return "mass" if max(f["long_axis_mm"], f["diameter_mm"]) >= MASS_MM else "nodule"
+
+
 def _subtype(f: dict[str, float]) -> str:
     # dense and (past the veto) small, compact and apart from the wall: a calcified granuloma
     if (f["calcified_frac"] >= CALCIFIED_FRAC or f["p90_hu"] > classifier.DENSE_HU) and f[
@@ -339,8 +345,7 @@ def chest_ct(
         )
         lesion = sub.expand(xp.asarray(c.mask), vol.shape)
         f = c.features
-        big = max(f["long_axis_mm"], f["diameter_mm"]) >= MASS_MM
-        kind = "mass" if big else "nodule"
+        kind = finding_kind(f)
         subtype = _subtype(f)
         side = c.seed.side or ""
         nodules |= lesion
