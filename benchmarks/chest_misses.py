@@ -3,6 +3,7 @@ the best candidate the pipeline made on it and what became of it.
 
     PYTHONPATH=. .venv/bin/python benchmarks/chest_misses.py [--chest 20] [--seed 30000]
         [--workers 2] [--cache DIR] [--rows FILE.jsonl] [--json]
+        [--from-rows FILE.jsonl] [--model FILE.json]
 
 The cases are ``benchmarks/quality.py``'s (same plans, seeds and ``--cache``). Each runs the
 chest pipeline up to the candidates (``chest.pipeline.analyse``) and scores every candidate
@@ -23,7 +24,11 @@ Printed (and ``--json``): the statuses by lesion kind and attachment, candidate 
 groups per scan (candidates grouped as the pipeline groups them; no crop regrowth and no
 choice of the reported member, so it reads a little above ``quality.py``'s false findings at
 the same threshold). ``--rows`` writes every candidate with its features (one JSON line per
-case) for offline work on the classifier.
+case) for offline work on the classifier. ``--from-rows FILE.jsonl`` reads such a file instead
+of running the cases, and ``--model FILE.json`` scores every candidate with that classifier
+file (its operating point too) instead of the shipped one: a retrained model is compared with
+the shipped one on the same candidates in seconds (the candidates are those of the code that
+wrote the rows).
 """
 
 from __future__ import annotations
@@ -58,8 +63,6 @@ def candidate_rows(plan: dict[str, Any]) -> dict[str, Any]:
     an = analyse(vol, geo)
     model = classifier.load(None)
     feats = [c.features for c in an.candidates]
-    owns, probs = model.scores(feats) if feats else (np.zeros(0), np.zeros(0))
-    raws = model.predict_raw(feats) if feats else np.zeros(0)
     lesions = [
         {
             "label": int(les["label"]),
@@ -73,7 +76,7 @@ def candidate_rows(plan: dict[str, Any]) -> dict[str, Any]:
     labels = case.truth.get("lesions")
     grown = grown_labels(labels) if labels is not None else None
     cands = []
-    for c, f, p, own, raw in zip(an.candidates, feats, probs, owns, raws, strict=True):
+    for c, f, (p, own, raw) in zip(an.candidates, feats, scored(feats, model), strict=True):
         cen = (float(c.centroid[0]), float(c.centroid[1]), float(c.centroid[2]))
         cands.append(
             {
@@ -94,6 +97,31 @@ def candidate_rows(plan: dict[str, Any]) -> dict[str, Any]:
         "lesions": lesions,
         "candidates": cands,
     }
+
+
+def scored(
+    feats: list[dict[str, float]], model: classifier.Model
+) -> list[tuple[float, float, float]]:
+    """Per candidate: (confidence with the second opinion, the main model's own, raw score)."""
+    if not feats:
+        return []
+    owns, probs = model.scores(feats)
+    raws = model.predict_raw(feats)
+    return [(float(p), float(o), float(r)) for p, o, r in zip(probs, owns, raws, strict=True)]
+
+
+def rescored(cases: list[dict[str, Any]], model: classifier.Model) -> list[dict[str, Any]]:
+    """``cases`` (``candidate_rows``' records) with every candidate scored by ``model`` and the
+    operating point set to ``model``'s: what ``candidate_rows`` would have stored with it."""
+    out = []
+    for case in cases:
+        feats = [c["features"] for c in case["candidates"]]
+        cands = [
+            {**c, "confidence": p, "own": own, "raw": raw}
+            for c, (p, own, raw) in zip(case["candidates"], scored(feats, model), strict=True)
+        ]
+        out.append({**case, "threshold": model.threshold, "candidates": cands})
+    return out
 
 
 def counted(les: dict[str, Any]) -> bool:
@@ -213,17 +241,25 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--cache", type=Path, help="folder: generated chest phantoms (quality.py's)")
     ap.add_argument("--rows", type=Path, help="write every case's candidates here (JSON lines)")
+    ap.add_argument(
+        "--from-rows", type=Path, help="read the cases from a --rows file instead of running them"
+    )
+    ap.add_argument("--model", type=Path, help="score with this classifier file, not the shipped")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     quality.CACHE = args.cache
     plans = quality.chest_cases(args.chest, args.seed)
-    if args.workers > 1 and len(plans) > 1:
+    if args.from_rows:
+        cases = [json.loads(line) for line in args.from_rows.read_text().splitlines() if line]
+    elif args.workers > 1 and len(plans) > 1:
         import multiprocessing as mp
 
         with mp.get_context("fork").Pool(args.workers) as pool:
             cases = list(pool.imap(candidate_rows, plans))
     else:
         cases = [candidate_rows(p) for p in plans]
+    if args.model:
+        cases = rescored(cases, classifier.load(str(args.model)))
     if args.rows:
         with args.rows.open("w") as fh:
             for case in cases:

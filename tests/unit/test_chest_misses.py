@@ -3,9 +3,16 @@ scored under the operating point) and the candidate-level sweep."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
-from benchmarks.chest_misses import false_groups, lesion_status, summarise
+from benchmarks.chest_misses import false_groups, lesion_status, rescored, summarise
+from services.segmentation.chest import classifier
+
+REPO = Path(__file__).resolve().parents[2]
 
 SPACING = (2.0, 1.0, 1.0)
 
@@ -130,3 +137,57 @@ def test_false_groups_let_the_second_opinion_only_add_as_the_pipeline_does() -> 
     )
     assert false_groups(one_ranking, 0.15) == 1
     assert false_groups(case, 0.6) == 0
+
+
+def _model_file(tmp_path: Path, threshold: float) -> Path:
+    """A logistic model on one feature ``a`` (probability sigmoid(a)), no calibration."""
+    d = {
+        "version": "test",
+        "kind": "logistic",
+        "features": ["a"],
+        "log": [False],
+        "mean": [0.0],
+        "scale": [1.0],
+        "coef": [1.0],
+        "intercept": 0.0,
+        "threshold": threshold,
+    }
+    p = tmp_path / "model.json"
+    p.write_text(json.dumps(d))
+    return p
+
+
+def test_stored_rows_are_rescored_with_another_model_file(tmp_path: Path) -> None:
+    lesions = [_les(1, "solid", 12.0), _les(2, "mass", 40.0)]
+    # stored by the shipped model: the nodule at the point, the mass under it
+    nodule = {**_cand(1, 0.9, (10, 10, 10)), "features": {"a": -3.0, "diameter_mm": 12.0}}
+    mass = {**_cand(2, 0.01, (10, 20, 10)), "features": {"a": 3.0, "diameter_mm": 40.0}}
+    case = _case([nodule, mass], lesions)
+    assert summarise([case])["status"]["at_point"] == 1
+    path = _model_file(tmp_path, 0.4)
+    (again,) = rescored([case], classifier.load(str(path)))
+    assert again["threshold"] == 0.4
+    conf = [c["confidence"] for c in again["candidates"]]
+    assert abs(conf[0] - 0.0474) < 1e-3 and abs(conf[1] - 0.9526) < 1e-3
+    status = {r["label"]: r["status"] for r in lesion_status(again, again["threshold"])}
+    assert status == {1: "below_point", 2: "at_point"}
+    assert case["candidates"][0]["confidence"] == 0.9  # the stored rows are left as they were
+    # the command line: rows read back from a file, scored with the model file
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps(case) + "\n")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/chest_misses.py",
+            *("--from-rows", str(rows), "--model", str(path), "--json"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    report = json.loads(out.stdout)
+    assert report["operating_point"] == 0.4
+    assert report["status"] == {"no_candidate": 0, "vetoed": 0, "below_point": 1, "at_point": 1}
+    assert [m["label"] for m in report["missed"]] == [1]
