@@ -25,7 +25,8 @@ groups per scan (candidates grouped as the pipeline groups them; no crop regrowt
 choice of the reported member, so it reads a little above ``quality.py``'s false findings at
 the same threshold). ``--rows`` writes every candidate with its features (one JSON line per
 case) for offline work on the classifier. ``--from-rows FILE.jsonl`` reads such a file instead
-of running the cases, and ``--model FILE.json`` scores every candidate with that classifier
+of running the cases (``--chest``, ``--seed``, ``--cache`` and ``--workers`` then do not
+apply), and ``--model FILE.json`` scores every candidate with that classifier
 file (its operating point too) instead of the shipped one: a retrained model is compared with
 the shipped one on the same candidates in seconds (the candidates are those of the code that
 wrote the rows).
@@ -80,9 +81,9 @@ def candidate_rows(plan: dict[str, Any]) -> dict[str, Any]:
         cen = (float(c.centroid[0]), float(c.centroid[1]), float(c.centroid[2]))
         cands.append(
             {
-                "confidence": float(p),
-                "own": float(own),  # the main model's (``confidence``: with the second opinion)
-                "raw": float(raw),
+                "confidence": p,
+                "own": own,  # the main model's (``confidence``: with the second opinion)
+                "raw": raw,
                 "veto": classifier.veto(f),
                 "source": c.seed.source,
                 "lesion": lesion_at(cen, lesions, case.spacing, grown),
@@ -248,16 +249,17 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     quality.CACHE = args.cache
-    plans = quality.chest_cases(args.chest, args.seed)
-    if args.from_rows:
+    if args.from_rows:  # the rows say which cases they are: --chest, --seed, --cache unused
         cases = [json.loads(line) for line in args.from_rows.read_text().splitlines() if line]
-    elif args.workers > 1 and len(plans) > 1:
-        import multiprocessing as mp
-
-        with mp.get_context("fork").Pool(args.workers) as pool:
-            cases = list(pool.imap(candidate_rows, plans))
     else:
-        cases = [candidate_rows(p) for p in plans]
+        plans = quality.chest_cases(args.chest, args.seed)
+        if args.workers > 1 and len(plans) > 1:
+            import multiprocessing as mp
+
+            with mp.get_context("fork").Pool(args.workers) as pool:
+                cases = list(pool.imap(candidate_rows, plans))
+        else:
+            cases = [candidate_rows(p) for p in plans]
     if args.model:
         cases = rescored(cases, classifier.load(str(args.model)))
     if args.rows:

@@ -130,6 +130,46 @@ def test_a_vessel_cut_by_its_crop_is_measured_again_as_the_tube_it_is() -> None:
     assert grown.features["elongation"] < first.features["elongation"]
 
 
+def test_a_lesion_whose_grown_crop_joins_enhanced_tissue_keeps_its_first_crop(
+    monkeypatch,  # type: ignore[no-untyped-def]
+) -> None:
+    """2.7.0: a soft-tissue lesion runs out of its first crop into a contrast-filled structure.
+    Grown, its segment takes the structure in and is vetoed as a dense tube (so an unseen
+    phantom's 28 mm juxtapleural nodule was lost); it keeps its first crop. A first crop that
+    is already dense (a granuloma-sized piece of an enhanced vessel) lets the grown one stand."""
+    from services.segmentation.chest import classifier, features, pipeline
+    from services.segmentation.chest.candidates import Seed
+
+    # a lung of 48 slices; a 40 HU lesion (16 x 16 x 24 mm) overlapping a 350 HU ball (r 9 mm)
+    # on its right; the seed sits left of the lesion's centre with a small radius
+    vol = np.full((48, 96, 96), 40.0, np.float32)
+    zz, yy, xx = np.mgrid[0:48, 0:96, 0:96]
+    lung = ((yy - 48) / 30.0) ** 2 + ((xx - 48) / 30.0) ** 2 <= 1
+    vol[lung] = -850.0
+    vol[lung & ((zz * 2.5 - 60) ** 2 / 64 + (yy - 48) ** 2 / 64 + (xx - 46) ** 2 / 144 <= 1)] = 40
+    vol[lung & ((zz * 2.5 - 60) ** 2 + (yy - 48) ** 2 + (xx - 62) ** 2 <= 81)] = 350.0
+    vol[:, :4] = vol[:, -4:] = -1000.0
+    geo = tasks.Geometry((2.5, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    an = pipeline.analyse(vol, geo)
+    assert an.pyramid is not None
+    seed = Seed((24.0, 48.0, 44.0), 2.5, "blob", 30.0, 1.5, (-1.0, -1.0, -1.0), 40.0, "")
+    first = features.segment_seed(seed, an.pyramid, **an.context)
+    assert first is not None and classifier.veto(first.features) is None
+    assert first.features["p90_hu"] <= classifier.DENSE_HU and first.features["diameter_mm"] > 15
+    an.candidates = [first]
+    assert pipeline.regrow(an, 0) is None  # the first crop stands
+    monkeypatch.setattr(pipeline, "keeps_first_crop", lambda first, grown: False)  # 2.6.0
+    grown = pipeline.regrow(an, 0)
+    assert grown is not None and classifier.veto(grown.features) == "dense_tube"
+    assert grown.features["volume_ml"] > 1.3 * first.features["volume_ml"]
+    monkeypatch.undo()
+    # dense but granuloma-sized and compact: passes the veto, yet its grown crop stands
+    piece = {**first.features, "p90_hu": classifier.DENSE_HU + 50.0, "diameter_mm": 10.0}
+    assert classifier.veto(piece) is None
+    assert not pipeline.keeps_first_crop(piece, grown.features)
+    assert pipeline.keeps_first_crop(first.features, grown.features)
+
+
 def test_findings_under_0_1_are_reported_but_do_not_move_the_lungs(
     monkeypatch,  # type: ignore[no-untyped-def]
 ) -> None:

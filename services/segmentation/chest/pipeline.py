@@ -26,13 +26,15 @@ from shared.imaging.backend import namespace
 if TYPE_CHECKING:  # tasks re-exports chest_ct: import it at call time, not at import time
     from services.segmentation.tasks import Geometry, TaskResult
 
-# 2.6: each finding names the model its confidence came from (``confidence_source``), and
-# what only the second opinion raises no longer joins the lung mask; 2.5: a second classifier
-# for candidates >= 20 mm (masses against heart border and chest wall), capped below the
-# paging point, that only adds findings; 2.4: candidates segmented on the scan in the lung
-# closed at their own resolution (whole juxtapleural domes), classifier retrained on it; 2.3:
-# the lungs take findings from 0.1 only; 2.2: air is lung only when deep in-plane; 2.1: regrow
-VERSION = "2.6.0"
+# 2.7: a lesion that is not dense keeps its first crop when the grown one is a dense tube
+# (``keeps_first_crop``); 2.6: each finding names the model its confidence came from
+# (``confidence_source``), and what only the second opinion raises no longer joins the lung
+# mask; 2.5: a second classifier for candidates >= 20 mm (masses against heart border and
+# chest wall), capped below the paging point, that only adds findings; 2.4: candidates
+# segmented on the scan in the lung closed at their own resolution (whole juxtapleural domes),
+# classifier retrained on it; 2.3: the lungs take findings from 0.1 only; 2.2: air is lung
+# only when deep in-plane; 2.1: regrow
+VERSION = "2.7.0"
 MASS_MM = 30.0
 MIN_REPORT_MM = (
     4.0  # below this nothing is reported (under the 6 mm follow-up size of the guidelines)
@@ -146,8 +148,9 @@ GROW_STEPS = 1  # crop growths (x2 along each axis the segment runs out of) befo
 
 def regrow(an: Analysis, i: int, steps: int | None = None) -> Candidate | None:
     """Candidate ``i`` segmented again in a crop grown along the axes where its segment ran
-    out of the first one (``None``: it did not run out, nothing changes). A vessel cut by a
-    small crop looks like a compact blob; grown, it is the tube it is."""
+    out of the first one (``None``: it did not run out, or its first crop stands,
+    ``keeps_first_crop``; nothing changes). A vessel cut by a small crop looks like a compact
+    blob; grown, it is the tube it is."""
     c = an.candidates[i]
     steps = GROW_STEPS if steps is None else steps
     if an.pyramid is None or steps < 1:
@@ -157,7 +160,23 @@ def regrow(an: Analysis, i: int, steps: int | None = None) -> Candidate | None:
         return None
     # the first crop is the candidate's own: start from the grown one, not segment it again
     grown = (runs[0], runs[1], runs[2])
-    return segment_seed(c.seed, an.pyramid, **an.context, grow_steps=steps - 1, grown=grown)
+    c2 = segment_seed(c.seed, an.pyramid, **an.context, grow_steps=steps - 1, grown=grown)
+    if c2 is not None and keeps_first_crop(c.features, c2.features):
+        return None
+    return c2
+
+
+def keeps_first_crop(first: dict[str, float], grown: dict[str, float]) -> bool:
+    """Whether a candidate keeps its first crop's segment: the first is not dense and passes
+    the veto, the grown one is a dense tube. The grown crop joined the lesion to enhanced
+    tissue beyond the first crop (an unseen phantom's 28 mm juxtapleural nodule, 10 mL, grew
+    to 30 mL of it, its centroid 12 mm away, and was vetoed). A first crop that is already
+    dense is the vessel a small crop cut short: its grown crop stands."""
+    return (
+        classifier.veto(grown) == "dense_tube"
+        and classifier.veto(first) is None
+        and first["p90_hu"] <= classifier.DENSE_HU
+    )
 
 
 def measure(mask: Any, geo: Geometry, kind: str, label: str, vol: Any = None) -> dict[str, Any]:
