@@ -249,7 +249,7 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     quality.CACHE = args.cache
-    if args.from_rows:  # the rows say which cases they are: --chest, --seed, --cache unused
+    if args.from_rows:  # the rows say which cases they are: --chest/--seed/--cache/--workers unused
         cases = [json.loads(line) for line in args.from_rows.read_text().splitlines() if line]
     else:
         plans = quality.chest_cases(args.chest, args.seed)
