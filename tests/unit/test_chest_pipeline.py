@@ -167,6 +167,10 @@ def test_a_lesion_whose_grown_crop_joins_enhanced_tissue_keeps_its_first_crop(
     piece = {**first.features, "p90_hu": classifier.DENSE_HU + 50.0, "diameter_mm": 10.0}
     assert classifier.veto(piece) is None
     assert not pipeline.keeps_first_crop(piece, grown.features)
+    # dense by its calcified share alone (90th percentile under DENSE_HU): the same (2.7.1)
+    chalky = {**piece, "p90_hu": classifier.DENSE_HU - 50.0, "calcified_frac": 0.4}
+    assert classifier.veto(chalky) is None and classifier.dense(chalky)
+    assert not pipeline.keeps_first_crop(chalky, grown.features)
     assert pipeline.keeps_first_crop(first.features, grown.features)
 
 

@@ -195,6 +195,13 @@ def _check(m: Model) -> None:
 METAL_HU = 2500.0  # steel wires, clips, ports; calcium stays below this after smoothing
 DENSE_HU = 300.0  # a 90th percentile above this: calcium or contrast-enhanced blood
 GRANULOMA_MM = 12.0  # calcified granulomas are small (2-10 mm)
+CALCIFIED_FRAC = 0.3  # this share of a segment above the calcium threshold: it is dense
+
+
+def dense(f: dict[str, float]) -> bool:
+    """Calcium or contrast-enhanced blood: a 90th percentile above ``DENSE_HU`` or at least
+    ``CALCIFIED_FRAC`` of the segment calcified (the veto, the subtype and ``regrow`` agree)."""
+    return f["p90_hu"] > DENSE_HU or f["calcified_frac"] >= CALCIFIED_FRAC
 
 
 def veto(f: dict[str, float]) -> str | None:
@@ -204,7 +211,7 @@ def veto(f: dict[str, float]) -> str | None:
     not a calcified nodule."""
     if f["max_hu"] >= METAL_HU:
         return "metal"
-    if f["p90_hu"] > DENSE_HU or f["calcified_frac"] >= 0.3:
+    if dense(f):
         if (
             f["diameter_mm"] > GRANULOMA_MM
             or f["ray_long"] > 0.1

@@ -34,12 +34,11 @@ if TYPE_CHECKING:  # tasks re-exports chest_ct: import it at call time, not at i
 # segmented on the scan in the lung closed at their own resolution (whole juxtapleural domes),
 # classifier retrained on it; 2.3: the lungs take findings from 0.1 only; 2.2: air is lung
 # only when deep in-plane; 2.1: regrow
-VERSION = "2.7.0"
+VERSION = "2.7.1"
 MASS_MM = 30.0
 MIN_REPORT_MM = (
     4.0  # below this nothing is reported (under the 6 mm follow-up size of the guidelines)
 )
-CALCIFIED_FRAC = 0.3
 # the validated acquisition range (slices up to 5 mm): thicker series are analysed, but their
 # confidences are not calibrated (the classifier never saw them; partial volume turns vessels
 # into blobs), so they are capped below the alert rules' operating point and flagged
@@ -175,7 +174,7 @@ def keeps_first_crop(first: dict[str, float], grown: dict[str, float]) -> bool:
     return (
         classifier.veto(grown) == "dense_tube"
         and classifier.veto(first) is None
-        and first["p90_hu"] <= classifier.DENSE_HU
+        and not classifier.dense(first)
     )
 
 
@@ -219,9 +218,7 @@ def finding_kind(f: dict[str, float]) -> str:
 
 def _subtype(f: dict[str, float]) -> str:
     # dense and (past the veto) small, compact and apart from the wall: a calcified granuloma
-    if (f["calcified_frac"] >= CALCIFIED_FRAC or f["p90_hu"] > classifier.DENSE_HU) and f[
-        "diameter_mm"
-    ] <= classifier.GRANULOMA_MM:
+    if classifier.dense(f) and f["diameter_mm"] <= classifier.GRANULOMA_MM:
         return "calcified"
     if f["solid_frac"] < 0.15:
         return "ground_glass"
