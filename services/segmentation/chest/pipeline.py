@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # tasks re-exports chest_ct: import it at call time, not at i
 # segmented on the scan in the lung closed at their own resolution (whole juxtapleural domes),
 # classifier retrained on it; 2.3: the lungs take findings from 0.1 only; 2.2: air is lung
 # only when deep in-plane; 2.1: regrow
-VERSION = "2.7.1"
+VERSION = "2.8.0"
 MASS_MM = 30.0
 MIN_REPORT_MM = (
     4.0  # below this nothing is reported (under the 6 mm follow-up size of the guidelines)
