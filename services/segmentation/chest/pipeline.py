@@ -26,14 +26,15 @@ from shared.imaging.backend import namespace
 if TYPE_CHECKING:  # tasks re-exports chest_ct: import it at call time, not at import time
     from services.segmentation.tasks import Geometry, TaskResult
 
-# 2.7: a lesion that is not dense keeps its first crop when the grown one is a dense tube
-# (``keeps_first_crop``); 2.6: each finding names the model its confidence came from
-# (``confidence_source``), and what only the second opinion raises no longer joins the lung
-# mask; 2.5: a second classifier for candidates >= 20 mm (masses against heart border and
-# chest wall), capped below the paging point, that only adds findings; 2.4: candidates
+# 2.8: coarse blob seeds from a dot score of 6 (a nodule centred on a vessel); 2.7.1: one rule for
+# dense (``classifier.dense``); 2.7: a lesion that is not dense keeps its first crop when the
+# grown one is a dense tube (``keeps_first_crop``); 2.6: each finding names the model its
+# confidence came from (``confidence_source``), and what only the second opinion raises no longer
+# joins the lung mask; 2.5: a second classifier for candidates >= 20 mm (masses against heart
+# border and chest wall), capped below the paging point, that only adds findings; 2.4: candidates
 # segmented on the scan in the lung closed at their own resolution (whole juxtapleural domes),
-# classifier retrained on it; 2.3: the lungs take findings from 0.1 only; 2.2: air is lung
-# only when deep in-plane; 2.1: regrow
+# classifier retrained on it; 2.3: the lungs take findings from 0.1 only; 2.2: air is lung only
+# when deep in-plane; 2.1: regrow
 VERSION = "2.8.0"
 MASS_MM = 30.0
 MIN_REPORT_MM = (
