@@ -266,7 +266,9 @@ def _scan(
         return []
     vals = gs[pts[:, 0], pts[:, 1], pts[:, 2]]
     if n > 4 * per_scale:  # brightest first: bounded work on noisy scans
-        keep = xp.argsort(-vals)[: 4 * per_scale]
+        # stable: tied peaks keep their scan order on either backend (CuPy sorts only stably,
+        # NumPy's default does not; the two kept different tied peaks, 2.8.0)
+        keep = xp.argsort(-vals, kind="stable")[: 4 * per_scale]
         pts, vals = pts[keep], vals[keep]
     if high is not None:
         # faint pass: the scan itself must be faint there (not the inside of a solid lesion
@@ -292,7 +294,7 @@ def _scan(
     faint = vals_all < faint_hu
     ok = np.flatnonzero((score >= min_score) | (faint & (score >= min_faint_score)))
     if ok.size > per_scale:
-        ok = ok[np.argsort(-score[ok])[:per_scale]]
+        ok = ok[np.argsort(-score[ok], kind="stable")[:per_scale]]
     if ok.size == 0:
         return []
     pts_h = host(pts[xp.asarray(ok)])
@@ -421,7 +423,9 @@ def wall_seeds(
         if int(pts.shape[0]) == 0:
             continue
         vals = depth[pts[:, 0], pts[:, 1], pts[:, 2]]
-        keep = xp.argsort(-vals)[: 4 * per_side]
+        # thickness is a distance map: many peaks tie, and the cut falls among them; a stable
+        # sort keeps the same ones on the CPU and the GPU (the scan order of ``argwhere``)
+        keep = xp.argsort(-vals, kind="stable")[: 4 * per_side]
         pts_h = host(pts[keep])
         vals_h = host(vals[keep]).astype(np.float64)
         hu_h = host(low[tuple(xp.asarray(pts_h[:, a]) for a in range(3))]).astype(np.float64)

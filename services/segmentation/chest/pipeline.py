@@ -26,7 +26,9 @@ from shared.imaging.backend import namespace
 if TYPE_CHECKING:  # tasks re-exports chest_ct: import it at call time, not at import time
     from services.segmentation.tasks import Geometry, TaskResult
 
-# 2.8: coarse blob seeds from a dot score of 6 (a nodule centred on a vessel); 2.7.1: one rule for
+# 2.8.1: the candidate stage keeps its strongest peaks with a stable sort (tied peaks kept
+# alike on the CPU and the GPU: NumPy's default sort is not stable, CuPy's is); 2.8: coarse
+# blob seeds from a dot score of 6 (a nodule centred on a vessel); 2.7.1: one rule for
 # dense (``classifier.dense``); 2.7: a lesion that is not dense keeps its first crop when the
 # grown one is a dense tube (``keeps_first_crop``); 2.6: each finding names the model its
 # confidence came from (``confidence_source``), and what only the second opinion raises no longer
@@ -35,7 +37,7 @@ if TYPE_CHECKING:  # tasks re-exports chest_ct: import it at call time, not at i
 # segmented on the scan in the lung closed at their own resolution (whole juxtapleural domes),
 # classifier retrained on it; 2.3: the lungs take findings from 0.1 only; 2.2: air is lung only
 # when deep in-plane; 2.1: regrow
-VERSION = "2.8.0"
+VERSION = "2.8.1"
 MASS_MM = 30.0
 MIN_REPORT_MM = (
     4.0  # below this nothing is reported (under the 6 mm follow-up size of the guidelines)
