@@ -64,6 +64,19 @@ def on_device(
     return seconds, masks, res.findings
 
 
+def against_cpu(
+    gpu: Backend, fn: Any, vol: np.ndarray, geo: tasks.Geometry, cpu: Any, quick: bool
+) -> tuple[float, float, bool]:
+    """The task on the device after a warm-up run (kernels compile on first use), best of
+    one (quick) or two runs: (seconds, lowest mask Dice against the CPU's masks, whether the
+    findings are the CPU's)."""
+    on_device(gpu, fn, vol, geo)
+    runs = [on_device(gpu, fn, vol, geo) for _ in range(1 if quick else 2)]
+    seconds, masks, findings = min(runs, key=lambda r: r[0])
+    low = min(dice(masks[k], np.asarray(cpu.masks[k], bool)) for k in masks)
+    return seconds, low, same_findings(findings, cpu.findings)
+
+
 def gpu_figures(
     gpu: Backend,
     store: BlobStore,
@@ -84,11 +97,7 @@ def gpu_figures(
         geo = tasks.Geometry(vp.spacing_mm, vp.origin_mm, vp.direction)
         fn = getattr(tasks, name)
         try:
-            on_device(gpu, fn, vol, geo)  # compiles the kernels
-            runs = [on_device(gpu, fn, vol, geo) for _ in range(1 if quick else 2)]
-            g_task, masks, findings = min(runs, key=lambda r: r[0])
-            low = min(dice(masks[k], np.asarray(c_res.masks[k], bool)) for k in masks)
-            same = same_findings(findings, c_res.findings)
+            g_task, low, same = against_cpu(gpu, fn, vol, geo, c_res, quick)
             figures[f"gpu_seconds_{name}"] = round(g_task, 3)
             figures[f"gpu_speedup_{name}_vs_cpu"] = round(c_task / g_task, 2)
             figures[f"gpu_min_mask_dice_vs_cpu_{name}"] = round(low, 5)
@@ -123,8 +132,8 @@ def realistic_chest(quick: bool, gpu: Backend | None) -> tuple[dict[str, Any], l
     vessel trees, airways, heart, ribs, table, noise; seed 7, 300 slices of 1 mm at 512²):
     the cartoon phantom above has a dozen candidates, real anatomy a few hundred, and the
     task's time is mostly theirs. Seconds of the task on the CPU (best of two: the first one
-    warms the imports) and, where a GPU answers, on it (upload + task + one download per
-    mask, best of two after a warm-up) with its parity against the CPU."""
+    warms the imports) and, where a GPU answers, on it (``against_cpu``: upload + task + one
+    download per mask after a warm-up) with its parity against the CPU."""
     from shared.phantoms.chest import chest_case
 
     case = chest_case(7, size=256 if quick else 512, slices=60 if quick else 300, thickness_mm=1.0)
@@ -146,12 +155,7 @@ def realistic_chest(quick: bool, gpu: Backend | None) -> tuple[dict[str, Any], l
     ]
     if gpu is not None:
         try:
-            on_device(gpu, tasks.chest_ct, vol, geo)  # compiles the kernels
-            g_s, masks, findings = min(
-                (on_device(gpu, tasks.chest_ct, vol, geo) for _ in range(2)), key=lambda r: r[0]
-            )
-            low = min(dice(masks[k], np.asarray(res.masks[k], bool)) for k in masks)
-            same = same_findings(findings, res.findings)
+            g_s, low, same = against_cpu(gpu, tasks.chest_ct, vol, geo, res, quick)
             figures.update(
                 gpu_seconds_chest_ct_realistic=round(g_s, 3),
                 gpu_speedup_chest_ct_realistic_vs_cpu=round(best / g_s, 2),
