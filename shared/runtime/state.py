@@ -9,16 +9,50 @@ exactly the state that goes with the committed input offsets.
 Keys whose pending writes were thrown away (an aborted transaction, a handler attempt rolled
 back, a value restored) are remembered until :meth:`PartitionState.take_discarded`: whatever
 keeps an index beside the state (:class:`shared.runtime.timers.KeyTimers`) re-reads just those.
+
+A stage whose values are typed and large (ingest: a series' instance list, one entry per
+slice) reads and writes them as objects (:meth:`PartitionState.get_object`,
+:meth:`PartitionState.put_object`): a value written is encoded once, when its transaction's
+changes are taken (not at every write), and a committed value is decoded once and remembered
+(a bounded memo, checked against the stored bytes). Without that, assembling a series of n
+slices re-encoded and re-decoded its whole instance list at every slice: O(n^2) work, 0.3 s
+of ingest's 0.9 s for 300 slices. The objects handed out are shared: a caller copies one before
+changing it.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from typing import Any
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 _DELETED = object()
 _MISSING = object()
+MEMO_ENTRIES = 256  # decoded committed values remembered per partition (most recently used)
+
+T = TypeVar("T")
+
+
+class _Encoded:
+    """A value written as an object: encoded to the changelog's bytes once, when needed."""
+
+    __slots__ = ("_encode", "_raw", "value")
+
+    def __init__(self, value: Any, encode: Callable[[Any], Any]) -> None:
+        self.value = value
+        self._encode = encode
+        self._raw: bytes | None = None
+
+    def raw(self) -> bytes:
+        if self._raw is None:
+            out = self._encode(self.value)
+            self._raw = out if isinstance(out, bytes) else _dumps(out)
+        return self._raw
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
 
 
 def changelog_aad(changelog: str, key: bytes) -> bytes:
@@ -43,19 +77,51 @@ class PartitionState:
         self._store: dict[bytes, bytes] = {}
         self._pending: dict[bytes, object] = {}
         self._discarded: set[bytes] = set()
+        # key -> (the stored bytes it was decoded from, the decoded object)
+        self._memo: OrderedDict[bytes, tuple[bytes, Any]] = OrderedDict()
 
     # ---- handler API --------------------------------------------------------------------
     def get(self, key: bytes) -> Any | None:
         value = self._pending.get(key, None)
         if value is _DELETED:
             return None
+        if isinstance(value, _Encoded):
+            return json.loads(value.raw())
         if value is not None:
             return json.loads(value)  # type: ignore[arg-type]
         raw = self._store.get(key)
         return None if raw is None else json.loads(raw)
 
     def put(self, key: bytes, value: Any) -> None:
-        self._pending[key] = json.dumps(value, separators=(",", ":")).encode()
+        self._pending[key] = _dumps(value)
+
+    def get_object(self, key: bytes, decode: Callable[[Any], T]) -> T | None:
+        """The value of ``key`` as ``decode`` makes it from the parsed JSON (None if absent).
+        The object written by :meth:`put_object` in the open transaction, or the committed
+        value decoded once and remembered: shared, so the caller must not change it (copy it
+        first). ``decode`` may raise (an unreadable value); nothing is remembered then."""
+        value = self._pending.get(key, None)
+        if value is _DELETED:
+            return None
+        if isinstance(value, _Encoded):
+            return value.value  # type: ignore[no-any-return]
+        if value is not None:
+            return decode(json.loads(value))  # type: ignore[arg-type]
+        raw = self._store.get(key)
+        if raw is None:
+            return None
+        hit = self._memo.get(key)
+        if hit is not None and hit[0] is raw:
+            self._memo.move_to_end(key)
+            return hit[1]  # type: ignore[no-any-return]
+        obj = decode(json.loads(raw))
+        self._remember(key, raw, obj)
+        return obj
+
+    def put_object(self, key: bytes, value: Any, encode: Callable[[Any], Any]) -> None:
+        """Write ``value`` (not to be changed afterwards): ``encode(value)`` gives its JSON
+        text (bytes) or JSON types, called once when the transaction's changes are taken."""
+        self._pending[key] = _Encoded(value, encode)
 
     def delete(self, key: bytes) -> None:
         self._pending[key] = _DELETED
@@ -85,15 +151,26 @@ class PartitionState:
 
     def pending(self) -> list[tuple[bytes, bytes | None]]:
         """Changes of the open transaction: (key, value) or (key, None) for a delete."""
-        return [(k, None if v is _DELETED else v) for k, v in self._pending.items()]  # type: ignore[misc]
+        return [(k, _raw(v)) for k, v in self._pending.items()]
 
     def commit(self) -> None:
         for key, value in self._pending.items():
             if value is _DELETED:
                 self._store.pop(key, None)
+                self._memo.pop(key, None)
+            elif isinstance(value, _Encoded):
+                raw = value.raw()
+                self._store[key] = raw
+                self._remember(key, raw, value.value)
             else:
                 self._store[key] = value  # type: ignore[assignment]
         self._pending = {}
+
+    def _remember(self, key: bytes, raw: bytes, obj: Any) -> None:
+        self._memo[key] = (raw, obj)
+        self._memo.move_to_end(key)
+        while len(self._memo) > MEMO_ENTRIES:
+            self._memo.popitem(last=False)
 
     def abort(self) -> None:
         self._discarded.update(self._pending)
@@ -106,6 +183,7 @@ class PartitionState:
 
     def restore(self, key: bytes, value: bytes | None) -> None:
         self._discarded.add(key)
+        self._memo.pop(key, None)
         if value is None:
             self._store.pop(key, None)
         else:
@@ -116,3 +194,11 @@ class PartitionState:
         re-wrapping a value restored from under a rotated-out key)."""
         if key in self._store and key not in self._pending:
             self._pending[key] = self._store[key]
+
+
+def _raw(value: object) -> bytes | None:
+    if value is _DELETED:
+        return None
+    if isinstance(value, _Encoded):
+        return value.raw()
+    return value  # type: ignore[return-value]

@@ -270,6 +270,34 @@ def test_content_digest_ignores_the_file_meta_and_sees_the_pixels(tmp_path: Path
     assert len(content_digest(b"x" * 300)) == 64  # no meta to walk: the whole bytes
 
 
+def test_assembly_decodes_and_encodes_the_series_state_once_per_transaction(
+    ingest: Ingest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each slice is its own transaction here: the state is encoded once per commit and never
+    decoded again (it was decoded and re-encoded whole at every slice: O(n^2) in a series)."""
+    loads = dumps = 0
+    real_load, real_dump = ingest_core.load, ingest_core.SeriesState.encoded
+
+    def counting_load(doc: object) -> object:
+        nonlocal loads
+        loads += 1
+        return real_load(doc)
+
+    def counting_dump(st: ingest_core.SeriesState) -> bytes:
+        nonlocal dumps
+        dumps += 1
+        return real_dump(st)
+
+    monkeypatch.setattr(ingest_core, "load", counting_load)
+    monkeypatch.setattr(ingest_core.SeriesState, "encoded", counting_dump)
+    n = len(ingest.datas)
+    [ready] = ingest.send(ingest.datas, marker=n)
+    assert ready.instance_count == n
+    assert loads == 0, "the state written by the last slice is not decoded again"
+    assert dumps == n + 1  # one per transaction: n slices and the marker
+    assert len(ingest.state()["instances"]) == n  # type: ignore[arg-type]
+
+
 def test_timers_read_only_due_series_not_every_fingerprint(
     settings: Settings, keyring: Keyring, ingest: Ingest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -280,23 +308,23 @@ def test_timers_read_only_due_series_not_every_fingerprint(
     state = ingest.harness.state(0)
     for i in range(3000):  # weeks of completed series, compacted
         state.restore(f"{i:032x}".encode(), json.dumps(template).encode())
-    loads = 0
-    real = ingest_core.load
+    reads = 0  # reads of a series' state, decoded or remembered (PartitionState's memo)
+    real = ingest_core._get
 
-    def counting(doc: object) -> object:
-        nonlocal loads
-        loads += 1
-        return real(doc)
+    def counting(state: object, key: bytes) -> object:
+        nonlocal reads
+        reads += 1
+        return real(state, key)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(ingest_core, "load", counting)
+    monkeypatch.setattr(ingest_core, "_get", counting)
     ingest.harness.advance(1.0)  # restored values are re-read once (the index catches up)
-    loads = 0
+    reads = 0
     ingest.harness.advance(60.0)
-    assert loads == 0, "a tick with nothing due reads no state"
+    assert reads == 0, "a tick with nothing due reads no state"
     ingest.send(ingest.datas[:1])
-    loads = 0
+    reads = 0
     ingest.harness.advance(6.0)
-    assert 0 < loads < 20  # only the series being re-sent
+    assert 0 < reads < 20  # only the series being re-sent
 
 
 def test_key_timers_survive_aborted_writes_and_failed_timers() -> None:
@@ -385,3 +413,19 @@ def test_alert_ids_are_published_once_across_replays_restarts_and_retention(
     assert restarted.advance(retention - 120).state_changes == []
     result = restarted.advance(240)
     assert [c.value for c in result.state_changes] == [None]
+
+
+def test_the_encoded_state_is_the_dump_as_json() -> None:
+    """The changelog's text (pydantic's serialiser) is the same document as ``dump``, and
+    reads back as the same state."""
+    from services.ingest.state import SeriesState, StoredInstance, load
+
+    st = SeriesState.new(1.0, "1.2.3")
+    st.study_instance_uid, st.body_part = "1.2.4", "CHEST é"
+    st.last_published_at = datetime(2026, 11, 28, 12, 0, 1, 250000, tzinfo=UTC)
+    st.instances["1.2.3.1"] = StoredInstance(
+        digest="a" * 64, size=5, key_id="k", instance_number=1, position=(0.5, -1e-7, 2.0)
+    )
+    doc = json.loads(st.encoded())
+    assert doc == st.dump()
+    assert load(doc) == st

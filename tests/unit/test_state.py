@@ -32,3 +32,62 @@ def test_restore_replays_changelog_including_tombstones() -> None:
     state.restore(b"b", b"2")
     state.restore(b"a", None)
     assert list(state.keys()) == [b"b"] and len(state) == 1
+
+
+def test_an_object_is_encoded_once_per_transaction_and_decoded_once_after() -> None:
+    encodes = decodes = 0
+
+    def encode(value: tuple[int]) -> dict[str, int]:
+        nonlocal encodes
+        encodes += 1
+        return {"n": value[0]}
+
+    def decode(doc: dict[str, int]) -> tuple[int]:
+        nonlocal decodes
+        decodes += 1
+        return (doc["n"],)
+
+    state = PartitionState()
+    for n in (1, 2, 3):  # three writes in one transaction (three slices of one batch)
+        state.put_object(b"a", (n,), encode)
+        assert state.get_object(b"a", decode) == (n,)
+    assert (encodes, decodes) == (0, 0)
+    assert state.pending() == [(b"a", b'{"n":3}')] and encodes == 1
+    state.commit()
+    assert state.get_object(b"a", decode) == (3,) and state.get(b"a") == {"n": 3}
+    assert (encodes, decodes) == (1, 0), "the committed object is remembered, not decoded"
+
+    state.restore(b"a", b'{"n":7}')  # the changelog says otherwise: the memo is stale
+    assert state.get_object(b"a", decode) == (7,) and decodes == 1
+    assert state.get_object(b"a", decode) == (7,) and decodes == 1
+
+    sp = state.savepoint()
+    state.put_object(b"a", (8,), encode)
+    state.rollback(sp)
+    assert state.get_object(b"a", decode) == (7,)
+    state.put_object(b"a", (9,), encode)
+    state.abort()
+    assert state.get_object(b"a", decode) == (7,)
+    state.delete(b"a")
+    state.commit()
+    assert state.get_object(b"a", decode) is None and state.get(b"a") is None
+
+
+def test_the_memo_of_decoded_values_is_bounded() -> None:
+    from shared.runtime.state import MEMO_ENTRIES
+
+    decodes = 0
+
+    def decode(doc: int) -> int:
+        nonlocal decodes
+        decodes += 1
+        return doc
+
+    state = PartitionState()
+    keys = [f"{i}".encode() for i in range(MEMO_ENTRIES + 10)]
+    for i, key in enumerate(keys):
+        state.restore(key, str(i).encode())
+        assert state.get_object(key, decode) == i
+    assert decodes == len(keys)
+    assert state.get_object(keys[-1], decode) == len(keys) - 1 and decodes == len(keys)
+    assert state.get_object(keys[0], decode) == 0 and decodes == len(keys) + 1  # evicted
