@@ -286,3 +286,26 @@ def test_chest_ct_with_a_second_opinion_keeps_every_main_finding_and_the_lungs(
     assert (nodules_after & ~nodules_before).any() and not (nodules_before & ~nodules_after).any()
     for side in ("lung_left", "lung_right"):
         np.testing.assert_array_equal(np.asarray(after.masks[side]), np.asarray(before.masks[side]))
+
+
+def test_tied_confidences_keep_candidate_order_in_lesion_groups() -> None:
+    """2.8.2: candidates of equal confidence (the isotonic calibration's plateaus) lead their
+    group in candidate order, on every NumPy build and backend (a stable sort: with NumPy's
+    default sort, here the later of two tied candidates led some groups; the leader lends the
+    finding its mask)."""
+    from types import SimpleNamespace
+
+    from services.segmentation.chest.pipeline import lesion_groups
+
+    plateaus = np.array([0.84, 0.5, 0.1, 0.02])
+    per_pair = plateaus[np.random.default_rng(0).integers(0, 4, size=30)]
+    cands = [
+        SimpleNamespace(centroid=(10.0, 20.0 * (i // 2), 20.0), features={"diameter_mm": 8.0})
+        for i in range(60)
+    ]  # pairs (2k, 2k + 1) on one spot, 20 voxels from the next pair
+    probs = np.repeat(per_pair, 2)
+    groups = lesion_groups(cands, probs, (1.0, 1.0, 1.0))  # type: ignore[arg-type]
+    assert sorted(map(sorted, groups)) == [[2 * k, 2 * k + 1] for k in range(30)]
+    assert all(g[0] % 2 == 0 for g in groups), "the earlier of two tied candidates leads"
+    firsts = [g[0] for g in groups]
+    assert firsts == sorted(firsts, key=lambda i: (-probs[i], i))

@@ -362,7 +362,8 @@ def pleural_seeds(
         flat = labels.ravel()
         sizes = host(xp.bincount(flat, minlength=n + 1)).astype(np.float64)
         sizes[0] = 0
-        big = [int(i) for i in np.argsort(sizes)[::-1][:per_side] if sizes[i] * vox_ml >= min_ml]
+        ranked = np.argsort(sizes, kind="stable")[::-1][:per_side]  # ties: the same everywhere
+        big = [int(i) for i in ranked if sizes[i] * vox_ml >= min_ml]
         if not big:
             continue
         coords = [

@@ -75,7 +75,7 @@ def _ranked(labels: Any, n: int, voxel_ml: float, top: int = 8) -> list[dict[str
     flat = labels.ravel()
     sizes = host(xp.bincount(flat, minlength=n + 1))
     sizes[0] = 0
-    order = [int(i) for i in np.argsort(sizes)[::-1][:top] if sizes[int(i)] > 0]
+    order = [int(i) for i in np.argsort(sizes, kind="stable")[::-1][:top] if sizes[int(i)] > 0]
     if not order:
         return []
     nz, _ny, nx = labels.shape

@@ -26,8 +26,11 @@ from shared.imaging.backend import namespace
 if TYPE_CHECKING:  # tasks re-exports chest_ct: import it at call time, not at import time
     from services.segmentation.tasks import Geometry, TaskResult
 
-# 2.8.1: the candidate stage keeps its strongest peaks with a stable sort (tied peaks kept
-# alike on the CPU and the GPU: NumPy's default sort is not stable, CuPy's is); 2.8: coarse
+# 2.8.2: every sort whose ties decide something is stable (group leaders among tied calibrated
+# confidences, the size ranks of lung components and pleural pieces): the same order on every
+# NumPy build and CPU; 2.8.1: the candidate stage keeps its strongest peaks with a stable sort
+# (tied peaks kept alike on the CPU and the GPU: NumPy's default sort is not stable, CuPy's
+# is); 2.8: coarse
 # blob seeds from a dot score of 6 (a nodule centred on a vessel); 2.7.1: one rule for
 # dense (``classifier.dense``); 2.7: a lesion that is not dense keeps its first crop when the
 # grown one is a dense tube (``keeps_first_crop``); 2.6: each finding names the model its
@@ -37,7 +40,7 @@ if TYPE_CHECKING:  # tasks re-exports chest_ct: import it at call time, not at i
 # segmented on the scan in the lung closed at their own resolution (whole juxtapleural domes),
 # classifier retrained on it; 2.3: the lungs take findings from 0.1 only; 2.2: air is lung only
 # when deep in-plane; 2.1: regrow
-VERSION = "2.8.1"
+VERSION = "2.8.2"
 MASS_MM = 30.0
 MIN_REPORT_MM = (
     4.0  # below this nothing is reported (under the 6 mm follow-up size of the guidelines)
@@ -243,7 +246,7 @@ def lesion_groups(
     cen = np.array([c.centroid for c in cands], dtype=np.float64) * np.array(spacing)
     rad = np.array([c.features["diameter_mm"] / 2 for c in cands], dtype=np.float64)
     leaders: list[int] = []
-    for i in (int(j) for j in np.argsort(-probs)):
+    for i in (int(j) for j in np.argsort(-probs, kind="stable")):
         if leaders:
             lead = np.array(leaders)
             d = np.linalg.norm(cen[lead] - cen[i], axis=1)
