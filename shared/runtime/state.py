@@ -29,7 +29,12 @@ from typing import Any, TypeVar
 
 _DELETED = object()
 _MISSING = object()
-MEMO_ENTRIES = 256  # decoded committed values remembered per partition (most recently used)
+# decoded committed values remembered per partition (most recently used first out): at most
+# this many, and at most this many bytes of their encoded JSON (a decoded ingest state is ~6x
+# its JSON: a 300-slice series' 85 kB are ~0.5 MB of objects; 4 MB of JSON, ~25 MB decoded,
+# holds ~47 such series, more than are in assembly at once)
+MEMO_ENTRIES = 256
+MEMO_BYTES = 4 * 1024 * 1024
 
 T = TypeVar("T")
 
@@ -79,6 +84,7 @@ class PartitionState:
         self._discarded: set[bytes] = set()
         # key -> (the stored bytes it was decoded from, the decoded object)
         self._memo: OrderedDict[bytes, tuple[bytes, Any]] = OrderedDict()
+        self._memo_bytes = 0  # sum of the remembered values' encoded sizes
 
     # ---- handler API --------------------------------------------------------------------
     def get(self, key: bytes) -> Any | None:
@@ -157,7 +163,7 @@ class PartitionState:
         for key, value in self._pending.items():
             if value is _DELETED:
                 self._store.pop(key, None)
-                self._memo.pop(key, None)
+                self._forget(key)
             elif isinstance(value, _Encoded):
                 raw = value.raw()
                 self._store[key] = raw
@@ -167,10 +173,19 @@ class PartitionState:
         self._pending = {}
 
     def _remember(self, key: bytes, raw: bytes, obj: Any) -> None:
+        self._forget(key)
+        if len(raw) > MEMO_BYTES:
+            return  # larger than the whole memo: decoded at every read
         self._memo[key] = (raw, obj)
-        self._memo.move_to_end(key)
-        while len(self._memo) > MEMO_ENTRIES:
-            self._memo.popitem(last=False)
+        self._memo_bytes += len(raw)
+        while len(self._memo) > MEMO_ENTRIES or self._memo_bytes > MEMO_BYTES:
+            _, (old, _) = self._memo.popitem(last=False)
+            self._memo_bytes -= len(old)
+
+    def _forget(self, key: bytes) -> None:
+        hit = self._memo.pop(key, None)
+        if hit is not None:
+            self._memo_bytes -= len(hit[0])
 
     def abort(self) -> None:
         self._discarded.update(self._pending)
@@ -183,7 +198,7 @@ class PartitionState:
 
     def restore(self, key: bytes, value: bytes | None) -> None:
         self._discarded.add(key)
-        self._memo.pop(key, None)
+        self._forget(key)
         if value is None:
             self._store.pop(key, None)
         else:

@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from shared.runtime.state import PartitionState
 
 
@@ -91,3 +95,31 @@ def test_the_memo_of_decoded_values_is_bounded() -> None:
     assert decodes == len(keys)
     assert state.get_object(keys[-1], decode) == len(keys) - 1 and decodes == len(keys)
     assert state.get_object(keys[0], decode) == 0 and decodes == len(keys) + 1  # evicted
+
+
+def test_the_memo_is_bounded_by_the_encoded_bytes_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A few large values (whole series) fill the memo by size before its entry count."""
+    from shared.runtime import state as state_mod
+
+    monkeypatch.setattr(state_mod, "MEMO_BYTES", 1000)
+    decodes = 0
+
+    def decode(doc: str) -> str:
+        nonlocal decodes
+        decodes += 1
+        return doc
+
+    state = PartitionState()
+    for i in range(4):  # 4 values of ~402 bytes: two fit in 1000
+        state.restore(f"{i}".encode(), json.dumps(str(i) * 400).encode())
+        state.get_object(f"{i}".encode(), decode)
+    assert decodes == 4
+    state.get_object(b"3", decode)
+    state.get_object(b"2", decode)
+    assert decodes == 4, "the two most recent are remembered"
+    state.get_object(b"1", decode)
+    assert decodes == 5, "the older ones were let go"
+    state.restore(b"big", json.dumps("x" * 2000).encode())  # larger than the memo
+    state.get_object(b"big", decode)
+    state.get_object(b"big", decode)
+    assert decodes == 7
