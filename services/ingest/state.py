@@ -58,7 +58,9 @@ def unreadable(message: str) -> PoisonError:
 class StoredInstance(BaseModel):
     """One accepted instance: where its bytes are and what orders it in the series."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)  # shared between state copies
+    # frozen: shared between state copies; NaN/Infinity written as json.dumps writes them (a
+    # DS "NaN" position is accepted at ingest): pydantic's default, null, would not read back
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
 
     digest: str = Field(description="blob digest (claim check)")
     size: int = Field(ge=0, description="bytes of the instance")
@@ -114,7 +116,9 @@ def _digest_set(items: Iterable[tuple[str, StoredInstance]], basis: Basis) -> st
 class SeriesState(BaseModel):
     """A series being assembled, and after completion, what revisions need."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, ser_json_inf_nan="constants"
+    )
 
     schema_version: Literal[4] = Field(4, description="layout of this record (VERSION)")
     study_instance_uid: str | None = Field(None, description="None until an instance came")

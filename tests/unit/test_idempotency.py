@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 import pytest
 from prometheus_client import CollectorRegistry
@@ -429,3 +430,15 @@ def test_the_encoded_state_is_the_dump_as_json() -> None:
     doc = json.loads(st.encoded())
     assert doc == st.dump()
     assert load(doc) == st
+    # a DS "NaN" or "inf" position passes ingest's checks: written as json.dumps writes it,
+    # not as null (which would make the state unreadable after a restart)
+    st.pixel_spacing_mm = (float("inf"), 0.5)
+    st.instances["1.2.3.2"] = StoredInstance(
+        digest="b" * 64, size=5, key_id="k", position=(float("nan"), 0.0, 1.0)
+    )
+    assert b'"position":[NaN,0.0,1.0]' in st.encoded()
+    assert b'"pixel_spacing_mm":[Infinity,0.5]' in st.encoded()
+    back = load(json.loads(st.encoded()))
+    assert back.pixel_spacing_mm == (float("inf"), 0.5)
+    position = back.instances["1.2.3.2"].position
+    assert position is not None and np.isnan(position[0]) and position[1:] == (0.0, 1.0)
