@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 
 from services.segmentation import tasks
 from services.segmentation.chest import chest_ct, evaluate_chest
@@ -309,3 +310,36 @@ def test_tied_confidences_keep_candidate_order_in_lesion_groups() -> None:
     assert all(g[0] % 2 == 0 for g in groups), "the earlier of two tied candidates leads"
     firsts = [g[0] for g in groups]
     assert firsts == sorted(firsts, key=lambda i: (-probs[i], i))
+
+
+def test_candidates_segmented_in_threads_are_those_of_one_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``analyse`` segments its candidates in a thread pool (SciPy and NumPy on each crop
+    release the GIL): the same candidates, in the same order, with the same masks and
+    features as one thread, on realistic anatomy (a few hundred candidates)."""
+    import threading
+
+    from services.segmentation.chest import features as chest_features
+    from services.segmentation.chest import pipeline
+    from shared.phantoms.chest import chest_case
+
+    c = chest_case(12001, size=256, thickness_mm=5.0, tree_points=2500)
+    geo = tasks.Geometry(c.spacing, (0.0, 0.0, 0.0), IDENTITY)
+    vol = c.hu.astype(np.float32)
+    one = pipeline.analyse(vol, geo, threads=1)
+    names: set[str] = set()
+    real = chest_features.segment_seed
+
+    def recorded(*args: object, **kwargs: object) -> object:
+        names.add(threading.current_thread().name)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipeline, "segment_seed", recorded)
+    many = pipeline.analyse(vol, geo, threads=3)
+    assert len(names) > 1 and all(n.startswith("chest-candidates") for n in names)
+    assert len(one.candidates) == len(many.candidates) > 50
+    for a, b in zip(one.candidates, many.candidates, strict=True):
+        assert a.seed == b.seed and a.box == b.box and a.centroid == b.centroid
+        assert a.features == b.features
+        np.testing.assert_array_equal(a.mask, b.mask)

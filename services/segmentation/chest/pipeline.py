@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -10,6 +12,7 @@ import numpy as np
 from services.segmentation.chest import classifier
 from services.segmentation.chest.candidates import (
     Pyramid,
+    Seed,
     blob_seeds,
     lung_box,
     merge_seeds,
@@ -18,9 +21,10 @@ from services.segmentation.chest.candidates import (
     resample_mask,
     wall_seeds,
 )
-from services.segmentation.chest.features import Candidate, runs_out, segment_seed
+from services.segmentation.chest.features import Candidate, level_for, runs_out, segment_seed
 from services.segmentation.chest.grid import Grid, bbox, host
 from services.segmentation.chest.lungs import SIDES, Lungs, full_masks, segment_lungs
+from shared.config import default_threads
 from shared.imaging.backend import namespace
 
 if TYPE_CHECKING:  # tasks re-exports chest_ct: import it at call time, not at import time
@@ -101,8 +105,20 @@ def _hila(lungs: Lungs) -> dict[str, tuple[float, float, float]]:
     return out
 
 
-def analyse(vol: Any, geo: Geometry, *, lung_hu: float = -400.0, max_seeds: int = 280) -> Analysis:
-    """Lungs and every candidate with its segmentation and features (no classification)."""
+def analyse(
+    vol: Any,
+    geo: Geometry,
+    *,
+    lung_hu: float = -400.0,
+    max_seeds: int = 280,
+    threads: int | None = None,
+) -> Analysis:
+    """Lungs and every candidate with its segmentation and features (no classification).
+
+    The candidates are segmented in ``threads`` host threads (default: the usable CPUs, at
+    most 8): each is independent, most of its time is SciPy and NumPy on its crop, which
+    release the GIL, and on the GPU backend it is host work after a download. Their order and
+    every result are those of one thread (``pool.map``)."""
     lungs = segment_lungs(vol, spacing=geo.spacing, direction=geo.direction, lung_hu=lung_hu)
     box = lung_box(lungs, vol.shape)
     if box is None:
@@ -113,11 +129,13 @@ def analyse(vol: Any, geo: Geometry, *, lung_hu: float = -400.0, max_seeds: int 
     )
     union = lungs.masks[SIDES[0]] | lungs.masks[SIDES[1]]
     cache: dict[int, Any] = {}
+    filling = threading.Lock()  # the candidates' threads share the cache
 
     def lungs_at(level: int) -> Any:
-        if level not in cache:
-            cache[level] = resample_mask(union, lungs.grid, pyr.grids[level])
-        return cache[level]
+        with filling:
+            if level not in cache:
+                cache[level] = resample_mask(union, lungs.grid, pyr.grids[level])
+            return cache[level]
 
     hila = _hila(lungs)
     lb = bbox(lungs.masks[SIDES[0]] | lungs.masks[SIDES[1]])
@@ -140,12 +158,19 @@ def analyse(vol: Any, geo: Geometry, *, lung_hu: float = -400.0, max_seeds: int 
         "superior": lungs.superior,
         "volume": vol,
     }
-    cands = []
-    for s in seeds:
-        c = segment_seed(s, pyr, **context)
-        if c is not None:
-            cands.append(c)
-    return Analysis(lungs, pyr, cands, context)
+    for level in sorted({level_for(s.radius_mm, pyr) for s in seeds}):
+        lungs_at(level)  # each level once, before the threads ask for it
+
+    def segment(s: Seed) -> Candidate | None:
+        return segment_seed(s, pyr, **context)
+
+    n = max(1, min(threads or default_threads(), len(seeds)))
+    if n > 1:
+        with ThreadPoolExecutor(n, thread_name_prefix="chest-candidates") as pool:
+            found = list(pool.map(segment, seeds))
+    else:
+        found = [segment(s) for s in seeds]
+    return Analysis(lungs, pyr, [c for c in found if c is not None], context)
 
 
 GROW_STEPS = 1  # crop growths (x2 along each axis the segment runs out of) before reporting
