@@ -44,15 +44,14 @@ class _Encoded:
 
     __slots__ = ("_encode", "_raw", "value")
 
-    def __init__(self, value: Any, encode: Callable[[Any], Any]) -> None:
+    def __init__(self, value: Any, encode: Callable[[Any], bytes]) -> None:
         self.value = value
         self._encode = encode
         self._raw: bytes | None = None
 
     def raw(self) -> bytes:
         if self._raw is None:
-            out = self._encode(self.value)
-            self._raw = out if isinstance(out, bytes) else _dumps(out)
+            self._raw = self._encode(self.value)
         return self._raw
 
 
@@ -124,9 +123,9 @@ class PartitionState:
         self._remember(key, raw, obj)
         return obj
 
-    def put_object(self, key: bytes, value: Any, encode: Callable[[Any], Any]) -> None:
+    def put_object(self, key: bytes, value: Any, encode: Callable[[Any], bytes]) -> None:
         """Write ``value`` (not to be changed afterwards): ``encode(value)`` gives its JSON
-        text (bytes) or JSON types, called once when the transaction's changes are taken."""
+        text, called once when the transaction's changes are taken."""
         self._pending[key] = _Encoded(value, encode)
 
     def delete(self, key: bytes) -> None:

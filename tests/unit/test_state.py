@@ -1,10 +1,22 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
 from shared.runtime.state import PartitionState
+
+
+class Counted:
+    """A decode or encode function that counts its calls."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, value: Any) -> Any:
+        self.calls += 1
+        return self.fn(value)
 
 
 def test_pending_writes_apply_only_on_commit() -> None:
@@ -39,31 +51,22 @@ def test_restore_replays_changelog_including_tombstones() -> None:
 
 
 def test_an_object_is_encoded_once_per_transaction_and_decoded_once_after() -> None:
-    encodes = decodes = 0
-
-    def encode(value: tuple[int]) -> dict[str, int]:
-        nonlocal encodes
-        encodes += 1
-        return {"n": value[0]}
-
-    def decode(doc: dict[str, int]) -> tuple[int]:
-        nonlocal decodes
-        decodes += 1
-        return (doc["n"],)
+    encode = Counted(lambda value: json.dumps({"n": value[0]}, separators=(",", ":")).encode())
+    decode = Counted(lambda doc: (doc["n"],))
 
     state = PartitionState()
     for n in (1, 2, 3):  # three writes in one transaction (three slices of one batch)
         state.put_object(b"a", (n,), encode)
         assert state.get_object(b"a", decode) == (n,)
-    assert (encodes, decodes) == (0, 0)
-    assert state.pending() == [(b"a", b'{"n":3}')] and encodes == 1
+    assert (encode.calls, decode.calls) == (0, 0)
+    assert state.pending() == [(b"a", b'{"n":3}')] and encode.calls == 1
     state.commit()
     assert state.get_object(b"a", decode) == (3,) and state.get(b"a") == {"n": 3}
-    assert (encodes, decodes) == (1, 0), "the committed object is remembered, not decoded"
+    assert (encode.calls, decode.calls) == (1, 0), "the committed object is remembered, not decoded"
 
     state.restore(b"a", b'{"n":7}')  # the changelog says otherwise: the memo is stale
-    assert state.get_object(b"a", decode) == (7,) and decodes == 1
-    assert state.get_object(b"a", decode) == (7,) and decodes == 1
+    assert state.get_object(b"a", decode) == (7,) and decode.calls == 1
+    assert state.get_object(b"a", decode) == (7,) and decode.calls == 1
 
     sp = state.savepoint()
     state.put_object(b"a", (8,), encode)
@@ -80,21 +83,15 @@ def test_an_object_is_encoded_once_per_transaction_and_decoded_once_after() -> N
 def test_the_memo_of_decoded_values_is_bounded() -> None:
     from shared.runtime.state import MEMO_ENTRIES
 
-    decodes = 0
-
-    def decode(doc: int) -> int:
-        nonlocal decodes
-        decodes += 1
-        return doc
-
+    decode = Counted(lambda doc: doc)
     state = PartitionState()
     keys = [f"{i}".encode() for i in range(MEMO_ENTRIES + 10)]
     for i, key in enumerate(keys):
         state.restore(key, str(i).encode())
         assert state.get_object(key, decode) == i
-    assert decodes == len(keys)
-    assert state.get_object(keys[-1], decode) == len(keys) - 1 and decodes == len(keys)
-    assert state.get_object(keys[0], decode) == 0 and decodes == len(keys) + 1  # evicted
+    assert decode.calls == len(keys)
+    assert state.get_object(keys[-1], decode) == len(keys) - 1 and decode.calls == len(keys)
+    assert state.get_object(keys[0], decode) == 0 and decode.calls == len(keys) + 1  # evicted
 
 
 def test_the_memo_is_bounded_by_the_encoded_bytes_too(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -102,24 +99,18 @@ def test_the_memo_is_bounded_by_the_encoded_bytes_too(monkeypatch: pytest.Monkey
     from shared.runtime import state as state_mod
 
     monkeypatch.setattr(state_mod, "MEMO_BYTES", 1000)
-    decodes = 0
-
-    def decode(doc: str) -> str:
-        nonlocal decodes
-        decodes += 1
-        return doc
-
+    decode = Counted(lambda doc: doc)
     state = PartitionState()
     for i in range(4):  # 4 values of ~402 bytes: two fit in 1000
         state.restore(f"{i}".encode(), json.dumps(str(i) * 400).encode())
         state.get_object(f"{i}".encode(), decode)
-    assert decodes == 4
+    assert decode.calls == 4
     state.get_object(b"3", decode)
     state.get_object(b"2", decode)
-    assert decodes == 4, "the two most recent are remembered"
+    assert decode.calls == 4, "the two most recent are remembered"
     state.get_object(b"1", decode)
-    assert decodes == 5, "the older ones were let go"
+    assert decode.calls == 5, "the older ones were let go"
     state.restore(b"big", json.dumps("x" * 2000).encode())  # larger than the memo
     state.get_object(b"big", decode)
     state.get_object(b"big", decode)
-    assert decodes == 7
+    assert decode.calls == 7
