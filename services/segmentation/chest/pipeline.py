@@ -21,7 +21,7 @@ from services.segmentation.chest.candidates import (
     resample_mask,
     wall_seeds,
 )
-from services.segmentation.chest.features import Candidate, level_for, runs_out, segment_seed
+from services.segmentation.chest.features import Candidate, runs_out, segment_seed
 from services.segmentation.chest.grid import Grid, bbox, host
 from services.segmentation.chest.lungs import SIDES, Lungs, full_masks, segment_lungs
 from shared.config import default_threads
@@ -129,7 +129,7 @@ def analyse(
     )
     union = lungs.masks[SIDES[0]] | lungs.masks[SIDES[1]]
     cache: dict[int, Any] = {}
-    filling = threading.Lock()  # the candidates' threads share the cache
+    filling = threading.Lock()  # the candidates' threads share the cache: each level once
 
     def lungs_at(level: int) -> Any:
         with filling:
@@ -158,8 +158,6 @@ def analyse(
         "superior": lungs.superior,
         "volume": vol,
     }
-    for level in sorted({level_for(s.radius_mm, pyr) for s in seeds}):
-        lungs_at(level)  # each level once, before the threads ask for it
 
     def segment(s: Seed) -> Candidate | None:
         return segment_seed(s, pyr, **context)
