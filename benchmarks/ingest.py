@@ -26,9 +26,12 @@ from shared.runtime.reader import read_topic
 from shared.schemas import SeriesReady
 
 
-def variants(template: list[bytes], series_uid: str, n_series: int) -> list[list[bytes]]:
+def variants(
+    template: list[bytes], series_uid: str, n_series: int, *, same_series: bool = False
+) -> list[list[bytes]]:
     """n_series copies of a series, each with its own Series and SOP Instance UIDs (patched in
-    place with same-length UIDs, so the files stay valid)."""
+    place with same-length UIDs, so the files stay valid); ``same_series``: the copies keep the
+    Series UID (more slices of one series)."""
     import io
 
     import pydicom
@@ -39,7 +42,7 @@ def variants(template: list[bytes], series_uid: str, n_series: int) -> list[list
     ]
     out = []
     for s in range(n_series):
-        new_series = series_uid[:-6] + f"{s:06d}"
+        new_series = series_uid if same_series else series_uid[:-6] + f"{s:06d}"
         series = []
         for i, data in enumerate(template):
             new_sop = sops[i][:-9] + f"{s:03d}{i:06d}"

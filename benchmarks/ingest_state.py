@@ -100,17 +100,12 @@ def main() -> None:
         home = Path(tmp)
         ph = phantom.chest_ct(home / "template", seed=1, size=512, slices=100, nodules_mm=())
         template = [f.read_bytes() for f in ph.files]
-        copies = variants(template, ph.series_instance_uid, -(-max(lengths) // len(template)))
-        slices = [d for copy in copies for d in copy]  # one series UID per copy: re-keyed below
+        copies = variants(
+            template, ph.series_instance_uid, -(-max(lengths) // len(template)), same_series=True
+        )
+        slices = [d for copy in copies for d in copy]  # one series, new SOP UIDs per copy
         for n in lengths:
-            # every slice of one series: the copies' Series UIDs set back to the template's
-            series = [
-                d.replace(
-                    ph.series_instance_uid[:-6].encode() + f"{i // len(template):06d}".encode(),
-                    ph.series_instance_uid.encode(),
-                )
-                for i, d in enumerate(slices[:n])
-            ]
+            series = slices[:n]
             best_now = best_before = float("inf")
             for run in range(2):  # best of two, alternating
                 best_now = min(
